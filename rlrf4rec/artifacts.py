@@ -1,0 +1,96 @@
+"""How stages write their outputs: a stage directory that appears whole or not at all.
+
+A stage writes everything into `<run>/<stage>.tmp-<pid>/`; on success it adds the resolved config and a completion
+marker (written last), then swaps the directory into place. A crash leaves the previous complete output untouched
+and the temporary directory is discarded on the next attempt. The marker records the stage's fingerprint (a hash of
+the config sections and upstream fingerprints it depends on), so a re-run with the same inputs is skipped.
+Knows nothing about what the tables contain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE.json"
+
+
+def write_parquet(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> None:
+    """Write atomically (temp file + rename); cast to `schema` first so the columns are exactly the declared ones."""
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact not found: {path} (run the stage that writes it first)")
+    table = pq.read_table(path)
+    if schema is not None:
+        missing = set(schema.names) - set(table.column_names)
+        if missing:
+            raise ValueError(f"{path} lacks columns {sorted(missing)}; it was written by another version, re-run its stage")
+        table = table.select(schema.names).cast(schema)
+    return table
+
+
+def write_json(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_marker(stage_dir: Path) -> dict | None:
+    marker = stage_dir / MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+    marker = read_marker(stage_dir)
+    return marker is not None and marker.get("fingerprint") == fingerprint
+
+
+@contextmanager
+def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str) -> Iterator[tuple[Path, dict]]:
+    """Yield (temporary directory, stats dict); on normal exit publish it atomically with marker and config.
+
+    The caller fills the directory with artifacts and the dict with stats worth keeping (they go in the marker).
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stage_dir.parent.glob(f"{stage_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = stage_dir.with_name(f"{stage_dir.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    stats: dict = {}
+    started = time.time()
+    try:
+        yield tmp, stats
+        (tmp / "config.yaml").write_text(config_yaml)
+        write_json(
+            {"fingerprint": fingerprint, "stage": stage_dir.name, "started": started, "finished": time.time(),
+             "stats": stats},
+            tmp / MARKER,
+        )
+        old = stage_dir.with_name(f"{stage_dir.name}.old-{os.getpid()}")
+        if stage_dir.exists():
+            os.replace(stage_dir, old)
+        os.replace(tmp, stage_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

