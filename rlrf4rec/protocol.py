@@ -132,14 +132,15 @@ def build_protocol(interactions: pa.Table, items: pa.Table, cfg: DataConfig, see
     sequences = pa.Table.from_pydict(seq_rows, schema=S.SEQUENCES)
     rerank_lists = pa.Table.from_pydict(list_rows, schema=S.RERANK_LISTS)
     leave_one_out = pa.Table.from_pydict(loo_rows, schema=S.LEAVE_ONE_OUT)
-    return ProtocolTables(item_index, sequences, rerank_lists, leave_one_out, _stats(sequences, rerank_lists, dropped_short))
+    stats = _stats(sequences, rerank_lists, dropped_short)
+    return ProtocolTables(item_index, sequences, rerank_lists, leave_one_out, stats)
 
 
 def _stats(sequences: pa.Table, rerank_lists: pa.Table, dropped_short: int) -> dict:
     split_col = rerank_lists.column(S.SPLIT).to_pylist()
     labels = rerank_lists.column(S.LABELS).to_pylist()
     seq_split = sequences.column(S.SPLIT).to_pylist()
-    window = np.array(sequences.column(S.HISTORY_END).to_pylist()) - np.array(sequences.column(S.HISTORY_START).to_pylist())
+    window = sequences.column(S.HISTORY_END).to_numpy() - sequences.column(S.HISTORY_START).to_numpy()
     stats = {
         "users": sequences.num_rows,
         "users_dropped_too_few_interactions": dropped_short,

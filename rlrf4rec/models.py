@@ -1,0 +1,371 @@
+"""Recommender backbones with KAR knowledge augmentation: a hybrid-expert KnowledgeAdaptor, SASRec and PRM.
+
+Consumes item indices (1-based, 0 = padding, as rlrf4rec.schema.ITEM_IDX), optional attribute indices and optional
+knowledge vectors (frozen sentence-encoder embeddings of user / item texts) as tensors; produces hidden states,
+scores, logits and losses as tensors. Knows nothing about texts, encoders, files, metrics or how the lists were built.
+An ID-only baseline is the same class built with adaptor=None and called with knowledge=None (METHOD.md section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One tensor (single knowledge type), a list in the adaptor's type order, or type -> tensor;
+# each tensor [B, D_t] (user level) or [B, C, D_t] (per candidate).
+Knowledge = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def _expert(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    # Linear output: the mixture feeds a linear fusion, so a final ReLU would only add dead units.
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim))
+
+
+class KnowledgeAdaptor(nn.Module):
+    """KAR hybrid-expert adaptor: per knowledge type, a softmax gate mixes the shared experts and the type's own.
+
+    input_dims: knowledge type -> embedding dim, e.g. {"user": 384} or {"user": 384, "item": 384}; the order of the
+    keys is the order of `concat`. Shared experts see every type, so they need all types to share one dim.
+    """
+
+    def __init__(
+        self,
+        input_dims: Mapping[str, int],
+        num_shared_experts: int = 2,
+        num_specific_experts: int = 2,
+        hidden_dim: int = 128,
+        out_dim: int = 32,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if not input_dims:
+            raise ValueError('input_dims is empty; name at least one knowledge type, e.g. {"user": 384}')
+        num_experts = num_shared_experts + num_specific_experts
+        if num_shared_experts < 0 or num_specific_experts < 0 or num_experts < 1:
+            raise ValueError(
+                f"need >= 1 expert in total, got shared={num_shared_experts}, specific={num_specific_experts}"
+            )
+        dims = sorted(set(input_dims.values()))
+        if num_shared_experts > 0 and len(dims) > 1:
+            raise ValueError(
+                f"shared experts need one input dim for all knowledge types, got {dict(input_dims)}; "
+                "encode every type with the same sentence encoder or set num_shared_experts=0"
+            )
+        self.types = tuple(input_dims)
+        self.out_dim = out_dim
+        self.shared = nn.ModuleList(_expert(dims[0], hidden_dim, out_dim, dropout) for _ in range(num_shared_experts))
+        self.specific = nn.ModuleDict(
+            {
+                t: nn.ModuleList(_expert(d, hidden_dim, out_dim, dropout) for _ in range(num_specific_experts))
+                for t, d in input_dims.items()
+            }
+        )
+        self.gate = nn.ModuleDict({t: nn.Linear(d, num_experts) for t, d in input_dims.items()})
+
+    @property
+    def output_dim(self) -> int:
+        return len(self.types) * self.out_dim
+
+    def as_mapping(self, knowledge: Knowledge) -> dict[str, torch.Tensor]:
+        """Normalise the accepted knowledge forms to type -> tensor in the adaptor's type order."""
+        if isinstance(knowledge, torch.Tensor):
+            knowledge = [knowledge]
+        if not isinstance(knowledge, Mapping):
+            if len(knowledge) != len(self.types):
+                raise ValueError(f"got {len(knowledge)} knowledge tensors for types {self.types}; pass a dict")
+            knowledge = dict(zip(self.types, knowledge, strict=True))
+        if set(knowledge) != set(self.types):
+            raise ValueError(f"knowledge types {sorted(knowledge)} differ from the adaptor's {list(self.types)}")
+        dtype = self.gate[self.types[0]].weight.dtype
+        # The encoder may emit fp16 while the recommender trains in fp32; the cast is exact in that direction.
+        return {t: knowledge[t].to(dtype) for t in self.types}
+
+    def gates(self, knowledge: Knowledge) -> dict[str, torch.Tensor]:
+        """type -> gate weights [..., num_shared + num_specific], each row summing to 1."""
+        return {t: torch.softmax(self.gate[t](x), dim=-1) for t, x in self.as_mapping(knowledge).items()}
+
+    def forward(self, knowledge: Knowledge) -> dict[str, torch.Tensor]:
+        """type -> augmented vector [..., out_dim]."""
+        out = {}
+        for t, x in self.as_mapping(knowledge).items():  # x [..., D_t]
+            experts = torch.stack([e(x) for e in (*self.shared, *self.specific[t])], dim=-2)  # [..., E, out]
+            gate = torch.softmax(self.gate[t](x), dim=-1)  # [..., E]
+            out[t] = (gate.unsqueeze(-1) * experts).sum(dim=-2)  # [..., out]
+        return out
+
+    def concat(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-type outputs with equal leading shape -> [..., output_dim]."""
+        return torch.cat([outputs[t] for t in self.types], dim=-1)
+
+
+def _attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """valid [B, L] bool -> allowed [B, L, L] bool (query, key), True = may attend."""
+    L = valid.shape[1]
+    allowed = valid[:, None, :].expand(-1, L, -1)  # keys must be real items
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    # Every position attends at least to itself: a fully masked row softmaxes over nothing, which is NaN in plain
+    # attention and in some SDPA backends (torch's CPU math path happens to return zeros since 2.5).
+    return allowed | torch.eye(L, dtype=torch.bool, device=valid.device)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block (attention + GELU FFN). Pre-LN trains stably without warm-up, as in SASRec's code."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden dim {dim} is not divisible by num_heads {num_heads}; change one of them")
+        self.num_heads = num_heads
+        self.attn_dropout = dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape  # x [B, L, D], allowed [B, L, L]
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
+        q, k, v = (t.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))  # [B,H,L,Dh]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=self.attn_dropout if self.training else 0.0
+        )  # [B, H, L, Dh]
+        x = x + self.dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+        return x + self.dropout(self.ffn(self.ln2(x)))
+
+
+def _init_weights(module: nn.Module) -> None:
+    # RecBole's SASRec init: N(0, 0.02) weights, zero biases; keeps initial logits small and the softmax flat.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+
+
+def _check_knowledge(adaptor: KnowledgeAdaptor | None, knowledge: Knowledge | None) -> None:
+    if adaptor is None and knowledge is not None:
+        raise ValueError("this model has no KnowledgeAdaptor; pass knowledge=None or build it with adaptor=...")
+    if adaptor is not None and knowledge is None:
+        raise ValueError(
+            "this model was built with a KnowledgeAdaptor; pass knowledge, or build an ID-only model with adaptor=None"
+        )
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender over LEFT-padded item sequences, optionally knowledge-augmented.
+
+    Left padding puts every user's most recent item at position -1, so the user representation is a plain slice.
+    Defaults follow RecBole's SASRec (hidden 64, 2 layers, 2 heads, FFN 4x, N(0, 0.02) init, full-softmax CE) with
+    dropout 0.2 instead of RecBole's 0.5, which tends to under-fit a dataset as small as ML-100k.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        max_len: int = 50,
+        dropout: float = 0.2,
+        adaptor: KnowledgeAdaptor | None = None,
+    ):
+        super().__init__()
+        self.num_items, self.max_len = num_items, max_len
+        self.item_emb = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden_dim)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.final_ln = nn.LayerNorm(hidden_dim)
+        self.apply(_init_weights)  # before the adaptor is attached: it keeps its own (PyTorch default) init
+        self.adaptor = adaptor
+        self.knowledge_proj = nn.Linear(adaptor.output_dim, hidden_dim) if adaptor is not None else None
+
+    def _check_seq(self, item_seq: torch.Tensor) -> torch.Tensor:
+        if item_seq.dim() != 2 or item_seq.shape[1] > self.max_len:
+            raise ValueError(
+                f"item_seq must be [B, L] with L <= max_len={self.max_len}, got {tuple(item_seq.shape)}; "
+                "keep each user's last max_len items"
+            )
+        valid = item_seq != 0  # [B, L]
+        if (valid[:, :-1] & ~valid[:, 1:]).any():
+            raise ValueError("item_seq must be LEFT-padded (zeros before the items); a 0 follows an item in some row")
+        if not valid[:, -1].all():
+            raise ValueError("some row of item_seq has no items; drop users without history before scoring")
+        return valid
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """item_seq [B, L] left-padded -> hidden [B, L, D], exactly zero at padding positions."""
+        valid = self._check_seq(item_seq).unsqueeze(-1)  # [B, L, 1]
+        L = item_seq.shape[1]
+        # Positions count back from the most recent item, so extra left padding leaves every item's position as is.
+        positions = torch.arange(L - 1, -1, -1, device=item_seq.device)  # [L]
+        x = self.emb_dropout(self.item_emb(item_seq) + self.pos_emb(positions)) * valid  # [B, L, D]
+        allowed = _attention_mask(valid.squeeze(-1), causal=True)  # [B, L, L]
+        for block in self.blocks:
+            x = block(x, allowed) * valid
+        return self.final_ln(x) * valid
+
+    def _fuse(self, hidden: torch.Tensor, knowledge: Knowledge | None) -> torch.Tensor:
+        """hidden [B, D] or [B, L, D] -> same shape, with the augmented user vector added."""
+        _check_knowledge(self.adaptor, knowledge)
+        if self.adaptor is None:
+            return hidden
+        augmented = self.adaptor.concat(self.adaptor(knowledge))  # [B, K]
+        if augmented.dim() != 2:
+            raise ValueError("SASRec takes user-level knowledge, one [B, D_t] tensor per type")
+        # Added after a projection rather than concatenated: the user vector stays in the item-embedding space the
+        # tied scoring uses, and a zero projection recovers the ID-only model exactly.
+        fused = self.knowledge_proj(augmented)  # [B, D]
+        return hidden + (fused.unsqueeze(1) if hidden.dim() == 3 else fused)
+
+    def user_repr(self, item_seq: torch.Tensor, knowledge: Knowledge | None = None) -> torch.Tensor:
+        """item_seq [B, L] -> user representation [B, D] at the last (most recent) position."""
+        return self._fuse(self.forward(item_seq)[:, -1], knowledge)
+
+    def _item_logits(self, user: torch.Tensor) -> torch.Tensor:
+        logits = user @ self.item_emb.weight.T  # [..., num_items + 1]
+        return logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), float("-inf"))
+
+    def full_scores(self, item_seq: torch.Tensor, knowledge: Knowledge | None = None) -> torch.Tensor:
+        """Scores of every item, [B, num_items + 1]; column 0 (padding) is -inf so it is never recommended."""
+        return self._item_logits(self.user_repr(item_seq, knowledge))
+
+    def score_candidates(
+        self, item_seq: torch.Tensor, candidates: torch.Tensor, knowledge: Knowledge | None = None
+    ) -> torch.Tensor:
+        """candidates [B, C] item indices (0 = padding) -> scores [B, C], -inf at padding."""
+        user = self.user_repr(item_seq, knowledge)  # [B, D]
+        scores = (self.item_emb(candidates) * user.unsqueeze(1)).sum(-1)  # [B, C]
+        return scores.masked_fill(candidates == 0, float("-inf"))
+
+    def next_item_loss(
+        self, item_seq: torch.Tensor, targets: torch.Tensor, knowledge: Knowledge | None = None
+    ) -> torch.Tensor:
+        """Full-softmax cross-entropy over all items (RecBole loss_type='CE').
+
+        targets [B]: the next item after each sequence (loss at the last position only, RecBole style), or
+        targets [B, L]: the next item after every position, 0 where no loss is wanted (original SASRec style; one
+        forward pass trains L predictions). Returns a scalar mean over non-zero targets.
+        With knowledge, prefer zero targets inside the LLM's history window: its text describes those very items,
+        so predicting them from it teaches the model to copy rather than to generalise.
+        """
+        if targets.shape not in (item_seq.shape[:1], item_seq.shape):
+            raise ValueError(
+                f"targets must be [B] or [B, L] for item_seq {tuple(item_seq.shape)}, got {tuple(targets.shape)}"
+            )
+        if not (targets != 0).any():
+            raise ValueError("all targets are 0 (ignored); give each batch at least one next item")
+        if targets.dim() == 1:
+            logits = self._item_logits(self.user_repr(item_seq, knowledge))  # [B, N + 1]
+        else:
+            if (targets[item_seq == 0] != 0).any():
+                raise ValueError("targets [B, L] must be 0 where item_seq is padding: those outputs are zeroed")
+            logits = self._item_logits(self._fuse(self.forward(item_seq), knowledge))  # [B, L, N + 1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=0)
+
+
+def _masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """emb [..., A, D] of ids [..., A] (0 = padding) -> mean over non-padding [..., D]; zeros when all padding."""
+    valid = (ids != 0).unsqueeze(-1).to(emb.dtype)  # [..., A, 1]
+    return (emb * valid).sum(-2) / valid.sum(-2).clamp(min=1.0)
+
+
+class PRM(nn.Module):
+    """Personalized Re-ranking Model: self-attention over a candidate list, one score logit per candidate.
+
+    Each candidate's input is [item embedding ; attribute bag (if num_attributes) ; user history summary
+    (if use_history) ; augmented knowledge (if adaptor)] -> linear to d_model + list-position embedding.
+    User-level knowledge [B, D_t] is broadcast to every candidate; item-level knowledge [B, C, D_t] is per candidate.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        item_dim: int = 32,
+        num_attributes: int = 0,
+        attribute_dim: int = 16,
+        use_history: bool = False,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        max_list_len: int = 10,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.max_list_len, self.use_history = max_list_len, use_history
+        self.item_emb = nn.Embedding(num_items + 1, item_dim, padding_idx=0)
+        self.attr_emb = nn.Embedding(num_attributes + 1, attribute_dim, padding_idx=0) if num_attributes else None
+        in_dim = item_dim + (attribute_dim if num_attributes else 0) + (item_dim if use_history else 0)
+        in_dim += adaptor.output_dim if adaptor is not None else 0
+        self.input_proj = nn.Linear(in_dim, d_model)
+        self.pos_emb = nn.Embedding(max_list_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.final_ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 1)
+        self.apply(_init_weights)
+        self.adaptor = adaptor
+
+    def _check_inputs(self, candidates, attributes, history) -> None:
+        if candidates.dim() != 2 or candidates.shape[1] > self.max_list_len:
+            raise ValueError(
+                f"candidates must be [B, C] with C <= max_list_len={self.max_list_len}, "
+                f"got {tuple(candidates.shape)}; raise max_list_len"
+            )
+        if (self.attr_emb is None) != (attributes is None):
+            raise ValueError("pass attributes [B, C, A] iff the model was built with num_attributes > 0")
+        if self.use_history != (history is not None):
+            raise ValueError("pass history [B, H] iff the model was built with use_history=True")
+
+    def _knowledge_features(self, knowledge: Knowledge, C: int) -> torch.Tensor:
+        outputs = self.adaptor(knowledge)  # type -> [B, out] or [B, C, out]
+        return self.adaptor.concat(
+            {t: v if v.dim() == 3 else v.unsqueeze(1).expand(-1, C, -1) for t, v in outputs.items()}
+        )  # [B, C, K]
+
+    def forward(
+        self,
+        candidates: torch.Tensor,
+        attributes: torch.Tensor | None = None,
+        knowledge: Knowledge | None = None,
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """candidates [B, C] (0 = padding), attributes [B, C, A] (0 = padding), history [B, H] -> logits [B, C].
+
+        Padding candidates get -inf: they rank last and `listwise_bce_loss` leaves them out.
+        """
+        self._check_inputs(candidates, attributes, history)
+        _check_knowledge(self.adaptor, knowledge)
+        B, C = candidates.shape
+        parts = [self.item_emb(candidates)]  # [B, C, item_dim]
+        if attributes is not None:
+            parts.append(_masked_mean(self.attr_emb(attributes), attributes))  # [B, C, attribute_dim]
+        if history is not None:
+            summary = _masked_mean(self.item_emb(history), history)  # [B, item_dim]
+            parts.append(summary.unsqueeze(1).expand(-1, C, -1))
+        if knowledge is not None:
+            parts.append(self._knowledge_features(knowledge, C))  # [B, C, K]
+        valid = candidates != 0  # [B, C]
+        positions = torch.arange(C, device=candidates.device)
+        x = self.input_proj(torch.cat(parts, dim=-1)) + self.pos_emb(positions)  # [B, C, d_model]
+        x = self.dropout(x) * valid.unsqueeze(-1)
+        allowed = _attention_mask(valid, causal=False)  # [B, C, C]
+        for block in self.blocks:
+            x = block(x, allowed) * valid.unsqueeze(-1)
+        logits = self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
+        return logits.masked_fill(~valid, float("-inf"))
+
+
+def listwise_bce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy per candidate, averaged over real candidates. logits, labels, mask: [B, C]."""
+    if not mask.any():
+        raise ValueError("mask selects no candidate; every batch needs at least one real (non-padding) candidate")
+    # Boolean selection keeps the -inf padding logits out of the loss entirely (they would give inf - inf = NaN).
+    return F.binary_cross_entropy_with_logits(logits[mask], labels[mask].to(logits.dtype))

@@ -1,0 +1,84 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from rlrf4rec.config import ConfigError, DataConfig, RunConfig, apply_overrides, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["ml100k-cpu.yaml", "ml1m-gpu.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.split_ratios == (0.8, 0.1, 0.1)
+    assert cfg.data.list_positives + cfg.data.list_negatives == 10
+
+
+def test_defaults_and_run_path():
+    cfg = from_dict(RunConfig, {"name": "x", "run_dir": "/tmp/r/{name}"})
+    assert cfg.run_path == Path("/tmp/r/x")
+    assert cfg.data == DataConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+
+
+def test_unknown_key_suggests_closest_name():
+    with pytest.raises(ConfigError, match=r"data\.histroy_max=5: unknown field; did you mean data\.history_max\?"):
+        from_dict(RunConfig, {"name": "x", "data": {"histroy_max": 5}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        from_dict(RunConfig, {"name": "x", "no_such_section": {}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"history_max": "30"}, r"data\.history_max='30': expected an integer"),
+        ({"history_max": True}, r"data\.history_max=True: expected an integer"),
+        ({"strict": 1}, r"data\.strict=1: expected true or false"),
+        ({"split_ratios": [0.5, 0.5]}, r"expected a list of 3 values"),
+        ({"split_ratios": [0.5, 0.4, 0.2]}, r"sum to 1"),
+        ({"split_ratios": [0.9, 0.1, 0.0]}, r"every split needs users"),
+        ({"history_fraction": 1.0}, r"data\.history_fraction=1\.0: use a fraction strictly between 0 and 1"),
+        ({"format": "csv"}, r"data\.format='csv': choose one of \["),
+        ({"min_user_interactions": 3}, r"use at least 6"),
+    ],
+)
+def test_bad_values_name_field_value_and_fix(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(RunConfig, {"name": "x", "data": data})
+
+
+def test_missing_required_name():
+    with pytest.raises(ConfigError, match="name=None: this field is required"):
+        from_dict(RunConfig, {})
+
+
+def test_overrides_parse_yaml_values_and_reach_nested_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ndata:\n  history_max: 30\n")
+    cfg = load_config(path, ["data.history_max=12", "--seed=7", "data.split_ratios=[0.6, 0.2, 0.2]"])
+    assert (cfg.data.history_max, cfg.seed, cfg.data.split_ratios) == (12, 7, (0.6, 0.2, 0.2))
+    raw = {"a": {"b": 1}}
+    assert apply_overrides(raw, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    assert raw == {"a": {"b": 1}}  # the input is not mutated
+    with pytest.raises(ConfigError, match="write it as --section.field=value"):
+        apply_overrides(raw, ["a.b"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_section_hash_tracks_only_named_sections():
+    a = from_dict(RunConfig, {"name": "a"})
+    b = from_dict(RunConfig, {"name": "b"})
+    c = from_dict(RunConfig, {"name": "a", "data": {"history_max": 10}})
+    assert a.section_hash("data", "seed") == b.section_hash("data", "seed")
+    assert a.section_hash("data", "seed") != c.section_hash("data", "seed")

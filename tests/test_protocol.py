@@ -1,0 +1,116 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rlrf4rec import schema as S
+from rlrf4rec.config import DataConfig
+from rlrf4rec.protocol import build_protocol, history_window, split_users
+
+NUM_ITEMS = 40
+
+
+def _tables(lengths: dict[str, int]):
+    """User u with n interactions of items i(k), k = offset..offset+n-1, at shuffled file order; ratings cycle 1..5."""
+    rows = []
+    for u, (user, n) in enumerate(lengths.items()):
+        for k in range(n):
+            rows.append((user, f"i{(u * 3 + k) % NUM_ITEMS + 1}", float(k % 5 + 1), 1000 + 10 * k))
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]  # time order must be restored
+    users, items, ratings, ts = zip(*rows)
+    interactions = pa.table(
+        {S.USER_ID: users, S.ITEM_ID: items, S.RATING: ratings, S.TIMESTAMP: ts}, schema=S.INTERACTIONS
+    )
+    item_ids = [f"i{k}" for k in range(1, NUM_ITEMS + 1)]
+    catalog = pa.table(
+        {S.ITEM_ID: item_ids, S.TITLE: item_ids, S.YEAR: [2000] * NUM_ITEMS, S.GENRES: [["Drama"]] * NUM_ITEMS},
+        schema=S.ITEMS,
+    )
+    return interactions, catalog
+
+
+LENGTHS = {"a": 14, "b": 20, "c": 12, "d": 9, "e": 30}
+CFG = DataConfig(history_max=5, min_user_interactions=10)
+
+
+def test_history_window():
+    assert history_window(14, 0.5, 5) == (2, 7)
+    assert history_window(14, 0.5, 30) == (0, 7)
+    assert history_window(3, 0.2, 30) == (0, 1)  # always at least one history item
+
+
+def test_exact_list_composition_for_one_user():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
+    seq = {r[S.USER_ID]: r for r in tables.sequences.to_pylist()}
+    a = seq["a"]
+    # 14 interactions: window = most recent 5 of the first 7 -> [2, 7); lists from positions 7..13 in chunks of 4:
+    # one full chunk (7, 8, 9, 10); the 3 left over (11, 12, 13) make no list.
+    assert (a[S.HISTORY_START], a[S.HISTORY_END]) == (2, 7)
+    assert a[S.ITEM_IDS] == [f"i{k + 1}" for k in range(14)]  # time order restored from shuffled rows
+    lists = [r for r in tables.rerank_lists.to_pylist() if r[S.USER_ID] == "a"]
+    assert len(lists) == 1
+    (lst,) = lists
+    positives = {"i8": 3.0, "i9": 4.0, "i10": 5.0, "i11": 1.0}  # item -> rating (k % 5 + 1 for k = 7..10)
+    assert len(lst[S.CANDIDATE_ITEMS]) == 10 and len(set(lst[S.CANDIDATE_ITEMS])) == 10
+    assert set(positives) <= set(lst[S.CANDIDATE_ITEMS])
+    negatives = set(lst[S.CANDIDATE_ITEMS]) - set(positives)
+    assert len(negatives) == 6 and not negatives & set(a[S.ITEM_IDS])
+    label_of = dict(zip(lst[S.CANDIDATE_ITEMS], lst[S.LABELS]))
+    assert {i: label_of[i] for i in positives} == {"i8": 0, "i9": 1, "i10": 1, "i11": 0}  # rating > 3
+    assert all(label_of[i] == 0 for i in negatives)
+
+
+def test_lists_per_user_and_short_users_dropped():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
+    per_user = {}
+    for user in tables.rerank_lists.column(S.USER_ID).to_pylist():
+        per_user[user] = per_user.get(user, 0) + 1
+    # b: 20 -> window end 10, 10 left -> 2 lists; c: 12 -> 6 left -> 1; e: 30 -> 15 left -> 3; d (9) is dropped.
+    assert per_user == {"a": 1, "b": 2, "c": 1, "e": 3}
+    assert tables.stats["users_dropped_too_few_interactions"] == 1
+    assert "d" not in tables.sequences.column(S.USER_ID).to_pylist()
+
+
+def test_no_window_or_later_item_leaks_and_no_seen_negative():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=3)
+    seq = {r[S.USER_ID]: r for r in tables.sequences.to_pylist()}
+    for lst in tables.rerank_lists.to_pylist():
+        s = seq[lst[S.USER_ID]]
+        window = set(s[S.ITEM_IDS][s[S.HISTORY_START] : s[S.HISTORY_END]])
+        seen = set(s[S.ITEM_IDS])
+        after = set(s[S.ITEM_IDS][s[S.HISTORY_END] :])
+        assert not window & set(lst[S.CANDIDATE_ITEMS])
+        for item, label in zip(lst[S.CANDIDATE_ITEMS], lst[S.LABELS]):
+            assert item in after or item not in seen  # a candidate is a held-out positive or a never-seen item
+            if item not in seen:
+                assert label == 0
+
+
+def test_same_seed_same_tables_other_seed_differs():
+    data = _tables(LENGTHS)
+    t1, t2, t3 = (build_protocol(*data, CFG, seed=s) for s in (5, 5, 6))
+    assert t1.rerank_lists.equals(t2.rerank_lists) and t1.sequences.equals(t2.sequences)
+    assert not t1.rerank_lists.equals(t3.rerank_lists)
+
+
+def test_split_users_is_seeded_and_keeps_every_split():
+    users = [str(u) for u in range(100)]
+    split = split_users(users, (0.8, 0.1, 0.1), seed=1)
+    assert split == split_users(list(reversed(users)), (0.8, 0.1, 0.1), seed=1)  # input order does not matter
+    counts = {s: list(split.values()).count(s) for s in S.SPLITS}
+    assert counts == {"train": 80, "valid": 10, "test": 10}
+    assert split != split_users(users, (0.8, 0.1, 0.1), seed=2)
+    assert sorted(split_users(["a", "b", "c"], (0.8, 0.1, 0.1), seed=0).values()) == ["test", "train", "valid"]
+    with pytest.raises(ValueError, match="at least 3 users"):
+        split_users(["a", "b"], (0.8, 0.1, 0.1), seed=0)
+
+
+def test_leave_one_out_holds_out_the_last_two():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
+    loo = {r[S.USER_ID]: r for r in tables.leave_one_out.to_pylist()}
+    assert loo["a"][S.TEST_ITEM_ID] == "i14" and loo["a"][S.VALID_ITEM_ID] == "i13"
+    assert loo["a"][S.TRAIN_ITEM_IDS] == [f"i{k}" for k in range(1, 13)]
+
+
+def test_item_index_is_dense_and_one_based():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
+    assert tables.item_index.column(S.ITEM_IDX).to_pylist() == list(range(1, NUM_ITEMS + 1))
