@@ -1,0 +1,113 @@
+"""Factorization prompts (METHOD.md section 2) from a user's history window.
+
+Consumes the history window of one user (item titles, years, ratings) and optional user attributes; produces the
+history text (also the "base knowledge" user text) and the chat messages that ask an instruct LLM to analyse the
+user's preferences along domain factors. Titles and attributes are data: they are sanitised so that no title can
+open a chat turn or change a role. Knows nothing about tokenizers, engines or files.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from rlrf4rec import schema as S
+
+# Factors per domain, as listed in METHOD.md section 2.
+FACTORS = {
+    "movies": (
+        "genre",
+        "director and actors",
+        "era and country",
+        "characters",
+        "plot and theme",
+        "mood and tone",
+        "critical acclaim and awards",
+        "production quality",
+        "soundtrack",
+    ),
+    "products": (
+        "genre or category",
+        "author or brand",
+        "style",
+        "theme",
+        "setting",
+        "length and complexity",
+        "era",
+        "quality",
+    ),
+}
+
+# Anything that looks like a chat-template control sequence: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>),
+# Llama 2 ([INST], <<SYS>>), Gemma (<start_of_turn>) and generic <s>/</s>.
+_CONTROL = re.compile(r"<\|[^|>]{0,40}\|>|\[/?INST\]|<</?SYS>>|</?start_of_turn>|</?end_of_turn>|</?s>", re.I)
+
+
+def sanitize(text: str, max_chars: int = 200) -> str:
+    """One line of plain text: control sequences, control characters and newlines removed, length capped."""
+    text = _CONTROL.sub(" ", text)
+    text = "".join(" " if unicodedata.category(c).startswith("C") else c for c in text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text[:max_chars]
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    title: str
+    year: int | None
+    rating: float
+
+
+def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object] | None = None) -> str:
+    """`"<title>" (<year>), <r> stars;` per item, oldest first, preceded by the known user attributes."""
+    parts = []
+    attrs = {k: v for k, v in (user_attributes or {}).items() if v not in (None, "")}
+    if attrs:
+        parts.append("User: " + ", ".join(f"{sanitize(str(k), 40)} {sanitize(str(v), 40)}" for k, v in attrs.items()))
+    entries = []
+    for item in items:
+        title = sanitize(item.title).replace('"', "'")
+        year = f" ({item.year})" if item.year else ""
+        stars = f"{item.rating:g} star" + ("" if item.rating == 1 else "s")
+        entries.append(f'"{title}"{year}, {stars};')
+    parts.append("History: " + " ".join(entries))
+    return "\n".join(parts)
+
+
+def preference_messages(history: str, domain: str = "movies") -> list[dict[str, str]]:
+    """Chat messages asking for a factor-by-factor analysis of the user's preferences, grounded in the history."""
+    if domain not in FACTORS:
+        raise ValueError(f"prompt domain {domain!r} is not known; choose one of {sorted(FACTORS)}")
+    noun = "movies" if domain == "movies" else "products"
+    factors = ", ".join(FACTORS[domain])
+    system = f"You are an expert recommender who explains what a user likes in {noun}."
+    user = (
+        f"Here is a user's rating history of {noun}, oldest first (ratings from 1 to 5 stars).\n"
+        f"{history}\n\n"
+        f"Analyse this user's preferences. Consider these factors: {factors}. For each factor that matters, say "
+        f"what the user likes or dislikes and give the reason from the history. Be concise."
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def history_texts(sequences: pa.Table, items: pa.Table, users: pa.Table | None = None) -> dict[str, str]:
+    """user_id -> history text of its window `item_ids[history_start:history_end]` (schema.SEQUENCES rows).
+
+    Only the window is read: items at or after `history_end` are held out for re-ranking and never reach a prompt.
+    """
+    meta = {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items.select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()}
+    attrs = {}
+    if users is not None:
+        for r in users.to_pylist():
+            attrs[r[S.USER_ID]] = {"age": r[S.AGE], "gender": r[S.GENDER], "occupation": r[S.OCCUPATION]}
+    texts = {}
+    cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
+    for r in sequences.select(cols).to_pylist():
+        window = range(r[S.HISTORY_START], r[S.HISTORY_END])
+        history = [HistoryItem(*meta[r[S.ITEM_IDS][i]], r[S.RATINGS][i]) for i in window]
+        texts[r[S.USER_ID]] = history_text(history, attrs.get(r[S.USER_ID]))
+    return texts
