@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlrf4rec import assets
+from rlrf4rec.artifacts import read_marker
 from rlrf4rec.config import ConfigError, RunConfig, dump_config, from_dict, load_config
 
 log = logging.getLogger("rlrf4rec")
@@ -40,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in [
         ("assets", "fetch, convert and verify the embedded default assets"),
         ("data", "load the dataset and write the protocol tables (sequences, re-rank lists, splits)"),
+        ("encode", "encode each user's history text with the frozen encoder (base knowledge)"),
+        ("train-recommender", "train the ID-only and base-knowledge re-rankers on Ray Train"),
+        ("generate", "write N preference texts per user with the policy LLM (best-of-N), resumable"),
         ("run", "run every stage in order"),
     ]:
         p = sub.add_parser(name, help=help_text)
@@ -49,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "assets":
             p.add_argument("--verify", action="store_true", help="re-hash every built asset against its manifest")
             p.add_argument("--home", help="asset home (default: $RLRF4REC_HOME or ~/.cache/rlrf4rec)")
-        if name == "data":
+        if name in ("data", "generate"):
             p.add_argument("--force", action="store_true", help="rebuild even when a matching output exists")
     return parser
 
@@ -149,12 +155,51 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         stage_dir = run_data(cfg, force=args.force)
         _print_stats(stage_dir, data_stats(stage_dir))
         return 0
+    if args.command in ("encode", "train-recommender"):
+        with _ray_if_needed(cfg, args.command == "train-recommender"):
+            stage_dir = dict(pipeline.STAGES)[args.command](cfg)
+        for marker in sorted(stage_dir.glob("*/_COMPLETE.json")) or [stage_dir / "_COMPLETE.json"]:
+            _print_stats(marker.parent, read_marker(marker.parent)["stats"])
+        return 0
+    if args.command == "generate":
+        from rlrf4rec.generate import run_generate
+
+        with _ray_if_needed(cfg, cfg.generate.engine == "vllm"):
+            stage_dir = run_generate(cfg, force=args.force)
+        _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+        return 0
     if args.command == "run":
-        outputs = pipeline.run_all(cfg)
+        with _ray_if_needed(cfg, True):
+            outputs = pipeline.run_all(cfg)
         for name, path in outputs.items():
             print(f"{name:24s} {path}")
         return 0
     raise AssertionError(args.command)
+
+
+@contextmanager
+def _ray_if_needed(cfg: RunConfig, needed: bool) -> Iterator[None]:
+    """Start Ray for the stages that run on it: join $RAY_ADDRESS (`ray job submit`) or start a local cluster."""
+    if not needed:
+        yield
+        return
+    # Read by Ray when first imported: a local cluster then binds to 127.0.0.1 only.
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(include_dashboard=False)  # no dashboard: fewer processes and ports on a laptop
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _print_stats(stage_dir: Path, stats: dict) -> None:

@@ -88,6 +88,130 @@ class DataConfig:
             )
 
 
+ENGINES = ("vllm", "transformers")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    engine: str = "vllm"  # "vllm" (Ray Data, one engine per replica) | "transformers" (plain HF generate, in process)
+    num_samples: int = 4  # N preference texts per user (best-of-N); 10 reported
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    splits: tuple[str, ...] = ("train", "valid")  # which user splits get texts; test texts come at evaluation
+    max_users: int | None = None  # first users (sorted by id) per run; null means all, a small number suits a CPU
+    batch_size: int = 32  # requests per engine call (one Ray Data batch, one output shard)
+    concurrency: int = 1  # engine replicas (Ray Data actors)
+    tensor_parallel_size: int = 1  # GPUs one replica's model is split across (vLLM only)
+    num_gpus_per_replica: int = 0  # 0 on CPU; at least tensor_parallel_size on GPUs
+    dtype: str = "float32"  # float32 reproduces on CPU; bfloat16 on GPUs
+    enable_prefix_caching: bool = True  # the N samples of one user share their prompt
+    enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
+    max_model_len: int = 2048  # prompt + completion tokens per request
+    domain: str = "movies"  # which factor list the prompt asks about (rlrf4rec.prompts.FACTORS)
+
+    def __post_init__(self) -> None:
+        from rlrf4rec.prompts import FACTORS  # local: prompts imports nothing from here, keep it that way
+        from rlrf4rec.schema import SPLITS
+
+        if self.engine not in ENGINES:
+            _fail("generate.engine", self.engine, f"choose one of {list(ENGINES)}")
+        if self.num_samples < 1:
+            _fail("generate.num_samples", self.num_samples, "use at least 1 sample per user (2+ to form DPO pairs)")
+        if self.temperature < 0:
+            _fail("generate.temperature", self.temperature, "use 0 for greedy or a positive temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("generate.top_p", self.top_p, "use a probability mass in (0, 1]")
+        if self.max_new_tokens < 1:
+            _fail("generate.max_new_tokens", self.max_new_tokens, "use a positive number of tokens")
+        if not self.splits or len(set(self.splits)) != len(self.splits) or not set(self.splits) <= set(SPLITS):
+            _fail("generate.splits", self.splits, f"give a non-empty list of distinct splits from {list(SPLITS)}")
+        if self.max_users is not None and self.max_users < 1:
+            _fail("generate.max_users", self.max_users, "use a positive number of users, or null for all")
+        for name in ("batch_size", "concurrency", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                _fail(f"generate.{name}", getattr(self, name), "use a positive integer")
+        if self.num_gpus_per_replica < 0:
+            _fail("generate.num_gpus_per_replica", self.num_gpus_per_replica, "use 0 on CPU or a GPU count")
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_replica < self.tensor_parallel_size:
+            _fail(
+                "generate.num_gpus_per_replica",
+                self.num_gpus_per_replica,
+                f"tensor_parallel_size={self.tensor_parallel_size} needs at least that many GPUs per replica",
+            )
+        if self.dtype not in DTYPES:
+            _fail("generate.dtype", self.dtype, f"choose one of {list(DTYPES)} (float32 on CPU, bfloat16 on GPUs)")
+        if self.max_model_len <= self.max_new_tokens:
+            _fail(
+                "generate.max_model_len",
+                self.max_model_len,
+                f"leave room for the prompt: use more than max_new_tokens={self.max_new_tokens}",
+            )
+        if self.domain not in FACTORS:
+            _fail("generate.domain", self.domain, f"choose one of {sorted(FACTORS)}")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    max_length: int = 512  # tokens; user texts put the preference text first so truncation cuts history only
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8 or self.batch_size < 1:
+            _fail("encode.max_length/batch_size", (self.max_length, self.batch_size), "use max_length >= 8, batch >= 1")
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """The knowledge-augmented re-ranker (the reward model) and its ID-only twin, trained under Ray Train."""
+
+    backbone: str = "prm"  # list-wise re-ranker on the KAR lists; SASRec is trained on leave-one-out by the benchmark
+    hidden_dim: int = 64
+    item_dim: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1
+    adaptor_hidden: int = 128
+    adaptor_out: int = 32
+    adaptor_shared_experts: int = 2
+    adaptor_specific_experts: int = 2
+    history_len: int = 30  # history-window items summarised per list
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 30
+    patience: int = 5  # epochs without a better valid select_metric before stopping
+    select_metric: str = "ndcg@5"
+    num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
+    use_gpu: bool = False
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if self.backbone != "prm":
+            _fail("recommender.backbone", self.backbone, "use prm (SASRec runs in benchmarks/sasrec_vs_recbole.py)")
+        for name in ("hidden_dim", "item_dim", "num_layers", "num_heads", "adaptor_hidden", "adaptor_out",
+                     "history_len", "batch_size", "max_epochs", "patience", "num_workers"):
+            if getattr(self, name) < 1:
+                _fail(f"recommender.{name}", getattr(self, name), "use a positive integer")
+        if self.hidden_dim % self.num_heads:
+            _fail("recommender.num_heads", self.num_heads, f"use a divisor of hidden_dim={self.hidden_dim}")
+        if not 0 <= self.dropout < 1:
+            _fail("recommender.dropout", self.dropout, "use a probability in [0, 1)")
+        if self.lr <= 0:
+            _fail("recommender.lr", self.lr, "use a positive learning rate")
+        if self.adaptor_shared_experts + self.adaptor_specific_experts < 1 or min(
+            self.adaptor_shared_experts, self.adaptor_specific_experts
+        ) < 0:
+            _fail("recommender.adaptor_*_experts", (self.adaptor_shared_experts, self.adaptor_specific_experts),
+                  "use non-negative counts with at least one expert")
+        metric, _, k = self.select_metric.partition("@")
+        if metric not in ("ndcg", "map", "hr") or not k.isdigit() or int(k) not in (1, 3, 5, 7):
+            _fail("recommender.select_metric", self.select_metric, "use ndcg@K, map@K or hr@K with K in 1, 3, 5, 7")
+        if self.max_failures < 0:
+            _fail("recommender.max_failures", self.max_failures, "use 0 or more restarts")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str
@@ -96,6 +220,9 @@ class RunConfig:
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):

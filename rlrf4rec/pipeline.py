@@ -31,9 +31,35 @@ def run_data(cfg: RunConfig) -> Path:
     return stage(cfg)
 
 
+def run_encode(cfg: RunConfig) -> Path:
+    """Base knowledge: each user's history text, encoded (trainable before any LLM text exists)."""
+    from rlrf4rec.encode import run_encode as stage
+
+    return stage(cfg)
+
+
+def run_recommenders(cfg: RunConfig) -> Path:
+    """The ID-only re-ranker and the base-knowledge one (the first reward model), on Ray Train."""
+    from rlrf4rec.train import run_recommender
+
+    data_dir = cfg.run_path / "data"
+    run_recommender(cfg, "id", data_dir, None)
+    run_recommender(cfg, "base", data_dir, cfg.run_path / "knowledge" / "base" / "user_knowledge.parquet")
+    return cfg.run_path / "recommender"
+
+
+def run_generate(cfg: RunConfig) -> Path:
+    from rlrf4rec.generate import run_generate as stage
+
+    return stage(cfg)
+
+
 STAGES: list[tuple[str, Callable[[RunConfig], Path]]] = [
     ("assets", run_assets),
     ("data", run_data),
+    ("encode", run_encode),
+    ("train-recommender", run_recommenders),
+    ("generate", run_generate),
 ]
 
 

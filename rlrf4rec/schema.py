@@ -102,3 +102,102 @@ LEAVE_ONE_OUT = pa.schema(
         pa.field(TEST_ITEM_ID, pa.string(), nullable=False),
     ]
 )
+
+# Knowledge (output of rlrf4rec.encode): one vector per user text.
+TEXT_HASH = "text_hash"
+VECTOR = "vector"
+KNOWLEDGE_TEXT = "knowledge_text"
+
+USER_KNOWLEDGE = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(KNOWLEDGE_TEXT, pa.string(), nullable=False),
+        pa.field(VECTOR, pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+# Generation tables (output of rlrf4rec.generate, METHOD.md section 3): one row per (user, sample_idx).
+SAMPLE_IDX = "sample_idx"
+PROMPT = "prompt"  # the exact text the LLM saw, chat template applied
+PREFERENCE_TEXT = "preference_text"
+PROMPT_TOKENS = "prompt_tokens"
+COMPLETION_TOKENS = "completion_tokens"  # includes the end-of-turn token when the model stopped by itself
+FINISH_REASON = "finish_reason"  # "stop" | "length"
+SEED = "seed"  # 31-bit per-row sampling seed derived from (run seed, user, sample_idx)
+TEMPERATURE = "temperature"
+TOP_P = "top_p"
+MAX_NEW_TOKENS = "max_new_tokens"
+MODEL = "model"  # the model reference the text came from (embedded name, HF id or checkpoint path)
+POLICY_VERSION = "policy_version"  # "base", then one version per DPO round
+FLAGS = "flags"  # quality flags: "empty", "truncated" (finish_reason length), "degenerate"
+ERROR = "error"
+
+GENERATIONS = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(SAMPLE_IDX, pa.int32(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(PROMPT, pa.string(), nullable=False),
+        pa.field(PREFERENCE_TEXT, pa.string(), nullable=False),
+        pa.field(PROMPT_TOKENS, pa.int32(), nullable=False),
+        pa.field(COMPLETION_TOKENS, pa.int32(), nullable=False),
+        pa.field(FINISH_REASON, pa.string(), nullable=False),
+        pa.field(SEED, pa.int64(), nullable=False),
+        pa.field(TEMPERATURE, pa.float64(), nullable=False),
+        pa.field(TOP_P, pa.float64(), nullable=False),
+        pa.field(MAX_NEW_TOKENS, pa.int32(), nullable=False),
+        pa.field(MODEL, pa.string(), nullable=False),
+        pa.field(POLICY_VERSION, pa.string(), nullable=False),
+        pa.field(FLAGS, pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+GENERATION_ERRORS = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(SAMPLE_IDX, pa.int32(), nullable=False),
+        pa.field(ERROR, pa.string(), nullable=False),
+    ]
+)
+
+# Rewards (output of rlrf4rec.reward): one per generation key.
+REWARD = "reward"
+ROUND = "round"
+
+REWARDS = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(SAMPLE_IDX, pa.int32(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(POLICY_VERSION, pa.string(), nullable=False),
+        pa.field(REWARD, pa.float64(), nullable=False),
+    ]
+)
+
+# DPO pairs (output of rlrf4rec.pairs) in TRL's conversational format: prompt, chosen and rejected are chat
+# messages, so TRL applies the policy's own chat template. The rest is provenance.
+MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
+CHOSEN = "chosen"
+REJECTED = "rejected"
+CHOSEN_SAMPLE_IDX = "chosen_sample_idx"
+REJECTED_SAMPLE_IDX = "rejected_sample_idx"
+CHOSEN_REWARD = "chosen_reward"
+REJECTED_REWARD = "rejected_reward"
+REWARD_MARGIN = "reward_margin"
+
+PAIRS = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(PROMPT, MESSAGES, nullable=False),
+        pa.field(CHOSEN, MESSAGES, nullable=False),
+        pa.field(REJECTED, MESSAGES, nullable=False),
+        pa.field(CHOSEN_SAMPLE_IDX, pa.int32(), nullable=False),
+        pa.field(REJECTED_SAMPLE_IDX, pa.int32(), nullable=False),
+        pa.field(CHOSEN_REWARD, pa.float64(), nullable=False),
+        pa.field(REJECTED_REWARD, pa.float64(), nullable=False),
+        pa.field(REWARD_MARGIN, pa.float64(), nullable=False),
+        pa.field(POLICY_VERSION, pa.string(), nullable=False),
+        pa.field(ROUND, pa.int32(), nullable=False),
+    ]
+)

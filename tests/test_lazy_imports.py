@@ -13,6 +13,8 @@ PURE = [
     "rlrf4rec.pipeline",
     "rlrf4rec.cli",
     "rlrf4rec.metrics",
+    "rlrf4rec.prompts",
+    "rlrf4rec.generate",
 ]
 HEAVY = ["ray", "vllm", "trl", "deepspeed", "transformers", "peft"]
 

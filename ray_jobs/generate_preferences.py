@@ -1,0 +1,11 @@
+"""`rlrf4rec generate` as a Ray job: N preference texts per user, on the cluster the job runs in.
+
+ray job submit --working-dir . -- python ray_jobs/generate_preferences.py --config configs/ml1m-gpu.yaml [--a.b=c ...]
+"""
+
+import sys
+
+from rlrf4rec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,215 @@
+"""The recommender stage on Ray Train: `recommender.fit` in TorchTrainer workers, checkpointed every epoch.
+
+Consumes the data stage's tables and, for a knowledge-augmented variant, a user knowledge Parquet file; produces
+`<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid and test metrics, per-epoch history
+and per-list test values. DDP over `recommender.num_workers` workers (gloo on CPU, NCCL on GPU); a worker failure
+restarts the group from the last checkpoint (`recommender.max_failures`). The caller owns the Ray connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import is_complete, read_parquet, stage_output, write_json
+from rlrf4rec.config import RecommenderConfig, RunConfig, dump_config
+from rlrf4rec.encode import vectors_of
+from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables
+
+log = logging.getLogger(__name__)
+
+ID_ONLY = "id"
+
+
+def model_spec(rc: RecommenderConfig) -> ModelSpec:
+    return ModelSpec(
+        backbone=rc.backbone,
+        hidden_dim=rc.hidden_dim,
+        item_dim=rc.item_dim,
+        num_layers=rc.num_layers,
+        num_heads=rc.num_heads,
+        dropout=rc.dropout,
+        adaptor_hidden=rc.adaptor_hidden,
+        adaptor_out=rc.adaptor_out,
+        adaptor_experts=(rc.adaptor_shared_experts, rc.adaptor_specific_experts),
+        history_len=rc.history_len,
+        lr=rc.lr,
+        weight_decay=rc.weight_decay,
+        batch_size=rc.batch_size,
+        max_epochs=rc.max_epochs,
+        patience=rc.patience,
+        select_metric=rc.select_metric,
+    )
+
+
+def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None:
+    """User knowledge Parquet (schema.USER_KNOWLEDGE) -> [U, D] rows in `users` order; every user must have one."""
+    if path is None:
+        return None
+    table = read_parquet(path, S.USER_KNOWLEDGE)
+    row = {u: i for i, u in enumerate(table.column(S.USER_ID).to_pylist())}
+    missing = [u for u in users if u not in row]
+    if missing:
+        raise ValueError(f"{path} has no knowledge for {len(missing)} users (e.g. {missing[:3]}); re-run its stage")
+    vectors = vectors_of(table)
+    return torch.from_numpy(vectors[[row[u] for u in users]])
+
+
+def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: int):
+    task = RerankTask(load_tables(data_dir), spec)
+    knowledge = knowledge_matrix(knowledge_path, task.users)
+    torch.manual_seed(seed)  # identical initial weights on every worker and on every restart
+    model = task.build_model(None if knowledge is None else knowledge.shape[1])
+    return task, knowledge, model
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in each Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = ModelSpec(**config["spec"])
+    knowledge_path = Path(config["knowledge_path"]) if config["knowledge_path"] else None
+    task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"])
+    state, optimizer_state = FitState(history=[]), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / "state.pt", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer_state, state = saved["optimizer"], FitState(**saved["fit"])
+        state.resumed_after = [*(state.resumed_after or []), state.epoch]
+        log.info("rank %d resumed after epoch %d", rank, state.epoch)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    knowledge = None if knowledge is None else knowledge.to(device)
+    wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    def on_epoch(metrics: dict, fit_state: FitState, optimizer: torch.optim.Optimizer) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "fit": dataclasses.asdict(fit_state),
+                    },
+                    Path(d) / "state.pt",
+                )
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        _maybe_inject_failure(config, rank, world, fit_state.epoch)
+
+    fit(
+        task,
+        wrapped,
+        knowledge,
+        seed=config["seed"],
+        state=state,
+        optimizer_state=optimizer_state,
+        rank=rank,
+        world=world,
+        on_epoch=on_epoch,
+        eval_model=model,
+    )
+
+
+def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> None:
+    """Fault injection for resilience tests: the last worker kills itself once, after `fail_at_epoch`."""
+    marker = config.get("fail_marker")
+    if marker and rank == world - 1 and epoch == config.get("fail_at_epoch") and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit_on_ray(
+    cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, storage: Path, **loop_extra
+) -> FitState:
+    """TorchTrainer over `recommender.num_workers` workers; returns the final FitState from the last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    rc = cfg.recommender
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": dataclasses.asdict(model_spec(rc)),
+            "seed": cfg.seed,
+            "data_dir": str(data_dir.resolve()),
+            "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
+            **loop_extra,
+        },
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu),
+        run_config=RayRunConfig(
+            name=f"recommender-{variant}",
+            storage_path=str(storage.resolve()),
+            failure_config=FailureConfig(max_failures=rc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / "state.pt", weights_only=False)
+    return FitState(**saved["fit"])
+
+
+def run_recommender(
+    cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, *, force: bool = False, **loop_extra
+) -> Path:
+    """Train one variant ("id" or a knowledge name) and write its stage directory; skip when complete."""
+    from rlrf4rec.artifacts import read_marker
+
+    stage_dir = cfg.run_path / "recommender" / variant
+    upstream = [read_marker(data_dir)["fingerprint"]]
+    if knowledge_path is not None:
+        upstream.append(read_marker(knowledge_path.parent)["fingerprint"])
+    fingerprint = f"{cfg.section_hash('recommender', 'seed')}-{'-'.join(upstream)}"
+    if not force and is_complete(stage_dir, fingerprint):
+        log.info("recommender/%s: complete output matches the config; nothing to do", variant)
+        return stage_dir
+    storage = cfg.run_path / "ray_train" / f"{variant}-{fingerprint[:16]}"
+    state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, **loop_extra)
+    spec = model_spec(cfg.recommender)
+    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed)
+    model.load_state_dict(state.best_model)
+    valid = task.evaluate(model, "valid", knowledge)
+    per_list = task.per_list_metrics(model, "test", knowledge)
+    test = {f"test/{k}": float(np.mean(v)) for k, v in per_list.items()}
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        torch.save(
+            {
+                "model": state.best_model,
+                "spec": dataclasses.asdict(spec),
+                "knowledge_dim": None if knowledge is None else int(knowledge.shape[1]),
+                "genre_vocab": task.genre_vocab,
+                "num_items": task.num_items,
+            },
+            tmp / "model.pt",
+        )
+        write_json(state.history, tmp / "history.json")
+        np.savez(tmp / "test_per_list.npz", users=np.array(task.list_users["test"]), **per_list)
+        stats.update(
+            {
+                "variant": variant, "best_epoch": state.best_epoch, "epochs_run": len(state.history),
+                "resumed_after": state.resumed_after or [], **valid, **test,
+            }
+        )
+    log.info(
+        "recommender/%s: %s",
+        variant,
+        json.dumps({k: round(v, 4) for k, v in {**valid, **test}.items() if isinstance(v, float)}),
+    )
+    return stage_dir

@@ -1,0 +1,292 @@
+"""The generation stage: requests, seeds, leakage guard, quality flags, resumable shards, errors, both engines."""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rlrf4rec import generate as G
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import MARKER, read_marker, read_parquet
+from rlrf4rec.cli import main
+from rlrf4rec.config import ConfigError, GenerateConfig, RunConfig, from_dict
+from rlrf4rec.data import run_data
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "recbole"
+
+
+def render(messages: list[dict[str, str]]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+
+def synthetic_tables() -> tuple[pa.Table, pa.Table]:
+    """Three users of 8 items each; the window is items [1, 4), so SEEN-1..3 may appear and nothing else may."""
+    items = pa.Table.from_pylist(
+        [{S.ITEM_ID: f"{u}{i}", S.TITLE: f"{'SEEN' if 1 <= i < 4 else 'HIDDEN'}-{u}{i}", S.YEAR: 2000, S.GENRES: []}
+         for u in "abcd" for i in range(8)],
+        schema=S.ITEMS,
+    )  # fmt: skip
+    sequences = pa.Table.from_pylist(
+        [
+            {
+                S.USER_ID: user,
+                S.SPLIT: split,
+                S.ITEM_IDS: [f"{user}{i}" for i in range(8)],
+                S.RATINGS: [4.0] * 8,
+                S.TIMESTAMPS: list(range(8)),
+                S.HISTORY_START: 1,
+                S.HISTORY_END: 4,
+            }
+            for user, split in [("c", "train"), ("a", "train"), ("b", "valid"), ("d", "test")]
+        ],
+        schema=S.SEQUENCES,
+    )
+    return sequences, items
+
+
+def requests(num_samples: int = 3, **cfg) -> pa.Table:
+    sequences, items = synthetic_tables()
+    return G.build_requests(sequences, items, None, render, GenerateConfig(num_samples=num_samples, **cfg), 7)
+
+
+class FakeEngine:
+    """Deterministic text from the seed; raises for one seed, or interrupts (like a kill) after `kill_after` calls."""
+
+    calls: list[int] = []
+
+    def __init__(self, bad_seed: int | None = None, kill_after: int | None = None):
+        self.bad_seed, self.kill_after = bad_seed, kill_after
+
+    def generate(self, prompts, seeds):
+        FakeEngine.calls.append(len(prompts))
+        if self.kill_after is not None and len(FakeEngine.calls) > self.kill_after:
+            raise KeyboardInterrupt
+        if self.bad_seed in seeds:
+            raise ValueError(f"cannot sample seed {self.bad_seed}")
+        return [G.Completion(f"the user likes films number {s} with calm moods", 10, 9, "stop") for s in seeds]
+
+
+META = {S.TEMPERATURE: 1.0, S.TOP_P: 0.95, S.MAX_NEW_TOKENS: 16, S.MODEL: "fake", S.POLICY_VERSION: "base"}
+
+
+def run(reqs: pa.Table, parts: Path, batch_size: int = 2, **engine) -> dict:
+    FakeEngine.calls = []
+    G.open_parts(parts, "work-fp")
+    return G.generate_missing(
+        reqs, parts, partial(G.run_local, make_engine=partial(FakeEngine, **engine), batch_size=batch_size), META
+    )
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+
+def test_requests_are_users_times_n_with_unique_keys_in_the_chosen_splits():
+    reqs = requests(num_samples=3)
+    assert reqs.column_names == G.REQUEST_COLUMNS
+    assert G.keys(reqs) == [(u, k) for u in "abc" for k in range(3)]  # sorted by user, test user "d" left out
+    assert reqs.column(S.SPLIT).to_pylist() == ["train"] * 3 + ["valid"] * 3 + ["train"] * 3
+    assert G.keys(requests(num_samples=2, max_users=2)) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert {u for u, _ in G.keys(requests(splits=("test",)))} == {"d"}
+
+
+def test_every_sample_of_a_user_shares_one_prompt_with_the_window_only():
+    reqs = requests().to_pylist()
+    for row in reqs:
+        user = row[S.USER_ID]
+        for i in range(8):
+            assert (f"-{user}{i}" in row[S.PROMPT]) == (1 <= i < 4), (user, i)
+        assert "HIDDEN" not in row[S.PROMPT]
+    assert len({r[S.PROMPT] for r in reqs}) == 3
+
+
+def test_seeds_are_deterministic_31_bit_and_distinct_per_user_and_sample():
+    reqs = requests(num_samples=5)
+    seeds = reqs.column(S.SEED).to_pylist()
+    assert seeds == requests(num_samples=5).column(S.SEED).to_pylist()
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
+    assert seeds[0] == G.request_seed(7, "a", 0) != G.request_seed(8, "a", 0)
+    assert requests(num_samples=2).column(S.SEED).to_pylist() == [s for s, (_, k) in zip(seeds, G.keys(reqs)) if k < 2]
+
+
+def test_quality_flags():
+    assert G.quality_flags("", "stop") == ["empty"]
+    assert G.quality_flags("   ", "length") == ["empty", "truncated"]
+    assert G.quality_flags("Likes dark comedies.", "stop") == ["degenerate"]  # under 5 words
+    assert G.quality_flags("the the the " * 20, "length") == ["truncated", "degenerate"]
+    assert G.quality_flags("I like it a lot " * 6, "stop") == ["degenerate"]
+    assert G.quality_flags("The user enjoys character-driven dramas from the nineties, rates action low.", "stop") == []
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def test_a_killed_run_resumes_with_the_same_keys_and_no_duplicates(tmp_path):
+    reqs = requests(num_samples=3)  # 9 requests -> batches of 2
+    with pytest.raises(KeyboardInterrupt):
+        run(reqs, tmp_path / "parts", kill_after=2)
+    assert len(list((tmp_path / "parts").glob("gen-*.parquet"))) == 2
+    stats = run(reqs, tmp_path / "parts")
+    assert stats["generated_now"] == 5 and FakeEngine.calls == [2, 2, 1]  # only the missing keys
+    gens, errs = G.consolidate(tmp_path / "parts", reqs)
+    assert G.keys(gens) == G.keys(reqs) and errs.num_rows == 0
+
+    run(reqs, tmp_path / "fresh")
+    fresh, _ = G.consolidate(tmp_path / "fresh", reqs)
+    assert fresh.to_pylist() == gens.to_pylist()
+    assert gens.schema == S.GENERATIONS
+
+
+def test_consolidate_drops_duplicate_and_unrequested_keys(tmp_path):
+    reqs = requests(num_samples=2)
+    parts = tmp_path / "parts"
+    run(reqs, parts)
+    shutil.copy(parts / "gen-000000.parquet", parts / "gen-000099.parquet")
+    gens, _ = G.consolidate(parts, reqs)
+    assert G.keys(gens) == G.keys(reqs)
+    fewer = requests(num_samples=1)
+    assert G.keys(G.consolidate(parts, fewer)[0]) == G.keys(fewer)
+
+
+def test_a_failing_request_goes_to_the_errors_table_and_spares_its_batch(tmp_path):
+    reqs = requests(num_samples=3)
+    bad_seed = G.request_seed(7, "b", 1)
+    stats = run(reqs, tmp_path / "parts", batch_size=3, bad_seed=bad_seed)
+    assert stats["failed_now"] == 1
+    gens, errs = G.consolidate(tmp_path / "parts", reqs)
+    assert errs.to_pylist() == [
+        {S.USER_ID: "b", S.SAMPLE_IDX: 1, S.ERROR: f"ValueError: cannot sample seed {bad_seed}"}
+    ]
+    assert set(G.keys(gens)) == set(G.keys(reqs)) - {("b", 1)}
+
+    run(reqs, tmp_path / "parts")  # a re-run retries the failed request only
+    assert FakeEngine.calls == [1]
+    gens, errs = G.consolidate(tmp_path / "parts", reqs)
+    assert G.keys(gens) == G.keys(reqs) and errs.num_rows == 0
+
+
+def test_shards_for_other_settings_are_discarded(tmp_path):
+    reqs = requests(num_samples=1)
+    run(reqs, tmp_path / "parts")
+    G.open_parts(tmp_path / "parts", "work-fp")
+    assert list((tmp_path / "parts").glob("gen-*"))
+    G.open_parts(tmp_path / "parts", "other-fp")
+    assert not list((tmp_path / "parts").glob("gen-*"))
+
+
+# --------------------------------------------------------------------------------------------------- the stage
+
+
+def stage_cfg(tmp_path: Path, **generate) -> RunConfig:
+    return from_dict(
+        RunConfig,
+        {
+            "name": "t",
+            "run_dir": str(tmp_path / "run"),
+            "data": {"format": "recbole", "path": str(FIXTURE)},
+            "generate": {"engine": "transformers", "num_samples": 2, "batch_size": 4, **generate},
+        },
+    )
+
+
+def test_stage_publishes_once_and_grows_incrementally(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "chat_renderer", lambda model_path: render)
+    monkeypatch.setattr(G.assets, "resolve", lambda ref, home, fetch=True: ref)
+    cfg = stage_cfg(tmp_path, max_users=1)  # the fixture has one train and one valid user
+    run_data(cfg)
+    FakeEngine.calls = []
+    stage = G.run_generate(cfg, make_engine=FakeEngine)
+    gens = read_parquet(stage / "generations.parquet", S.GENERATIONS)
+    assert gens.num_rows == 2 and read_marker(stage)["stats"]["rows"] == 2
+    assert set(gens.column(S.POLICY_VERSION).to_pylist()) == {"base"}
+    assert not (tmp_path / "run" / "generate.parts").exists()
+
+    marker = (stage / MARKER).read_text()
+    assert G.run_generate(cfg, make_engine=FakeEngine) == stage and (stage / MARKER).read_text() == marker
+
+    FakeEngine.calls = []
+    more = G.run_generate(stage_cfg(tmp_path, max_users=2), make_engine=FakeEngine)
+    assert FakeEngine.calls == [2]  # only the new user's two samples
+    grown = read_parquet(more / "generations.parquet", S.GENERATIONS)
+    assert grown.num_rows == 4 and grown.slice(0, 2).to_pylist() == gens.to_pylist()
+
+
+def test_generate_config_errors_name_the_field():
+    for bad, field in [
+        ({"engine": "tgi"}, "generate.engine"),
+        ({"num_samples": 0}, "generate.num_samples"),
+        ({"top_p": 0.0}, "generate.top_p"),
+        ({"splits": ["train", "train"]}, "generate.splits"),
+        ({"tensor_parallel_size": 2}, "generate.num_gpus_per_replica"),
+        ({"dtype": "int8"}, "generate.dtype"),
+        ({"max_model_len": 64, "max_new_tokens": 64}, "generate.max_model_len"),
+        ({"domain": "music"}, "generate.domain"),
+        ({"max_users": 0}, "generate.max_users"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{field}="):
+            from_dict(RunConfig, {"name": "t", "generate": bad})
+
+
+def test_cli_dry_run_and_overrides(tmp_path, capsys):
+    rc = main(["generate", "--config", str(ROOT / "configs/ml100k-cpu.yaml"), "--dry-run", "--generate.num_samples=8"])
+    assert rc == 0 and "num_samples: 8" in capsys.readouterr().out
+    assert main(["generate", "--config", str(ROOT / "configs/ml100k-cpu.yaml"), "--generate.top_p=2"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------- real engines
+
+
+@pytest.fixture(scope="module")
+def model_requests(asset_home, tmp_path_factory):
+    """Two users of the RecBole fixture, rendered with SmolLM2's own chat template."""
+    cfg = stage_cfg(tmp_path_factory.mktemp("real"))
+    data = run_data(cfg)
+    model = str(asset_home / "models" / "smollm2-135m-instruct")
+    sequences = read_parquet(data / "sequences.parquet", S.SEQUENCES)
+    gen_cfg = GenerateConfig(engine="transformers", num_samples=1, max_users=2, temperature=0.0, max_new_tokens=24)
+    reqs = G.build_requests(sequences, read_parquet(data / "items.parquet"), None, G.chat_renderer(model), gen_cfg, 1)
+    return model, gen_cfg, reqs
+
+
+@pytest.mark.slow
+def test_transformers_greedy_is_identical_twice(model_requests):
+    model, gen_cfg, reqs = model_requests
+    generate = G.GenerateBatch(partial(G.TransformersEngine, model, gen_cfg))
+    first, second = generate(reqs), generate(reqs)
+    assert first.column(S.ERROR).null_count == reqs.num_rows
+    assert first.column(S.PREFERENCE_TEXT).to_pylist() == second.column(S.PREFERENCE_TEXT).to_pylist()
+    assert all(first.column(S.PREFERENCE_TEXT).to_pylist())
+    assert all(0 < n <= 24 for n in first.column(S.COMPLETION_TOKENS).to_pylist())
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_vllm_on_ray_data_writes_rows_with_texts_and_token_counts(local_ray, model_requests, tmp_path):
+    model, _, _ = model_requests
+    cfg = stage_cfg(tmp_path, engine="vllm", splits=["train", "valid", "test"], max_new_tokens=24, batch_size=4)
+    run_data(cfg)
+    cfg = from_dict(RunConfig, {**cfg.to_dict(), "models": {"llm": model}})
+    stage = G.run_generate(cfg)
+    gens = read_parquet(stage / "generations.parquet", S.GENERATIONS)
+    assert G.keys(gens) == [(u, k) for u in sorted(set(gens.column(S.USER_ID).to_pylist())) for k in range(2)]
+    assert gens.num_rows == 6 and read_parquet(stage / "generation_errors.parquet").num_rows == 0
+    for row in gens.to_pylist():
+        assert row[S.PREFERENCE_TEXT] and row[S.PROMPT].endswith("<|im_start|>assistant\n")
+        assert row[S.PROMPT_TOKENS] > 50 and 0 < row[S.COMPLETION_TOKENS] <= 24
+        assert row[S.FINISH_REASON] in ("stop", "length") and row[S.MODEL] == model

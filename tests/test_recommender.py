@@ -1,0 +1,81 @@
+"""Training the re-ranker on a synthetic dataset: the loop learns, knowledge helps, scoring is deterministic."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlrf4rec.config import RunConfig, from_dict
+from rlrf4rec.data import run_data
+from rlrf4rec.recommender import ModelSpec, NextItemTask, RerankTask, fit, load_tables
+from rlrf4rec.train import knowledge_matrix
+from synthetic import write_dataset, write_knowledge
+
+# history_len=1: the ID-only model sees a single history item, so the user's taste is (almost) only in the knowledge.
+SPEC = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    # Half the interactions in each genre: which items a user touched says nothing of the taste; only ratings do.
+    tastes = write_dataset(root / "raw", num_users=200, length=24, liked_fraction=0.5)
+    cfg = from_dict(RunConfig, {"name": "s", "run_dir": str(root / "run"),
+                                "data": {"format": "parquet", "path": str(root / "raw")}})
+    data_dir = run_data(cfg)
+    write_knowledge(root / "knowledge.parquet", tastes)
+    return data_dir, root / "knowledge.parquet"
+
+
+def test_rerank_task_tensors_match_the_tables(synthetic):
+    data_dir, _ = synthetic
+    task = RerankTask(load_tables(data_dir), SPEC)
+    train = task.splits["train"]
+    assert train.candidates.shape[1] == 10 and train.attributes.shape == (len(train), 10, 1)
+    assert (train.labels.sum(1) <= 4).all() and train.labels.sum() > 0
+    assert set(task.genre_vocab) == {"A", "B"}
+    # attributes are the genre of each candidate: items 1-40 are genre A
+    a, b = task.genre_vocab["A"], task.genre_vocab["B"]
+    assert torch.equal(train.attributes[..., 0], torch.where(train.candidates <= 40, a, b))
+
+
+def test_knowledge_augmented_reranker_beats_id_only_on_unseen_users(synthetic):
+    data_dir, knowledge_path = synthetic
+    results = {}
+    for name, path in [("id", None), ("knowledge", knowledge_path)]:
+        torch.manual_seed(0)
+        task = RerankTask(load_tables(data_dir), SPEC)
+        knowledge = knowledge_matrix(path, task.users)
+        model = task.build_model(None if knowledge is None else knowledge.shape[1])
+        state = fit(task, model, knowledge, seed=0)
+        assert state.history[-1]["train/loss"] < state.history[0]["train/loss"]
+        model.load_state_dict(state.best_model)
+        results[name] = task.evaluate(model, "test", knowledge)["test/ndcg@5"]
+    assert results["knowledge"] > results["id"] + 0.05, results  # measured: 0.386 vs 0.286
+
+
+def test_scores_depend_on_knowledge_and_are_deterministic(synthetic):
+    data_dir, knowledge_path = synthetic
+    task = RerankTask(load_tables(data_dir), SPEC)
+    knowledge = knowledge_matrix(knowledge_path, task.users)
+    torch.manual_seed(0)
+    model = task.build_model(knowledge.shape[1])
+    fit(task, model, knowledge, seed=0)
+    first = task.scores(model, "valid", knowledge)
+    assert np.array_equal(first, task.scores(model, "valid", knowledge))
+    flipped = knowledge[:, [1, 0, *range(2, knowledge.shape[1])]]  # swap the taste dims: the opposite user
+    other = task.scores(model, "valid", flipped)
+    assert (np.argsort(-first, axis=1) != np.argsort(-other, axis=1)).any(axis=1).mean() > 0.5
+
+
+def test_next_item_task_learns_and_excludes_history(synthetic):
+    data_dir, _ = synthetic
+    spec = ModelSpec(backbone="sasrec", max_epochs=3, patience=3, batch_size=32, select_metric="ndcg@10")
+    task = NextItemTask(load_tables(data_dir), spec)
+    real = task.train_targets[:, :-1] != 0
+    assert (task.train_targets[:, :-1] == task.train_inputs[:, 1:])[real].all()  # targets: the inputs shifted by one
+    torch.manual_seed(0)
+    model = task.build_model(None)
+    state = fit(task, model, None, seed=0)
+    assert len(state.history) == 3 and state.history[-1]["train/loss"] < state.history[0]["train/loss"]
+    metrics = task.evaluate(model, "test", None)
+    assert 0.0 <= metrics["test/ndcg@10"] <= metrics["test/hr@10"] <= 1.0
