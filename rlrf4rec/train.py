@@ -134,6 +134,21 @@ def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> No
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def save_recommender(
+    path: Path, weights: dict, spec: ModelSpec, knowledge: torch.Tensor | None, task: RerankTask
+) -> None:
+    """The weights and what rebuilds the module around them (rlrf4rec.reward.RewardModel.load reads this)."""
+    torch.save(
+        {
+            "model": weights,
+            "spec": dataclasses.asdict(spec),
+            "knowledge_dim": None if knowledge is None else int(knowledge.shape[1]),
+            "num_items": task.num_items,
+        },
+        path,
+    )
+
+
 def fit_on_ray(
     cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, storage: Path, **loop_extra
 ) -> FitState:
@@ -189,22 +204,17 @@ def run_recommender(
     per_list = task.per_list_metrics(model, "test", knowledge)
     test = {f"test/{k}": float(np.mean(v)) for k, v in per_list.items()}
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        torch.save(
-            {
-                "model": state.best_model,
-                "spec": dataclasses.asdict(spec),
-                "knowledge_dim": None if knowledge is None else int(knowledge.shape[1]),
-                "genre_vocab": task.genre_vocab,
-                "num_items": task.num_items,
-            },
-            tmp / "model.pt",
-        )
+        save_recommender(tmp / "model.pt", state.best_model, spec, knowledge, task)
         write_json(state.history, tmp / "history.json")
         np.savez(tmp / "test_per_list.npz", users=np.array(task.list_users["test"]), **per_list)
         stats.update(
             {
-                "variant": variant, "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-                "resumed_after": state.resumed_after or [], **valid, **test,
+                "variant": variant,
+                "best_epoch": state.best_epoch,
+                "epochs_run": len(state.history),
+                "resumed_after": state.resumed_after or [],
+                **valid,
+                **test,
             }
         )
     log.info(

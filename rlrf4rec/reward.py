@@ -1,0 +1,116 @@
+"""Reward from recommender feedback (METHOD.md section 5): how well a preference text lets the frozen
+knowledge-augmented re-ranker order its user's lists.
+
+Consumes generations (user, sample, preference text), the user's history text, a trained knowledge-augmented
+recommender stage and the frozen encoder; produces one reward per generation key: the mean NDCG@K (or MAP@K) over
+the user's re-rank lists of their own split (train users: training lists) with the text's vector in place of the
+user's knowledge. Deterministic: eval mode, no sampling, same model + text + lists -> same reward.
+Knows nothing about how the texts were generated or what the rewards are used for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlrf4rec import schema as S
+from rlrf4rec.metrics import rank_metrics
+from rlrf4rec.recommender import ModelSpec, RerankBatch, RerankTask, load_tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardModel:
+    """A trained knowledge-augmented re-ranker, frozen, with the lists of every user indexed for scoring."""
+
+    task: RerankTask
+    model: torch.nn.Module
+    metric: str = "ndcg@5"
+    chunk_lists: int = 4096  # lists per forward pass
+    by_user: dict[str, tuple[str, torch.Tensor]] = field(init=False)  # user -> (split, its list indices)
+
+    def __post_init__(self) -> None:
+        by_user: dict[str, tuple[str, list[int]]] = {}
+        for split, users in self.task.list_users.items():
+            for i, u in enumerate(users):
+                by_user.setdefault(u, (split, []))[1].append(i)
+        self.by_user = {u: (s, torch.tensor(idx, dtype=torch.long)) for u, (s, idx) in by_user.items()}
+
+    @classmethod
+    def load(cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5") -> RewardModel:
+        saved = torch.load(Path(recommender_dir) / "model.pt", weights_only=False)
+        if saved["knowledge_dim"] is None:
+            raise ValueError(f"{recommender_dir} is an ID-only recommender; the reward needs a knowledge-augmented one")
+        task = RerankTask(
+            load_tables(data_dir),
+            ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])}),
+        )
+        model = task.build_model(saved["knowledge_dim"])
+        model.load_state_dict(saved["model"])
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(task, model, metric)
+
+    @torch.inference_mode()
+    def score(self, user_ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """Reward [R] of row r = mean metric over user_ids[r]'s lists with vectors[r] [D] as its knowledge."""
+        if len(user_ids) != len(vectors):
+            raise ValueError(f"{len(user_ids)} users but {len(vectors)} vectors")
+        name = self.metric
+        k = int(name.split("@")[1]) if "@" in name else 5
+        rewards = np.zeros(len(user_ids), dtype=np.float64)
+        pending: list[tuple[int, str, torch.Tensor]] = []  # (row, split, list indices)
+        for row, user in enumerate(user_ids):
+            if user not in self.by_user:
+                raise ValueError(f"user {user!r} has no re-rank list; it cannot be rewarded (sequence too short?)")
+            pending.append((row, *self.by_user[user]))
+        knowledge = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [R, D]
+        start = 0
+        while start < len(pending):
+            group, total = [], 0
+            while start < len(pending) and (not group or total + len(pending[start][2]) <= self.chunk_lists):
+                group.append(pending[start])
+                total += len(pending[start][2])
+                start += 1
+            parts = []
+            for split in S.SPLITS:
+                rows = [(r, idx) for r, s, idx in group if s == split]
+                if not rows:
+                    continue
+                data = self.task.splits[split]
+                list_idx = torch.cat([idx for _, idx in rows])
+                owner = torch.cat([torch.full((len(idx),), r, dtype=torch.long) for r, idx in rows])
+                batch = data.take(list_idx)
+                batch = RerankBatch(
+                    batch.candidates, batch.attributes, batch.history, batch.labels, torch.arange(len(list_idx))
+                )
+                logits = self.task.logits(self.model, batch, knowledge[owner])  # [n, C]
+                values = rank_metrics(logits, batch.labels, ks=(k,), mask=batch.candidates != 0)[name]  # [n]
+                parts.append((owner.numpy(), values))
+            for owner, values in parts:
+                sums = np.bincount(owner, weights=values, minlength=len(user_ids))
+                counts = np.bincount(owner, minlength=len(user_ids))
+                hit = counts > 0
+                rewards[hit] += sums[hit] / counts[hit]
+        return rewards
+
+
+def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            S.USER_ID: generations.column(S.USER_ID),
+            S.SAMPLE_IDX: generations.column(S.SAMPLE_IDX),
+            S.SPLIT: generations.column(S.SPLIT),
+            S.POLICY_VERSION: generations.column(S.POLICY_VERSION),
+            S.REWARD: pa.array(rewards, pa.float64()),
+        },
+        schema=S.REWARDS,
+    )

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+
+from rlrf4rec import schema as S
+from rlrf4rec.pairs import DROP_MARGIN, DROP_SINGLE, DROP_TIE, Candidate, Pair, pairs_table, select_pair, select_pairs
+
+
+def C(idx: int, reward: float) -> Candidate:
+    return Candidate(idx, f"text {idx}", reward)
+
+
+def test_best_and_worst_with_lower_index_on_ties():
+    pair = select_pair("u", [C(2, 0.5), C(0, 0.9), C(1, 0.1), C(3, 0.9), C(4, 0.1)], min_margin=0.0)
+    assert isinstance(pair, Pair)
+    assert (pair.chosen.sample_idx, pair.rejected.sample_idx) == (0, 1)
+    assert pair.margin == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("candidates", "min_margin", "reason"),
+    [
+        ([C(0, 0.4)], 0.0, DROP_SINGLE),
+        ([C(0, 0.4), C(1, 0.4), C(2, 0.4)], 0.0, DROP_TIE),
+        ([C(0, 0.40), C(1, 0.42)], 0.05, DROP_MARGIN),
+    ],
+)
+def test_dropped_users(candidates, min_margin, reason):
+    assert select_pair("u", candidates, min_margin) == reason
+
+
+def test_nan_reward_is_an_error_naming_user_and_sample():
+    with pytest.raises(ValueError, match=r"reward of user 'u7' sample 1 is nan"):
+        select_pair("u7", [C(0, 0.3), C(1, math.nan)], 0.0)
+
+
+def test_stats_and_trl_table():
+    candidates = {
+        "b": [C(0, 0.2), C(1, 0.6)],
+        "a": [C(0, 0.9), C(1, 0.3), C(2, 0.5)],
+        "c": [C(0, 0.5), C(1, 0.5)],
+        "d": [C(0, 0.1)],
+    }
+    pairs, stats = select_pairs(candidates, min_margin=0.01)
+    assert [p.user_id for p in pairs] == ["a", "b"]
+    assert stats == {
+        "users": 4,
+        "pairs": 2,
+        f"dropped/{DROP_SINGLE}": 1,
+        f"dropped/{DROP_TIE}": 1,
+        f"dropped/{DROP_MARGIN}": 0,
+        "margin/mean": pytest.approx(0.5),
+        "margin/min": pytest.approx(0.4),
+        "margin/p50": pytest.approx(0.5),
+        "margin/max": pytest.approx(0.6),
+    }
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "history"}]
+    table = pairs_table(pairs, {"a": prompt, "b": prompt}, {"a": "train", "b": "valid"}, "base", 0)
+    assert table.schema == S.PAIRS
+    row = table.to_pylist()[0]
+    assert row[S.PROMPT] == prompt
+    assert row[S.CHOSEN] == [{"role": "assistant", "content": "text 0"}]
+    assert row[S.REJECTED] == [{"role": "assistant", "content": "text 1"}]
+    assert (row[S.CHOSEN_REWARD], row[S.REJECTED_REWARD], row[S.ROUND], row[S.SPLIT]) == (0.9, 0.3, 0, "train")
