@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python ray_jobs/train_recommender.py --config configs/ml100k-cpu.yaml [--a.b=c ...]`"""
+"""`ray job submit --working-dir . -- python ray_jobs/train_recommender.py --config configs/ml100k-cpu.yaml`"""
 
 import sys
 

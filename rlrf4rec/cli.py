@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         ("encode", "encode each user's history text with the frozen encoder (base knowledge)"),
         ("train-recommender", "train the ID-only and base-knowledge re-rankers on Ray Train"),
         ("generate", "write N preference texts per user with the policy LLM (best-of-N), resumable"),
+        ("dpo", "align the policy with DPO on a pairs file (TRL in Ray Train workers); writes an HF model dir"),
         ("run", "run every stage in order"),
     ]:
         p = sub.add_parser(name, help=help_text)
@@ -55,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "assets":
             p.add_argument("--verify", action="store_true", help="re-hash every built asset against its manifest")
             p.add_argument("--home", help="asset home (default: $RLRF4REC_HOME or ~/.cache/rlrf4rec)")
-        if name in ("data", "generate"):
+        if name in ("data", "generate", "dpo"):
             p.add_argument("--force", action="store_true", help="rebuild even when a matching output exists")
+        if name == "dpo":
+            p.add_argument("--pairs", type=Path, help="pairs Parquet file (schema.PAIRS) to train on")
+            p.add_argument("--eval-pairs", type=Path, help="extra held-out pairs (e.g. valid users'), never trained")
+            p.add_argument("--policy", help="policy model directory (default: models.llm, the base policy)")
+            p.add_argument("--name", default="policy", help="output name: <run>/dpo/<name>/ (default: policy)")
     return parser
 
 
@@ -166,6 +172,18 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         with _ray_if_needed(cfg, cfg.generate.engine == "vllm"):
             stage_dir = run_generate(cfg, force=args.force)
+        _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+        return 0
+    if args.command == "dpo":
+        from rlrf4rec.dpo import run_dpo
+
+        if args.pairs is None:
+            raise ConfigError("dpo: give --pairs PATH, a pairs Parquet file (schema.PAIRS) written by the pairs stage")
+        policy = assets.resolve(args.policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
+        with _ray_if_needed(cfg, True):
+            stage_dir = run_dpo(
+                cfg, args.pairs, Path(policy), args.name, eval_pairs_path=args.eval_pairs, force=args.force
+            )
         _print_stats(stage_dir, read_marker(stage_dir)["stats"])
         return 0
     if args.command == "run":

@@ -154,7 +154,7 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    max_length: int = 512  # tokens; user texts put the preference text first so truncation cuts history only
+    max_length: int = 256  # tokens; user texts put the preference text first so truncation cuts history only
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -190,8 +190,19 @@ class RecommenderConfig:
     def __post_init__(self) -> None:
         if self.backbone != "prm":
             _fail("recommender.backbone", self.backbone, "use prm (SASRec runs in benchmarks/sasrec_vs_recbole.py)")
-        for name in ("hidden_dim", "item_dim", "num_layers", "num_heads", "adaptor_hidden", "adaptor_out",
-                     "history_len", "batch_size", "max_epochs", "patience", "num_workers"):
+        for name in (
+            "hidden_dim",
+            "item_dim",
+            "num_layers",
+            "num_heads",
+            "adaptor_hidden",
+            "adaptor_out",
+            "history_len",
+            "batch_size",
+            "max_epochs",
+            "patience",
+            "num_workers",
+        ):
             if getattr(self, name) < 1:
                 _fail(f"recommender.{name}", getattr(self, name), "use a positive integer")
         if self.hidden_dim % self.num_heads:
@@ -200,16 +211,121 @@ class RecommenderConfig:
             _fail("recommender.dropout", self.dropout, "use a probability in [0, 1)")
         if self.lr <= 0:
             _fail("recommender.lr", self.lr, "use a positive learning rate")
-        if self.adaptor_shared_experts + self.adaptor_specific_experts < 1 or min(
-            self.adaptor_shared_experts, self.adaptor_specific_experts
-        ) < 0:
-            _fail("recommender.adaptor_*_experts", (self.adaptor_shared_experts, self.adaptor_specific_experts),
-                  "use non-negative counts with at least one expert")
+        if (
+            self.adaptor_shared_experts + self.adaptor_specific_experts < 1
+            or min(self.adaptor_shared_experts, self.adaptor_specific_experts) < 0
+        ):
+            _fail(
+                "recommender.adaptor_*_experts",
+                (self.adaptor_shared_experts, self.adaptor_specific_experts),
+                "use non-negative counts with at least one expert",
+            )
         metric, _, k = self.select_metric.partition("@")
         if metric not in ("ndcg", "map", "hr") or not k.isdigit() or int(k) not in (1, 3, 5, 7):
             _fail("recommender.select_metric", self.select_metric, "use ndcg@K, map@K or hr@K with K in 1, 3, 5, 7")
         if self.max_failures < 0:
             _fail("recommender.max_failures", self.max_failures, "use 0 or more restarts")
+
+
+DEEPSPEED_STAGES = ("zero2", "zero3")  # shipped as configs/deepspeed/<name>.json
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO on the preference pairs (METHOD.md section 7), TRL's DPOTrainer in Ray Train workers."""
+
+    beta: float = 0.01  # (reported)
+    lr: float = 5e-5  # AdamW (reported)
+    per_device_batch_size: int = 2  # pairs per worker per micro-step (reported)
+    grad_accum: int = 8  # (reported)
+    epochs: int = 3  # (reported)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set (a CPU demo caps them)
+    max_length: int = 1024  # prompt + completion tokens; longer completions are cut at the end
+    max_prompt_length: int = 896  # pairs with longer prompts are dropped (counted): the completion keeps its room
+    lora: bool = True  # LoRA adapters, merged into the base weights at export; false = full fine-tune
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # or ["all-linear"]
+    gradient_checkpointing: bool = False  # trades ~30% more compute for activation memory; worth it on big models
+    deepspeed: str | None = None  # null (DDP) | zero2 | zero3
+    num_workers: int = 2  # Ray Train workers (gloo on CPU, NCCL on GPU)
+    use_gpu: bool = False
+    bf16: bool = False  # GPUs only: on CPU a few bf16 DPO steps barely learn
+    seed_offset: int = 0  # DPO seed = run seed + seed_offset (LoRA init, data order)
+    eval_fraction: float = 0.1  # train-split pairs held out (by user) for eval reward accuracy and margin
+    save_steps: int = 50  # checkpoint and held-out eval every this many optimizer steps, and at the end
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            _fail("dpo.beta", self.beta, "use a positive value (0.01 reported; larger stays nearer the reference)")
+        if not self.lr > 0:
+            _fail("dpo.lr", self.lr, "use a positive learning rate")
+        for name in ("per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "save_steps"):
+            if getattr(self, name) < 1:
+                _fail(f"dpo.{name}", getattr(self, name), "use a positive integer")
+        if self.max_steps is not None and self.max_steps < 1:
+            _fail("dpo.max_steps", self.max_steps, "use a positive number of optimizer steps, or null for full epochs")
+        if self.max_length < 16:
+            _fail("dpo.max_length", self.max_length, "use at least 16 tokens (prompt + completion)")
+        if not 0 < self.max_prompt_length < self.max_length:
+            _fail(
+                "dpo.max_prompt_length",
+                self.max_prompt_length,
+                f"use a positive value below max_length={self.max_length} to leave room for the completion",
+            )
+        if self.lora_alpha <= 0:
+            _fail("dpo.lora_alpha", self.lora_alpha, "use a positive scaling (commonly 2 * lora_r)")
+        if not 0 <= self.lora_dropout < 1:
+            _fail("dpo.lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
+        if not self.lora_target_modules or any(not m.strip() for m in self.lora_target_modules):
+            _fail("dpo.lora_target_modules", self.lora_target_modules, 'list module names, e.g. ["q_proj", "v_proj"]')
+        if "lm_head" in self.lora_target_modules:
+            _fail(
+                "dpo.lora_target_modules",
+                self.lora_target_modules,
+                "remove lm_head: TRL computes log-probs from lm_head.weight directly, an adapter there never trains",
+            )
+        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_STAGES:
+            _fail("dpo.deepspeed", self.deepspeed, f"use null (plain DDP) or one of {list(DEEPSPEED_STAGES)}")
+        if self.bf16 and not self.use_gpu:
+            _fail("dpo.bf16", self.bf16, "set it false on CPU (a few bf16 DPO steps barely learn there), or use_gpu")
+        if not 0 <= self.eval_fraction < 1:
+            _fail("dpo.eval_fraction", self.eval_fraction, "use a fraction in [0, 1); 0 holds out no train pairs")
+        if self.max_failures < 0:
+            _fail("dpo.max_failures", self.max_failures, "use 0 or more restarts")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    metric: str = "ndcg@5"  # reward = mean of this metric over the user's own re-rank lists (ndcg@K or map@K)
+    min_margin: float = 0.01  # a pair whose best-worst reward gap is smaller carries no preference: dropped
+
+    def __post_init__(self) -> None:
+        metric, _, k = self.metric.partition("@")
+        if metric not in ("ndcg", "map") or not k.isdigit() or int(k) not in (1, 3, 5, 7):
+            _fail("reward.metric", self.metric, "use ndcg@K or map@K with K in 1, 3, 5, 7")
+        if not 0 <= self.min_margin < 1:
+            _fail("reward.min_margin", self.min_margin, "use a margin in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    rounds: int = 2  # generate -> reward -> pairs -> DPO -> retrain the recommender, this many times (2 reported)
+    train_users: int | None = 128  # train users whose N samples feed DPO each round (null: all)
+    eval_users: int | None = None  # valid users on which each new policy is compared with the previous one
+    bootstrap_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            _fail("loop.rounds", self.rounds, "use at least 1 round")
+        for name in ("train_users", "eval_users"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                _fail(f"loop.{name}", value, "use a positive number of users, or null for all")
+        if self.bootstrap_samples < 100:
+            _fail("loop.bootstrap_samples", self.bootstrap_samples, "use at least 100 resamples")
 
 
 @dataclass(frozen=True)
@@ -223,6 +339,9 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):

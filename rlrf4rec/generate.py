@@ -456,15 +456,19 @@ def run_generate(
     model: str | None = None,
     policy_version: str = "base",
     make_engine: Callable[[], Engine] | None = None,
+    stage: str = "generate",
 ) -> Path:
-    """Write `<run>/generate/` (or find it complete) and return it. `model` defaults to models.llm (the base policy)."""
+    """Write `<run>/<stage>/` (or find it complete) and return it. `model` defaults to models.llm (the base policy).
+
+    The RL loop names a stage per round and policy, e.g. `rounds/round0/generate-train`.
+    """
     data_dir = cfg.run_path / "data"
     data_marker = read_marker(data_dir)
     if data_marker is None:
         raise FileNotFoundError(f"{data_dir} holds no complete data stage; run `rlrf4rec data` first")
     model = model or cfg.models.llm
     work_fp, stage_fp = fingerprints(cfg, data_marker["fingerprint"], model, policy_version)
-    stage_dir = cfg.run_path / "generate"
+    stage_dir = cfg.run_path / stage
     if not force and is_complete(stage_dir, stage_fp):
         log.info("generate: complete output in %s matches the config; nothing to do", stage_dir)
         return stage_dir
@@ -478,7 +482,7 @@ def run_generate(
         g,
         cfg.seed,
     )
-    parts = stage_dir.with_name("generate.parts")
+    parts = stage_dir.with_name(f"{stage_dir.name}.parts")
     open_parts(parts, work_fp, fresh=force)
     previous = read_marker(stage_dir)
     if not force and previous and previous["fingerprint"].startswith(work_fp + "-"):

@@ -44,9 +44,12 @@ class RewardModel:
         self.by_user = {u: (s, torch.tensor(idx, dtype=torch.long)) for u, (s, idx) in by_user.items()}
 
     @classmethod
-    def load(cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5") -> RewardModel:
+    def load(
+        cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5", *, require_knowledge: bool = True
+    ) -> RewardModel:
+        """A recommender stage's model.pt around the data stage's lists (ID-only allowed for evaluation only)."""
         saved = torch.load(Path(recommender_dir) / "model.pt", weights_only=False)
-        if saved["knowledge_dim"] is None:
+        if require_knowledge and saved["knowledge_dim"] is None:
             raise ValueError(f"{recommender_dir} is an ID-only recommender; the reward needs a knowledge-augmented one")
         task = RerankTask(
             load_tables(data_dir),

@@ -1,8 +1,8 @@
 """A small synthetic dataset with a learnable signal, written in the generic Parquet layout.
 
 Each user has a taste (genre A or B); `liked_fraction` of the interactions are items of that genre with high
-ratings, the rest low ratings of the other genre. A user's knowledge vector encodes the taste, so a knowledge-augmented re-ranker can
-beat an ID-only one on users it has not seen.
+ratings, the rest low ratings of the other genre. A user's knowledge vector encodes the taste, so a
+knowledge-augmented re-ranker can beat an ID-only one on users it has not seen.
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ def write_dataset(
     items = [str(i) for i in range(1, NUM_ITEMS + 1)]
     genre = {item: "A" if int(item) <= NUM_ITEMS // 2 else "B" for item in items}
     pq.write_table(
-        pa.table({"item_id": items, "title": [f"Movie {i}" for i in items], "year": [2000] * NUM_ITEMS,
-                  "genres": [[genre[i]] for i in items]}),
+        pa.table(
+            {
+                "item_id": items,
+                "title": [f"Movie {i}" for i in items],
+                "year": [2000] * NUM_ITEMS,
+                "genres": [[genre[i]] for i in items],
+            }
+        ),
         directory / "items.parquet",
     )
     rows, tastes = [], {}
@@ -39,7 +45,9 @@ def write_dataset(
         liked = [i for i in items if (genre[i] == "B") == bool(taste)]
         other = [i for i in items if (genre[i] == "B") != bool(taste)]
         n_liked = int(length * liked_fraction)
-        picks = list(rng.choice(liked, n_liked, replace=False)) + list(rng.choice(other, length - n_liked, replace=False))
+        picks = list(rng.choice(liked, n_liked, replace=False)) + list(
+            rng.choice(other, length - n_liked, replace=False)
+        )
         rng.shuffle(picks)
         for t, item in enumerate(picks):
             rating = float(rng.integers(4, 6)) if item in liked else float(rng.integers(1, 3))
@@ -61,7 +69,13 @@ def write_knowledge(path: Path, tastes: dict[str, int], dim: int = 8, noise: flo
         vectors[row, tastes[user]] += 1.0
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
-        pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: [f"likes genre {'AB'[tastes[u]]}" for u in users],
-                  S.VECTOR: [v.tolist() for v in vectors]}, schema=S.USER_KNOWLEDGE),
+        pa.table(
+            {
+                S.USER_ID: users,
+                S.KNOWLEDGE_TEXT: [f"likes genre {'AB'[tastes[u]]}" for u in users],
+                S.VECTOR: [v.tolist() for v in vectors],
+            },
+            schema=S.USER_KNOWLEDGE,
+        ),
         path,
     )

@@ -15,6 +15,7 @@ PURE = [
     "rlrf4rec.metrics",
     "rlrf4rec.prompts",
     "rlrf4rec.generate",
+    "rlrf4rec.dpo",
 ]
 HEAVY = ["ray", "vllm", "trl", "deepspeed", "transformers", "peft"]
 

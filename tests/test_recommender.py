@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.config import RunConfig, from_dict
 from rlrf4rec.data import run_data
 from rlrf4rec.recommender import ModelSpec, NextItemTask, RerankTask, fit, load_tables
 from rlrf4rec.train import knowledge_matrix
-from synthetic import write_dataset, write_knowledge
 
 # history_len=1: the ID-only model sees a single history item, so the user's taste is (almost) only in the knowledge.
 SPEC = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
@@ -19,8 +19,9 @@ def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     # Half the interactions in each genre: which items a user touched says nothing of the taste; only ratings do.
     tastes = write_dataset(root / "raw", num_users=200, length=24, liked_fraction=0.5)
-    cfg = from_dict(RunConfig, {"name": "s", "run_dir": str(root / "run"),
-                                "data": {"format": "parquet", "path": str(root / "raw")}})
+    cfg = from_dict(
+        RunConfig, {"name": "s", "run_dir": str(root / "run"), "data": {"format": "parquet", "path": str(root / "raw")}}
+    )
     data_dir = run_data(cfg)
     write_knowledge(root / "knowledge.parquet", tastes)
     return data_dir, root / "knowledge.parquet"

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.config import RunConfig, from_dict
 from rlrf4rec.data import run_data
 from rlrf4rec.recommender import ModelSpec, RerankTask, fit, load_tables
 from rlrf4rec.reward import RewardModel, rewards_table
 from rlrf4rec.train import knowledge_matrix, save_recommender
-from synthetic import write_dataset, write_knowledge
 
 SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
 

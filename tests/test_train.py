@@ -4,12 +4,12 @@ import json
 import os
 
 import pytest
+from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.artifacts import read_marker
 from rlrf4rec.config import RunConfig, from_dict
 from rlrf4rec.data import run_data
 from rlrf4rec.train import run_recommender
-from synthetic import write_dataset, write_knowledge
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,15 @@ def ray_cluster():
 def _cfg(tmp_path, **recommender) -> RunConfig:
     tastes = write_dataset(tmp_path / "raw", num_users=80, length=24, liked_fraction=0.5)
     write_knowledge(tmp_path / "run" / "knowledge" / "taste" / "user_knowledge.parquet", tastes)
-    return from_dict(RunConfig, {
-        "name": "t", "run_dir": str(tmp_path / "run"), "data": {"format": "parquet", "path": str(tmp_path / "raw")},
-        "recommender": {"num_workers": 2, "max_epochs": 4, "patience": 10, "batch_size": 32, **recommender},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "name": "t",
+            "run_dir": str(tmp_path / "run"),
+            "data": {"format": "parquet", "path": str(tmp_path / "raw")},
+            "recommender": {"num_workers": 2, "max_epochs": 4, "patience": 10, "batch_size": 32, **recommender},
+        },
+    )
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):

@@ -1,0 +1,117 @@
+"""Final evaluation on test users (METHOD.md section 9), read once at the end of a run.
+
+Consumes the recommender stages (ID-only, history knowledge, one per round) and, for each policy, one greedy text
+per test user; produces `<run>/evaluate/` with per-user NDCG@{1,3,5,7} / MAP@{1,3,5,7} for every variant and their
+means with bootstrap 95% intervals over test users (`table.json`). Each LLM row pairs policy_t with the recommender
+retrained in that round: the combination a deployment would serve. Knows nothing about how the report looks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlrf4rec import assets
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.encode import TextEncoder, encode_cached, user_knowledge_text
+from rlrf4rec.metrics import bootstrap_ci, rank_metrics
+from rlrf4rec.recommender import RERANK_KS, RerankBatch
+from rlrf4rec.reward import RewardModel
+
+log = logging.getLogger(__name__)
+
+METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in RERANK_KS]
+
+
+def per_user_metrics(model: RewardModel, users: list[str], vectors: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Test lists of `users` scored with each user's knowledge vector (None: ID-only) -> metric -> [U] user means."""
+    task = model.task
+    data = task.splits["test"]
+    row_of = {u: i for i, u in enumerate(users)}
+    owner = torch.tensor([row_of[u] for u in task.list_users["test"]], dtype=torch.long)
+    with torch.inference_mode():
+        knowledge = None if vectors is None else torch.from_numpy(vectors)
+        batch = RerankBatch(
+            data.candidates,
+            data.attributes,
+            data.history,
+            data.labels,
+            owner if knowledge is not None else torch.zeros_like(owner),
+        )
+        logits = task.logits(model.model, batch, knowledge)
+    per_list = rank_metrics(logits, data.labels, ks=RERANK_KS, mask=data.candidates != 0)
+    counts = np.bincount(owner.numpy(), minlength=len(users))
+    return {
+        m: np.bincount(owner.numpy(), weights=per_list[m], minlength=len(users)) / np.maximum(counts, 1)
+        for m in METRICS
+    }
+
+
+def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> dict[str, list[float]]:
+    """metric -> [mean, ci_low, ci_high] over users."""
+    return {m: list(bootstrap_ci(v, num_samples=num_samples, seed=seed)) for m, v in per_user.items()}
+
+
+def _recommender(path: Path, data_dir: Path) -> RewardModel:
+    return RewardModel.load(path, data_dir, require_knowledge=False)
+
+
+def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
+    """policies: [(row name, policy model path, recommender stage dir)] evaluated with greedy test texts."""
+    from rlrf4rec.generate import run_generate
+    from rlrf4rec.loop import _histories
+
+    data_dir = cfg.run_path / "data"
+    rec_dir = cfg.run_path / "recommender"
+    upstream = [read_marker(rec_dir / "id")["fingerprint"], read_marker(rec_dir / "base")["fingerprint"]]
+    upstream += [read_marker(r)["fingerprint"] for _, _, r in policies]
+    fingerprint = f"{cfg.section_hash('generate', 'encode', 'loop')}-" + "-".join(upstream)
+    stage_dir = cfg.run_path / "evaluate"
+    if not force and is_complete(stage_dir, fingerprint):
+        return stage_dir
+    test_users = sorted(set(RewardModel.load(rec_dir / "base", data_dir).task.list_users["test"]))
+    histories = _histories(cfg)
+    home = assets.asset_home(cfg.assets.home)
+    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    cache = cfg.run_path / "cache" / "evaluate-embeddings.parquet"
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    rows["ID only"] = per_user_metrics(_recommender(rec_dir / "id", data_dir), test_users, None)
+    history_vectors = encode_cached(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
+    rows["history knowledge (no LLM)"] = per_user_metrics(
+        _recommender(rec_dir / "base", data_dir), test_users, history_vectors
+    )
+    texts: dict[str, list[str]] = {}
+    greedy = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1, temperature=0.0)
+    for name, policy, recommender in policies:
+        gen_dir = run_generate(
+            dataclasses.replace(cfg, generate=greedy),
+            model=policy,
+            policy_version=name,
+            stage=f"evaluate.texts/{name.split()[0]}",
+        )
+        gens = read_parquet(gen_dir / "generations.parquet", S.GENERATIONS)
+        text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+        texts[name] = [text_of.get(u, "") for u in test_users]
+        vectors = encode_cached(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
+        rows[name] = per_user_metrics(_recommender(recommender, data_dir), test_users, vectors)
+    table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_json(table, tmp / "table.json")
+        per_user = pa.table(
+            {
+                "variant": [n for n in rows for _ in test_users],
+                S.USER_ID: [u for _ in rows for u in test_users],
+                **{m: np.concatenate([rows[n][m] for n in rows]) for m in METRICS},
+            }
+        )
+        write_parquet(per_user, tmp / "per_user.parquet")
+        write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / "test_texts.json")
+        stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
+    return stage_dir

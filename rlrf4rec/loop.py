@@ -1,0 +1,250 @@
+"""The RLRF4Rec rounds (METHOD.md section 8): recommender feedback -> preference pairs -> DPO, `loop.rounds` times.
+
+Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the base-knowledge re-ranker):
+  1. generate N texts per user with policy_t for `loop.train_users` train users and the valid users,
+  2. reward every text with recommender_t (frozen),
+  3. pairs: best vs worst per user (train pairs feed DPO, valid pairs measure reward accuracy),
+  4. DPO from policy_t (also the reference) -> policy_{t+1},
+  5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
+     comparison (mean reward, paired bootstrap interval over users),
+  6. retrain the recommender on the best texts -> recommender_{t+1} (users without texts keep their history text).
+Every step is a stage directory with a completion marker, so a killed loop resumes at the first incomplete step.
+`<run>/rounds/manifest.json` records each round's lineage (policy, recommender, encoder, data and config hashes)
+and results. Knows nothing about engines or trainers beyond their stage functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rlrf4rec import assets
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.encode import TextEncoder, encode_cached, user_knowledge_text, write_user_knowledge
+from rlrf4rec.metrics import bootstrap_ci
+from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
+from rlrf4rec.prompts import history_texts, preference_messages
+from rlrf4rec.reward import RewardModel, rewards_table
+
+log = logging.getLogger(__name__)
+
+
+def _histories(cfg: RunConfig) -> dict[str, str]:
+    data_dir = cfg.run_path / "data"
+    tables = {n: read_parquet(data_dir / f"{n}.parquet") for n in ("sequences", "items", "users")}
+    return history_texts(tables["sequences"], tables["items"], tables["users"])
+
+
+def _embedding_cache(cfg: RunConfig) -> Path:
+    import hashlib
+
+    return cfg.run_path / "cache" / f"embeddings-{hashlib.sha256(cfg.models.encoder.encode()).hexdigest()[:12]}.parquet"
+
+
+def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, stage: str) -> Path:
+    """Reward every generation with the frozen recommender: `<run>/<stage>/rewards.parquet` (schema.REWARDS)."""
+    stage_dir = cfg.run_path / stage
+    upstream = [read_marker(d)["fingerprint"] for d in (generations_dir, recommender_dir)]
+    fingerprint = f"{cfg.section_hash('reward', 'encode', 'models')}-{'-'.join(upstream)}"
+    if is_complete(stage_dir, fingerprint):
+        return stage_dir
+    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    histories = _histories(cfg)
+    texts = [
+        user_knowledge_text(histories[u], t)
+        for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
+    ]
+    home = assets.asset_home(cfg.assets.home)
+    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    vectors = encode_cached(encoder, texts, _embedding_cache(cfg))
+    reward_model = RewardModel.load(recommender_dir, cfg.run_path / "data", metric=cfg.reward.metric)
+    rewards = reward_model.score(gens.column(S.USER_ID).to_pylist(), vectors)
+    table = rewards_table(gens, rewards)
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_parquet(table, tmp / "rewards.parquet", S.REWARDS)
+        spread = _within_user_spread(table)
+        stats.update(
+            {
+                "rows": table.num_rows,
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()),
+                "reward/within_user_range_mean": spread,
+            }
+        )
+    log.info("%s: mean reward %.4f over %d texts", stage, rewards.mean(), len(rewards))
+    return stage_dir
+
+
+def _within_user_spread(rewards: pa.Table) -> float:
+    by_user: dict[str, list[float]] = {}
+    for u, r in zip(rewards.column(S.USER_ID).to_pylist(), rewards.column(S.REWARD).to_pylist()):
+        by_user.setdefault(u, []).append(r)
+    return float(np.mean([max(v) - min(v) for v in by_user.values()])) if by_user else 0.0
+
+
+def _candidates(generations_dir: Path, rewards_dir: Path) -> dict[str, list[Candidate]]:
+    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    rewards = read_parquet(rewards_dir / "rewards.parquet", S.REWARDS)
+    reward_of = {
+        (u, i): r
+        for u, i, r in zip(
+            rewards.column(S.USER_ID).to_pylist(),
+            rewards.column(S.SAMPLE_IDX).to_pylist(),
+            rewards.column(S.REWARD).to_pylist(),
+        )
+    }
+    out: dict[str, list[Candidate]] = {}
+    for row in gens.select([S.USER_ID, S.SAMPLE_IDX, S.PREFERENCE_TEXT, S.FLAGS]).to_pylist():
+        if "empty" in row[S.FLAGS]:
+            continue  # nothing to learn from an empty answer, as chosen or as rejected
+        key = (row[S.USER_ID], row[S.SAMPLE_IDX])
+        out.setdefault(key[0], []).append(Candidate(key[1], row[S.PREFERENCE_TEXT], reward_of[key]))
+    return out
+
+
+def run_pairs(
+    cfg: RunConfig, sources: list[tuple[Path, Path]], stage: str, policy_version: str, round_idx: int
+) -> Path:
+    """Best/worst pairs of every user in `sources` [(generations dir, rewards dir)], one file per split."""
+    stage_dir = cfg.run_path / stage
+    upstream = [read_marker(d)["fingerprint"] for pair in sources for d in pair]
+    fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
+    if is_complete(stage_dir, fingerprint):
+        return stage_dir
+    candidates: dict[str, list[Candidate]] = {}
+    for gen_dir, rew_dir in sources:
+        candidates.update(_candidates(gen_dir, rew_dir))
+    seq = read_parquet(cfg.run_path / "data" / "sequences.parquet", S.SEQUENCES)
+    splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
+    histories = _histories(cfg)
+    prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        for split in ("train", "valid"):
+            users = {u: c for u, c in candidates.items() if splits[u] == split}
+            pairs, split_stats = select_pairs(users, cfg.reward.min_margin)
+            write_parquet(
+                pairs_table(pairs, prompts, splits, policy_version, round_idx), tmp / f"pairs_{split}.parquet", S.PAIRS
+            )
+            stats.update({f"{split}/{k}": v for k, v in split_stats.items()})
+    log.info("%s: %s", stage, read_marker(stage_dir)["stats"])
+    return stage_dir
+
+
+def compare_policies(before: Path, after: Path, num_samples: int, seed: int) -> dict:
+    """Per-user mean reward of two policies on the same users: means and a paired bootstrap CI of the gain."""
+
+    def per_user(rewards_dir: Path) -> dict[str, float]:
+        t = read_parquet(rewards_dir / "rewards.parquet", S.REWARDS)
+        by_user: dict[str, list[float]] = {}
+        for u, r in zip(t.column(S.USER_ID).to_pylist(), t.column(S.REWARD).to_pylist()):
+            by_user.setdefault(u, []).append(r)
+        return {u: float(np.mean(v)) for u, v in by_user.items()}
+
+    a, b = per_user(before), per_user(after)
+    users = sorted(set(a) & set(b))
+    if not users:
+        raise ValueError(f"{before} and {after} share no user; compare policies on the same users")
+    x, y = np.array([a[u] for u in users]), np.array([b[u] for u in users])
+    out = {"users": len(users)}
+    for name, values in (("before", x), ("after", y), ("gain", y - x)):
+        mean, low, high = bootstrap_ci(values, num_samples=num_samples, seed=seed)
+        out.update({f"{name}/mean": mean, f"{name}/ci_low": low, f"{name}/ci_high": high})
+    return out
+
+
+def best_texts(sources: list[tuple[Path, Path]]) -> dict[str, str]:
+    """user -> its highest-reward text over the given (generations, rewards) stages (lower sample index on ties)."""
+    best: dict[str, Candidate] = {}
+    for gen_dir, rew_dir in sources:
+        for user, cands in _candidates(gen_dir, rew_dir).items():
+            top = max(sorted(cands, key=lambda c: c.sample_idx), key=lambda c: c.reward)
+            if user not in best or top.reward > best[user].reward:
+                best[user] = top
+    return {u: c.text for u, c in best.items()}
+
+
+def run_loop(cfg: RunConfig) -> Path:
+    """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
+    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.generate import run_generate
+    from rlrf4rec.train import run_recommender
+
+    rounds_dir = cfg.run_path / "rounds"
+    data_dir = cfg.run_path / "data"
+    home = assets.asset_home(cfg.assets.home)
+    policy, recommender_dir = cfg.models.llm, cfg.run_path / "recommender" / "base"
+    histories = _histories(cfg)
+    manifest: dict = {
+        "config_hash": cfg.section_hash(*cfg.to_dict()),
+        "data": read_marker(data_dir)["fingerprint"],
+        "encoder": cfg.models.encoder,
+        "rounds": [],
+    }
+
+    def generate(split: str, max_users: int | None, model: str, version: str) -> Path:
+        # Named by policy, not round: round t+1 finds policy_{t+1}'s valid texts already written in round t.
+        g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
+        return run_generate(dataclasses.replace(cfg, generate=g), model=model, policy_version=version,
+                            stage=f"generations/{version}-{split}")
+
+    for t in range(cfg.loop.rounds):
+        rd, version, next_version = f"rounds/round{t}", "base" if t == 0 else f"round{t}", f"round{t + 1}"
+        policy_path = assets.resolve(policy, home)
+        gen_train = generate("train", cfg.loop.train_users, policy_path, version)
+        gen_valid = generate("valid", cfg.loop.eval_users, policy_path, version)
+        rew_train = run_reward(cfg, gen_train, recommender_dir, f"{rd}/reward-train")
+        rew_valid = run_reward(cfg, gen_valid, recommender_dir, f"{rd}/reward-valid")
+        pairs_dir = run_pairs(cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], f"{rd}/pairs", version, t)
+        dpo_dir = run_dpo(cfg, pairs_dir / "pairs_train.parquet", Path(policy_path), f"round{t}",
+                          eval_pairs_path=pairs_dir / "pairs_valid.parquet")
+        new_policy = str(dpo_dir / "model")
+        gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
+        rew_tuned = run_reward(cfg, gen_tuned, recommender_dir, f"{rd}/reward-valid-tuned")
+        comparison = compare_policies(rew_valid, rew_tuned, cfg.loop.bootstrap_samples, cfg.seed)
+        log.info(
+            "round %d: valid reward %.4f -> %.4f (gain %.4f, 95%% CI [%.4f, %.4f])",
+            t,
+            comparison["before/mean"],
+            comparison["after/mean"],
+            comparison["gain/mean"],
+            comparison["gain/ci_low"],
+            comparison["gain/ci_high"],
+        )
+        # Bidirectional gain: the recommender retrains on the best texts of this round (tuned policy on valid).
+        best = best_texts([(gen_train, rew_train), (gen_tuned, rew_tuned)])
+        texts = {u: user_knowledge_text(h, best.get(u)) for u, h in histories.items()}
+        knowledge_dir = write_user_knowledge(cfg, next_version, texts, read_marker(pairs_dir)["fingerprint"])
+        new_recommender = run_recommender(cfg, next_version, data_dir, knowledge_dir / "user_knowledge.parquet")
+        manifest["rounds"].append(
+            {
+                "round": t,
+                "policy_in": policy,
+                "policy_out": new_policy,
+                "recommender_in": str(recommender_dir),
+                "recommender_out": str(new_recommender),
+                "stages": {
+                    name: str(d)
+                    for name, d in [
+                        ("generate_train", gen_train),
+                        ("generate_valid", gen_valid),
+                        ("pairs", pairs_dir),
+                        ("dpo", dpo_dir),
+                        ("generate_valid_tuned", gen_tuned),
+                    ]
+                },
+                "pairs": read_marker(pairs_dir)["stats"],
+                "dpo": read_marker(dpo_dir)["stats"],
+                "valid_reward": comparison,
+                "recommender_metrics": read_marker(new_recommender)["stats"],
+            }
+        )
+        rounds_dir.mkdir(parents=True, exist_ok=True)
+        write_json(manifest, rounds_dir / "manifest.json")
+        policy, recommender_dir = new_policy, new_recommender
+    return rounds_dir

@@ -1,0 +1,193 @@
+"""The run report: a self-contained HTML page and a markdown summary in `<run>/report/`.
+
+Consumes what the stages left in the run directory (evaluate/table.json, rounds/manifest.json, rewards, pairs,
+DPO histories, completion markers); produces the method's table (ID-only vs history knowledge vs base LLM vs each
+DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over test users), reward distributions per round, DPO
+curves, example chosen/rejected texts, time per stage and lineage. Inline SVG, no scripts, no external assets.
+Knows nothing about how any number was computed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import MARKER, read_parquet, write_json
+
+METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
+
+
+def _svg_histograms(series: dict[str, list[float]], bins: int = 20, width: int = 560, height: int = 180) -> str:
+    """Overlaid step histograms of values in [0, 1], one colour per series."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    edges = np.linspace(0, 1, bins + 1)
+    counts = {name: np.histogram(np.clip(v, 0, 1), bins=edges)[0] / max(len(v), 1) for name, v in series.items()}
+    top = max((c.max() for c in counts.values()), default=1) or 1
+    parts = [
+        f'<svg width="{width}" height="{height + 30}" xmlns="http://www.w3.org/2000/svg">',
+        f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#888"/>',
+    ]
+    for i, (name, c) in enumerate(counts.items()):
+        pts = []
+        for b, value in enumerate(c):
+            x0, x1 = b * width / bins, (b + 1) * width / bins
+            y = height - value / top * (height - 10)
+            pts += [f"{x0:.1f},{y:.1f}", f"{x1:.1f},{y:.1f}"]
+        colour = colours[i % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(pts)}"/>')
+        parts.append(
+            f'<text x="{8 + 150 * i}" y="{height + 22}" fill="{colour}" font-size="12">{html.escape(name)}</text>'
+        )
+    parts.append(f'<text x="{width - 60}" y="{height - 4}" font-size="10" fill="#666">reward 0..1</text></svg>')
+    return "".join(parts)
+
+
+def _svg_curve(values: list[float], label: str, width: int = 560, height: int = 160) -> str:
+    if not values:
+        return "<p>(no points logged)</p>"
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    step = width / max(len(values) - 1, 1)
+    pts = " ".join(f"{i * step:.1f},{height - 10 - (v - lo) / span * (height - 20):.1f}" for i, v in enumerate(values))
+    return (
+        f'<svg width="{width}" height="{height + 20}" xmlns="http://www.w3.org/2000/svg">'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>'
+        f'<text x="4" y="{height + 14}" font-size="11">{html.escape(label)}: {values[0]:.4f} → {values[-1]:.4f}'
+        f" (min {lo:.4f}, max {hi:.4f}, {len(values)} points)</text></svg>"
+    )
+
+
+def _stage_times(run: Path) -> list[tuple[str, float]]:
+    rows = []
+    for marker in sorted(run.rglob(MARKER)):
+        m = json.loads(marker.read_text())
+        if "started" in m and "finished" in m:
+            rows.append((str(marker.parent.relative_to(run)), m["finished"] - m["started"]))
+    return rows
+
+
+def _dpo_curves(run: Path) -> dict[str, dict[str, list[float]]]:
+    curves = {}
+    for path in sorted((run / "dpo").glob("*/train_history.json")):
+        history = json.loads(path.read_text())
+        keys = ("loss", "rewards/margins", "rewards/accuracies")
+        curves[path.parent.name] = {k: [h[k] for h in history if k in h] for k in keys}
+    return curves
+
+
+def build_report(run: Path) -> Path:
+    """Write report.html and report.md into `<run>/report/`; every section appears when its inputs exist."""
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md, body = ["# rlrf4rec run report", f"Run directory: `{run}`", ""], []
+
+    table_path = run / "evaluate" / "table.json"
+    if table_path.is_file():
+        table = json.loads(table_path.read_text())
+        head = "| variant | " + " | ".join(METRICS) + " |"
+        md += [
+            "## Re-ranking on test users (mean [95% bootstrap CI over users])",
+            "",
+            head,
+            "|---|" + "---|" * len(METRICS),
+        ]
+        rows_html = []
+        for name, metrics in table.items():
+            cells = [f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+            rows_html.append(
+                "<tr><th>"
+                + html.escape(name)
+                + "</th>"
+                + "".join(
+                    f"<td>{metrics[m][0]:.4f}<br><small>[{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]</small></td>"
+                    for m in METRICS
+                )
+                + "</tr>"
+            )
+        body.append(
+            "<h2>Re-ranking on test users</h2><p>Mean over test users with bootstrap 95% intervals.</p>"
+            "<table><tr><th>variant</th>"
+            + "".join(f"<th>{m}</th>" for m in METRICS)
+            + "</tr>"
+            + "".join(rows_html)
+            + "</table>"
+        )
+        md.append("")
+
+    manifest_path = run / "rounds" / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        md += ["## Rounds", ""]
+        body.append("<h2>Rounds</h2>")
+        series = {}
+        for r in manifest["rounds"]:
+            rd = run / "rounds" / f"round{r['round']}"
+            rewards = read_parquet(rd / "reward-train" / "rewards.parquet", S.REWARDS)
+            series[f"round {r['round']} policy"] = rewards.column(S.REWARD).to_pylist()
+            v = r["valid_reward"]
+            line = (
+                f"Round {r['round']}: {r['pairs'].get('train/pairs', 0)} train pairs; valid reward "
+                f"{v['before/mean']:.4f} → {v['after/mean']:.4f}, gain {v['gain/mean']:+.4f} "
+                f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
+            )
+            md.append(f"- {line}")
+            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(_examples(rd / "pairs" / "pairs_train.parquet", md))
+        body.append("<h3>Reward distribution of sampled texts (train users)</h3>" + _svg_histograms(series))
+        md += ["", "## Lineage", "", "```json", json.dumps(manifest, indent=1)[:4000], "```", ""]
+        body.append("<h2>Lineage</h2><pre>" + html.escape(json.dumps(manifest, indent=1)) + "</pre>")
+
+    for name, curve in _dpo_curves(run).items():
+        body.append(f"<h3>DPO {html.escape(name)}</h3>" + "".join(_svg_curve(v, k) for k, v in curve.items()))
+        if curve["loss"]:
+            md.append(f"- DPO {name}: loss {curve['loss'][0]:.4f} → {curve['loss'][-1]:.4f}")
+
+    times = _stage_times(run)
+    md += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {name} | {seconds:.1f} |" for name, seconds in times]
+    body.append(
+        "<h2>Time per stage</h2><table>"
+        + "".join(f"<tr><td>{html.escape(n)}</td><td>{s:.1f} s</td></tr>" for n, s in times)
+        + "</table>"
+    )
+
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}pre{background:#f6f6f6;padding:8px;"
+        "overflow:auto;font-size:11px}blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>rlrf4rec report</title><style>{style}"
+        f"</style></head><body><h1>rlrf4rec run report</h1><p><code>{html.escape(str(run))}</code></p>"
+        + "".join(body)
+        + "</body></html>"
+    )
+    (out / "report.html").write_text(page)
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_json({"sections": len(body)}, out / "_REPORT.json")
+    return out
+
+
+def _examples(pairs_path: Path, md: list[str], limit: int = 2) -> str:
+    if not pairs_path.is_file():
+        return ""
+    rows = read_parquet(pairs_path, S.PAIRS).to_pylist()
+    rows.sort(key=lambda r: -r[S.REWARD_MARGIN])
+    parts = ["<h4>Example pairs (largest margins)</h4>"]
+    for r in rows[:limit]:
+        chosen, rejected = r[S.CHOSEN][0]["content"], r[S.REJECTED][0]["content"]
+        parts.append(
+            f"<p>user {html.escape(r[S.USER_ID])}: chosen reward {r[S.CHOSEN_REWARD]:.3f}, rejected "
+            f"{r[S.REJECTED_REWARD]:.3f}</p><blockquote><b>chosen</b>: {html.escape(chosen)}</blockquote>"
+            f"<blockquote><b>rejected</b>: {html.escape(rejected)}</blockquote>"
+        )
+        md.append(
+            f"  - user {r[S.USER_ID]} (margin {r[S.REWARD_MARGIN]:.3f}) chosen: "
+            f"{chosen[:200]!r} / rejected: {rejected[:200]!r}"
+        )
+    return "".join(parts)

@@ -1,0 +1,107 @@
+"""Round bookkeeping on hand-made stage outputs: best texts per user and the paired policy comparison."""
+
+import pyarrow as pa
+import pytest
+
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import stage_output, write_parquet
+from rlrf4rec.loop import best_texts, compare_policies
+
+
+def _stage(path, name, table, schema):
+    with stage_output(path, "fp-" + path.name, "") as (tmp, _):
+        write_parquet(table, tmp / name, schema)
+    return path
+
+
+def _generations(rows):
+    n = len(rows)
+    return pa.table(
+        {
+            S.USER_ID: [r[0] for r in rows],
+            S.SAMPLE_IDX: pa.array([r[1] for r in rows], pa.int32()),
+            S.SPLIT: ["train"] * n,
+            S.PROMPT: ["p"] * n,
+            S.PREFERENCE_TEXT: [r[2] for r in rows],
+            S.PROMPT_TOKENS: pa.array([10] * n, pa.int32()),
+            S.COMPLETION_TOKENS: pa.array([5] * n, pa.int32()),
+            S.FINISH_REASON: ["stop"] * n,
+            S.SEED: pa.array(range(n), pa.int64()),
+            S.TEMPERATURE: [1.0] * n,
+            S.TOP_P: [0.95] * n,
+            S.MAX_NEW_TOKENS: pa.array([64] * n, pa.int32()),
+            S.MODEL: ["m"] * n,
+            S.POLICY_VERSION: ["base"] * n,
+            S.FLAGS: [r[3] for r in rows],
+        },
+        schema=S.GENERATIONS,
+    )
+
+
+def _rewards(rows):
+    n = len(rows)
+    return pa.table(
+        {
+            S.USER_ID: [r[0] for r in rows],
+            S.SAMPLE_IDX: pa.array([r[1] for r in rows], pa.int32()),
+            S.SPLIT: ["train"] * n,
+            S.POLICY_VERSION: ["base"] * n,
+            S.REWARD: [r[2] for r in rows],
+        },
+        schema=S.REWARDS,
+    )
+
+
+def test_best_texts_skip_empty_and_prefer_the_highest_reward(tmp_path):
+    gens = _stage(
+        tmp_path / "g",
+        "generations.parquet",
+        _generations(
+            [
+                ("a", 0, "a0", []),
+                ("a", 1, "", ["empty"]),
+                ("a", 2, "a2", []),
+                ("b", 0, "b0", []),
+                ("b", 1, "b1", []),
+            ]
+        ),
+        S.GENERATIONS,
+    )
+    rews = _stage(
+        tmp_path / "r",
+        "rewards.parquet",
+        _rewards(
+            [
+                ("a", 0, 0.2),
+                ("a", 1, 0.9),
+                ("a", 2, 0.5),
+                ("b", 0, 0.4),
+                ("b", 1, 0.4),
+            ]
+        ),
+        S.REWARDS,
+    )
+    assert best_texts([(gens, rews)]) == {"a": "a2", "b": "b0"}  # the empty text's 0.9 never counts; ties -> idx 0
+
+
+def test_compare_policies_pairs_users_and_bootstraps_the_gain(tmp_path):
+    before = _stage(
+        tmp_path / "before", "rewards.parquet", _rewards([(u, i, 0.5) for u in "abcd" for i in range(2)]), S.REWARDS
+    )
+    after = _stage(
+        tmp_path / "after",
+        "rewards.parquet",
+        _rewards([(u, i, 0.5 + 0.1 * (i + 1)) for u in "abce" for i in range(2)]),
+        S.REWARDS,
+    )
+    out = compare_policies(before, after, num_samples=200, seed=0)
+    assert out["users"] == 3  # d and e are not in both
+    assert out["before/mean"] == pytest.approx(0.5) and out["after/mean"] == pytest.approx(0.65)
+    assert out["gain/mean"] == pytest.approx(0.15) and out["gain/ci_low"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="share no user"):
+        compare_policies(
+            before,
+            _stage(tmp_path / "x", "rewards.parquet", _rewards([("z", 0, 0.1)]), S.REWARDS),
+            num_samples=200,
+            seed=0,
+        )
