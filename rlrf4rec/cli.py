@@ -46,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         ("encode", "encode each user's history text with the frozen encoder (base knowledge)"),
         ("train-recommender", "train the ID-only and base-knowledge re-rankers on Ray Train"),
         ("generate", "write N preference texts per user with the policy LLM (best-of-N), resumable"),
+        ("reward", "reward each generated text with a frozen knowledge-augmented recommender"),
+        ("pairs", "best vs worst text per user -> DPO pairs in TRL's conversational format"),
         ("dpo", "align the policy with DPO on a pairs file (TRL in Ray Train workers); writes an HF model dir"),
+        ("loop", "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender"),
+        ("evaluate", "test users, once: ID-only, history knowledge, base LLM and every DPO round"),
+        ("report", "write report.html and report.md from the run directory"),
         ("run", "run every stage in order"),
     ]:
         p = sub.add_parser(name, help=help_text)
@@ -58,23 +63,35 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--home", help="asset home (default: $RLRF4REC_HOME or ~/.cache/rlrf4rec)")
         if name in ("data", "generate", "dpo"):
             p.add_argument("--force", action="store_true", help="rebuild even when a matching output exists")
+        if name in ("reward", "pairs"):
+            p.add_argument("--generations", type=Path, help="a generate stage dir (default: <run>/generate)")
+            out = "rewards" if name == "reward" else "pairs"
+            p.add_argument("--name", default=name, help=f"output directory <run>/{out}/<name>/")
+        if name == "reward":
+            p.add_argument("--recommender", type=Path, help="recommender stage dir (default: <run>/recommender/base)")
+        if name == "pairs":
+            p.add_argument("--rewards", type=Path, help="a reward stage dir (default: <run>/rewards/reward)")
         if name == "dpo":
             p.add_argument("--pairs", type=Path, help="pairs Parquet file (schema.PAIRS) to train on")
             p.add_argument("--eval-pairs", type=Path, help="extra held-out pairs (e.g. valid users'), never trained")
             p.add_argument("--policy", help="policy model directory (default: models.llm, the base policy)")
-            p.add_argument("--name", default="policy", help="output name: <run>/dpo/<name>/ (default: policy)")
+            p.add_argument("--name", help="output name: <run>/dpo/<name>/ (default: the pairs file's name)")
     return parser
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate config overrides (`--a.b=c`, `--a.b c`, and top-level fields like `--seed=3`) from CLI options."""
+def _split_overrides(argv: list[str], reserved: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Separate config overrides (`--a.b=c`, `--a.b c`, and top-level fields like `--seed=3`) from CLI options.
+
+    `reserved` names the subcommand's own options (e.g. `dpo --name`): they stay CLI options even where a top-level
+    config field has the same name.
+    """
     top_level = {name for name, tp in typing.get_type_hints(RunConfig).items() if not dataclasses.is_dataclass(tp)}
     known, overrides = [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if "." in key or key in top_level:
+        if ("." in key or key in top_level) and key not in reserved:
             if "=" not in arg and i + 1 < len(argv):
                 arg, i = f"{arg}={argv[i + 1]}", i + 1
             overrides.append(arg[2:])
@@ -82,6 +99,14 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             known.append(arg)
         i += 1
     return known, overrides
+
+
+def _command_options(parser: argparse.ArgumentParser, command: str) -> frozenset[str]:
+    """Long option names (without `--`) of one subcommand; empty for an unknown one."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if command not in sub.choices:
+        return frozenset()
+    return frozenset(o[2:] for o in sub.choices[command]._option_string_actions if o.startswith("--"))
 
 
 def dry_run(cfg: RunConfig) -> dict:
@@ -107,8 +132,9 @@ def dry_run(cfg: RunConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, overrides = _split_overrides(argv)
-    args = _parser().parse_args(known)
+    parser = _parser()
+    known, overrides = _split_overrides(argv, _command_options(parser, argv[0] if argv else ""))
+    args = parser.parse_args(known)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -161,8 +187,8 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         stage_dir = run_data(cfg, force=args.force)
         _print_stats(stage_dir, data_stats(stage_dir))
         return 0
-    if args.command in ("encode", "train-recommender"):
-        with _ray_if_needed(cfg, args.command == "train-recommender"):
+    if args.command in ("encode", "train-recommender", "loop", "evaluate", "report"):
+        with _ray_if_needed(cfg, args.command in ("train-recommender", "loop", "evaluate")):
             stage_dir = dict(pipeline.STAGES)[args.command](cfg)
         for marker in sorted(stage_dir.glob("*/_COMPLETE.json")) or [stage_dir / "_COMPLETE.json"]:
             _print_stats(marker.parent, read_marker(marker.parent)["stats"])
@@ -174,6 +200,26 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             stage_dir = run_generate(cfg, force=args.force)
         _print_stats(stage_dir, read_marker(stage_dir)["stats"])
         return 0
+    if args.command in ("reward", "pairs"):
+        from rlrf4rec.loop import run_pairs, run_reward
+
+        run = cfg.run_path
+        generations = args.generations or run / "generate"
+        if args.command == "reward":
+            stage_dir = run_reward(
+                cfg, generations, args.recommender or run / "recommender" / "base", f"rewards/{args.name}"
+            )
+        else:
+            rewards = args.rewards or run / "rewards" / "reward"
+            stage_dir = run_pairs(
+                cfg,
+                [(generations, rewards)],
+                f"pairs/{args.name}",
+                read_marker(generations)["stats"].get("policy_version", "base"),
+                0,
+            )
+        _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+        return 0
     if args.command == "dpo":
         from rlrf4rec.dpo import run_dpo
 
@@ -182,7 +228,8 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         policy = assets.resolve(args.policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
         with _ray_if_needed(cfg, True):
             stage_dir = run_dpo(
-                cfg, args.pairs, Path(policy), args.name, eval_pairs_path=args.eval_pairs, force=args.force
+                cfg, args.pairs, Path(policy), args.name or args.pairs.stem, eval_pairs_path=args.eval_pairs,
+                force=args.force,
             )
         _print_stats(stage_dir, read_marker(stage_dir)["stats"])
         return 0

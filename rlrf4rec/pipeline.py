@@ -54,12 +54,47 @@ def run_generate(cfg: RunConfig) -> Path:
     return stage(cfg)
 
 
+def run_loop(cfg: RunConfig) -> Path:
+    """`loop.rounds` rounds of generate -> reward -> pairs -> DPO -> retrain the recommender."""
+    from rlrf4rec.loop import run_loop as stage
+
+    return stage(cfg)
+
+
+def run_evaluate(cfg: RunConfig) -> Path:
+    """Test users, read once: ID-only, history knowledge, and each (policy, recommender) of the rounds."""
+    import json
+
+    from rlrf4rec.evaluate import run_evaluate as stage
+
+    manifest = json.loads((cfg.run_path / "rounds" / "manifest.json").read_text())
+    policies = [
+        (
+            "base LLM",
+            assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home)),
+            cfg.run_path / "recommender" / "base",
+        )
+    ]
+    policies += [
+        (f"DPO round {r['round'] + 1}", r["policy_out"], Path(r["recommender_out"])) for r in manifest["rounds"]
+    ]
+    return stage(cfg, policies)
+
+
+def run_report(cfg: RunConfig) -> Path:
+    from rlrf4rec.report import build_report
+
+    return build_report(cfg.run_path)
+
+
 STAGES: list[tuple[str, Callable[[RunConfig], Path]]] = [
     ("assets", run_assets),
     ("data", run_data),
     ("encode", run_encode),
     ("train-recommender", run_recommenders),
-    ("generate", run_generate),
+    ("loop", run_loop),
+    ("evaluate", run_evaluate),
+    ("report", run_report),
 ]
 
 

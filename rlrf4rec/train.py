@@ -69,6 +69,8 @@ def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: in
     knowledge = knowledge_matrix(knowledge_path, task.users)
     torch.manual_seed(seed)  # identical initial weights on every worker and on every restart
     model = task.build_model(None if knowledge is None else knowledge.shape[1])
+    if knowledge is not None:
+        model.adaptor.standardize("user", knowledge[task.splits["train"].user_row.unique()])
     return task, knowledge, model
 
 

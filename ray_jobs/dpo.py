@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python ray_jobs/dpo.py --config C --pairs P [--policy D] [--name N] [--a.b=c]`"""
+
+import sys
+
+from rlrf4rec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["dpo", *sys.argv[1:]]))

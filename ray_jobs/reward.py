@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python ray_jobs/reward.py --config configs/ml100k-cpu.yaml [--a.b=c ...]`"""
+
+import sys
+
+from rlrf4rec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["reward", *sys.argv[1:]]))

@@ -1,0 +1,522 @@
+"""The DPO stage (METHOD.md section 7): align the policy LLM with the recommender's preference pairs.
+
+Consumes a pairs Parquet file (schema.PAIRS: TRL conversational prompt / chosen / rejected messages plus
+provenance) and the policy model directory. The reference is the policy at the start of the round, i.e. the same
+directory, frozen; with LoRA, TRL gets it by disabling the adapter instead of keeping a second copy.
+Produces `<run>/dpo/<name>/`:
+- `model/`: a plain Hugging Face directory (LoRA merged into the base weights, the policy's tokenizer and chat
+  template) that transformers and vLLM load directly,
+- `history.json`: one flat dict per logged step (`train/dpo_loss`, `train/rewards/margins`,
+  `train/rewards/accuracies`, ...) and per held-out evaluation (`eval/...`),
+- `metrics.json` and the marker's stats: pair counts, first/last train values, final held-out reward accuracy and
+  margin. Published atomically with a completion marker; a re-run with the same inputs does nothing.
+
+Held out (never trained on, evaluated for reward accuracy and margin): pairs of non-train users,
+`dpo.eval_fraction` of the train users' pairs, and every pair of an optional second file (`eval_pairs_path`, e.g.
+the valid users'). Training runs TRL's DPOTrainer inside Ray Train TorchTrainer workers (gloo on CPU, NCCL on GPU;
+DDP or DeepSpeed ZeRO-2/3), checkpointing through RayTrainReportCallback into Ray Train storage under the run
+directory; a failed worker restarts the group from the last checkpoint (`dpo.max_failures`). `on_ray=False` runs
+the same trainer in this process (the plain-TRL baseline). The caller owns the Ray connection.
+Knows nothing about how pairs were chosen, rewards or recommenders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from rlrf4rec import assets
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.config import DPOConfig, RunConfig, dump_config, from_dict
+from rlrf4rec.protocol import stable_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+MESSAGE_COLUMNS = [S.PROMPT, S.CHOSEN, S.REJECTED]
+RESUMES = "resumed_after.json"  # in the Ray storage folder: the steps worker groups resumed after
+MESSAGES_ONLY = pa.schema([S.PAIRS.field(name) for name in MESSAGE_COLUMNS])
+# TRL log keys -> our names; everything else TRL logs keeps its own name under the split prefix.
+RENAMES = {"loss": "dpo_loss"}
+
+# --------------------------------------------------------------------------------------------------- pairs (pure)
+
+
+def split_pairs(pairs: pa.Table, eval_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(train, held_out): pairs of non-train users are held out whole, plus `eval_fraction` of the train users.
+
+    The held-out train users are the first round(fraction * users) in a seeded hash order (at least one when the
+    fraction is positive and two or more users exist), so the split is exact, stable and independent of row order.
+    """
+    splits = pairs.column(S.SPLIT).to_pylist()
+    users = pairs.column(S.USER_ID).to_pylist()
+    train_users = sorted({u for u, s in zip(users, splits) if s == "train"})
+    k = round(eval_fraction * len(train_users))
+    if eval_fraction > 0 and len(train_users) >= 2:
+        k = min(max(k, 1), len(train_users) - 1)
+    held = set(sorted(train_users, key=lambda u: stable_seed(seed, "dpo-eval", u))[:k])
+    is_train = [s == "train" and u not in held for u, s in zip(users, splits)]
+    return pairs.filter(pa.array(is_train, pa.bool_())), pairs.filter(pa.array([not t for t in is_train], pa.bool_()))
+
+
+def prompt_lengths(pairs: pa.Table, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens of each rendered prompt, chat template and assistant opening included (what TRL will feed)."""
+    return [
+        len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        for messages in pairs.column(S.PROMPT).to_pylist()
+    ]
+
+
+def drop_long_prompts(pairs: pa.Table, lengths: list[int], max_prompt_length: int) -> tuple[pa.Table, int]:
+    """Pairs whose prompt fits `max_prompt_length`, and how many were dropped."""
+    keep = pa.array([n <= max_prompt_length for n in lengths], type=pa.bool_())
+    kept = pairs.filter(keep)
+    return kept, pairs.num_rows - kept.num_rows
+
+
+def history_from_log(log_history: list[dict]) -> list[dict]:
+    """HF Trainer log entries -> flat dicts namespaced by split: `train/dpo_loss`, `eval/rewards/accuracies`, ...
+
+    Train entries carry `loss`, eval entries `eval_loss`; the end-of-training summary (`train_loss`) is skipped.
+    """
+    rows = []
+    for entry in log_history:
+        if "eval_loss" in entry:
+            prefix, strip = "eval/", "eval_"
+        elif "loss" in entry:
+            prefix, strip = "train/", ""
+        else:
+            continue
+        row: dict[str, Any] = {"step": int(entry["step"]), "epoch": float(entry.get("epoch", 0.0))}
+        for key, value in entry.items():
+            if key in ("step", "epoch") or not key.startswith(strip) or not isinstance(value, (int, float)):
+                continue
+            name = key.removeprefix(strip)
+            row[prefix + RENAMES.get(name, name)] = float(value)
+        rows.append(row)
+    return rows
+
+
+def summarize(history: list[dict]) -> dict:
+    """First and last train values and the last held-out evaluation, as marker stats."""
+    train = [h for h in history if "train/dpo_loss" in h]
+    evals = [h for h in history if "eval/dpo_loss" in h]
+    stats: dict[str, Any] = {"steps": max((h["step"] for h in history), default=0)}
+    for key in ("dpo_loss", "rewards/margins", "rewards/accuracies"):
+        if train:
+            stats[f"train/{key}_first"] = train[0][f"train/{key}"]
+            stats[f"train/{key}_last"] = train[-1][f"train/{key}"]
+        if evals:
+            stats[f"eval/{key}"] = evals[-1][f"eval/{key}"]
+    times = [h["train/step_time_s"] for h in train[1:] if "train/step_time_s" in h]  # the first step warms up
+    if times:
+        stats["train/step_time_s"] = sum(times) / len(times)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+
+
+def deepspeed_config(stage: str | None) -> dict | None:
+    """The shipped ZeRO config (configs/deepspeed/<stage>.json); HF fills its "auto" values from the trainer args.
+
+    No `optimizer` section on purpose: HF's AdamW is handed to DeepSpeed as is, whereas a DeepSpeed optimizer
+    JIT-compiles fused_adam first (about a minute on CPU, cpu_adam with offload more than two).
+    """
+    if stage is None:
+        return None
+    path = DEEPSPEED_DIR / f"{stage}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"dpo.deepspeed={stage!r}: {path} is missing; run from a checkout of the repository")
+    return json.loads(path.read_text())
+
+
+def trl_args(dc: DPOConfig, output_dir: Path, seed: int, has_eval: bool, deepspeed: dict | None):
+    """rlrf4rec's `dpo` section -> TRL's DPOConfig (TrainingArguments). Build it before the model: under ZeRO-3
+    `from_pretrained` must already see the DeepSpeed config to load the weights partitioned."""
+    from trl import DPOConfig as TRLConfig
+
+    return TRLConfig(
+        output_dir=str(output_dir),
+        beta=dc.beta,
+        learning_rate=dc.lr,
+        per_device_train_batch_size=dc.per_device_batch_size,
+        per_device_eval_batch_size=dc.per_device_batch_size,
+        gradient_accumulation_steps=dc.grad_accum,
+        num_train_epochs=dc.epochs,
+        max_steps=dc.max_steps or -1,
+        max_length=dc.max_length,
+        bf16=dc.bf16,  # TRL turns bf16 on by default; on CPU that barely learns
+        gradient_checkpointing=dc.gradient_checkpointing,
+        deepspeed=deepspeed,
+        use_cpu=not dc.use_gpu,
+        seed=seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=dc.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=dc.save_steps,  # eval right before each save, so every reported checkpoint carries eval metrics
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; the search costs a pass
+        report_to="none",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "bfloat16" if dc.bf16 else "float32"},
+    )
+
+
+def build_trainer(
+    dc: DPOConfig,
+    policy_dir: Path,
+    train_path: Path,
+    eval_path: Path | None,
+    output_dir: Path,
+    seed: int,
+    deepspeed: dict | None = None,
+    callbacks: list | None = None,
+) -> Trainer:
+    """TRL's DPOTrainer on the pairs files; the model is loaded from `policy_dir` (reference: the same weights)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    args = trl_args(dc, output_dir, seed, eval_path is not None, deepspeed)
+    peft_config = None
+    if dc.lora:
+        targets = list(dc.lora_target_modules)
+        peft_config = LoraConfig(
+            r=dc.lora_r,
+            lora_alpha=dc.lora_alpha,
+            lora_dropout=dc.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+
+    def dataset(path: Path):
+        return Dataset.from_list(read_parquet(path, MESSAGES_ONLY).to_pylist())
+
+    return DPOTrainer(
+        model=str(policy_dir),  # a path, not a model: TRL then loads the reference the same way (full fine-tune)
+        args=args,
+        train_dataset=dataset(train_path),
+        eval_dataset=dataset(eval_path) if eval_path is not None else None,
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
+        peft_config=peft_config,
+        callbacks=[_step_clock(), *(callbacks or [])],
+    )
+
+
+def trainer_from(config: dict, callbacks: list | None = None) -> Trainer:
+    """build_trainer from the plain-values loop config that travels to Ray workers."""
+    return build_trainer(
+        from_dict(DPOConfig, config["dpo"], "dpo."),
+        Path(config["policy_dir"]),
+        Path(config["train_path"]),
+        Path(config["eval_path"]) if config["eval_path"] else None,
+        Path(config["output_dir"]),
+        config["seed"],
+        config["deepspeed"],
+        callbacks,
+    )
+
+
+def _step_clock():
+    """Stamps each train log entry with its optimizer step's wall time (`step_time_s`): forward, backward and the
+    optimizer, without the logging, evaluation and checkpointing that follow it."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        started = elapsed = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.elapsed = time.perf_counter() - self.started
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.elapsed is not None and "loss" in state.log_history[-1]:
+                state.log_history[-1]["step_time_s"] = self.elapsed
+                self.elapsed = None
+
+    return StepClock()
+
+
+def _worker_environment(config: dict) -> None:
+    # DeepSpeed JIT-compiles a comm op on first init (~40 s on CPU); a shared cache makes that once per machine.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _failure_callback(config: dict, rank: int, world: int):
+    """Fault injection for resilience tests: the last worker SIGKILLs itself once, after saving step `fail_at_step`."""
+    from transformers import TrainerCallback
+
+    marker = config.get("fail_marker")
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if rank == world - 1 and state.global_step == config.get("fail_at_step") and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAfterSave() if marker else None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in each Ray Train worker: build the trainer, resume from Ray's last checkpoint if any, train."""
+    import ray.train
+    import ray.train.collective
+    import torch.distributed as dist
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    _worker_environment(config)
+    ctx = ray.train.get_context()
+    if config["deepspeed"] is not None:
+        import deepspeed as ds
+
+        # Ray created the process group; DeepSpeed must adopt it before the trainer exists, or a ZeRO-3 full
+        # fine-tune sees world size 1 ("train_batch_size ... 4 != 2 * 1 * 1").
+        ds.init_distributed(dist_backend=dist.get_backend())
+    if ctx.get_local_rank() == 0:
+        # The trainer's scratch from a dead attempt would confuse RayTrainReportCallback, which reports the newest
+        # checkpoint-N there; Ray storage holds the checkpoint this attempt resumes from.
+        shutil.rmtree(config["output_dir"], ignore_errors=True)
+    ray.train.collective.barrier()  # Ray's own, whatever the torch backend (gloo, NCCL)
+    callbacks = [RayTrainReportCallback()]
+    failure = _failure_callback(config, ctx.get_world_rank(), ctx.get_world_size())
+    if failure is not None:
+        callbacks.append(failure)  # after the report: the checkpoint is handed to Ray before the kill
+    trainer = prepare_trainer(trainer_from(config, callbacks))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.train()
+        return
+    with checkpoint.as_directory() as d:
+        resume = Path(d) / RayTrainReportCallback.CHECKPOINT_NAME
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+        log.info("rank %d resumes after step %d from %s", ctx.get_world_rank(), step, resume)
+        if ctx.get_world_rank() == 0:
+            _record_resume(Path(config["output_dir"]).parent / RESUMES, step)
+        trainer.train(resume_from_checkpoint=str(resume))
+
+
+def _record_resume(path: Path, step: int) -> None:
+    steps = json.loads(path.read_text()) if path.is_file() else []
+    write_json([*steps, step], path)
+
+
+def fit_on_ray(cfg: RunConfig, loop_config: dict, storage: Path, name: str) -> Path:
+    """TorchTrainer over `dpo.num_workers` workers; returns the last HF checkpoint directory in Ray storage."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    dc = cfg.dpo
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu),
+        run_config=RayRunConfig(
+            name=name,
+            storage_path=str(storage.resolve()),
+            failure_config=FailureConfig(max_failures=dc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"DPO on Ray finished without a checkpoint; see the worker logs under {storage}")
+    return Path(result.checkpoint.path) / "checkpoint"
+
+
+def fit_local(loop_config: dict) -> Path:
+    """The same trainer in this process (plain TRL, no Ray); returns its last checkpoint directory."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    _worker_environment(loop_config)
+    output_dir = Path(loop_config["output_dir"])
+    trainer = trainer_from(loop_config)
+    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    return Path(get_last_checkpoint(str(output_dir)))
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+# The policy's own: the trainer's copies carry training-time edits (use_cache=False under gradient checkpointing).
+POLICY_FILES = ("config.json", "generation_config.json")
+
+
+def export_model(checkpoint: Path, policy_dir: Path, out: Path) -> None:
+    """A trainer checkpoint -> a plain HF model directory with the policy's config, tokenizer and chat template.
+
+    A LoRA checkpoint is merged into the policy's weights in float32 and saved in the policy's own dtype; the
+    weights of a full fine-tune checkpoint (ZeRO-3 gathers them at save time) are copied as they are.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        dtype = AutoConfig.from_pretrained(policy_dir).dtype or torch.float32
+        base = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+        merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    else:
+        weights = sorted(checkpoint.glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"{checkpoint} holds no model weights (a ZeRO-3 run needs 16-bit gather on save)")
+        for path in [*weights, checkpoint / "model.safetensors.index.json", *(policy_dir / n for n in POLICY_FILES)]:
+            if path.is_file():
+                shutil.copy2(path, out / path.name)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+def _fingerprint_file(path: Path) -> str:
+    return assets.sha256_file(path)[:16]
+
+
+def policy_fingerprint(policy_dir: Path) -> str:
+    """What identifies the policy weights without hashing gigabytes: the stage or asset that wrote them if known."""
+    marker = read_marker(policy_dir.parent)
+    if marker is not None:
+        return marker["fingerprint"]
+    manifest = policy_dir / assets.MANIFEST
+    if manifest.is_file():
+        return _fingerprint_file(manifest)
+    listing = sorted((p.name, p.stat().st_size) for p in policy_dir.iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps([str(policy_dir.resolve()), listing]).encode()).hexdigest()[:16]
+
+
+def prepare_pairs(
+    cfg: RunConfig, pairs_path: Path, eval_pairs_path: Path | None, policy_dir: Path, work: Path
+) -> tuple[Path, Path | None, dict]:
+    """Split and length-filter the pairs into `work/train.parquet` (and `eval.parquet`); returns paths and counts.
+
+    Held out: `split_pairs` of the main file, plus every pair of `eval_pairs_path` (e.g. the valid users' pairs).
+    """
+    from transformers import AutoTokenizer
+
+    dc = cfg.dpo
+    pairs = read_parquet(pairs_path, S.PAIRS)
+    train, held_out = split_pairs(pairs, dc.eval_fraction, cfg.seed + dc.seed_offset)
+    if eval_pairs_path is not None:
+        held_out = pa.concat_tables([held_out, read_parquet(eval_pairs_path, S.PAIRS)])
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{policy_dir} has no chat template; DPO on conversational pairs needs an instruct model")
+    train, dropped_train = drop_long_prompts(train, prompt_lengths(train, tokenizer), dc.max_prompt_length)
+    held_out, dropped_eval = drop_long_prompts(held_out, prompt_lengths(held_out, tokenizer), dc.max_prompt_length)
+    if dropped_train or dropped_eval:
+        log.warning(
+            "dpo: dropped %d train and %d held-out pairs whose prompt exceeds dpo.max_prompt_length=%d",
+            dropped_train, dropped_eval, dc.max_prompt_length,
+        )
+    if not train.num_rows:
+        raise ValueError(f"{pairs_path}: no train-split pair left to train on ({pairs.num_rows} pairs in the file)")
+    work.mkdir(parents=True, exist_ok=True)
+    write_parquet(train, work / "train.parquet", S.PAIRS)
+    eval_path = None
+    if held_out.num_rows:
+        eval_path = work / "eval.parquet"
+        write_parquet(held_out, eval_path, S.PAIRS)
+    counts = {
+        "pairs/train": train.num_rows,
+        "pairs/eval": held_out.num_rows,
+        "pairs/dropped_long_prompt": dropped_train + dropped_eval,
+    }
+    return work / "train.parquet", eval_path, counts
+
+
+def run_dpo(
+    cfg: RunConfig,
+    pairs_path: Path,
+    policy_dir: Path,
+    out_name: str,
+    *,
+    eval_pairs_path: Path | None = None,
+    force: bool = False,
+    on_ray: bool = True,
+    **fault,
+) -> Path:
+    """Train the policy on the pairs and write `<run>/dpo/<out_name>/` (model/ inside); skip when complete.
+
+    `eval_pairs_path` adds held-out pairs (never trained on); `on_ray=False` trains in this process (plain TRL);
+    `fault` (fail_at_step, fail_marker) injects one worker failure, for resilience tests.
+    """
+    unknown = sorted(set(fault) - {"fail_at_step", "fail_marker"})
+    if unknown:
+        raise TypeError(f"run_dpo() got unexpected keyword arguments {unknown}")
+    pairs_path, policy_dir = Path(pairs_path).resolve(), Path(policy_dir).resolve()
+    eval_pairs_path = Path(eval_pairs_path).resolve() if eval_pairs_path is not None else None
+    if not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is not a Hugging Face model directory (no config.json)")
+    stage_dir = cfg.run_path / "dpo" / out_name
+    inputs = [pairs_path] + ([eval_pairs_path] if eval_pairs_path else [])
+    fingerprint = "-".join(
+        [cfg.section_hash("dpo", "seed"), *map(_fingerprint_file, inputs), policy_fingerprint(policy_dir)]
+    )
+    if not force and is_complete(stage_dir, fingerprint):
+        log.info("dpo/%s: complete output matches the config and inputs; nothing to do", out_name)
+        return stage_dir
+    storage = cfg.run_path / "ray_train" / f"dpo-{out_name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    if force and storage.exists():
+        shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
+    train_path, eval_path, counts = prepare_pairs(cfg, pairs_path, eval_pairs_path, policy_dir, storage / "pairs")
+    dc = cfg.dpo
+    deepspeed = deepspeed_config(dc.deepspeed)
+    loop_config = {
+        "dpo": cfg.to_dict()["dpo"],
+        "policy_dir": str(policy_dir),
+        "train_path": str(train_path.resolve()),
+        "eval_path": str(eval_path.resolve()) if eval_path else None,
+        "output_dir": str((storage / "hf").resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards there
+        "seed": cfg.seed + dc.seed_offset,
+        "deepspeed": deepspeed,
+        "torch_extensions_dir": str(assets.asset_home(cfg.assets.home) / "cache" / "torch_extensions"),
+        **fault,
+    }
+    log.info("dpo/%s: %s", out_name, json.dumps(counts))
+    if on_ray:
+        checkpoint = fit_on_ray(cfg, loop_config, storage, f"dpo-{out_name}")
+    else:
+        checkpoint = fit_local(loop_config)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    resumes = storage / RESUMES
+    history = history_from_log(state["log_history"])
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        export_model(checkpoint, policy_dir, tmp / "model")
+        write_json(history, tmp / "history.json")
+        stats.update(
+            counts,
+            **summarize(history),
+            policy=str(policy_dir),
+            pairs=str(pairs_path),
+            on_ray=on_ray,
+            resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+        )
+        write_json(stats, tmp / "metrics.json")
+    shutil.rmtree(storage / "hf", ignore_errors=True)  # trainer scratch; Ray storage keeps the checkpoints
+    log.info("dpo/%s: %s", out_name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
+    return stage_dir
