@@ -62,6 +62,21 @@ def read_marker(stage_dir: Path) -> dict | None:
     return json.loads(marker.read_text())
 
 
+def require_marker(stage_dir: Path, command: str) -> dict:
+    """The marker of a stage this one depends on, or an error naming the command that writes it."""
+    marker = read_marker(Path(stage_dir))
+    if marker is None:
+        raise FileNotFoundError(f"{stage_dir} holds no complete stage output; run `rlrf4rec {command}` first")
+    return marker
+
+
+def model_identity(model: str) -> str:
+    """A model written by a stage (e.g. `<run>/dpo/round0/model`) is identified by that stage's fingerprint, so
+    outputs made from it go stale when it is retrained; other models (hub ids, embedded assets) by name only."""
+    marker = read_marker(Path(model).parent) if Path(model).is_dir() else None
+    return marker["fingerprint"] if marker else ""
+
+
 def is_complete(stage_dir: Path, fingerprint: str) -> bool:
     marker = read_marker(stage_dir)
     return marker is not None and marker.get("fingerprint") == fingerprint

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_parquet
+from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_parquet
 from rlrf4rec.config import RunConfig, dump_config
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,12 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_path: Path |
 # --------------------------------------------------------------------------------------------------- stage
 
 
+def embedding_cache(cfg: RunConfig) -> Path:
+    """One cache per (encoder, max_length): a vector depends on both."""
+    key = f"{cfg.models.encoder}|{cfg.encode.max_length}"
+    return cfg.run_path / "cache" / f"embeddings-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
+
+
 def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstream: str, *, force: bool = False):
     """Encode one knowledge text per user into `<run>/knowledge/<name>/user_knowledge.parquet` (skip if complete)."""
     stage_dir = cfg.run_path / "knowledge" / name
@@ -123,10 +129,7 @@ def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstr
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     users = sorted(texts)
-    cache = (
-        cfg.run_path / "cache" / f"embeddings-{hashlib.sha256(cfg.models.encoder.encode()).hexdigest()[:12]}.parquet"
-    )
-    vectors = encode_cached(encoder, [texts[u] for u in users], cache)
+    vectors = encode_cached(encoder, [texts[u] for u in users], embedding_cache(cfg))
     table = pa.table(
         {S.USER_ID: users, S.KNOWLEDGE_TEXT: [texts[u] for u in users], S.VECTOR: [v.tolist() for v in vectors]},
         schema=S.USER_KNOWLEDGE,
@@ -142,9 +145,7 @@ def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     from rlrf4rec.prompts import history_texts
 
     data_dir = cfg.run_path / "data"
-    marker = read_marker(data_dir)
-    if marker is None:
-        raise FileNotFoundError(f"{data_dir} holds no complete data stage; run `rlrf4rec data` first")
+    marker = require_marker(data_dir, "data")
     tables = {n: read_parquet(data_dir / f"{n}.parquet") for n in ("sequences", "items", "users")}
     texts = history_texts(tables["sequences"], tables["items"], tables["users"])
     return write_user_knowledge(cfg, "base", texts, marker["fingerprint"], force=force)

@@ -18,9 +18,17 @@ import torch
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.artifacts import (
+    is_complete,
+    model_identity,
+    read_parquet,
+    require_marker,
+    stage_output,
+    write_json,
+    write_parquet,
+)
 from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.encode import TextEncoder, encode_cached, user_knowledge_text
+from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_knowledge_text
 from rlrf4rec.metrics import bootstrap_ci, rank_metrics
 from rlrf4rec.recommender import RERANK_KS, RerankBatch
 from rlrf4rec.reward import RewardModel
@@ -70,8 +78,8 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
 
     data_dir = cfg.run_path / "data"
     rec_dir = cfg.run_path / "recommender"
-    upstream = [read_marker(rec_dir / "id")["fingerprint"], read_marker(rec_dir / "base")["fingerprint"]]
-    upstream += [read_marker(r)["fingerprint"] for _, _, r in policies]
+    upstream = [require_marker(rec_dir / v, "train-recommender")["fingerprint"] for v in ("id", "base")]
+    upstream += [require_marker(r, "loop")["fingerprint"] + model_identity(str(p)) for _, p, r in policies]
     fingerprint = f"{cfg.section_hash('generate', 'encode', 'loop')}-" + "-".join(upstream)
     stage_dir = cfg.run_path / "evaluate"
     if not force and is_complete(stage_dir, fingerprint):
@@ -80,7 +88,7 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     histories = _histories(cfg)
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
-    cache = cfg.run_path / "cache" / "evaluate-embeddings.parquet"
+    cache = embedding_cache(cfg)
     rows: dict[str, dict[str, np.ndarray]] = {}
     rows["ID only"] = per_user_metrics(_recommender(rec_dir / "id", data_dir), test_users, None)
     history_vectors = encode_cached(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)

@@ -36,7 +36,15 @@ import pyarrow.compute as pc
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.artifacts import (
+    is_complete,
+    model_identity,
+    read_marker,
+    read_parquet,
+    stage_output,
+    write_json,
+    write_parquet,
+)
 from rlrf4rec.config import GenerateConfig, RunConfig, dump_config
 from rlrf4rec.prompts import history_texts, preference_messages
 from rlrf4rec.protocol import stable_seed
@@ -426,9 +434,15 @@ def _hash(payload: dict) -> str:
 def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_version: str) -> tuple[str, str]:
     """(work, stage): what one row's text depends on, and that plus which requests the stage holds."""
     g = cfg.generate
+    identity = model_identity(
+        assets.resolve(model, assets.asset_home(cfg.assets.home), fetch=False)
+        if model.startswith(assets.EMBEDDED_PREFIX)
+        else model
+    )
     work = _hash(
         {
             "model": model,
+            **({"model_fingerprint": identity} if identity else {}),
             "policy_version": policy_version,
             "seed": cfg.seed,
             "data": data_fingerprint,

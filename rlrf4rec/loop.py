@@ -21,12 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.artifacts import (
+    is_complete,
+    read_marker,
+    read_parquet,
+    require_marker,
+    stage_output,
+    write_json,
+    write_parquet,
+)
 from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.encode import TextEncoder, encode_cached, user_knowledge_text, write_user_knowledge
+from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_knowledge_text, write_user_knowledge
 from rlrf4rec.metrics import bootstrap_ci
 from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
 from rlrf4rec.prompts import history_texts, preference_messages
@@ -41,20 +50,23 @@ def _histories(cfg: RunConfig) -> dict[str, str]:
     return history_texts(tables["sequences"], tables["items"], tables["users"])
 
 
-def _embedding_cache(cfg: RunConfig) -> Path:
-    import hashlib
-
-    return cfg.run_path / "cache" / f"embeddings-{hashlib.sha256(cfg.models.encoder.encode()).hexdigest()[:12]}.parquet"
-
-
 def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, stage: str) -> Path:
     """Reward every generation with the frozen recommender: `<run>/<stage>/rewards.parquet` (schema.REWARDS)."""
     stage_dir = cfg.run_path / stage
-    upstream = [read_marker(d)["fingerprint"] for d in (generations_dir, recommender_dir)]
+    upstream = [
+        require_marker(generations_dir, "generate")["fingerprint"],
+        require_marker(recommender_dir, "train-recommender")["fingerprint"],
+    ]
     fingerprint = f"{cfg.section_hash('reward', 'encode', 'models')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    reward_model = RewardModel.load(recommender_dir, cfg.run_path / "data", metric=cfg.reward.metric)
+    has_lists = pc.is_in(gens.column(S.USER_ID), pa.array(sorted(reward_model.by_user)))
+    unscorable = gens.num_rows - pc.sum(has_lists).as_py()
+    if unscorable:  # a user whose sequence left no complete re-rank list cannot be rewarded
+        log.warning("%s: %d texts of users without re-rank lists are not rewarded", stage, unscorable)
+        gens = gens.filter(has_lists)
     histories = _histories(cfg)
     texts = [
         user_knowledge_text(histories[u], t)
@@ -62,8 +74,7 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
     ]
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
-    vectors = encode_cached(encoder, texts, _embedding_cache(cfg))
-    reward_model = RewardModel.load(recommender_dir, cfg.run_path / "data", metric=cfg.reward.metric)
+    vectors = encode_cached(encoder, texts, embedding_cache(cfg))
     rewards = reward_model.score(gens.column(S.USER_ID).to_pylist(), vectors)
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
@@ -104,6 +115,8 @@ def _candidates(generations_dir: Path, rewards_dir: Path) -> dict[str, list[Cand
         if "empty" in row[S.FLAGS]:
             continue  # nothing to learn from an empty answer, as chosen or as rejected
         key = (row[S.USER_ID], row[S.SAMPLE_IDX])
+        if key not in reward_of:
+            continue  # not rewarded: its user has no re-rank list
         out.setdefault(key[0], []).append(Candidate(key[1], row[S.PREFERENCE_TEXT], reward_of[key]))
     return out
 
@@ -113,7 +126,7 @@ def run_pairs(
 ) -> Path:
     """Best/worst pairs of every user in `sources` [(generations dir, rewards dir)], one file per split."""
     stage_dir = cfg.run_path / stage
-    upstream = [read_marker(d)["fingerprint"] for pair in sources for d in pair]
+    upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
     fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
@@ -169,12 +182,28 @@ def best_texts(sources: list[tuple[Path, Path]]) -> dict[str, str]:
     return {u: c.text for u, c in best.items()}
 
 
+def first_texts(generations_dir: Path) -> dict[str, str]:
+    """user -> its sample-0 text: a choice that reads no label, for users whose lists select models (valid)."""
+    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    return {
+        u: t
+        for u, i, t in zip(
+            gens.column(S.USER_ID).to_pylist(),
+            gens.column(S.SAMPLE_IDX).to_pylist(),
+            gens.column(S.PREFERENCE_TEXT).to_pylist(),
+        )
+        if i == 0
+    }
+
+
 def run_loop(cfg: RunConfig) -> Path:
     """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
     from rlrf4rec.dpo import run_dpo
     from rlrf4rec.generate import run_generate
     from rlrf4rec.train import run_recommender
 
+    if cfg.generate.num_samples < 2:
+        raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: best-of-N pairs need at least 2 samples")
     rounds_dir = cfg.run_path / "rounds"
     data_dir = cfg.run_path / "data"
     home = assets.asset_home(cfg.assets.home)
@@ -190,8 +219,12 @@ def run_loop(cfg: RunConfig) -> Path:
     def generate(split: str, max_users: int | None, model: str, version: str) -> Path:
         # Named by policy, not round: round t+1 finds policy_{t+1}'s valid texts already written in round t.
         g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
-        return run_generate(dataclasses.replace(cfg, generate=g), model=model, policy_version=version,
-                            stage=f"generations/{version}-{split}")
+        return run_generate(
+            dataclasses.replace(cfg, generate=g),
+            model=model,
+            policy_version=version,
+            stage=f"generations/{version}-{split}",
+        )
 
     for t in range(cfg.loop.rounds):
         rd, version, next_version = f"rounds/round{t}", "base" if t == 0 else f"round{t}", f"round{t + 1}"
@@ -201,8 +234,18 @@ def run_loop(cfg: RunConfig) -> Path:
         rew_train = run_reward(cfg, gen_train, recommender_dir, f"{rd}/reward-train")
         rew_valid = run_reward(cfg, gen_valid, recommender_dir, f"{rd}/reward-valid")
         pairs_dir = run_pairs(cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], f"{rd}/pairs", version, t)
-        dpo_dir = run_dpo(cfg, pairs_dir / "pairs_train.parquet", Path(policy_path), f"round{t}",
-                          eval_pairs_path=pairs_dir / "pairs_valid.parquet")
+        if not read_marker(pairs_dir)["stats"].get("train/pairs"):
+            raise ValueError(
+                f"round {t}: no train pair survived ({pairs_dir}); raise loop.train_users or generate.num_samples, "
+                "lower reward.min_margin, or raise generate.temperature so the N texts differ"
+            )
+        dpo_dir = run_dpo(
+            cfg,
+            pairs_dir / "pairs_train.parquet",
+            Path(policy_path),
+            f"round{t}",
+            eval_pairs_path=pairs_dir / "pairs_valid.parquet",
+        )
         new_policy = str(dpo_dir / "model")
         gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
         rew_tuned = run_reward(cfg, gen_tuned, recommender_dir, f"{rd}/reward-valid-tuned")
@@ -216,9 +259,11 @@ def run_loop(cfg: RunConfig) -> Path:
             comparison["gain/ci_low"],
             comparison["gain/ci_high"],
         )
-        # Bidirectional gain: the recommender retrains on the best texts of this round (tuned policy on valid).
-        best = best_texts([(gen_train, rew_train), (gen_tuned, rew_tuned)])
-        texts = {u: user_knowledge_text(h, best.get(u)) for u, h in histories.items()}
+        # Bidirectional gain: the recommender retrains on the best texts of this round. Best-of-N reads labels, so
+        # only train users get it; valid users (they select the recommender's epoch) get the new policy's first
+        # sample, a label-free choice like the single greedy text test users get at evaluation.
+        chosen = {**first_texts(gen_tuned), **best_texts([(gen_train, rew_train)])}
+        texts = {u: user_knowledge_text(h, chosen.get(u)) for u, h in histories.items()}
         knowledge_dir = write_user_knowledge(cfg, next_version, texts, read_marker(pairs_dir)["fingerprint"])
         new_recommender = run_recommender(cfg, next_version, data_dir, knowledge_dir / "user_knowledge.parquet")
         manifest["rounds"].append(

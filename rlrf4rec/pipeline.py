@@ -68,6 +68,9 @@ def run_evaluate(cfg: RunConfig) -> Path:
     from rlrf4rec.evaluate import run_evaluate as stage
 
     manifest = json.loads((cfg.run_path / "rounds" / "manifest.json").read_text())
+    if len(manifest["rounds"]) != cfg.loop.rounds:
+        raise ValueError(f"{len(manifest['rounds'])} of loop.rounds={cfg.loop.rounds} rounds are complete; "
+                         "run `rlrf4rec loop` to finish them first")
     policies = [
         (
             "base LLM",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import MARKER, read_parquet, write_json
+from rlrf4rec.artifacts import MARKER, read_parquet, stage_output
 
 METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 
@@ -72,17 +73,16 @@ def _stage_times(run: Path) -> list[tuple[str, float]]:
 
 def _dpo_curves(run: Path) -> dict[str, dict[str, list[float]]]:
     curves = {}
-    for path in sorted((run / "dpo").glob("*/train_history.json")):
+    for path in sorted((run / "dpo").glob("*/history.json")):
         history = json.loads(path.read_text())
-        keys = ("loss", "rewards/margins", "rewards/accuracies")
+        keys = ("train/dpo_loss", "train/rewards/margins", "train/rewards/accuracies", "eval/rewards/accuracies")
         curves[path.parent.name] = {k: [h[k] for h in history if k in h] for k in keys}
     return curves
 
 
 def build_report(run: Path) -> Path:
-    """Write report.html and report.md into `<run>/report/`; every section appears when its inputs exist."""
-    out = run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    """Write report.html and report.md into `<run>/report/` (published whole, with a marker); every section
+    appears when its inputs exist. Re-run freely: it only reads."""
     md, body = ["# rlrf4rec run report", f"Run directory: `{run}`", ""], []
 
     table_path = run / "evaluate" / "table.json"
@@ -144,8 +144,9 @@ def build_report(run: Path) -> Path:
 
     for name, curve in _dpo_curves(run).items():
         body.append(f"<h3>DPO {html.escape(name)}</h3>" + "".join(_svg_curve(v, k) for k, v in curve.items()))
-        if curve["loss"]:
-            md.append(f"- DPO {name}: loss {curve['loss'][0]:.4f} → {curve['loss'][-1]:.4f}")
+        loss = curve["train/dpo_loss"]
+        if loss:
+            md.append(f"- DPO {name}: loss {loss[0]:.4f} → {loss[-1]:.4f} over {len(loss)} logged steps")
 
     times = _stage_times(run)
     md += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
@@ -167,9 +168,11 @@ def build_report(run: Path) -> Path:
         + "".join(body)
         + "</body></html>"
     )
-    (out / "report.html").write_text(page)
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    write_json({"sections": len(body)}, out / "_REPORT.json")
+    out = run / "report"
+    with stage_output(out, f"report-{time.time()}", "") as (tmp, stats):
+        (tmp / "report.html").write_text(page)
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        stats["sections"] = len(body)
     return out
 
 

@@ -1,26 +1,28 @@
 """The recommender stage on Ray Train: `recommender.fit` in TorchTrainer workers, checkpointed every epoch.
 
 Consumes the data stage's tables and, for a knowledge-augmented variant, a user knowledge Parquet file; produces
-`<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid and test metrics, per-epoch history
-and per-list test values. DDP over `recommender.num_workers` workers (gloo on CPU, NCCL on GPU); a worker failure
-restarts the group from the last checkpoint (`recommender.max_failures`). The caller owns the Ray connection.
+`<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid metrics and the per-epoch
+history (test users are scored once, by rlrf4rec.evaluate). DDP over `recommender.num_workers` workers (gloo on
+CPU, NCCL on GPU); a worker failure restarts the group from the last checkpoint (`recommender.max_failures`). The
+caller owns the Ray connection.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_parquet, stage_output, write_json
+from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.config import RecommenderConfig, RunConfig, dump_config
 from rlrf4rec.encode import vectors_of
 from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables
@@ -187,28 +189,28 @@ def run_recommender(
     cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, *, force: bool = False, **loop_extra
 ) -> Path:
     """Train one variant ("id" or a knowledge name) and write its stage directory; skip when complete."""
-    from rlrf4rec.artifacts import read_marker
 
     stage_dir = cfg.run_path / "recommender" / variant
-    upstream = [read_marker(data_dir)["fingerprint"]]
+    upstream = [require_marker(data_dir, "data")["fingerprint"]]
     if knowledge_path is not None:
-        upstream.append(read_marker(knowledge_path.parent)["fingerprint"])
+        upstream.append(require_marker(knowledge_path.parent, "encode")["fingerprint"])
     fingerprint = f"{cfg.section_hash('recommender', 'seed')}-{'-'.join(upstream)}"
     if not force and is_complete(stage_dir, fingerprint):
         log.info("recommender/%s: complete output matches the config; nothing to do", variant)
         return stage_dir
-    storage = cfg.run_path / "ray_train" / f"{variant}-{fingerprint[:16]}"
+    # Keyed on the whole fingerprint: Ray Train resumes whatever checkpoint it finds in storage, which must never
+    # be one trained on other data or knowledge.
+    storage = cfg.run_path / "ray_train" / f"{variant}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    if force:
+        shutil.rmtree(storage, ignore_errors=True)
     state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, **loop_extra)
     spec = model_spec(cfg.recommender)
     task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed)
     model.load_state_dict(state.best_model)
-    valid = task.evaluate(model, "valid", knowledge)
-    per_list = task.per_list_metrics(model, "test", knowledge)
-    test = {f"test/{k}": float(np.mean(v)) for k, v in per_list.items()}
+    valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         save_recommender(tmp / "model.pt", state.best_model, spec, knowledge, task)
         write_json(state.history, tmp / "history.json")
-        np.savez(tmp / "test_per_list.npz", users=np.array(task.list_users["test"]), **per_list)
         stats.update(
             {
                 "variant": variant,
@@ -216,12 +218,11 @@ def run_recommender(
                 "epochs_run": len(state.history),
                 "resumed_after": state.resumed_after or [],
                 **valid,
-                **test,
             }
         )
     log.info(
         "recommender/%s: %s",
         variant,
-        json.dumps({k: round(v, 4) for k, v in {**valid, **test}.items() if isinstance(v, float)}),
+        json.dumps({k: round(v, 4) for k, v in valid.items() if isinstance(v, float)}),
     )
     return stage_dir
