@@ -517,6 +517,7 @@ def run_dpo(
             resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
         )
         write_json(stats, tmp / "metrics.json")
-    shutil.rmtree(storage / "hf", ignore_errors=True)  # trainer scratch; Ray storage keeps the checkpoints
+    # Published: the checkpoints (full model states, ~0.5 GB each even with LoRA) are no longer needed to resume.
+    shutil.rmtree(storage, ignore_errors=True)
     log.info("dpo/%s: %s", out_name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
     return stage_dir
