@@ -515,6 +515,9 @@ def run_dpo(
             pairs=str(pairs_path),
             on_ray=on_ray,
             resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+            # What the last checkpoint held, recorded before the checkpoints are removed below.
+            checkpoint_adapter=(checkpoint / "adapter_config.json").is_file(),
+            checkpoint_deepspeed_shards=any(p.name.startswith("global_step") for p in checkpoint.iterdir()),
         )
         write_json(stats, tmp / "metrics.json")
     # Published: the checkpoints (full model states, ~0.5 GB each even with LoRA) are no longer needed to resume.

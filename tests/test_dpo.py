@@ -270,6 +270,6 @@ def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_
     assert stats["train/rewards/margins_last"] > 0 and stats["train/rewards/accuracies_last"] > 0
     assert stats["eval/rewards/accuracies"] == 1.0 and stats["eval/rewards/margins"] > 0
     assert (stage / "model" / "model.safetensors").is_file() and (stage / "model" / "tokenizer.json").is_file()
-    checkpoints = list((cfg.run_path / "ray_train").glob("dpo-round1-*/dpo-round1/checkpoint_*/checkpoint"))
-    assert checkpoints and all((c / "adapter_config.json").is_file() for c in checkpoints)
-    assert any((c / "global_step3").is_dir() for c in checkpoints)  # DeepSpeed's ZeRO shards, not plain DDP
+    # LoRA adapter checkpoints with DeepSpeed's ZeRO shards (not plain DDP), removed once the model is published.
+    assert stats["checkpoint_adapter"] and stats["checkpoint_deepspeed_shards"]
+    assert not list((cfg.run_path / "ray_train").glob("dpo-round1-*"))
