@@ -96,7 +96,9 @@ def build_report(run: Path) -> Path:
             "|---|" + "---|" * len(METRICS),
         ]
         rows_html = []
-        for name, metrics in table.items():
+        order = ["ID only", "history knowledge (no LLM)", "base LLM"]
+        rank = {name: (order.index(name) if name in order else len(order), name) for name in table}
+        for name, metrics in sorted(table.items(), key=lambda kv: rank[kv[0]]):
             cells = [f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
             rows_html.append(
