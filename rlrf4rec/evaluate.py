@@ -102,7 +102,7 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
             dataclasses.replace(cfg, generate=greedy),
             model=policy,
             policy_version=name,
-            stage=f"evaluate.texts/{name.split()[0]}",
+            stage=f"evaluate.texts/{name.replace(' ', '-')}",
         )
         gens = read_parquet(gen_dir / "generations.parquet", S.GENERATIONS)
         text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))

@@ -63,11 +63,18 @@ def _svg_curve(values: list[float], label: str, width: int = 560, height: int = 
 
 
 def _stage_times(run: Path) -> list[tuple[str, float]]:
-    rows = []
-    for marker in sorted(run.rglob(MARKER)):
+    """(stage, wall seconds since the previous stage finished), in finishing order: a stage computes before it
+    publishes, so the gap between consecutive completions is its time when the run went stage after stage."""
+    finished = []
+    for marker in run.rglob(MARKER):
         m = json.loads(marker.read_text())
-        if "started" in m and "finished" in m:
-            rows.append((str(marker.parent.relative_to(run)), m["finished"] - m["started"]))
+        if "finished" in m:
+            finished.append((m["finished"], m.get("started", m["finished"]), str(marker.parent.relative_to(run))))
+    finished.sort()
+    rows, previous = [], None
+    for end, start, name in finished:
+        rows.append((name, end - (previous if previous is not None else start)))
+        previous = end
     return rows
 
 
@@ -151,7 +158,8 @@ def build_report(run: Path) -> Path:
             md.append(f"- DPO {name}: loss {loss[0]:.4f} → {loss[-1]:.4f} over {len(loss)} logged steps")
 
     times = _stage_times(run)
-    md += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    md += ["", "## Time per stage (wall seconds since the previous stage finished)", "", "| stage | seconds |",
+           "|---|---|"]
     md += [f"| {name} | {seconds:.1f} |" for name, seconds in times]
     body.append(
         "<h2>Time per stage</h2><table>"
