@@ -61,6 +61,16 @@ def item_lookup(item_index: pa.Table) -> dict[str, int]:
     return dict(zip(item_index.column(S.ITEM_ID).to_pylist(), item_index.column(S.ITEM_IDX).to_pylist()))
 
 
+def _user_adaptor(spec: ModelSpec, knowledge_dim: int | None) -> KnowledgeAdaptor | None:
+    """The KAR adaptor for one knowledge type ("user"), or None for an ID-only model."""
+    if knowledge_dim is None:
+        return None
+    shared, specific = spec.adaptor_experts
+    return KnowledgeAdaptor(
+        {"user": knowledge_dim}, shared, specific, spec.adaptor_hidden, spec.adaptor_out, spec.dropout
+    )
+
+
 def _left_pad(rows: list[list[int]], length: int) -> torch.Tensor:
     out = torch.zeros(len(rows), length, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -127,16 +137,7 @@ class RerankTask:
 
     def build_model(self, knowledge_dim: int | None) -> PRM:
         s = self.spec
-        adaptor = None
-        if knowledge_dim is not None:
-            adaptor = KnowledgeAdaptor(
-                {"user": knowledge_dim},
-                s.adaptor_experts[0],
-                s.adaptor_experts[1],
-                s.adaptor_hidden,
-                s.adaptor_out,
-                s.dropout,
-            )
+        adaptor = _user_adaptor(s, knowledge_dim)
         return PRM(
             self.num_items,
             item_dim=s.item_dim,
@@ -225,16 +226,7 @@ class NextItemTask:
 
     def build_model(self, knowledge_dim: int | None) -> SASRec:
         s = self.spec
-        adaptor = None
-        if knowledge_dim is not None:
-            adaptor = KnowledgeAdaptor(
-                {"user": knowledge_dim},
-                s.adaptor_experts[0],
-                s.adaptor_experts[1],
-                s.adaptor_hidden,
-                s.adaptor_out,
-                s.dropout,
-            )
+        adaptor = _user_adaptor(s, knowledge_dim)
         return SASRec(
             self.num_items,
             hidden_dim=s.hidden_dim,
