@@ -301,6 +301,9 @@ class DPOConfig:
 class RewardConfig:
     metric: str = "ndcg@5"  # reward = mean of this metric over the user's own re-rank lists (ndcg@K or map@K)
     min_margin: float = 0.01  # a pair whose best-worst reward gap is smaller carries no preference: dropped
+    engine: str = "local"  # "local": in process, with the embedding cache; "ray": Ray Data actors (scale-out)
+    concurrency: int = 1  # Ray Data actors, each holding the encoder and the recommender
+    batch_size: int = 256  # texts per actor call
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
@@ -308,6 +311,10 @@ class RewardConfig:
             _fail("reward.metric", self.metric, "use ndcg@K or map@K with K in 1, 3, 5, 7")
         if not 0 <= self.min_margin < 1:
             _fail("reward.min_margin", self.min_margin, "use a margin in [0, 1)")
+        if self.engine not in ("local", "ray"):
+            _fail("reward.engine", self.engine, "use local or ray")
+        if self.concurrency < 1 or self.batch_size < 1:
+            _fail("reward.concurrency/batch_size", (self.concurrency, self.batch_size), "use positive integers")
 
 
 @dataclass(frozen=True)

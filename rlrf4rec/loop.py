@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_kn
 from rlrf4rec.metrics import bootstrap_ci
 from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
 from rlrf4rec.prompts import history_texts, preference_messages
-from rlrf4rec.reward import RewardModel, rewards_table
+from rlrf4rec.reward import RewardModel, rewards_table, score_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,23 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
         for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
     ]
     home = assets.asset_home(cfg.assets.home)
-    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
-    vectors = encode_cached(encoder, texts, embedding_cache(cfg))
-    rewards = reward_model.score(gens.column(S.USER_ID).to_pylist(), vectors)
+    make_encoder = partial(
+        TextEncoder, assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size
+    )
+    users = gens.column(S.USER_ID).to_pylist()
+    if cfg.reward.engine == "ray":
+        rows = pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: texts})
+        rewards = score_on_ray(
+            rows,
+            make_encoder,
+            recommender_dir,
+            cfg.run_path / "data",
+            cfg.reward.metric,
+            batch_size=cfg.reward.batch_size,
+            concurrency=cfg.reward.concurrency,
+        )
+    else:
+        rewards = reward_model.score(users, encode_cached(make_encoder(), texts, embedding_cache(cfg)))
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / "rewards.parquet", S.REWARDS)

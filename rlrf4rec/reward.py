@@ -11,7 +11,7 @@ Knows nothing about how the texts were generated or what the rewards are used fo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,3 +117,53 @@ def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:
         },
         schema=S.REWARDS,
     )
+
+
+# --------------------------------------------------------------------------------------------------- Ray Data
+
+
+class ScoreBatch:
+    """Ray Data callable: the encoder and the frozen recommender load once per actor, then each batch of
+    (user_id, knowledge_text) rows gets its rewards. Rows of a user are scored independently, so any batching
+    gives the same rewards."""
+
+    def __init__(self, make_encoder: Callable[[], object], recommender_dir: str, data_dir: str, metric: str):
+        self.encoder = make_encoder()
+        self.model = RewardModel.load(Path(recommender_dir), Path(data_dir), metric=metric)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.encoder.encode(batch.column(S.KNOWLEDGE_TEXT).to_pylist())
+        rewards = self.model.score(batch.column(S.USER_ID).to_pylist(), vectors)
+        return batch.append_column(S.REWARD, pa.array(rewards, pa.float64()))
+
+
+def score_on_ray(
+    rows: pa.Table,
+    make_encoder: Callable[[], object],
+    recommender_dir: Path,
+    data_dir: Path,
+    metric: str,
+    *,
+    batch_size: int,
+    concurrency: int,
+) -> np.ndarray:
+    """Rewards of `rows` (user_id, knowledge_text) on Ray Data, `concurrency` actors; returned in row order."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not ray.is_initialized():
+        raise RuntimeError("reward.engine=ray runs on Ray Data: call ray.init() first (the CLI does)")
+    indexed = rows.append_column("row", pa.array(np.arange(rows.num_rows), pa.int64()))
+    blocks = [indexed.slice(lo, batch_size) for lo in range(0, indexed.num_rows, batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        ScoreBatch,
+        fn_constructor_args=(make_encoder, str(recommender_dir), str(data_dir), metric),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=concurrency),
+        num_cpus=1,
+    )
+    out = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    rewards = np.empty(rows.num_rows, dtype=np.float64)
+    rewards[out.column("row").to_numpy()] = out.column(S.REWARD).to_numpy()
+    return rewards

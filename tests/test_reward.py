@@ -29,7 +29,7 @@ def reward_model(tmp_path_factory):
     model = task.build_model(knowledge.shape[1])
     state = fit(task, model, knowledge, seed=0)
     save_recommender(root / "model.pt", state.best_model, SPEC, knowledge, task)
-    return RewardModel.load(root, data_dir), tastes
+    return RewardModel.load(root, data_dir), tastes, root, data_dir
 
 
 def _taste_vectors(tastes, users, flip=False):
@@ -40,7 +40,7 @@ def _taste_vectors(tastes, users, flip=False):
 
 
 def test_the_right_text_earns_more_reward(reward_model):
-    rm, tastes = reward_model
+    rm, tastes, _, _ = reward_model
     users = [u for u in rm.task.list_users["train"][::3]]
     right = rm.score(users, _taste_vectors(tastes, users))
     wrong = rm.score(users, _taste_vectors(tastes, users, flip=True))
@@ -49,7 +49,7 @@ def test_the_right_text_earns_more_reward(reward_model):
 
 
 def test_reward_is_deterministic_and_independent_of_batching(reward_model):
-    rm, tastes = reward_model
+    rm, tastes, _, _ = reward_model
     users = sorted(set(rm.task.list_users["train"]))[:40] + sorted(set(rm.task.list_users["valid"]))[:5]
     vectors = np.random.default_rng(0).normal(size=(len(users), 8)).astype(np.float32)
     first = rm.score(users, vectors)
@@ -62,7 +62,7 @@ def test_reward_is_deterministic_and_independent_of_batching(reward_model):
 
 
 def test_unknown_user_and_id_only_model_are_refused(reward_model, tmp_path):
-    rm, _ = reward_model
+    rm, _, _, _ = reward_model
     with pytest.raises(ValueError, match="user 'nobody' has no re-rank list"):
         rm.score(["nobody"], np.zeros((1, 8), np.float32))
     task = rm.task
@@ -87,3 +87,35 @@ def test_rewards_table_keeps_the_generation_keys():
     )
     table = rewards_table(gens, np.array([0.25, 0.5]))
     assert table.schema == S.REWARDS and table.column(S.REWARD).to_pylist() == [0.25, 0.5]
+
+
+@pytest.mark.slow
+def test_ray_data_scoring_matches_in_process(reward_model, tmp_path):
+    """The scale-out path (actors holding encoder + recommender) gives exactly the in-process rewards."""
+    import os
+
+    import pyarrow as pa
+    import ray
+
+    from rlrf4rec import schema as S
+    from rlrf4rec.reward import score_on_ray
+
+    class TasteEncoder:  # texts that name a genre -> the synthetic knowledge vectors (local: shipped by value)
+        def encode(self, texts):
+            out = np.zeros((len(texts), 8), np.float32)
+            for i, text in enumerate(texts):
+                out[i, 1 if "genre B" in text else 0] = 1.0
+            return out
+
+    rm, tastes, model_dir, data_dir = reward_model
+    users = sorted(set(rm.task.list_users["train"]))[:30]
+    texts = [f"likes genre {'AB'[(tastes[u] + i) % 2]}" for i, u in enumerate(users)]
+    expected = rm.score(users, TasteEncoder().encode(texts))
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: texts})
+        got = score_on_ray(rows, TasteEncoder, model_dir, data_dir, "ndcg@5", batch_size=7, concurrency=2)
+    finally:
+        ray.shutdown()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
