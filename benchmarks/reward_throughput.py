@@ -22,8 +22,8 @@ import numpy as np
 
 from rlrf4rec import assets
 from rlrf4rec.config import load_config
+from rlrf4rec.data import user_history_texts
 from rlrf4rec.encode import TextEncoder, user_knowledge_text
-from rlrf4rec.loop import _histories
 from rlrf4rec.reward import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.config)
-    histories = _histories(cfg)
+    histories = user_history_texts(cfg)
     reward_model = RewardModel.load(cfg.run_path / "recommender" / "base", cfg.run_path / "data")
     users = sorted(reward_model.by_user)[: args.texts]
     moods = ["likes tense thrillers", "prefers light comedies", "enjoys old classics", "avoids violent films"]

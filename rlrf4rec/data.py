@@ -14,7 +14,15 @@ from pathlib import Path
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, stage_output, write_json, write_parquet
+from rlrf4rec.artifacts import (
+    is_complete,
+    read_marker,
+    read_parquet,
+    require_marker,
+    stage_output,
+    write_json,
+    write_parquet,
+)
 from rlrf4rec.config import RunConfig, dump_config
 from rlrf4rec.formats import load_dataset
 from rlrf4rec.protocol import build_protocol
@@ -84,6 +92,16 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
             }
         )
     return stage_dir
+
+
+def user_history_texts(cfg: RunConfig) -> dict[str, str]:
+    """user_id -> history text of its LLM window, from this run's data stage (every user of every split)."""
+    from rlrf4rec.prompts import history_texts
+
+    stage_dir = cfg.run_path / "data"
+    require_marker(stage_dir, "data")
+    tables = {n: read_parquet(stage_dir / f"{n}.parquet", TABLES[n]) for n in ("sequences", "items", "users")}
+    return history_texts(tables["sequences"], tables["items"], tables["users"])
 
 
 def data_stats(stage_dir: Path) -> dict:

@@ -142,10 +142,8 @@ def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstr
 
 def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     """Base knowledge: each user's history text alone (no LLM text yet), for every user of every split."""
-    from rlrf4rec.prompts import history_texts
+    from rlrf4rec.data import user_history_texts
 
-    data_dir = cfg.run_path / "data"
-    marker = require_marker(data_dir, "data")
-    tables = {n: read_parquet(data_dir / f"{n}.parquet") for n in ("sequences", "items", "users")}
-    texts = history_texts(tables["sequences"], tables["items"], tables["users"])
+    texts = user_history_texts(cfg)
+    marker = require_marker(cfg.run_path / "data", "data")
     return write_user_knowledge(cfg, "base", texts, marker["fingerprint"], force=force)

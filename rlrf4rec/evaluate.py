@@ -67,14 +67,10 @@ def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> d
     return {m: list(bootstrap_ci(v, num_samples=num_samples, seed=seed)) for m, v in per_user.items()}
 
 
-def _recommender(path: Path, data_dir: Path) -> RewardModel:
-    return RewardModel.load(path, data_dir, require_knowledge=False)
-
-
 def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
     """policies: [(row name, policy model path, recommender stage dir)] evaluated with greedy test texts."""
+    from rlrf4rec.data import user_history_texts
     from rlrf4rec.generate import run_generate
-    from rlrf4rec.loop import _histories
 
     data_dir = cfg.run_path / "data"
     rec_dir = cfg.run_path / "recommender"
@@ -85,15 +81,17 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
     test_users = sorted(set(RewardModel.load(rec_dir / "base", data_dir).task.list_users["test"]))
-    histories = _histories(cfg)
+    histories = user_history_texts(cfg)
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     cache = embedding_cache(cfg)
     rows: dict[str, dict[str, np.ndarray]] = {}
-    rows["ID only"] = per_user_metrics(_recommender(rec_dir / "id", data_dir), test_users, None)
+    rows["ID only"] = per_user_metrics(
+        RewardModel.load(rec_dir / "id", data_dir, require_knowledge=False), test_users, None
+    )
     history_vectors = encode_cached(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
     rows["history knowledge (no LLM)"] = per_user_metrics(
-        _recommender(rec_dir / "base", data_dir), test_users, history_vectors
+        RewardModel.load(rec_dir / "base", data_dir, require_knowledge=False), test_users, history_vectors
     )
     texts: dict[str, list[str]] = {}
     greedy = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1, temperature=0.0)
@@ -108,7 +106,9 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
         texts[name] = [text_of.get(u, "") for u in test_users]
         vectors = encode_cached(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
-        rows[name] = per_user_metrics(_recommender(recommender, data_dir), test_users, vectors)
+        rows[name] = per_user_metrics(
+            RewardModel.load(recommender, data_dir, require_knowledge=False), test_users, vectors
+        )
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_json(table, tmp / "table.json")

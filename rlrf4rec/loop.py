@@ -36,19 +36,14 @@ from rlrf4rec.artifacts import (
     write_parquet,
 )
 from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.data import user_history_texts
 from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_knowledge_text, write_user_knowledge
 from rlrf4rec.metrics import bootstrap_ci
 from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
-from rlrf4rec.prompts import history_texts, preference_messages
+from rlrf4rec.prompts import preference_messages
 from rlrf4rec.reward import RewardModel, rewards_table, score_on_ray
 
 log = logging.getLogger(__name__)
-
-
-def _histories(cfg: RunConfig) -> dict[str, str]:
-    data_dir = cfg.run_path / "data"
-    tables = {n: read_parquet(data_dir / f"{n}.parquet") for n in ("sequences", "items", "users")}
-    return history_texts(tables["sequences"], tables["items"], tables["users"])
 
 
 def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, stage: str) -> Path:
@@ -68,7 +63,7 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
     if unscorable:  # a user whose sequence left no complete re-rank list cannot be rewarded
         log.warning("%s: %d texts of users without re-rank lists are not rewarded", stage, unscorable)
         gens = gens.filter(has_lists)
-    histories = _histories(cfg)
+    histories = user_history_texts(cfg)
     texts = [
         user_knowledge_text(histories[u], t)
         for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
@@ -107,10 +102,15 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
     return stage_dir
 
 
-def _within_user_spread(rewards: pa.Table) -> float:
+def _rewards_by_user(rewards: pa.Table) -> dict[str, list[float]]:
     by_user: dict[str, list[float]] = {}
     for u, r in zip(rewards.column(S.USER_ID).to_pylist(), rewards.column(S.REWARD).to_pylist()):
         by_user.setdefault(u, []).append(r)
+    return by_user
+
+
+def _within_user_spread(rewards: pa.Table) -> float:
+    by_user = _rewards_by_user(rewards)
     return float(np.mean([max(v) - min(v) for v in by_user.values()])) if by_user else 0.0
 
 
@@ -150,7 +150,7 @@ def run_pairs(
         candidates.update(_candidates(gen_dir, rew_dir))
     seq = read_parquet(cfg.run_path / "data" / "sequences.parquet", S.SEQUENCES)
     splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
-    histories = _histories(cfg)
+    histories = user_history_texts(cfg)
     prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         for split in ("train", "valid"):
@@ -168,10 +168,7 @@ def compare_policies(before: Path, after: Path, num_samples: int, seed: int) -> 
     """Per-user mean reward of two policies on the same users: means and a paired bootstrap CI of the gain."""
 
     def per_user(rewards_dir: Path) -> dict[str, float]:
-        t = read_parquet(rewards_dir / "rewards.parquet", S.REWARDS)
-        by_user: dict[str, list[float]] = {}
-        for u, r in zip(t.column(S.USER_ID).to_pylist(), t.column(S.REWARD).to_pylist()):
-            by_user.setdefault(u, []).append(r)
+        by_user = _rewards_by_user(read_parquet(rewards_dir / "rewards.parquet", S.REWARDS))
         return {u: float(np.mean(v)) for u, v in by_user.items()}
 
     a, b = per_user(before), per_user(after)
@@ -223,7 +220,7 @@ def run_loop(cfg: RunConfig) -> Path:
     data_dir = cfg.run_path / "data"
     home = assets.asset_home(cfg.assets.home)
     policy, recommender_dir = cfg.models.llm, cfg.run_path / "recommender" / "base"
-    histories = _histories(cfg)
+    histories = user_history_texts(cfg)
     manifest: dict = {
         "config_hash": cfg.section_hash(*cfg.to_dict()),
         "data": read_marker(data_dir)["fingerprint"],
