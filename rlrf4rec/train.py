@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -135,6 +136,10 @@ def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> No
     marker = config.get("fail_marker")
     if marker and rank == world - 1 and epoch == config.get("fail_at_epoch") and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
+        # Ray Train's controller registers reported checkpoints asynchronously; an epoch here takes about a second,
+        # and a kill right after the report barrier could beat the registration of every checkpoint so far, so the
+        # group would restart from scratch. A real failure comes later than that; so does this one.
+        time.sleep(3.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
