@@ -59,7 +59,7 @@ def sanitize(text: str, max_chars: int = 200) -> str:
 class HistoryItem:
     title: str
     year: int | None
-    rating: float
+    rating: float | None  # None: unknown (an on-line request may send item ids only)
 
 
 def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object] | None = None) -> str:
@@ -72,6 +72,9 @@ def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object
     for item in items:
         title = sanitize(item.title).replace('"', "'")
         year = f" ({item.year})" if item.year else ""
+        if item.rating is None:
+            entries.append(f'"{title}"{year};')
+            continue
         stars = f"{item.rating:g} star" + ("" if item.rating == 1 else "s")
         entries.append(f'"{title}"{year}, {stars};')
     parts.append("History: " + " ".join(entries))

@@ -45,3 +45,17 @@ def asset_home() -> Path:
     for name in assets.EMBEDDED:
         assets.ensure_asset(name, home)
     return home
+
+
+@pytest.fixture(scope="session")
+def serving_run(asset_home, tmp_path_factory):
+    """A small finished run (synthetic data, real encoder) for the on-line re-ranking tests: (run_dir, tastes)."""
+    from synthetic import write_serving_run
+
+    from rlrf4rec import assets
+
+    return write_serving_run(
+        tmp_path_factory.mktemp("serving"),
+        llm=str(assets.asset_dir("smollm2-135m-instruct", asset_home)),
+        encoder=str(assets.asset_dir("all-minilm-l6-v2", asset_home)),
+    )

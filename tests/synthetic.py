@@ -79,3 +79,62 @@ def write_knowledge(path: Path, tastes: dict[str, int], dim: int = 8, noise: flo
         ),
         path,
     )
+
+
+SERVING_SPEC = dict(max_epochs=15, patience=5, batch_size=64, lr=2e-3, history_len=4, dropout=0.0)
+
+
+def preference(taste: int, wording: int = 0) -> str:
+    liked, other = "AB"[taste], "AB"[1 - taste]
+    if wording == 0:
+        return f"Loves genre {liked} movies and avoids genre {other} ones."
+    return f"A fan of genre {liked}; genre {other} bores this viewer."
+
+
+def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[str, int]]:
+    """A finished run directory as `rlrf4rec serve` reads it: data, recommender/{id,base,round1} and
+    knowledge/{base,round1} (the real encoder's vectors of per-taste preference texts; round1 words them anew).
+
+    Ratings are half liked, half not, so a history's items reveal no taste: only the knowledge does.
+    """
+    import torch
+
+    from rlrf4rec.artifacts import stage_output, write_parquet
+    from rlrf4rec.config import RunConfig, dump_config, from_dict
+    from rlrf4rec.data import run_data
+    from rlrf4rec.encode import TextEncoder, user_knowledge_text
+    from rlrf4rec.recommender import ModelSpec, fit
+    from rlrf4rec.train import build, save_recommender
+
+    tastes = write_dataset(root / "raw", num_users=400, length=40, liked_fraction=0.5)
+    cfg = from_dict(
+        RunConfig,
+        {
+            "name": "serve",
+            "run_dir": str(root / "run"),
+            "models": {"llm": llm, "encoder": encoder},
+            "data": {"format": "parquet", "path": str(root / "raw")},
+            "generate": {"engine": "transformers", "max_new_tokens": 8},
+        },
+    )
+    data_dir = run_data(cfg)
+    run = cfg.run_path
+    text_encoder = TextEncoder(encoder, max_length=64)
+    users = sorted(tastes)
+    for version, wording in (("base", 0), ("round1", 1)):
+        texts = [user_knowledge_text(f"History: {len(u)} movies", preference(tastes[u], wording)) for u in users]
+        with stage_output(run / "knowledge" / version, version, dump_config(cfg)) as (tmp, _):
+            table = pa.table(
+                {S.USER_ID: users, S.KNOWLEDGE_TEXT: texts, S.VECTOR: [v.tolist() for v in text_encoder.encode(texts)]},
+                schema=S.USER_KNOWLEDGE,
+            )
+            write_parquet(table, tmp / "user_knowledge.parquet", S.USER_KNOWLEDGE)
+    spec = ModelSpec(**SERVING_SPEC)
+    for variant in ("id", "base", "round1"):
+        path = None if variant == "id" else run / "knowledge" / variant / "user_knowledge.parquet"
+        task, knowledge, model = build(data_dir, path, spec, seed=0)
+        state = fit(task, model, knowledge, seed=0)
+        with stage_output(run / "recommender" / variant, variant, dump_config(cfg)) as (tmp, _):
+            save_recommender(tmp / "model.pt", state.best_model, spec, knowledge, task)
+    torch.set_num_threads(1)
+    return run, tastes

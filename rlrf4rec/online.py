@@ -1,0 +1,216 @@
+"""On-line re-ranking from a finished run directory (pure torch, no Ray): the core the Serve application wraps.
+
+Consumes a run directory: its data stage (item vocabulary, item genres, users' history windows), a recommender
+stage per version (`recommender/<version>/model.pt`; `recommender/id` is the ID-only fallback) and the user
+knowledge of that version (`knowledge/<version>/user_knowledge.parquet`). Produces scores for candidate lists.
+
+Versions: "base" (knowledge from history texts), "round<t>" (after DPO round t-1), or "latest" (the last version
+whose recommender and knowledge are both complete). Lists longer than the re-ranker's trained list length are scored
+in consecutive windows of that length, each window one list-wise forward pass.
+Knows nothing about HTTP, deployments or how the knowledge was produced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import read_marker, read_parquet
+from rlrf4rec.config import RunConfig, load_config
+from rlrf4rec.recommender import ModelSpec, RerankTask, item_lookup, load_tables
+
+PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    recommender_dir: Path
+    knowledge_dir: Path
+    policy: str  # the LLM that wrote this version's preference texts: models.llm or dpo/round<t-1>/model
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The config a run was made with (the data stage's copy), for the model and generation settings."""
+    path = Path(run_dir) / "data" / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no data stage; pass the run directory of a finished `rlrf4rec run`")
+    return load_config(path)
+
+
+def resolve_version(run_dir: Path, name: str) -> Version:
+    """A knowledge version of the run by name; 'latest' is the highest complete round, else base."""
+    run_dir = Path(run_dir)
+
+    def complete(v: str) -> bool:
+        return all(read_marker(run_dir / d / v) is not None for d in ("recommender", "knowledge"))
+
+    if name == "latest":
+        rounds = sorted(
+            (
+                int(m.group(1))
+                for p in (run_dir / "recommender").glob("round*")
+                if (m := re.fullmatch(r"round(\d+)", p.name))
+            ),
+            reverse=True,
+        )
+        name = next((f"round{t}" for t in rounds if complete(f"round{t}")), "base")
+    if not re.fullmatch(r"base|round\d+", name):
+        raise ValueError(f"version {name!r} is not known; use 'latest', 'base' or 'round<t>' (e.g. round1)")
+    if not complete(name):
+        raise FileNotFoundError(
+            f"version {name!r}: {run_dir}/recommender/{name} or {run_dir}/knowledge/{name} is missing or incomplete; "
+            f"finish the run (rlrf4rec run) or choose another version"
+        )
+    if name == "base":
+        policy = run_config(run_dir).models.llm
+    else:
+        policy = str(run_dir / "dpo" / f"round{int(name[5:]) - 1}" / "model")
+    return Version(name, run_dir / "recommender" / name, run_dir / "knowledge" / name, policy)
+
+
+def preference_of(knowledge_text: str) -> str | None:
+    """The preference part of a knowledge text (encode.user_knowledge_text), None for a history-only one."""
+    if not knowledge_text.startswith(PREFERENCES_PREFIX):
+        return None
+    # The history text closes the knowledge text: an optional "User: ..." line, then the "History: ..." line.
+    end = knowledge_text.rfind("\nHistory: ")
+    user_line = knowledge_text.rfind("\nUser: ", 0, end)
+    if user_line != -1 and "\n" not in knowledge_text[user_line + 1 : end]:
+        end = user_line
+    return knowledge_text[len(PREFERENCES_PREFIX) : end if end != -1 else None].strip()
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    text: str
+    vector: np.ndarray  # [D] float32
+
+
+class KnowledgeStore:
+    """user_id -> the user's knowledge text and vector of one version."""
+
+    def __init__(self, version: Version):
+        table = read_parquet(version.knowledge_dir / "user_knowledge.parquet", S.USER_KNOWLEDGE)
+        users = table.column(S.USER_ID).to_pylist()
+        vectors = np.asarray(table.column(S.VECTOR).to_pylist(), dtype=np.float32)  # [U, D]
+        self.version = version.name
+        self.dim = vectors.shape[1] if len(users) else 0
+        self._rows = {u: i for i, u in enumerate(users)}
+        self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
+        self._vectors = vectors
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, user_id: str) -> Knowledge | None:
+        row = self._rows.get(user_id)
+        return None if row is None else Knowledge(self._texts[row], self._vectors[row])
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request to re-rank: candidate item ids, and the user's history (request's, else the stored window)."""
+
+    candidates: Sequence[str]
+    user_id: str | None = None
+    history: Sequence[str] | None = None  # item ids, oldest first
+    vector: np.ndarray | None = None  # the user's knowledge [D]; None: ID-only model
+
+
+class ItemCatalog:
+    """The run's items: ids, titles and each user's stored history window (from the data stage)."""
+
+    def __init__(self, run_dir: Path):
+        data_dir = Path(run_dir) / "data"
+        self.tables = load_tables(data_dir)
+        self.index = item_lookup(self.tables["item_index"])
+        items = self.tables["items"].select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()
+        self.meta = {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items}
+        seq = self.tables["sequences"].select([S.USER_ID, S.ITEM_IDS, S.HISTORY_START, S.HISTORY_END]).to_pylist()
+        self.windows = {r[S.USER_ID]: r[S.ITEM_IDS][r[S.HISTORY_START] : r[S.HISTORY_END]] for r in seq}
+
+
+def _saved_model(recommender_dir: Path, *, knowledge: bool) -> dict:
+    if read_marker(recommender_dir) is None:
+        raise FileNotFoundError(f"{recommender_dir} holds no complete recommender stage")
+    saved = torch.load(recommender_dir / "model.pt", weights_only=False)
+    if knowledge != (saved["knowledge_dim"] is not None):
+        kind = "a knowledge-augmented" if knowledge else "an ID-only"
+        raise ValueError(f"{recommender_dir} does not hold {kind} recommender")
+    saved["spec"] = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
+    return saved
+
+
+class Reranker:
+    """The ID-only re-ranker plus the knowledge-augmented one of a version, ready to score batches of queries.
+    `load_version` swaps the knowledge-augmented model in place (what a Serve user_config update calls)."""
+
+    def __init__(self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None):
+        self.catalog = catalog or ItemCatalog(run_dir)
+        saved = _saved_model(Path(run_dir) / "recommender" / "id", knowledge=False)
+        self.task = RerankTask(self.catalog.tables, saved["spec"])
+        self.list_len = self.task.splits["train"].candidates.shape[1]
+        self.id_model = self._build(saved)
+        self.load_version(version)
+
+    def _build(self, saved: dict) -> torch.nn.Module:
+        if saved["spec"].history_len != self.task.spec.history_len:
+            raise ValueError("the ID-only and knowledge-augmented recommenders were trained with different history_len")
+        model = self.task.build_model(saved["knowledge_dim"])
+        model.load_state_dict(saved["model"])
+        return model.eval()
+
+    def load_version(self, version: Version) -> None:
+        model = self._build(_saved_model(version.recommender_dir, knowledge=True))
+        self.knowledge_model, self.version = model, version.name
+
+    def _history(self, q: Query) -> list[int]:
+        items = q.history if q.history is not None else self.catalog.windows.get(q.user_id, [])
+        return [self.catalog.index[i] for i in items][-self.task.spec.history_len :]
+
+    @torch.inference_mode()
+    def score(self, queries: Sequence[Query]) -> list[np.ndarray]:
+        """Scores [len(candidates)] per query, in candidate order; knowledge queries and ID-only ones each take one
+        forward pass over all their windows."""
+        out: list[np.ndarray | None] = [None] * len(queries)
+        for with_knowledge in (True, False):
+            group = [i for i, q in enumerate(queries) if (q.vector is not None) == with_knowledge]
+            if not group:
+                continue
+            cands, hists, owners, knowledge = [], [], [], []
+            for i in group:
+                q = queries[i]
+                idx = [self.catalog.index[c] for c in q.candidates]
+                for lo in range(0, len(idx), self.list_len):
+                    window = idx[lo : lo + self.list_len]
+                    cands.append([0] * (self.list_len - len(window)) + window)  # left padding, as in training
+                    hists.append(self._history(q))
+                    owners.append(i)
+                if with_knowledge:
+                    knowledge.extend([q.vector] * ((len(idx) + self.list_len - 1) // self.list_len))
+            candidates = torch.tensor(cands, dtype=torch.long)  # [W, L]
+            H = self.task.spec.history_len
+            history = torch.tensor([[0] * (H - len(h)) + h for h in hists], dtype=torch.long)  # [W, H]
+            model = self.knowledge_model if with_knowledge else self.id_model
+            k = torch.from_numpy(np.stack(knowledge)).float() if with_knowledge else None
+            logits = model(candidates, self.task.item_genres[candidates], knowledge=k, history=history).numpy()
+            parts: dict[int, list[np.ndarray]] = {}
+            for row, owner in enumerate(owners):
+                valid = candidates[row].numpy() != 0
+                parts.setdefault(owner, []).append(logits[row][valid])
+            for owner, chunks in parts.items():
+                out[owner] = np.concatenate(chunks)
+        return out  # type: ignore[return-value]
+
+
+def top_k(item_ids: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The k best (item, score), best first; ties keep request order (stable sort)."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(item_ids[i], float(scores[i])) for i in order]

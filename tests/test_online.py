@@ -1,0 +1,123 @@
+"""On-line re-ranking core: versions of a run, knowledge lookup, windowed list-wise scoring, both paths."""
+
+import numpy as np
+import pytest
+import torch
+from synthetic import NUM_ITEMS, preference
+
+from rlrf4rec import online
+from rlrf4rec.artifacts import MARKER, write_json
+
+GENRE_A = [str(i) for i in range(1, NUM_ITEMS // 2 + 1)]
+GENRE_B = [str(i) for i in range(NUM_ITEMS // 2 + 1, NUM_ITEMS + 1)]
+
+
+def _complete(path):
+    path.mkdir(parents=True)
+    write_json({"fingerprint": "x", "stage": path.name, "stats": {}}, path / MARKER)
+
+
+def test_latest_version_is_the_highest_complete_round(tmp_path):
+    for v in ("base", "round1", "round2"):
+        _complete(tmp_path / "recommender" / v)
+    for v in ("base", "round1"):
+        _complete(tmp_path / "knowledge" / v)
+    (tmp_path / "recommender" / "round3").mkdir()  # a round still being written
+    version = online.resolve_version(tmp_path, "latest")
+    assert version.name == "round1"
+    assert version.policy == str(tmp_path / "dpo" / "round0" / "model")
+    assert version.knowledge_dir == tmp_path / "knowledge" / "round1"
+    with pytest.raises(FileNotFoundError, match="round2.*choose another version"):
+        online.resolve_version(tmp_path, "round2")
+    with pytest.raises(ValueError, match="'latest', 'base' or 'round<t>'"):
+        online.resolve_version(tmp_path, "newest")
+
+
+def test_preference_part_of_a_knowledge_text():
+    assert online.preference_of("Preferences: likes noir.\nHas two lines.\nUser: age 3\nHistory: a; b;") == (
+        "likes noir.\nHas two lines."
+    )
+    assert online.preference_of("Preferences: likes noir.\nHistory: a;") == "likes noir."
+    assert online.preference_of("User: age 3\nHistory: a;") is None  # history-only knowledge
+
+
+@pytest.fixture(scope="module")
+def reranker(serving_run):
+    run, tastes = serving_run
+    version = online.resolve_version(run, "latest")
+    return online.Reranker(run, version), online.KnowledgeStore(version), tastes
+
+
+def test_knowledge_decides_the_ranking_when_history_says_nothing(reranker):
+    model, store, tastes = reranker
+    candidates = GENRE_A[:10] + GENRE_B[:10]
+    liked_share = {"knowledge": [], "id": []}
+    for user, taste in sorted(tastes.items())[:40]:
+        liked = set(GENRE_A if taste == 0 else GENRE_B)
+        with_k, id_only = model.score(
+            [online.Query(candidates, user, [], store.get(user).vector), online.Query(candidates, user, [])]
+        )
+        for path, scores in (("knowledge", with_k), ("id", id_only)):
+            top = online.top_k(candidates, scores, 10)
+            liked_share[path].append(sum(item in liked for item, _ in top) / 10)
+    assert np.mean(liked_share["knowledge"]) >= 0.9
+    assert 0.2 <= np.mean(liked_share["id"]) <= 0.8  # the ID-only model cannot know the taste
+    assert store.get(user).text.startswith("Preferences: " + preference(taste, wording=1))
+
+
+def test_windows_are_independent_lists_and_batching_changes_nothing(reranker):
+    model, store, _ = reranker
+    user = "u3"
+    vector = store.get(user).vector
+    candidates = GENRE_A[:13] + GENRE_B[:12]  # 25 = windows of 10, 10 and 5
+    (whole,) = model.score([online.Query(candidates, user, None, vector)])
+    assert whole.shape == (25,)
+    for lo in (0, 10, 20):
+        (alone,) = model.score([online.Query(candidates[lo : lo + 10], user, None, vector)])
+        np.testing.assert_allclose(whole[lo : lo + 10], alone, rtol=1e-5, atol=1e-6)
+    other = online.Query(GENRE_B[:7], "u5", None, store.get("u5").vector)
+    batched = model.score([other, online.Query(candidates, user, None, vector), online.Query(candidates, user)])
+    np.testing.assert_allclose(batched[1], whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(batched[2], whole)  # the ID-only model answered the third
+
+
+def test_one_window_equals_the_model_on_the_list(reranker):
+    model, store, _ = reranker
+    user, candidates = "u7", GENRE_B[:10]
+    (scores,) = model.score([online.Query(candidates, user, None, store.get(user).vector)])
+    idx = torch.tensor([[model.catalog.index[c] for c in candidates]])
+    history = [model.catalog.index[i] for i in model.catalog.windows[user]][-model.task.spec.history_len :]
+    with torch.inference_mode():
+        direct = model.knowledge_model(
+            idx,
+            model.task.item_genres[idx],
+            knowledge=torch.from_numpy(store.get(user).vector)[None],
+            history=torch.tensor([history]),
+        )[0].numpy()
+    np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_history_window_is_the_default(reranker):
+    model, store, _ = reranker
+    user, candidates = "u11", GENRE_A[:5] + GENRE_B[:5]
+    window = model.catalog.windows[user]
+    a, b = model.score([online.Query(candidates, user, None), online.Query(candidates, user, list(window))])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_load_version_swaps_the_knowledge_model_only(serving_run):
+    run, _ = serving_run
+    model = online.Reranker(run, online.resolve_version(run, "base"))
+    id_model = model.id_model
+    query = online.Query(
+        GENRE_A[:10], "u1", None, online.KnowledgeStore(online.resolve_version(run, "base")).get("u1").vector
+    )
+    (before,) = model.score([query])
+    model.load_version(online.resolve_version(run, "round1"))
+    (after,) = model.score([query])
+    assert model.version == "round1" and model.id_model is id_model
+    assert not np.allclose(before, after)
+
+
+def test_top_k_is_stable_on_ties():
+    assert online.top_k(["a", "b", "c"], np.array([1.0, 2.0, 1.0]), 3) == [("b", 2.0), ("a", 1.0), ("c", 1.0)]

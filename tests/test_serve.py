@@ -1,0 +1,229 @@
+"""The Ray Serve application over HTTP on 127.0.0.1: answers, refusals, fallback, shedding, hot swap, recovery."""
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+from synthetic import NUM_ITEMS, preference
+
+pytestmark = pytest.mark.slow
+
+GENRE_A = [str(i) for i in range(1, NUM_ITEMS // 2 + 1)]
+GENRE_B = [str(i) for i in range(NUM_ITEMS // 2 + 1, NUM_ITEMS + 1)]
+CANDIDATES = GENRE_A[:10] + GENRE_B[:10]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(serving_run):
+    import ray
+    from ray import serve
+
+    from rlrf4rec.serve import build_app
+
+    run, tastes = serving_run
+    port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Generous knowledge deadline: these tests assert the knowledge path on a loaded 2-core box.
+    serve.run(build_app({"run_dir": str(run), "knowledge_timeout_ms": 10_000}), name="main", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client, run, tastes, port
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _handles():
+    from ray import serve
+
+    return serve.get_deployment_handle("KnowledgeLookup", "main"), serve.get_deployment_handle("Reranker", "main")
+
+
+def _counts(client, prefix=""):
+    return client.get(f"{prefix}/stats").json()["counts"]
+
+
+def test_known_user_is_ranked_with_its_knowledge_and_told_why(app):
+    client, _, tastes, _ = app
+    user = "u4"
+    r = client.post("/rank", json={"user_id": user, "history": [], "candidates": CANDIDATES, "top_k": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["path"] == "knowledge" and body["fallback_reason"] is None
+    assert body["knowledge_source"] == "precomputed"
+    assert body["knowledge_version"] == body["model_version"] == "round1"  # latest
+    assert body["preference_text"] == preference(tastes[user], wording=1)
+    scores = [i["score"] for i in body["items"]]
+    assert len(scores) == 8 and scores == sorted(scores, reverse=True)
+    liked = set(GENRE_A if tastes[user] == 0 else GENRE_B)
+    assert sum(i["item_id"] in liked for i in body["items"]) >= 7
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"user_id": "u1"}, "candidates"),
+        ({"candidates": "1,2"}, "candidates"),
+        ({"candidates": []}, "candidates"),
+        ({"candidates": ["1"], "top_k": 0}, "top_k"),
+        ({"candidates": ["1"], "colour": "red"}, "colour"),
+        ({"candidates": ["1"], "history": [{"item_id": "2", "rating": 9}]}, "rating"),
+    ],
+)
+def test_bad_bodies_get_422_naming_the_field(app, body, field):
+    client = app[0]
+    r = client.post("/rank", json=body)
+    assert r.status_code == 422
+    assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.text
+
+
+def test_request_level_mistakes_get_422_with_the_fix(app):
+    client = app[0]
+    r = client.post("/rank", json={"candidates": ["1", "2", "1"]})
+    assert r.status_code == 422 and "duplicate item ids ['1']" in r.text
+    r = client.post("/rank", json={"candidates": ["1", "2"], "top_k": 3})
+    assert r.status_code == 422 and "lower top_k" in r.text
+    r = client.post("/rank", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_unknown_item_ids_get_400_naming_them(app):
+    client = app[0]
+    r = client.post("/rank", json={"candidates": ["1", "nope", "2", "gone"]})
+    assert r.status_code == 400
+    assert r.json()["detail"]["field"] == "candidates"
+    assert r.json()["detail"]["unknown_item_ids"] == ["nope", "gone"]
+    r = client.post("/rank", json={"candidates": ["1"], "history": [{"item_id": "999"}]})
+    assert r.status_code == 400 and r.json()["detail"] == {
+        "field": "history",
+        "error": "1 unknown item id(s); send ids from the run's item catalog",
+        "unknown_item_ids": ["999"],
+    }
+
+
+def test_user_without_knowledge_falls_back_to_id_only_and_is_counted(app):
+    client = app[0]
+    before = _counts(client).get("fallback/no_knowledge", 0)
+    r = client.post("/rank", json={"user_id": "someone-new", "history": [{"item_id": "3"}], "candidates": CANDIDATES})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["path"] == "fallback" and body["fallback_reason"] == "no_knowledge"
+    assert body["model_version"] == "id" and body["preference_text"] is None
+    assert sorted(i["item_id"] for i in body["items"]) == sorted(CANDIDATES)
+    assert _counts(client)["fallback/no_knowledge"] == before + 1
+
+
+def test_late_knowledge_falls_back_instead_of_waiting(app):
+    from ray import serve
+
+    from rlrf4rec.serve import Ingress
+
+    client, run, _, _ = app
+    knowledge, reranker = _handles()
+    serve.run(Ingress.bind(knowledge, reranker, str(run), 0.001), name="late", route_prefix="/late")
+    r = client.post("/late/rank", json={"user_id": "u4", "candidates": CANDIDATES})
+    assert r.status_code == 200
+    assert r.json()["path"] == "fallback" and r.json()["fallback_reason"] == "knowledge_late"
+    assert _counts(client, "/late") == {"fallback/knowledge_late": 1}
+    serve.delete("late")
+
+
+def test_overload_is_shed_with_503_not_timeouts(app):
+    from ray import serve
+
+    from rlrf4rec.serve import Ingress
+
+    client, run, _, port = app
+    knowledge, reranker = _handles()
+    tight = Ingress.options(max_ongoing_requests=1, max_queued_requests=1)
+    serve.run(tight.bind(knowledge, reranker, str(run), 10_000), name="tight", route_prefix="/tight")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            body = {"user_id": "u4", "candidates": GENRE_A + GENRE_B}
+            return await asyncio.gather(*(c.post("/tight/rank", json=body) for _ in range(40)))
+
+    start = time.monotonic()
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 10 and codes.count(200) >= 1
+    assert time.monotonic() - start < 30
+    serve.delete("tight")
+
+
+def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app):
+    import ray
+    from ray import serve
+
+    from rlrf4rec.serve import Ingress, Reranker
+
+    client, run, _, _ = app
+    knowledge, _ = _handles()
+    reranker = Reranker.options(num_replicas=2).bind(str(run), "latest")
+    serve.run(Ingress.bind(knowledge, reranker, str(run), 10_000), name="ha", route_prefix="/ha")
+
+    def running():
+        return serve.status().applications["ha"].deployments["Reranker"].replica_states.get("RUNNING", 0)
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ha#Reranker" in a["name"]]
+    assert len(names) == 2 and running() == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    codes = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        codes.append(client.post("/ha/rank", json={"user_id": "u4", "candidates": CANDIDATES}).status_code)
+        if len(codes) >= 30 and running() == 2:
+            break
+        time.sleep(0.1)
+    assert codes and set(codes) == {200}, codes
+    assert running() == 2
+    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ha#Reranker" in a["name"]]
+    assert names[0] not in after and len(after) == 2
+    serve.delete("ha")
+
+
+def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
+    from ray import serve
+
+    from rlrf4rec.serve import Ingress, KnowledgeLookup, PreferenceGenerator
+
+    client, run, _, _ = app
+    _, reranker = _handles()
+    generator = PreferenceGenerator.bind(str(run), "base")
+    # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one.
+    knowledge = KnowledgeLookup.bind(str(run), "base", generator, 1.0)
+    serve.run(Ingress.bind(knowledge, reranker, str(run), 10_000), name="gen", route_prefix="/gen")
+    body = {
+        "user_id": "newcomer",
+        "history": [{"item_id": "3", "rating": 5}, {"item_id": "50", "rating": 1}],
+        "candidates": CANDIDATES,
+    }
+    first = client.post("/gen/rank", json=body).json()
+    assert first["path"] == "fallback" and first["fallback_reason"] == "generation_late"
+    deadline, later = time.monotonic() + 120, first
+    while later["path"] != "knowledge" and time.monotonic() < deadline:
+        time.sleep(1)
+        later = client.post("/gen/rank", json=body).json()
+    assert later["path"] == "knowledge" and later["knowledge_source"] == "generated"
+    assert later["preference_text"]
+    assert _counts(client, "/gen")["fallback/generation_late"] >= 1
+    serve.delete("gen")
+
+
+def test_openapi_documents_the_rank_endpoint(app):
+    spec = app[0].get("/openapi.json").json()
+    assert "/rank" in spec["paths"]
+    assert set(spec["components"]["schemas"]["RankRequest"]["properties"]) == {
+        "user_id",
+        "history",
+        "candidates",
+        "top_k",
+    }
