@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         ("evaluate", "test users, once: ID-only, history knowledge, base LLM and every DPO round"),
         ("report", "write report.html and report.md from the run directory"),
         ("run", "run every stage in order"),
+        ("serve", "serve the run's re-ranker over HTTP on Ray Serve (knowledge path + ID-only fallback)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", type=Path, required=name != "assets", help="run config YAML (see configs/)")
@@ -76,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-pairs", type=Path, help="extra held-out pairs (e.g. valid users'), never trained")
             p.add_argument("--policy", help="policy model directory (default: models.llm, the base policy)")
             p.add_argument("--name", help="output name: <run>/dpo/<name>/ (default: the pairs file's name)")
+        if name == "serve":
+            p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
+            p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0: beyond this machine)")
+            p.add_argument("--port", type=int, default=8000)
+            p.add_argument("--knowledge-timeout-ms", type=float, default=50.0)
+            p.add_argument("--generation", action="store_true", help="generate knowledge for users without it")
     return parser
 
 
@@ -238,6 +246,28 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             outputs = pipeline.run_all(cfg)
         for name, path in outputs.items():
             print(f"{name:24s} {path}")
+        return 0
+    if args.command == "serve":
+        from ray import serve
+
+        from rlrf4rec.serve import build_app
+
+        app = build_app(
+            {
+                "run_dir": str(cfg.run_path),
+                "version": args.version,
+                "knowledge_timeout_ms": args.knowledge_timeout_ms,
+                "generation": args.generation,
+            }
+        )
+        with _ray_if_needed(cfg, True):
+            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.run(app, name="rlrf4rec", route_prefix="/")
+            print(f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank (API: /docs); Ctrl-C stops")
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                serve.shutdown()
         return 0
     raise AssertionError(args.command)
 

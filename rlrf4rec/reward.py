@@ -164,6 +164,9 @@ def score_on_ray(
         num_cpus=1,
     )
     out = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    returned = out.column("row").to_numpy()
+    if len(returned) != rows.num_rows or len(np.unique(returned)) != rows.num_rows:
+        raise RuntimeError(f"Ray Data returned {len(returned)} rewards for {rows.num_rows} rows (lost or repeated)")
     rewards = np.empty(rows.num_rows, dtype=np.float64)
-    rewards[out.column("row").to_numpy()] = out.column(S.REWARD).to_numpy()
+    rewards[returned] = out.column(S.REWARD).to_numpy()
     return rewards

@@ -227,3 +227,54 @@ def test_openapi_documents_the_rank_endpoint(app):
         "candidates",
         "top_k",
     }
+
+
+def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_run):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run, _ = serving_run
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "rlrf4rec"), "serve", "--config", str(run / "data" / "config.yaml")]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--version", "base"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline, r = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": CANDIDATES})
+                break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert r is not None and r.status_code == 200, proc.stdout.read() if proc.poll() is not None else r
+        assert r.json()["model_version"] == "base"
+        docs = httpx.get(f"http://127.0.0.1:{port}/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_application_arguments_are_checked_before_any_replica_starts(serving_run, tmp_path):
+    import pydantic
+
+    from rlrf4rec.serve import build_app
+
+    run, _ = serving_run
+    with pytest.raises(pydantic.ValidationError, match="knowledge_timout_ms"):
+        build_app({"run_dir": str(run), "knowledge_timout_ms": 5})
+    with pytest.raises(FileNotFoundError, match="round7.*choose another version"):
+        build_app({"run_dir": str(run), "version": "round7"})
+    with pytest.raises(FileNotFoundError, match="finish the run"):
+        build_app({"run_dir": str(tmp_path)})

@@ -1,0 +1,201 @@
+"""Load test of the Serve application: knowledge path vs ID-only path, side by side (target: p99 <= 30 ms at
+50 requests/s, 100 candidates per request, precomputed knowledge, 0 errors).
+
+    .venv/bin/python benchmarks/serve_load.py [--run-dir runs/ml100k-cpu] [--rate 50] [--seconds 30]
+
+Deploys serve_config.yaml as shipped (`serve run`, its own local Ray on 127.0.0.1, only run_dir and port changed),
+then sends an open-loop stream at a fixed rate: request i leaves at start + i / rate whether or not earlier ones
+have returned, so a slow server shows up as latency instead of a slower client (bounded by --max-in-flight).
+Knowledge path: known users. ID-only path: no user id, a random recent history -> the fallback re-ranker.
+The two phases alternate (--rounds) so both see the same machine load. Needs a finished run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run_dir: Path, port: int, workdir: Path) -> subprocess.Popen:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["run_dir"] = str(run_dir.resolve())
+    path = workdir / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve"), "run", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=open(workdir / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # `serve run` shuts the application and its local Ray down
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def phase(url: str, bodies: list[dict], rate: float, max_in_flight: int) -> dict:
+    """Send `bodies` open loop at `rate`/s; latency per request (ms) and status counts."""
+    latencies, codes = [], {}
+    in_flight = 0
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client:
+
+        async def one(body: dict) -> None:
+            nonlocal in_flight
+            in_flight += 1
+            start = time.perf_counter()
+            try:
+                r = await client.post("/rank", json=body)
+                code = r.status_code
+                if code == 200:
+                    latencies.append((time.perf_counter() - start) * 1000)
+            except httpx.HTTPError as e:
+                code = type(e).__name__
+            finally:
+                in_flight -= 1
+            codes[code] = codes.get(code, 0) + 1
+
+        tasks, t0 = [], time.perf_counter()
+        for i, body in enumerate(bodies):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if in_flight >= max_in_flight:
+                codes["dropped by client"] = codes.get("dropped by client", 0) + 1
+                continue
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    return {"latencies": latencies, "codes": codes, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "ml100k-cpu")
+    parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per path, split over --rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    items = pq.read_table(args.run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
+    users = pq.read_table(args.run_dir / "data" / "sequences.parquet").column("user_id").to_pylist()
+    per_round = int(args.rate * args.seconds / args.rounds)
+
+    def bodies(known: bool) -> list[dict]:
+        out = []
+        for _ in range(per_round):
+            body = {"candidates": [str(i) for i in rng.choice(items, args.candidates, replace=False)]}
+            if known:
+                body["user_id"] = str(rng.choice(users))
+            else:
+                body["history"] = [{"item_id": str(i)} for i in rng.choice(items, 20, replace=False)]
+            out.append(body)
+        return out
+
+    load_before = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args.run_dir, port, workdir)
+    results = {"knowledge": [], "ID-only fallback": []}
+    try:
+        deadline = time.monotonic() + 300
+        probe = {"user_id": users[0], "candidates": items[:10]}
+        while True:
+            try:
+                if httpx.post(f"{url}/rank", json=probe, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the application did not come up; see {workdir / 'serve.log'}")
+            time.sleep(1)
+        asyncio.run(phase(url, bodies(True)[:100], args.rate, args.max_in_flight))  # warm-up, not counted
+        for _ in range(args.rounds):
+            for name, known in (("knowledge", True), ("ID-only fallback", False)):
+                results[name].append(asyncio.run(phase(url, bodies(known), args.rate, args.max_in_flight)))
+        paths = httpx.get(f"{url}/stats").json()["counts"]
+    finally:
+        stop_server(proc)
+    load_after = os.getloadavg()
+
+    rows, p99 = [], {}
+    for name, runs in results.items():
+        lat = np.concatenate([r["latencies"] for r in runs]) if runs else np.zeros(0)
+        codes: dict = {}
+        for r in runs:
+            for k, v in r["codes"].items():
+                codes[k] = codes.get(k, 0) + v
+        sent = sum(codes.values())
+        errors = sent - codes.get(200, 0)
+        seconds = sum(r["seconds"] for r in runs)
+        p50, p90, p99[name] = (float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 90, 99))
+        rows.append(
+            f"| {name} | {sent} | {errors} | {codes.get(200, 0) / seconds:.1f} | {p50:.1f} | {p90:.1f} | "
+            f"{p99[name]:.1f} | {lat.max() if len(lat) else float('nan'):.1f} |"
+        )
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = "\n".join(
+        [
+            f"## {when} Serve load: knowledge path vs ID-only fallback",
+            "",
+            f"- Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
+            f"{platform.python_version()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+            f"{' '.join(f'{x:.2f}' for x in load_after)}.",
+            f"- Server: serve_config.yaml as shipped (`serve run`), run {args.run_dir}; client on the same box.",
+            f"- Load: open loop at {args.rate:g} requests/s, {args.candidates} candidates per request, "
+            f"{args.rounds} alternating rounds of {per_round} requests per path, max {args.max_in_flight} in flight.",
+            f"- Paths counted by the ingress: {paths}.",
+            "",
+            "| path | requests | errors | achieved req/s | p50 ms | p90 ms | p99 ms | max ms |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"knowledge / ID-only p99: {p99['knowledge'] / p99['ID-only fallback']:.2f}x",
+            "",
+        ]
+    )
+    print(report)
+    if not args.no_append:
+        with args.results.open("a") as f:
+            f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()

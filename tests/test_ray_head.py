@@ -1,0 +1,205 @@
+"""Against a real Ray head on 127.0.0.1 (`ray start --head`): the pipeline as a submitted job, and the Serve
+application deployed from serve_config.yaml, hot-swapped by a user_config change."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from synthetic import write_dataset
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := predicate():
+                return value
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{what} not within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def head(asset_home):
+    """A head node started the way a cluster starts one; stopped through its own process group."""
+    gcs, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rlray-", dir="/tmp")
+    token = secrets.token_hex(32)  # token authentication on, as on a real cluster; the CLIs read it from the env
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RLRF4REC_HOME": str(asset_home),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            # Free ports for the per-node agents too: their defaults (52365, ...) clash with any other Ray here.
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            "--num-cpus=4",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        auth = {"Authorization": f"Bearer {token}"}
+        _wait(lambda: httpx.get(f"{url}/api/version", headers=auth, timeout=5).status_code == 200, 180, "the dashboard")
+        yield {"url": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the head's process group is left
+        proc.wait()
+
+
+def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
+    write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
+    run_dir = tmp_path / "run"
+    config = yaml.safe_load((ROOT / "configs" / "ml100k-cpu.yaml").read_text())
+    config.update(name="tiny", run_dir=str(run_dir))
+    config["data"].update(format="parquet", path=str(tmp_path / "raw"))
+    config["generate"].update(engine="transformers", num_samples=2, max_new_tokens=8, batch_size=16)
+    config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
+    config["encode"].update(max_length=64)
+    config["recommender"].update(max_epochs=2, num_workers=1)
+    config["reward"].update(min_margin=0.0)
+    config["loop"].update(rounds=1, train_users=12, eval_users=4, bootstrap_samples=100)
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runtime_env = {"env_vars": {k: head["env"][k] for k in ("RLRF4REC_HOME", "OMP_NUM_THREADS")}}
+    job_id = f"rlrf4rec-tiny-{secrets.token_hex(4)}"
+
+    def ray_job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        command = [str(BIN / "ray"), "job", *args]
+        return subprocess.run(command, env=head["env"], capture_output=True, text=True, timeout=timeout)
+
+    def submitted() -> bool:
+        out = ray_job(
+            "submit",
+            "--address",
+            head["url"],
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            sys.executable,
+            "ray_jobs/run.py",
+            "--config",
+            str(config_path),
+        )
+        # The head's job agent can come up after the dashboard answers: "No available agent", try again.
+        assert out.returncode == 0 or "No available agent" in out.stderr, out.stderr[-3000:]
+        return out.returncode == 0
+
+    _wait(submitted, 120, "a job agent")
+    logs = ray_job("logs", "--address", head["url"], "--follow", job_id, timeout=1500)
+    status = ray_job("status", "--address", head["url"], job_id)
+    assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-6000:]
+    manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
+    assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
+    table = json.loads((run_dir / "evaluate" / "table.json").read_text())
+    assert set(table) == {"ID only", "history knowledge (no LLM)", "base LLM", "DPO round 1"}
+    low, mean, high = sorted(table["DPO round 1"]["ndcg@5"])  # mean with its bootstrap interval
+    assert 0 <= low <= mean <= high <= 1
+    assert (run_dir / "report" / "report.html").stat().st_size > 1000
+    assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
+
+
+def _replica_names(head, app: str) -> list[str]:
+    script = (
+        f"import json, ray; ray.init(address={head['gcs']!r}, log_to_driver=False); "
+        "print(json.dumps(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True))))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=head["env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [n for n in json.loads(out.stdout.strip().splitlines()[-1]) if f"{app}#" in n]
+
+
+def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_place(head, serving_run, tmp_path):
+    run, tastes = serving_run
+    port = _free_port()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    app["args"]["run_dir"] = str(run)
+    app["args"]["knowledge_timeout_ms"] = 10_000  # a loaded 2-core box; the fallback has its own tests
+
+    def deploy(version: str) -> None:
+        for d in app["deployments"]:
+            if "user_config" in d:
+                d["user_config"] = {"version": version}
+        path = tmp_path / f"serve-{version}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        out = subprocess.run(
+            [str(BIN / "serve"), "deploy", str(path), "--address", head["url"]],
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def answer(expected_version: str):
+        r = httpx.post(f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": ["1", "2", "50"]})
+        body = r.json() if r.status_code == 200 else {}
+        return body if body.get("knowledge_version") == expected_version == body.get("model_version") else None
+
+    try:
+        deploy("round1")
+        body = _wait(lambda: answer("round1"), 180, "the round1 application")
+        replicas = _replica_names(head, "rlrf4rec")
+        assert len(replicas) == 3 and body["path"] == "knowledge"
+        deploy("base")
+        body = _wait(lambda: answer("base"), 120, "the swap to base")
+        assert body["preference_text"].startswith("Loves genre")  # base wording (synthetic.preference)
+        assert _replica_names(head, "rlrf4rec") == replicas  # reconfigured in place, not restarted
+    finally:
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", head["url"]], env=head["env"], timeout=120)
