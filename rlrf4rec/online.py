@@ -12,6 +12,7 @@ Knows nothing about HTTP, deployments or how the knowledge was produced.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import read_marker, read_parquet
 from rlrf4rec.config import RunConfig, load_config
+from rlrf4rec.data import TABLES
 from rlrf4rec.recommender import ModelSpec, RerankTask, item_lookup, load_tables
 
 PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
@@ -122,10 +124,11 @@ class Query:
     user_id: str | None = None
     history: Sequence[str] | None = None  # item ids, oldest first
     vector: np.ndarray | None = None  # the user's knowledge [D]; None: ID-only model
+    knowledge_version: str | None = None  # the version the vector belongs to; another version's model won't use it
 
 
 class ItemCatalog:
-    """The run's items: ids, titles and each user's stored history window (from the data stage)."""
+    """The run's items (ids, titles) and users (stored history window with ratings, attributes), from the data stage."""
 
     def __init__(self, run_dir: Path):
         data_dir = Path(run_dir) / "data"
@@ -133,8 +136,16 @@ class ItemCatalog:
         self.index = item_lookup(self.tables["item_index"])
         items = self.tables["items"].select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()
         self.meta = {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items}
-        seq = self.tables["sequences"].select([S.USER_ID, S.ITEM_IDS, S.HISTORY_START, S.HISTORY_END]).to_pylist()
-        self.windows = {r[S.USER_ID]: r[S.ITEM_IDS][r[S.HISTORY_START] : r[S.HISTORY_END]] for r in seq}
+        cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
+        self.windows: dict[str, list[tuple[str, float]]] = {
+            r[S.USER_ID]: list(zip(r[S.ITEM_IDS], r[S.RATINGS]))[r[S.HISTORY_START] : r[S.HISTORY_END]]
+            for r in self.tables["sequences"].select(cols).to_pylist()
+        }
+        self.attributes: dict[str, dict] = {}
+        users_path = data_dir / "users.parquet"
+        if users_path.is_file():
+            for r in read_parquet(users_path, TABLES["users"]).to_pylist():
+                self.attributes[r[S.USER_ID]] = {"age": r[S.AGE], "gender": r[S.GENDER], "occupation": r[S.OCCUPATION]}
 
 
 def _saved_model(recommender_dir: Path, *, knowledge: bool) -> dict:
@@ -148,66 +159,84 @@ def _saved_model(recommender_dir: Path, *, knowledge: bool) -> dict:
     return saved
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    model: torch.nn.Module
+    version: str
+    history_len: int
+
+
 class Reranker:
     """The ID-only re-ranker plus the knowledge-augmented one of a version, ready to score batches of queries.
-    `load_version` swaps the knowledge-augmented model in place (what a Serve user_config update calls)."""
+    `load_version` swaps the knowledge-augmented model in place (what a Serve user_config update calls); a batch
+    reads the (model, version) pair once, so it never mixes two versions."""
 
     def __init__(self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None):
         self.catalog = catalog or ItemCatalog(run_dir)
         saved = _saved_model(Path(run_dir) / "recommender" / "id", knowledge=False)
         self.task = RerankTask(self.catalog.tables, saved["spec"])
         self.list_len = self.task.splits["train"].candidates.shape[1]
-        self.id_model = self._build(saved)
+        self.id_model = self._build(saved, "id")
         self.load_version(version)
 
-    def _build(self, saved: dict) -> torch.nn.Module:
-        if saved["spec"].history_len != self.task.spec.history_len:
-            raise ValueError("the ID-only and knowledge-augmented recommenders were trained with different history_len")
-        model = self.task.build_model(saved["knowledge_dim"])
+    def _build(self, saved: dict, version: str) -> _Loaded:
+        task = copy.copy(self.task)
+        task.spec = saved["spec"]  # each model with its own sizes; items, genres and lists are shared
+        model = task.build_model(saved["knowledge_dim"])
         model.load_state_dict(saved["model"])
-        return model.eval()
+        return _Loaded(model.eval(), version, saved["spec"].history_len)
 
     def load_version(self, version: Version) -> None:
-        model = self._build(_saved_model(version.recommender_dir, knowledge=True))
-        self.knowledge_model, self.version = model, version.name
+        self.knowledge_model = self._build(_saved_model(version.recommender_dir, knowledge=True), version.name)
 
-    def _history(self, q: Query) -> list[int]:
-        items = q.history if q.history is not None else self.catalog.windows.get(q.user_id, [])
-        return [self.catalog.index[i] for i in items][-self.task.spec.history_len :]
+    @property
+    def version(self) -> str:
+        return self.knowledge_model.version
+
+    def _history(self, q: Query, length: int) -> list[int]:
+        if q.history is not None:
+            items = q.history
+        else:
+            items = [i for i, _ in self.catalog.windows.get(q.user_id, [])]
+        return [self.catalog.index[i] for i in items][-length:] if length else []
 
     @torch.inference_mode()
-    def score(self, queries: Sequence[Query]) -> list[np.ndarray]:
-        """Scores [len(candidates)] per query, in candidate order; knowledge queries and ID-only ones each take one
-        forward pass over all their windows."""
-        out: list[np.ndarray | None] = [None] * len(queries)
-        for with_knowledge in (True, False):
-            group = [i for i, q in enumerate(queries) if (q.vector is not None) == with_knowledge]
+    def score(self, queries: Sequence[Query]) -> list[tuple[np.ndarray, str]]:
+        """(scores [len(candidates)] in candidate order, model version used) per query. A query's vector is used
+        when its knowledge version is the model's (or unstated); otherwise, or without a vector, the ID-only model
+        answers ("id"). Each model takes one forward pass over all windows of its queries."""
+        loaded = self.knowledge_model  # one read: a concurrent load_version cannot split this batch
+        use_knowledge = [q.vector is not None and q.knowledge_version in (None, loaded.version) for q in queries]
+        out: list = [None] * len(queries)
+        for with_knowledge, model in ((True, loaded), (False, self.id_model)):
+            group = [i for i, q in enumerate(queries) if use_knowledge[i] == with_knowledge and len(q.candidates)]
+            for i in (i for i, q in enumerate(queries) if use_knowledge[i] == with_knowledge and not q.candidates):
+                out[i] = (np.zeros(0, np.float32), model.version)
             if not group:
                 continue
             cands, hists, owners, knowledge = [], [], [], []
             for i in group:
                 q = queries[i]
                 idx = [self.catalog.index[c] for c in q.candidates]
+                hist = self._history(q, model.history_len)
                 for lo in range(0, len(idx), self.list_len):
                     window = idx[lo : lo + self.list_len]
                     cands.append([0] * (self.list_len - len(window)) + window)  # left padding, as in training
-                    hists.append(self._history(q))
+                    hists.append(hist)
                     owners.append(i)
-                if with_knowledge:
-                    knowledge.extend([q.vector] * ((len(idx) + self.list_len - 1) // self.list_len))
+                    if with_knowledge:
+                        knowledge.append(q.vector)
             candidates = torch.tensor(cands, dtype=torch.long)  # [W, L]
-            H = self.task.spec.history_len
+            H = model.history_len
             history = torch.tensor([[0] * (H - len(h)) + h for h in hists], dtype=torch.long)  # [W, H]
-            model = self.knowledge_model if with_knowledge else self.id_model
             k = torch.from_numpy(np.stack(knowledge)).float() if with_knowledge else None
-            logits = model(candidates, self.task.item_genres[candidates], knowledge=k, history=history).numpy()
+            logits = model.model(candidates, self.task.item_genres[candidates], knowledge=k, history=history).numpy()
             parts: dict[int, list[np.ndarray]] = {}
             for row, owner in enumerate(owners):
-                valid = candidates[row].numpy() != 0
-                parts.setdefault(owner, []).append(logits[row][valid])
+                parts.setdefault(owner, []).append(logits[row][cands[row].count(0) :])
             for owner, chunks in parts.items():
-                out[owner] = np.concatenate(chunks)
-        return out  # type: ignore[return-value]
+                out[owner] = (np.concatenate(chunks), model.version)
+        return out
 
 
 def top_k(item_ids: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, float]]:

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -38,7 +39,14 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 1000
 MAX_HISTORY = 200
-FALLBACK_REASONS = ("no_knowledge", "knowledge_late", "knowledge_error", "generation_late", "generation_error")
+FALLBACK_REASONS = (
+    "no_knowledge",
+    "knowledge_late",
+    "knowledge_error",
+    "generation_late",
+    "generation_error",
+    "version_mismatch",
+)
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP API
@@ -47,7 +55,7 @@ FALLBACK_REASONS = ("no_knowledge", "knowledge_late", "knowledge_error", "genera
 class HistoryEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: str = Field(min_length=1, max_length=128)
-    rating: float | None = Field(None, ge=0, le=5, description="1-5 stars; only used to prompt on-line generation")
+    rating: float | None = Field(None, ge=0, le=5, description="0-5 stars; only used to prompt on-line generation")
 
 
 class RankRequest(BaseModel):
@@ -122,16 +130,18 @@ class Reranker:
         self.run_dir = Path(run_dir)
         self.core = online.Reranker(self.run_dir, online.resolve_version(self.run_dir, version))
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
+        # async: runs on the replica's event loop, between batches, never beside one in a thread.
         version = online.resolve_version(self.run_dir, _version_from(user_config, self.core.version))
         if version.name != self.core.version:
             self.core.load_version(version)
             log.info("re-ranker now serves version %s", version.name)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    # No wait for batch-mates: whatever queued while the previous batch ran forms the next one.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def rank(self, queries: list[online.Query]) -> list[tuple[np.ndarray, str]]:
-        version = self.core.version
-        return [(s, version) for s in self.core.score(queries)]
+        """(scores, model version used: the knowledge version, or "id" for the ID-only model) per query."""
+        return self.core.score(queries)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64)
@@ -155,25 +165,27 @@ class PreferenceGenerator:
         cfg = online.run_config(self.run_dir)
         model = assets.resolve(version.policy, assets.asset_home(cfg.assets.home))
         gen_cfg = dataclasses.replace(cfg.generate, temperature=0.0)
-        self.engine = (VLLMEngine if cfg.generate.engine == "vllm" else TransformersEngine)(model, gen_cfg)
-        self.render = chat_renderer(model)
-        self.domain, self.version = cfg.generate.domain, version.name
+        engine = (VLLMEngine if cfg.generate.engine == "vllm" else TransformersEngine)(model, gen_cfg)
+        self.policy = (engine, chat_renderer(model), cfg.generate.domain)  # one assignment: batches see one policy
+        self.version = version.name
 
-    def reconfigure(self, user_config: dict) -> None:
-        self._load(_version_from(user_config, self.version))
+    async def reconfigure(self, user_config: dict) -> None:
+        await asyncio.to_thread(self._load, _version_from(user_config, self.version))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate(self, history_texts: list[str]) -> list[str]:
         from rlrf4rec.prompts import preference_messages
 
-        prompts = [self.render(preference_messages(h, self.domain)) for h in history_texts]
-        completions = await asyncio.to_thread(self.engine.generate, prompts, [0] * len(prompts))
+        engine, render, domain = self.policy
+        prompts = [render(preference_messages(h, domain)) for h in history_texts]
+        completions = await asyncio.to_thread(engine.generate, prompts, [0] * len(prompts))
         return [c.text.strip() for c in completions]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128, max_queued_requests=256)
 class KnowledgeLookup:
     CACHE_SIZE = 10_000
+    GENERATION_TIMEOUT_S = 120.0  # a generation still running after this is abandoned (the next request retries)
 
     def __init__(
         self, run_dir: str, version: str, generator: DeploymentHandle | None = None, deadline_ms: float = 2000.0
@@ -193,11 +205,11 @@ class KnowledgeLookup:
             encoder = assets.resolve(cfg.models.encoder, assets.asset_home(cfg.assets.home))
             self.encoder = TextEncoder(encoder, max_length=cfg.encode.max_length)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         version = online.resolve_version(self.run_dir, _version_from(user_config, self.store.version))
         if version.name != self.store.version:
             self.store = online.KnowledgeStore(version)
-            self.generated.clear()  # texts of the previous policy
+            self.generated.clear()  # texts of the previous policy; late ones are dropped by _generate
             log.info("knowledge now serves version %s", version.name)
 
     async def lookup(self, user_id: str | None, history: list[tuple[str, float | None]] | None) -> dict:
@@ -207,40 +219,48 @@ class KnowledgeLookup:
             return {"text": known.text, "vector": known.vector, "source": "precomputed", "version": self.store.version}
         if self.generator is None:
             return {"reason": "no_knowledge"}
+        attributes = self.catalog.attributes.get(user_id) if user_id is not None else None
         if history is None and user_id in self.catalog.windows:
-            history = [(i, None) for i in self.catalog.windows[user_id]]
+            history = self.catalog.windows[user_id]  # with ratings, as the offline prompts had them
         if not history:
             return {"reason": "no_knowledge"}
-        key = hashlib.sha256(repr((user_id, history)).encode()).hexdigest()
+        key = hashlib.sha256(repr((self.store.version, user_id, history)).encode()).hexdigest()
         if key in self.generated:
             self.generated.move_to_end(key)
             return self.generated[key]
         task = self.pending.get(key)
         if task is None:
-            task = self.pending[key] = asyncio.create_task(self._generate(key, history))
+            task = self.pending[key] = asyncio.create_task(self._generate(key, history, attributes))
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.deadline_s)
         except asyncio.TimeoutError:
             return {"reason": "generation_late"}
-        except Exception:
-            log.exception("on-line generation failed")
-            return {"reason": "generation_error"}
 
-    async def _generate(self, key: str, history: list[tuple[str, float | None]]) -> dict:
+    async def _generate(self, key: str, history: list[tuple[str, float | None]], attributes: dict | None) -> dict:
+        """Generate, encode and cache one user's knowledge; never raises (a failure is a fallback reason)."""
         from rlrf4rec.encode import user_knowledge_text
         from rlrf4rec.prompts import HistoryItem, history_text
 
+        version = self.store.version
         try:
-            items = [HistoryItem(*self.catalog.meta[i], r) for i, r in history]
-            hist = history_text(items)
-            preference = await self.generator.generate.remote(hist)
+            hist = history_text([HistoryItem(*self.catalog.meta[i], r) for i, r in history], attributes)
+            call = self.generator.generate.remote(hist)
+            try:
+                preference = await asyncio.wait_for(call, self.GENERATION_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise
             text = user_knowledge_text(hist, preference)
             vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]
-            out = {"text": text, "vector": vector, "source": "generated", "version": self.store.version}
-            self.generated[key] = out
-            while len(self.generated) > self.CACHE_SIZE:
-                self.generated.popitem(last=False)
+            out = {"text": text, "vector": vector, "source": "generated", "version": version}
+            if version == self.store.version:  # a version swap while generating: the text is the old policy's
+                self.generated[key] = out
+                while len(self.generated) > self.CACHE_SIZE:
+                    self.generated.popitem(last=False)
             return out
+        except Exception:
+            log.exception("on-line generation failed")
+            return {"reason": "generation_error"}
         finally:
             self.pending.pop(key, None)
 
@@ -296,9 +316,11 @@ class Ingress:
 
     async def _knowledge(self, req: RankRequest) -> dict:
         history = None if req.history is None else [(h.item_id, h.rating) for h in req.history]
+        response = self.knowledge.lookup.remote(req.user_id, history)
         try:
-            return await asyncio.wait_for(self.knowledge.lookup.remote(req.user_id, history), self.timeout_s)
+            return await asyncio.wait_for(response, self.timeout_s)
         except asyncio.TimeoutError:
+            response.cancel()  # free the lookup's slot; a generation it started runs on, shielded, into the cache
             return {"reason": "knowledge_late"}
         except Exception as e:  # overloaded, dead or failing: the ID-only path still answers
             log.warning("knowledge lookup failed: %r", e)
@@ -308,9 +330,9 @@ class Ingress:
         for attempt in range(self.RETRIES):
             try:
                 return await self.reranker.rank.remote(query)
-            except (RayActorError, ActorUnavailableError):
+            except RayActorError as e:  # includes ActorDiedError, ActorUnavailableError
                 if attempt == self.RETRIES - 1:
-                    raise
+                    raise HTTPException(503, detail="re-ranker unavailable; retry later") from e
                 log.warning("re-ranker replica unavailable, retrying (%d)", attempt + 1)
         raise AssertionError("unreachable")
 
@@ -323,13 +345,19 @@ class Ingress:
             self._unknown("history", [h.item_id for h in req.history])
         k = await self._knowledge(req)
         history = None if req.history is None else [h.item_id for h in req.history]
-        query = online.Query(req.candidates, req.user_id, history, k.get("vector"))
+        query = online.Query(req.candidates, req.user_id, history, k.get("vector"), k.get("version"))
         try:
             scores, model_version = await self._rank(query)
         except BackPressureError as e:
             self.counts["shed"] += 1
-            raise HTTPException(503, detail=f"re-ranker overloaded: {e.message}; retry later") from e
-        path, reason = ("knowledge", None) if "vector" in k else ("fallback", k["reason"])
+            retry = {"Retry-After": str(math.ceil(e.retry_after_s))} if e.retry_after_s is not None else None
+            raise HTTPException(e.status_code, detail=f"re-ranker overloaded: {e.message}", headers=retry) from e
+        if "vector" not in k:
+            path, reason = "fallback", k["reason"]
+        elif model_version == "id":  # mid version swap: this knowledge is not the model's; never mix them
+            path, reason = "fallback", "version_mismatch"
+        else:
+            path, reason = "knowledge", None
         self.counts[path if reason is None else f"fallback/{reason}"] += 1
         self.requests.inc(tags={"path": path, "reason": reason or ""})
         self.latency.observe((time.perf_counter() - start) * 1000, tags={"path": path})
@@ -338,10 +366,10 @@ class Ingress:
             items=[RankedItem(item_id=i, score=s) for i, s in ranked],
             path=path,
             fallback_reason=reason,
-            preference_text=online.preference_of(k["text"]) if "text" in k else None,
-            knowledge_source=k.get("source"),
+            preference_text=online.preference_of(k["text"]) if path == "knowledge" else None,
+            knowledge_source=k.get("source") if path == "knowledge" else None,
             knowledge_version=k.get("version"),
-            model_version=model_version if path == "knowledge" else "id",
+            model_version=model_version,
         )
 
     @api.get("/stats")
@@ -359,8 +387,12 @@ def build_app(args: ServeArgs) -> serve.Application:
     if isinstance(args, dict):
         args = ServeArgs(**args)
     run_dir = str(Path(args.run_dir).resolve())
-    online.resolve_version(Path(run_dir), args.version)  # fail here, with the fix, not inside a replica
-    generator = PreferenceGenerator.bind(run_dir, args.version) if args.generation else None
-    knowledge = KnowledgeLookup.bind(run_dir, args.version, generator, args.generation_deadline_ms)
-    reranker = Reranker.bind(run_dir, args.version, args.threads)
-    return Ingress.bind(knowledge, reranker, run_dir, args.knowledge_timeout_ms)
+    # Resolved once, here: every replica starts on the same version even if a round finishes meanwhile (and it
+    # fails here, with the fix, rather than inside a replica).
+    version = online.resolve_version(Path(run_dir), args.version).name
+    generator = PreferenceGenerator.bind(run_dir, version) if args.generation else None
+    knowledge = KnowledgeLookup.bind(run_dir, version, generator, args.generation_deadline_ms)
+    reranker = Reranker.bind(run_dir, version, args.threads)
+    # With generation, the lookup itself may wait up to its generation deadline: the ingress waits that long too.
+    timeout_ms = args.knowledge_timeout_ms + (args.generation_deadline_ms if args.generation else 0)
+    return Ingress.bind(knowledge, reranker, run_dir, timeout_ms)

@@ -54,9 +54,10 @@ def test_knowledge_decides_the_ranking_when_history_says_nothing(reranker):
     liked_share = {"knowledge": [], "id": []}
     for user, taste in sorted(tastes.items())[:40]:
         liked = set(GENRE_A if taste == 0 else GENRE_B)
-        with_k, id_only = model.score(
+        (with_k, v1), (id_only, v2) = model.score(
             [online.Query(candidates, user, [], store.get(user).vector), online.Query(candidates, user, [])]
         )
+        assert (v1, v2) == ("round1", "id")
         for path, scores in (("knowledge", with_k), ("id", id_only)):
             top = online.top_k(candidates, scores, 10)
             liked_share[path].append(sum(item in liked for item, _ in top) / 10)
@@ -70,25 +71,25 @@ def test_windows_are_independent_lists_and_batching_changes_nothing(reranker):
     user = "u3"
     vector = store.get(user).vector
     candidates = GENRE_A[:13] + GENRE_B[:12]  # 25 = windows of 10, 10 and 5
-    (whole,) = model.score([online.Query(candidates, user, None, vector)])
+    ((whole, _),) = model.score([online.Query(candidates, user, None, vector)])
     assert whole.shape == (25,)
     for lo in (0, 10, 20):
-        (alone,) = model.score([online.Query(candidates[lo : lo + 10], user, None, vector)])
+        ((alone, _),) = model.score([online.Query(candidates[lo : lo + 10], user, None, vector)])
         np.testing.assert_allclose(whole[lo : lo + 10], alone, rtol=1e-5, atol=1e-6)
     other = online.Query(GENRE_B[:7], "u5", None, store.get("u5").vector)
     batched = model.score([other, online.Query(candidates, user, None, vector), online.Query(candidates, user)])
-    np.testing.assert_allclose(batched[1], whole, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(batched[2], whole)  # the ID-only model answered the third
+    np.testing.assert_allclose(batched[1][0], whole, rtol=1e-5, atol=1e-6)
+    assert batched[2][1] == "id" and not np.allclose(batched[2][0], whole)  # the ID-only model answered the third
 
 
 def test_one_window_equals_the_model_on_the_list(reranker):
     model, store, _ = reranker
     user, candidates = "u7", GENRE_B[:10]
-    (scores,) = model.score([online.Query(candidates, user, None, store.get(user).vector)])
+    ((scores, _),) = model.score([online.Query(candidates, user, None, store.get(user).vector)])
     idx = torch.tensor([[model.catalog.index[c] for c in candidates]])
-    history = [model.catalog.index[i] for i in model.catalog.windows[user]][-model.task.spec.history_len :]
+    history = [model.catalog.index[i] for i, _ in model.catalog.windows[user]][-model.task.spec.history_len :]
     with torch.inference_mode():
-        direct = model.knowledge_model(
+        direct = model.knowledge_model.model(
             idx,
             model.task.item_genres[idx],
             knowledge=torch.from_numpy(store.get(user).vector)[None],
@@ -100,8 +101,8 @@ def test_one_window_equals_the_model_on_the_list(reranker):
 def test_stored_history_window_is_the_default(reranker):
     model, store, _ = reranker
     user, candidates = "u11", GENRE_A[:5] + GENRE_B[:5]
-    window = model.catalog.windows[user]
-    a, b = model.score([online.Query(candidates, user, None), online.Query(candidates, user, list(window))])
+    window = [item for item, _ in model.catalog.windows[user]]
+    (a, _), (b, _) = model.score([online.Query(candidates, user, None), online.Query(candidates, user, window)])
     np.testing.assert_array_equal(a, b)
 
 
@@ -109,14 +110,18 @@ def test_load_version_swaps_the_knowledge_model_only(serving_run):
     run, _ = serving_run
     model = online.Reranker(run, online.resolve_version(run, "base"))
     id_model = model.id_model
-    query = online.Query(
-        GENRE_A[:10], "u1", None, online.KnowledgeStore(online.resolve_version(run, "base")).get("u1").vector
-    )
-    (before,) = model.score([query])
+    vector = online.KnowledgeStore(online.resolve_version(run, "base")).get("u1").vector
+    query = online.Query(GENRE_A[:10], "u1", None, vector)
+    ((before, v1),) = model.score([query])
     model.load_version(online.resolve_version(run, "round1"))
-    (after,) = model.score([query])
-    assert model.version == "round1" and model.id_model is id_model
+    ((after, v2),) = model.score([query])
+    assert (v1, v2) == ("base", "round1") and model.id_model is id_model
     assert not np.allclose(before, after)
+    # Knowledge stamped with another version is never fed to this version's model: the ID-only model answers.
+    ((stale, v3),) = model.score([online.Query(GENRE_A[:10], "u1", None, vector, knowledge_version="base")])
+    ((id_only, _),) = model.score([online.Query(GENRE_A[:10], "u1", None)])
+    assert v3 == "id"
+    np.testing.assert_array_equal(stale, id_only)
 
 
 def test_top_k_is_stable_on_ties():

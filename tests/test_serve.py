@@ -136,6 +136,21 @@ def test_late_knowledge_falls_back_instead_of_waiting(app):
     serve.delete("late")
 
 
+def test_knowledge_of_another_version_is_never_fed_to_the_reranker(app):
+    from ray import serve
+
+    from rlrf4rec.serve import Ingress, KnowledgeLookup
+
+    client, run, _, _ = app
+    _, reranker = _handles()  # serves round1
+    base_knowledge = KnowledgeLookup.bind(str(run), "base")  # as mid-way through a version swap
+    serve.run(Ingress.bind(base_knowledge, reranker, str(run), 10_000), name="mixed", route_prefix="/mixed")
+    body = client.post("/mixed/rank", json={"user_id": "u4", "candidates": CANDIDATES}).json()
+    assert (body["path"], body["fallback_reason"]) == ("fallback", "version_mismatch")
+    assert (body["knowledge_version"], body["model_version"]) == ("base", "id")
+    serve.delete("mixed")
+
+
 def test_overload_is_shed_with_503_not_timeouts(app):
     from ray import serve
 
@@ -173,20 +188,22 @@ def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app)
     def running():
         return serve.status().applications["ha"].deployments["Reranker"].replica_states.get("RUNNING", 0)
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ha#Reranker" in a["name"]]
+    def replicas():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ha#Reranker" in a["name"])
+
+    names = replicas()
     assert len(names) == 2 and running() == 2
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     codes = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # requests all along, until a new replica has replaced the killed one
         codes.append(client.post("/ha/rank", json={"user_id": "u4", "candidates": CANDIDATES}).status_code)
-        if len(codes) >= 30 and running() == 2:
+        now = replicas()
+        if len(codes) >= 30 and names[0] not in now and len(now) == 2 and running() == 2:
             break
         time.sleep(0.1)
     assert codes and set(codes) == {200}, codes
-    assert running() == 2
-    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ha#Reranker" in a["name"]]
-    assert names[0] not in after and len(after) == 2
+    assert names[0] not in replicas() and len(replicas()) == 2 and running() == 2
     serve.delete("ha")
 
 
@@ -197,22 +214,24 @@ def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
 
     client, run, _, _ = app
     _, reranker = _handles()
-    generator = PreferenceGenerator.bind(str(run), "base")
-    # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one.
-    knowledge = KnowledgeLookup.bind(str(run), "base", generator, 1.0)
+    generator = PreferenceGenerator.bind(str(run), "base")  # the base LLM (the fixture run has no DPO model)
+    # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one. The
+    # knowledge is round1's, the version of the main app's re-ranker that scores it.
+    knowledge = KnowledgeLookup.bind(str(run), "round1", generator, 1.0)
     serve.run(Ingress.bind(knowledge, reranker, str(run), 10_000), name="gen", route_prefix="/gen")
     body = {
         "user_id": "newcomer",
         "history": [{"item_id": "3", "rating": 5}, {"item_id": "50", "rating": 1}],
         "candidates": CANDIDATES,
     }
-    first = client.post("/gen/rank", json=body).json()
-    assert first["path"] == "fallback" and first["fallback_reason"] == "generation_late"
-    deadline, later = time.monotonic() + 120, first
-    while later["path"] != "knowledge" and time.monotonic() < deadline:
+    first = client.post("/gen/rank", json=body)
+    assert first.status_code == 200, first.text
+    assert first.json()["path"] == "fallback" and first.json()["fallback_reason"] == "generation_late"
+    deadline, later = time.monotonic() + 180, first.json()
+    while later.get("path") != "knowledge" and time.monotonic() < deadline:
         time.sleep(1)
         later = client.post("/gen/rank", json=body).json()
-    assert later["path"] == "knowledge" and later["knowledge_source"] == "generated"
+    assert later["path"] == "knowledge" and later["knowledge_source"] == "generated", later
     assert later["preference_text"]
     assert _counts(client, "/gen")["fallback/generation_late"] >= 1
     serve.delete("gen")
@@ -249,11 +268,13 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
     try:
         deadline, r = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
+            try:  # the proxy answers 404 until the application's route exists
                 r = httpx.post(f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": CANDIDATES})
-                break
+                if r.status_code == 200:
+                    break
             except httpx.HTTPError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         assert r is not None and r.status_code == 200, proc.stdout.read() if proc.poll() is not None else r
         assert r.json()["model_version"] == "base"
         docs = httpx.get(f"http://127.0.0.1:{port}/docs")
