@@ -260,14 +260,14 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
                 "generation": args.generation,
             }
         )
-        with _ray_if_needed(cfg, True):
-            serve.start(http_options={"host": args.host, "port": args.port})
-            serve.run(app, name="rlrf4rec", route_prefix="/")
-            print(f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank (API: /docs); Ctrl-C stops")
-            try:
+        try:  # Ctrl-C at any point, even while the application is still starting: the local cluster goes down
+            with _ray_if_needed(cfg, True):
+                serve.start(http_options={"host": args.host, "port": args.port})
+                serve.run(app, name="rlrf4rec", route_prefix="/")
+                print(f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank (API: /docs); Ctrl-C stops")
                 threading.Event().wait()
-            except KeyboardInterrupt:
-                serve.shutdown()
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
 
