@@ -25,6 +25,7 @@ from rlrf4rec import schema as S
 from rlrf4rec.artifacts import read_marker, read_parquet
 from rlrf4rec.config import RunConfig, load_config
 from rlrf4rec.data import TABLES
+from rlrf4rec.prompts import item_meta, user_attributes
 from rlrf4rec.recommender import ModelSpec, RerankTask, item_lookup, load_tables
 
 PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
@@ -103,13 +104,9 @@ class KnowledgeStore:
         users = table.column(S.USER_ID).to_pylist()
         vectors = np.asarray(table.column(S.VECTOR).to_pylist(), dtype=np.float32)  # [U, D]
         self.version = version.name
-        self.dim = vectors.shape[1] if len(users) else 0
         self._rows = {u: i for i, u in enumerate(users)}
         self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
         self._vectors = vectors
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def get(self, user_id: str) -> Knowledge | None:
         row = self._rows.get(user_id)
@@ -134,18 +131,14 @@ class ItemCatalog:
         data_dir = Path(run_dir) / "data"
         self.tables = load_tables(data_dir)
         self.index = item_lookup(self.tables["item_index"])
-        items = self.tables["items"].select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()
-        self.meta = {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items}
+        self.meta = item_meta(self.tables["items"])
         cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
         self.windows: dict[str, list[tuple[str, float]]] = {
             r[S.USER_ID]: list(zip(r[S.ITEM_IDS], r[S.RATINGS]))[r[S.HISTORY_START] : r[S.HISTORY_END]]
             for r in self.tables["sequences"].select(cols).to_pylist()
         }
-        self.attributes: dict[str, dict] = {}
         users_path = data_dir / "users.parquet"
-        if users_path.is_file():
-            for r in read_parquet(users_path, TABLES["users"]).to_pylist():
-                self.attributes[r[S.USER_ID]] = {"age": r[S.AGE], "gender": r[S.GENDER], "occupation": r[S.OCCUPATION]}
+        self.attributes = user_attributes(read_parquet(users_path, TABLES["users"]) if users_path.is_file() else None)
 
 
 def _saved_model(recommender_dir: Path, *, knowledge: bool) -> dict:

@@ -97,16 +97,26 @@ def preference_messages(history: str, domain: str = "movies") -> list[dict[str, 
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def item_meta(items: pa.Table) -> dict[str, tuple[str, int | None]]:
+    """item_id -> (title, year): what a prompt says of an item (schema.ITEMS rows)."""
+    return {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items.select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()}
+
+
+def user_attributes(users: pa.Table | None) -> dict[str, dict[str, object]]:
+    """user_id -> the attributes a prompt names (schema.USERS rows); empty without a users table."""
+    if users is None:
+        return {}
+    return {
+        r[S.USER_ID]: {"age": r[S.AGE], "gender": r[S.GENDER], "occupation": r[S.OCCUPATION]} for r in users.to_pylist()
+    }
+
+
 def history_texts(sequences: pa.Table, items: pa.Table, users: pa.Table | None = None) -> dict[str, str]:
     """user_id -> history text of its window `item_ids[history_start:history_end]` (schema.SEQUENCES rows).
 
     Only the window is read: items at or after `history_end` are held out for re-ranking and never reach a prompt.
     """
-    meta = {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items.select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()}
-    attrs = {}
-    if users is not None:
-        for r in users.to_pylist():
-            attrs[r[S.USER_ID]] = {"age": r[S.AGE], "gender": r[S.GENDER], "occupation": r[S.OCCUPATION]}
+    meta, attrs = item_meta(items), user_attributes(users)
     texts = {}
     cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
     for r in sequences.select(cols).to_pylist():
