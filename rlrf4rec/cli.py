@@ -82,8 +82,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
             p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0: beyond this machine)")
             p.add_argument("--port", type=int, default=8000)
-            p.add_argument("--knowledge-timeout-ms", type=float, default=50.0)
+            p.add_argument(
+                "--ingress",
+                choices=["proxy", "haproxy"],
+                default="proxy",
+                help="HTTP front of the local cluster: Serve's Python proxy, or HAProxy straight to the ingress "
+                "replicas (lower latency; each ingress replica also listens on its own port 30000-31000, on all "
+                "interfaces)",
+            )
             p.add_argument("--generation", action="store_true", help="generate knowledge for users without it")
+            p.add_argument(
+                "--generation-deadline-ms", type=float, default=2000.0, help="how long a request waits for a new text"
+            )
     return parser
 
 
@@ -248,6 +258,14 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             print(f"{name:24s} {path}")
         return 0
     if args.command == "serve":
+        if args.ingress == "haproxy":
+            if os.environ.get("RAY_ADDRESS"):
+                raise SystemExit(
+                    "--ingress haproxy configures the local cluster it starts; on a running cluster set "
+                    "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in `ray start`'s environment"
+                )
+            # Read by Serve when first imported, in this process and in the cluster it starts.
+            os.environ.update(SERVE_HAPROXY_ENV)
         from ray import serve
 
         from rlrf4rec.serve import build_app
@@ -256,8 +274,8 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             {
                 "run_dir": str(cfg.run_path),
                 "version": args.version,
-                "knowledge_timeout_ms": args.knowledge_timeout_ms,
                 "generation": args.generation,
+                "generation_deadline_ms": args.generation_deadline_ms,
             }
         )
         try:  # Ctrl-C at any point, even while the application is still starting: the local cluster goes down
@@ -270,6 +288,11 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             print("stopped", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+# Serve's HAProxy ingress: HAProxy on the HTTP port forwards to the ingress replicas' own HTTP servers (no Python
+# proxy hop); with it, Serve's low-overhead settings (gRPC between deployments, user code on the replica's loop).
+SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 Consumes a run directory: its data stage (item vocabulary, item genres, users' history windows), a recommender
 stage per version (`recommender/<version>/model.pt`; `recommender/id` is the ID-only fallback) and the user
 knowledge of that version (`knowledge/<version>/user_knowledge.parquet`). Produces scores for candidate lists.
+A version's model and its precomputed knowledge are loaded, swapped and read together, so a score never mixes them.
 
 Versions: "base" (knowledge from history texts), "round<t>" (after DPO round t-1), or "latest" (the last version
 whose recommender and knowledge are both complete). Lists longer than the re-ranker's trained list length are scored
@@ -94,6 +95,8 @@ def preference_of(knowledge_text: str) -> str | None:
 class Knowledge:
     text: str
     vector: np.ndarray  # [D] float32
+    version: str  # the version whose policy wrote the text; only that version's model reads the vector
+    source: str = "precomputed"  # or "generated" (on line, for a user without precomputed knowledge)
 
 
 class KnowledgeStore:
@@ -102,26 +105,32 @@ class KnowledgeStore:
     def __init__(self, version: Version):
         table = read_parquet(version.knowledge_dir / "user_knowledge.parquet", S.USER_KNOWLEDGE)
         users = table.column(S.USER_ID).to_pylist()
-        vectors = np.asarray(table.column(S.VECTOR).to_pylist(), dtype=np.float32)  # [U, D]
         self.version = version.name
         self._rows = {u: i for i, u in enumerate(users)}
         self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
-        self._vectors = vectors
+        self._vectors = np.asarray(table.column(S.VECTOR).to_pylist(), dtype=np.float32)  # [U, D]
 
-    def get(self, user_id: str) -> Knowledge | None:
-        row = self._rows.get(user_id)
-        return None if row is None else Knowledge(self._texts[row], self._vectors[row])
+    def get(self, user_id: str | None) -> Knowledge | None:
+        row = self._rows.get(user_id) if user_id is not None else None
+        return None if row is None else Knowledge(self._texts[row], self._vectors[row], self.version)
 
 
 @dataclass(frozen=True)
 class Query:
-    """One request to re-rank: candidate item ids, and the user's history (request's, else the stored window)."""
+    """One request to re-rank: candidate item ids, and the user's history (request's, else the stored window).
+    Knowledge: `knowledge` when given (generated on line), else the user's precomputed knowledge, else none."""
 
     candidates: Sequence[str]
     user_id: str | None = None
     history: Sequence[str] | None = None  # item ids, oldest first
-    vector: np.ndarray | None = None  # the user's knowledge [D]; None: ID-only model
-    knowledge_version: str | None = None  # the version the vector belongs to; another version's model won't use it
+    knowledge: Knowledge | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    scores: np.ndarray  # [len(candidates)], in candidate order
+    model_version: str  # the knowledge-augmented model's version, or "id" (the ID-only model answered)
+    knowledge: Knowledge | None  # what the knowledge-augmented model read; None on the ID-only path
 
 
 class ItemCatalog:
@@ -157,12 +166,13 @@ class _Loaded:
     model: torch.nn.Module
     version: str
     history_len: int
+    store: KnowledgeStore | None = None  # the version's precomputed knowledge (None for the ID-only model)
 
 
 class Reranker:
-    """The ID-only re-ranker plus the knowledge-augmented one of a version, ready to score batches of queries.
-    `load_version` swaps the knowledge-augmented model in place (what a Serve user_config update calls); a batch
-    reads the (model, version) pair once, so it never mixes two versions."""
+    """The ID-only re-ranker plus the knowledge-augmented one of a version with its precomputed knowledge, ready to
+    score batches of queries. `load_version` swaps model and knowledge in place, together (what a Serve user_config
+    update calls); a batch reads them once, so it never mixes two versions."""
 
     def __init__(self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None):
         self.catalog = catalog or ItemCatalog(run_dir)
@@ -172,15 +182,16 @@ class Reranker:
         self.id_model = self._build(saved, "id")
         self.load_version(version)
 
-    def _build(self, saved: dict, version: str) -> _Loaded:
+    def _build(self, saved: dict, version: str, store: KnowledgeStore | None = None) -> _Loaded:
         task = copy.copy(self.task)
         task.spec = saved["spec"]  # each model with its own sizes; items, genres and lists are shared
         model = task.build_model(saved["knowledge_dim"])
         model.load_state_dict(saved["model"])
-        return _Loaded(model.eval(), version, saved["spec"].history_len)
+        return _Loaded(model.eval(), version, saved["spec"].history_len, store)
 
     def load_version(self, version: Version) -> None:
-        self.knowledge_model = self._build(_saved_model(version.recommender_dir, knowledge=True), version.name)
+        saved = _saved_model(version.recommender_dir, knowledge=True)
+        self.knowledge_model = self._build(saved, version.name, KnowledgeStore(version))
 
     @property
     def version(self) -> str:
@@ -194,20 +205,26 @@ class Reranker:
         return [self.catalog.index[i] for i in items][-length:] if length else []
 
     @torch.inference_mode()
-    def score(self, queries: Sequence[Query]) -> list[tuple[np.ndarray, str]]:
-        """(scores [len(candidates)] in candidate order, model version used) per query. A query's vector is used
-        when its knowledge version is the model's (or unstated); otherwise, or without a vector, the ID-only model
-        answers ("id"). Each model takes one forward pass over all windows of its queries."""
+    def score(self, queries: Sequence[Query]) -> list[Ranked]:
+        """Scores per query. The knowledge-augmented model answers a query with the query's own knowledge when that
+        is of the model's version, else with the user's precomputed knowledge; a query with neither (or with another
+        version's knowledge) gets the ID-only model. Each model takes one forward pass over its queries' windows."""
         loaded = self.knowledge_model  # one read: a concurrent load_version cannot split this batch
-        use_knowledge = [q.vector is not None and q.knowledge_version in (None, loaded.version) for q in queries]
+        knowledge = [
+            (q.knowledge if q.knowledge.version == loaded.version else None)
+            if q.knowledge is not None
+            else loaded.store.get(q.user_id)
+            for q in queries
+        ]
         out: list = [None] * len(queries)
         for with_knowledge, model in ((True, loaded), (False, self.id_model)):
-            group = [i for i, q in enumerate(queries) if use_knowledge[i] == with_knowledge and len(q.candidates)]
-            for i in (i for i, q in enumerate(queries) if use_knowledge[i] == with_knowledge and not q.candidates):
-                out[i] = (np.zeros(0, np.float32), model.version)
+            group = [i for i in range(len(queries)) if (knowledge[i] is not None) == with_knowledge]
+            for i in (i for i in group if not queries[i].candidates):
+                out[i] = Ranked(np.zeros(0, np.float32), model.version, knowledge[i])
+            group = [i for i in group if queries[i].candidates]
             if not group:
                 continue
-            cands, hists, owners, knowledge = [], [], [], []
+            cands, hists, owners, vectors = [], [], [], []
             for i in group:
                 q = queries[i]
                 idx = [self.catalog.index[c] for c in q.candidates]
@@ -218,17 +235,17 @@ class Reranker:
                     hists.append(hist)
                     owners.append(i)
                     if with_knowledge:
-                        knowledge.append(q.vector)
+                        vectors.append(knowledge[i].vector)
             candidates = torch.tensor(cands, dtype=torch.long)  # [W, L]
             H = model.history_len
             history = torch.tensor([[0] * (H - len(h)) + h for h in hists], dtype=torch.long)  # [W, H]
-            k = torch.from_numpy(np.stack(knowledge)).float() if with_knowledge else None
+            k = torch.from_numpy(np.stack(vectors)).float() if with_knowledge else None
             logits = model.model(candidates, self.task.item_genres[candidates], knowledge=k, history=history).numpy()
             parts: dict[int, list[np.ndarray]] = {}
             for row, owner in enumerate(owners):
                 parts.setdefault(owner, []).append(logits[row][cands[row].count(0) :])
             for owner, chunks in parts.items():
-                out[owner] = (np.concatenate(chunks), model.version)
+                out[owner] = Ranked(np.concatenate(chunks), model.version, knowledge[owner])
         return out
 
 

