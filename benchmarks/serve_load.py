@@ -5,8 +5,9 @@
                                               [--ingress haproxy|proxy [--throughput-optimized]]
 
 Deploys serve_config.yaml as shipped (`serve run`, its own local Ray on 127.0.0.1, only run_dir and port changed;
-by default with Serve's HAProxy ingress, as `rlrf4rec serve --ingress haproxy` starts it), then sends an open-loop stream at a fixed rate: request i leaves at start + i / rate whether or not earlier ones
-have returned, so a slow server shows up as latency instead of a slower client (bounded by --max-in-flight).
+by default with Serve's HAProxy ingress, as `rlrf4rec serve --ingress haproxy` starts it), then sends an
+open-loop stream at a fixed rate: request i leaves at start + i / rate whether or not earlier ones have returned,
+so a slow server shows up as latency instead of a slower client (bounded by --max-in-flight).
 Knowledge path: known users. ID-only path: no user id, a random recent history -> the fallback re-ranker.
 The two phases alternate (--rounds) so both see the same machine load. Needs a finished run directory.
 """

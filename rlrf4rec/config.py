@@ -185,9 +185,17 @@ class RecommenderConfig:
     select_metric: str = "ndcg@5"
     num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
     use_gpu: bool = False
+    deepspeed: str | None = None  # null (DDP) | zero2: optimizer state and gradients partitioned over the workers
     max_failures: int = 1  # worker-group restarts from the last checkpoint
 
     def __post_init__(self) -> None:
+        if self.deepspeed is not None and self.deepspeed != "zero2":
+            _fail(
+                "recommender.deepspeed",
+                self.deepspeed,
+                "use null (plain DDP) or zero2 (ZeRO-3 would partition the weights that every worker's valid "
+                "evaluation reads whole; the re-ranker is small enough to replicate)",
+            )
         if self.backbone != "prm":
             _fail("recommender.backbone", self.backbone, "use prm (SASRec runs in benchmarks/sasrec_vs_recbole.py)")
         for name in (
@@ -228,6 +236,21 @@ class RecommenderConfig:
 
 
 DEEPSPEED_STAGES = ("zero2", "zero3")  # shipped as configs/deepspeed/<name>.json
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+def deepspeed_config(stage: str | None, field: str = "dpo.deepspeed") -> dict | None:
+    """The shipped ZeRO config (configs/deepspeed/<stage>.json), with "auto" values for the trainer to fill.
+
+    No `optimizer` section on purpose: torch's AdamW is handed to DeepSpeed as is, whereas a DeepSpeed optimizer
+    JIT-compiles fused_adam first (about a minute on CPU, cpu_adam with offload more than two).
+    """
+    if stage is None:
+        return None
+    path = DEEPSPEED_DIR / f"{stage}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={stage!r}: {path} is missing; run from a checkout of the repository")
+    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import pyarrow as pa
 from rlrf4rec import assets
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
-from rlrf4rec.config import DPOConfig, RunConfig, dump_config, from_dict
+from rlrf4rec.config import DPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.protocol import stable_seed
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 MESSAGE_COLUMNS = [S.PROMPT, S.CHOSEN, S.REJECTED]
 RESUMES = "resumed_after.json"  # in the Ray storage folder: the steps worker groups resumed after
 MESSAGES_ONLY = pa.schema([S.PAIRS.field(name) for name in MESSAGE_COLUMNS])
@@ -127,20 +126,6 @@ def summarize(history: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- trainer
-
-
-def deepspeed_config(stage: str | None) -> dict | None:
-    """The shipped ZeRO config (configs/deepspeed/<stage>.json); HF fills its "auto" values from the trainer args.
-
-    No `optimizer` section on purpose: HF's AdamW is handed to DeepSpeed as is, whereas a DeepSpeed optimizer
-    JIT-compiles fused_adam first (about a minute on CPU, cpu_adam with offload more than two).
-    """
-    if stage is None:
-        return None
-    path = DEEPSPEED_DIR / f"{stage}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"dpo.deepspeed={stage!r}: {path} is missing; run from a checkout of the repository")
-    return json.loads(path.read_text())
 
 
 def trl_args(dc: DPOConfig, output_dir: Path, seed: int, has_eval: bool, deepspeed: dict | None):

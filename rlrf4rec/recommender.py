@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -294,21 +295,36 @@ def fit(
     optimizer_state: dict | None = None,
     rank: int = 0,
     world: int = 1,
-    on_epoch: Callable[[dict, FitState, torch.optim.Optimizer], None] | None = None,
+    on_epoch: Callable[[dict, FitState, Any], None] | None = None,
     eval_model: torch.nn.Module | None = None,
+    engine: Any | None = None,
 ) -> FitState:
     """Train with early stopping on valid `spec.select_metric`; returns the state holding the best weights.
 
-    `model` may be a DDP wrapper (then pass the bare module as `eval_model`). Every worker evaluates the full valid
-    split, so all ranks agree on when to stop without communicating. `on_epoch(metrics, state, optimizer)` is where
-    a caller reports and checkpoints.
+    `model` may be a DDP wrapper or a DeepSpeed engine (then pass the bare module as `eval_model`; with an engine,
+    pass it as `engine` too: it owns the optimizer and takes the backward pass and the step). Every worker evaluates
+    the full valid split, so all ranks agree on when to stop without communicating. `on_epoch(metrics, state,
+    optimizer or engine)` is where a caller reports and checkpoints.
     """
     spec = task.spec
     eval_model = eval_model or model
     torch.manual_seed(seed + rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if engine is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+
+        def backward_and_step(loss: torch.Tensor) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    else:
+
+        def backward_and_step(loss: torch.Tensor) -> None:
+            engine.backward(loss)  # reduces the gradient partitions (ZeRO-2)
+            engine.step()  # steps this worker's optimizer partition, then gathers the weights
+
     state = state or FitState(history=[])
     select = f"valid/{spec.select_metric}"
     for epoch in range(state.epoch + 1, spec.max_epochs):
@@ -316,9 +332,7 @@ def fit(
         start, losses = time.perf_counter(), []
         for batch in task.train_batches(epoch, seed, rank, world):
             loss = task.loss(model, batch, knowledge)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_and_step(loss)
             losses.append(loss.item())
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -350,7 +364,7 @@ def fit(
             state.best_epoch,
         )
         if on_epoch is not None:
-            on_epoch(metrics, state, optimizer)
+            on_epoch(metrics, state, engine if engine is not None else optimizer)
         if state.bad_epochs >= spec.patience:
             break
     return state

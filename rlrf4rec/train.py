@@ -3,8 +3,9 @@
 Consumes the data stage's tables and, for a knowledge-augmented variant, a user knowledge Parquet file; produces
 `<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid metrics and the per-epoch
 history (test users are scored once, by rlrf4rec.evaluate). DDP over `recommender.num_workers` workers (gloo on
-CPU, NCCL on GPU); a worker failure restarts the group from the last checkpoint (`recommender.max_failures`). The
-caller owns the Ray connection.
+CPU, NCCL on GPU), or DeepSpeed ZeRO-2 (`recommender.deepspeed: zero2`: optimizer state and gradients partitioned,
+each worker checkpointing its partition); a worker failure restarts the group from the last checkpoint
+(`recommender.max_failures`). The caller owns the Ray connection.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from rlrf4rec import assets
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_json
-from rlrf4rec.config import RecommenderConfig, RunConfig, dump_config
+from rlrf4rec.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
 from rlrf4rec.encode import vectors_of
 from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables
 
@@ -77,6 +80,24 @@ def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: in
     return task, knowledge, model
 
 
+def zero_config(stage: str, batch_size: int, world: int) -> dict:
+    """The shipped ZeRO config with its "auto" values set for this loop: fp32, no accumulation, no clipping."""
+    ds = deepspeed_config(stage, "recommender.deepspeed")
+    ds.update(
+        train_micro_batch_size_per_gpu=batch_size,
+        gradient_accumulation_steps=1,
+        train_batch_size=batch_size * world,
+        gradient_clipping=0.0,
+        bf16={"enabled": False},
+        fp16={"enabled": False},
+    )
+    ds["zero_optimization"]["reduce_bucket_size"] = 200_000_000
+    left = [k for k, v in {**ds, **ds["zero_optimization"]}.items() if v == "auto"]
+    if left:
+        raise ValueError(f"configs/deepspeed/{stage}.json: no value for {left} in the recommender loop; set them")
+    return ds
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in each Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
     import ray.train
@@ -99,22 +120,28 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model.to(device)
     knowledge = None if knowledge is None else knowledge.to(device)
-    wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
+    engine = None
+    if config.get("deepspeed"):
+        engine = _zero_engine(config, model, spec, world, checkpoint)
+        wrapped = engine
+    else:
+        wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
 
-    def on_epoch(metrics: dict, fit_state: FitState, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch(metrics: dict, fit_state: FitState, trainer) -> None:
         with tempfile.TemporaryDirectory() as d:
-            ckpt = None
+            if engine is not None:  # every worker writes its optimizer partition; Ray merges the directories
+                engine.save_checkpoint(d, tag="zero")
             if rank == 0:
                 torch.save(
                     {
                         "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": None if engine is not None else trainer.state_dict(),
                         "fit": dataclasses.asdict(fit_state),
                     },
                     Path(d) / "state.pt",
                 )
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+            has_files = any(Path(d).iterdir())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
         _maybe_inject_failure(config, rank, world, fit_state.epoch)
 
     fit(
@@ -128,7 +155,29 @@ def train_loop_per_worker(config: dict) -> None:
         world=world,
         on_epoch=on_epoch,
         eval_model=model,
+        engine=engine,
     )
+
+
+def _zero_engine(config: dict, model: torch.nn.Module, spec: ModelSpec, world: int, checkpoint) -> Any:
+    """A DeepSpeed ZeRO engine around `model` on Ray's process group, with torch's AdamW; resumed from the
+    checkpoint's per-worker optimizer partitions when there is one."""
+    import deepspeed
+    import torch.distributed as dist
+
+    # DeepSpeed JIT-compiles a comm op on first init (~40 s on CPU); a shared cache makes that once per machine.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the group Ray Train created
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=zero_config(config["deepspeed"], spec.batch_size, world)
+    )
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path, _ = engine.load_checkpoint(d, tag="zero")
+        if path is None:
+            raise RuntimeError(f"the checkpoint of {config['deepspeed']} training holds no DeepSpeed state: {d}")
+    return engine
 
 
 def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> None:
@@ -174,6 +223,8 @@ def fit_on_ray(
             "seed": cfg.seed,
             "data_dir": str(data_dir.resolve()),
             "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
+            "deepspeed": rc.deepspeed,
+            "torch_extensions_dir": str(assets.asset_home(cfg.assets.home) / "cache" / "torch_extensions"),
             **loop_extra,
         },
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu),

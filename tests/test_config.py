@@ -50,6 +50,12 @@ def test_bad_values_name_field_value_and_fix(data, message):
         from_dict(RunConfig, {"name": "x", "data": data})
 
 
+def test_recommender_deepspeed_takes_zero2_or_null_only():
+    assert from_dict(RunConfig, {"name": "x", "recommender": {"deepspeed": "zero2"}}).recommender.deepspeed == "zero2"
+    with pytest.raises(ConfigError, match=r"recommender\.deepspeed='zero3': use null \(plain DDP\) or zero2"):
+        from_dict(RunConfig, {"name": "x", "recommender": {"deepspeed": "zero3"}})
+
+
 def test_missing_required_name():
     with pytest.raises(ConfigError, match="name=None: this field is required"):
         from_dict(RunConfig, {})

@@ -130,7 +130,7 @@ def test_bf16_is_accepted_on_gpus_and_defaults_are_the_reported_ones():
 
 
 def test_shipped_deepspeed_configs_leave_batch_sizes_to_the_trainer():
-    from rlrf4rec.dpo import deepspeed_config
+    from rlrf4rec.config import deepspeed_config
 
     for stage, number in (("zero2", 2), ("zero3", 3)):
         ds = deepspeed_config(stage)
