@@ -83,8 +83,9 @@ def is_complete(stage_dir: Path, fingerprint: str) -> bool:
 
 
 @contextmanager
-def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str) -> Iterator[tuple[Path, dict]]:
-    """Yield (temporary directory, stats dict); on normal exit publish it atomically with marker and config.
+def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> Iterator[tuple[Path, dict]]:
+    """Yield (temporary directory, stats dict); on normal exit publish it atomically with marker and config
+    (`config.yaml`; None for a stage that has no config of its own).
 
     The caller fills the directory with artifacts and the dict with stats worth keeping (they go in the marker).
     """
@@ -98,7 +99,8 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str) -> Iterato
     started = time.time()
     try:
         yield tmp, stats
-        (tmp / "config.yaml").write_text(config_yaml)
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
         write_json(
             {
                 "fingerprint": fingerprint,

@@ -179,7 +179,7 @@ def build_report(run: Path) -> Path:
         + "</body></html>"
     )
     out = run / "report"
-    with stage_output(out, f"report-{time.time()}", "") as (tmp, stats):
+    with stage_output(out, f"report-{time.time()}", None) as (tmp, stats):  # made from the run's artifacts only
         (tmp / "report.html").write_text(page)
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         stats["sections"] = len(body)

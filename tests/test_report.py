@@ -27,3 +27,4 @@ def test_report_orders_the_method_table_and_is_published_whole(tmp_path):
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "<script" not in page
     assert read_marker(out)["stats"]["sections"] >= 3
+    assert sorted(f.name for f in out.iterdir()) == ["_COMPLETE.json", "report.html", "report.md"]  # no empty config
