@@ -94,8 +94,7 @@ class _Client:
                 + body
             )
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
-            headers = {k.lower(): v for k, v in headers.items()}
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
             if "content-length" not in headers:
                 raise RuntimeError(f"response without content-length ({headers}); this client reads only those")
             data = await reader.readexactly(int(headers["content-length"]))
@@ -146,24 +145,27 @@ async def _phase(port: int, payloads: list[bytes], rate: float, max_in_flight: i
                 body = json.loads(data)
                 path = body["path"] if body["path"] == "knowledge" else f"fallback/{body['fallback_reason']}"
                 paths[path] = paths.get(path, 0) + 1
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, RuntimeError) as e:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError,
+                RuntimeError) as e:  # fmt: skip
             code = type(e).__name__
         finally:
             in_flight -= 1
         codes[code] = codes.get(code, 0) + 1
 
     tasks, t0 = [], time.perf_counter()
-    for i, payload in enumerate(payloads):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if in_flight >= max_in_flight:
-            codes["dropped by client"] = codes.get("dropped by client", 0) + 1
-            continue
-        tasks.append(asyncio.create_task(one(payload)))
-    await asyncio.gather(*tasks)
+    try:
+        for i, payload in enumerate(payloads):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if in_flight >= max_in_flight:
+                codes["dropped by client"] = codes.get("dropped by client", 0) + 1
+                continue
+            tasks.append(asyncio.create_task(one(payload)))
+        await asyncio.gather(*tasks)
+    finally:
+        client.close()
     elapsed = time.perf_counter() - t0
-    client.close()
     return {"latencies": latencies, "codes": codes, "paths": paths, "seconds": elapsed}
 
 

@@ -26,6 +26,7 @@ from rlrf4rec import schema as S
 from rlrf4rec.artifacts import read_marker, read_parquet
 from rlrf4rec.config import RunConfig, load_config
 from rlrf4rec.data import TABLES
+from rlrf4rec.encode import vectors_of
 from rlrf4rec.prompts import item_meta, user_attributes
 from rlrf4rec.recommender import ModelSpec, RerankTask, item_lookup, load_tables
 
@@ -108,7 +109,7 @@ class KnowledgeStore:
         self.version = version.name
         self._rows = {u: i for i, u in enumerate(users)}
         self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
-        self._vectors = np.asarray(table.column(S.VECTOR).to_pylist(), dtype=np.float32)  # [U, D]
+        self._vectors = vectors_of(table)  # [U, D]
 
     def get(self, user_id: str | None) -> Knowledge | None:
         row = self._rows.get(user_id) if user_id is not None else None

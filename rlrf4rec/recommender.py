@@ -12,7 +12,6 @@ files or texts (rlrf4rec.train runs `fit` under Ray Train).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -70,6 +69,17 @@ def _user_adaptor(spec: ModelSpec, knowledge_dim: int | None) -> KnowledgeAdapto
     return KnowledgeAdaptor(
         {"user": knowledge_dim}, shared, specific, spec.adaptor_hidden, spec.adaptor_out, spec.dropout
     )
+
+
+def _shard(n: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's rows of a seeded permutation of range(n): disjoint strided shards of equal length, the shortest
+    topped up from the start of the permutation (as torch's DistributedSampler does). Every worker takes the same
+    number of steps, so no collective waits forever for a worker that ran out of rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    per_worker = math.ceil(n / world)
+    if world > 1 and n % world:
+        order = torch.cat([order, order[: per_worker * world - n]])
+    return order[rank::world]
 
 
 def _left_pad(rows: list[list[int]], length: int) -> torch.Tensor:
@@ -153,21 +163,21 @@ class RerankTask:
         )
 
     def logits(self, model: torch.nn.Module, batch: RerankBatch, knowledge: torch.Tensor | None) -> torch.Tensor:
-        k = None if knowledge is None else knowledge[batch.user_row]  # [B, D]
-        return model(batch.candidates, batch.attributes, knowledge=k, history=batch.history)  # [B, C]
+        device = next(model.parameters()).device  # the lists live on the CPU; a GPU model gets its batch moved
+        k = None if knowledge is None else knowledge[batch.user_row.to(knowledge.device)].to(device)  # [B, D]
+        attributes = None if batch.attributes is None else batch.attributes.to(device)
+        history = None if batch.history is None else batch.history.to(device)
+        return model(batch.candidates.to(device), attributes, knowledge=k, history=history)  # [B, C]
 
     def train_batches(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[RerankBatch]:
         data = self.splits["train"]
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        order = order[rank::world]  # each worker a disjoint shard; together one pass over the data
-        per_worker = math.ceil(len(data) / world)
-        for lo in range(0, per_worker, self.spec.batch_size):
-            idx = order[lo : lo + self.spec.batch_size]
-            if len(idx):
-                yield data.take(idx)
+        order = _shard(len(data), seed * 1000 + epoch, rank, world)
+        for lo in range(0, len(order), self.spec.batch_size):
+            yield data.take(order[lo : lo + self.spec.batch_size])
 
     def loss(self, model: torch.nn.Module, batch: RerankBatch, knowledge: torch.Tensor | None) -> torch.Tensor:
-        return listwise_bce_loss(self.logits(model, batch, knowledge), batch.labels, batch.candidates != 0)
+        logits = self.logits(model, batch, knowledge)
+        return listwise_bce_loss(logits, batch.labels.to(logits.device), (batch.candidates != 0).to(logits.device))
 
     @torch.inference_mode()
     def scores(
@@ -180,7 +190,7 @@ class RerankTask:
             self.logits(model, data.take(torch.arange(lo, min(lo + 2048, len(data)))), knowledge)
             for lo in range(0, len(data), 2048)
         ]
-        return torch.cat(out).float().numpy() if out else np.zeros((0, 0))
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0))
 
     def per_list_metrics(self, model, split: str, knowledge: torch.Tensor | None) -> dict[str, np.ndarray]:
         data = self.splits[split]
@@ -239,12 +249,9 @@ class NextItemTask:
         )
 
     def train_batches(self, epoch: int, seed: int, rank: int = 0, world: int = 1):
-        n = self.train_inputs.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[rank::world]
-        for lo in range(0, math.ceil(n / world), self.spec.batch_size):
-            idx = order[lo : lo + self.spec.batch_size]
-            if len(idx):
-                yield idx
+        order = _shard(self.train_inputs.shape[0], seed * 1000 + epoch, rank, world)
+        for lo in range(0, len(order), self.spec.batch_size):
+            yield order[lo : lo + self.spec.batch_size]
 
     def loss(self, model, idx: torch.Tensor, knowledge: torch.Tensor | None) -> torch.Tensor:
         k = None if knowledge is None else knowledge[self.train_rows[idx]]
@@ -351,7 +358,7 @@ def fit(
         state.history.append(metrics)
         if metrics[select] > state.best_metric:
             state.best_metric, state.best_epoch, state.bad_epochs = metrics[select], epoch, 0
-            state.best_model = copy.deepcopy(eval_model.state_dict())
+            state.best_model = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
         else:
             state.bad_epochs += 1
         log.info(

@@ -80,8 +80,9 @@ def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: in
     return task, knowledge, model
 
 
-def zero_config(stage: str, batch_size: int, world: int) -> dict:
-    """The shipped ZeRO config with its "auto" values set for this loop: fp32, no accumulation, no clipping."""
+def zero_config(stage: str, batch_size: int, world: int, num_params: int) -> dict:
+    """The shipped ZeRO config with its "auto" values set for this loop: fp32, no accumulation, no clipping, one
+    gradient bucket the size of the model (DeepSpeed's 5e8 default would allocate 2 GB per worker)."""
     ds = deepspeed_config(stage, "recommender.deepspeed")
     ds.update(
         train_micro_batch_size_per_gpu=batch_size,
@@ -91,7 +92,9 @@ def zero_config(stage: str, batch_size: int, world: int) -> dict:
         bf16={"enabled": False},
         fp16={"enabled": False},
     )
-    ds["zero_optimization"]["reduce_bucket_size"] = 200_000_000
+    bucket = -(-num_params // 4096) * 4096  # DeepSpeed wants a multiple of its alignment factor (2 or 4)
+    ds["zero_optimization"]["reduce_bucket_size"] = bucket
+    ds["zero_optimization"]["allgather_bucket_size"] = bucket
     left = [k for k, v in {**ds, **ds["zero_optimization"]}.items() if v == "auto"]
     if left:
         raise ValueError(f"configs/deepspeed/{stage}.json: no value for {left} in the recommender loop; set them")
@@ -112,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", weights_only=False)
+            saved = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
         model.load_state_dict(saved["model"])
         optimizer_state, state = saved["optimizer"], FitState(**saved["fit"])
         state.resumed_after = [*(state.resumed_after or []), state.epoch]
@@ -170,7 +173,9 @@ def _zero_engine(config: dict, model: torch.nn.Module, spec: ModelSpec, world: i
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the group Ray Train created
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=zero_config(config["deepspeed"], spec.batch_size, world)
+        model=model,
+        optimizer=optimizer,
+        config=zero_config(config["deepspeed"], spec.batch_size, world, sum(p.numel() for p in model.parameters())),
     )
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -237,7 +242,7 @@ def fit_on_ray(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / "state.pt", weights_only=False)
+        saved = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
     return FitState(**saved["fit"])
 
 

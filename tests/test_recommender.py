@@ -39,6 +39,18 @@ def test_rerank_task_tensors_match_the_tables(synthetic):
     assert torch.equal(train.attributes[..., 0], torch.where(train.candidates <= 40, a, b))
 
 
+def test_workers_take_equal_batches_covering_every_list_once(synthetic):
+    data_dir, _ = synthetic
+    task = RerankTask(load_tables(data_dir), SPEC)
+    n = len(task.splits["train"])
+    for world in (1, 2, 3, 7):
+        batches = [[len(b) for b in task.train_batches(epoch=1, seed=3, rank=r, world=world)] for r in range(world)]
+        # The same number of steps on every worker (a shorter one would leave DDP's all-reduce waiting forever) ...
+        assert len({len(b) for b in batches}) == 1 and len({sum(b) for b in batches}) == 1, (world, n, batches)
+        # ... and together every list, plus at most world - 1 repeated to even the shards out.
+        assert n <= sum(map(sum, batches)) < n + world
+
+
 def test_knowledge_augmented_reranker_beats_id_only_on_unseen_users(synthetic):
     data_dir, knowledge_path = synthetic
     results = {}
