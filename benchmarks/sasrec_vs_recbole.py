@@ -50,7 +50,9 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--max-epochs", type=int, default=2, help="RecBole's epoch cap (2: ~6-7 min on a busy 2-core box)"
+        "--max-epochs", type=int, default=2,
+        help="RecBole's epoch cap (2: ~6-7 min on a 2-core box, a smoke run; the reported comparison used 30 with "
+        "--threads 2: ~75 min)",
     )
     p.add_argument(
         "--ours-max-epochs", type=int, default=200,
