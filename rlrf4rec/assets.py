@@ -60,6 +60,12 @@ def asset_home(configured: str | None = None) -> Path:
     return Path(home).expanduser().resolve()
 
 
+def torch_extensions_dir(configured: str | None = None) -> Path:
+    """Where DeepSpeed's JIT-compiled ops are cached (~40 s to build a comm op on CPU): once per machine, shared by
+    every stage and worker."""
+    return asset_home(configured) / "cache" / "torch_extensions"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -479,7 +479,7 @@ def run_dpo(
         "output_dir": str((storage / "hf").resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards there
         "seed": cfg.seed + dc.seed_offset,
         "deepspeed": deepspeed,
-        "torch_extensions_dir": str(assets.asset_home(cfg.assets.home) / "cache" / "torch_extensions"),
+        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
         **fault,
     }
     log.info("dpo/%s: %s", out_name, json.dumps(counts))

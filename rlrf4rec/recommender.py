@@ -292,6 +292,11 @@ class FitState:
     resumed_after: list | None = None  # the last finished epoch at each restart from a checkpoint
 
 
+def make_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optimizer:
+    """The recommenders' optimizer, in one place: plain training and the ZeRO engine (rlrf4rec.train) both use it."""
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
 def fit(
     task: Task,
     model: torch.nn.Module,
@@ -317,7 +322,7 @@ def fit(
     eval_model = eval_model or model
     torch.manual_seed(seed + rank)
     if engine is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = make_optimizer(model, spec)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
 

@@ -29,7 +29,7 @@ from rlrf4rec import schema as S
 from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
 from rlrf4rec.encode import vectors_of
-from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables
+from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,9 @@ def _zero_engine(config: dict, model: torch.nn.Module, spec: ModelSpec, world: i
     # DeepSpeed JIT-compiles a comm op on first init (~40 s on CPU); a shared cache makes that once per machine.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the group Ray Train created
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=optimizer,
+        optimizer=make_optimizer(model, spec),
         config=zero_config(config["deepspeed"], spec.batch_size, world, sum(p.numel() for p in model.parameters())),
     )
     if checkpoint is not None:
@@ -229,7 +228,7 @@ def fit_on_ray(
             "data_dir": str(data_dir.resolve()),
             "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
             "deepspeed": rc.deepspeed,
-            "torch_extensions_dir": str(assets.asset_home(cfg.assets.home) / "cache" / "torch_extensions"),
+            "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
             **loop_extra,
         },
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu),
