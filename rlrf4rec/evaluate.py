@@ -28,9 +28,9 @@ from rlrf4rec.artifacts import (
     write_parquet,
 )
 from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_knowledge_text
+from rlrf4rec.encode import TextEncoder, embedding_cache, user_knowledge_text
 from rlrf4rec.metrics import bootstrap_ci, rank_metrics
-from rlrf4rec.recommender import RERANK_KS, RerankBatch
+from rlrf4rec.recommender import RERANK_KS, RerankBatch, RerankTask
 from rlrf4rec.reward import RewardModel
 
 log = logging.getLogger(__name__)
@@ -45,21 +45,30 @@ def per_user_metrics(model: RewardModel, users: list[str], vectors: np.ndarray |
     row_of = {u: i for i, u in enumerate(users)}
     owner = torch.tensor([row_of[u] for u in task.list_users["test"]], dtype=torch.long)
     with torch.inference_mode():
-        knowledge = None if vectors is None else torch.from_numpy(vectors)
+        knowledge = model.knowledge(None if vectors is None else torch.from_numpy(vectors))
         batch = RerankBatch(
             data.candidates,
             data.attributes,
             data.history,
             data.labels,
-            owner if knowledge is not None else torch.zeros_like(owner),
+            owner if vectors is not None else torch.zeros_like(owner),
         )
         logits = task.logits(model.model, batch, knowledge)
-    per_list = rank_metrics(logits, data.labels, ks=RERANK_KS, mask=data.candidates != 0)
-    counts = np.bincount(owner.numpy(), minlength=len(users))
-    return {
-        m: np.bincount(owner.numpy(), weights=per_list[m], minlength=len(users)) / np.maximum(counts, 1)
-        for m in METRICS
-    }
+    return _per_user(task, logits.numpy(), users)
+
+
+def popularity_metrics(task: RerankTask, users: list[str]) -> dict[str, np.ndarray]:
+    """Test lists ranked by item popularity among train users (no learning) -> metric -> [U] user means."""
+    return _per_user(task, task.popularity_scores("test"), users)
+
+
+def _per_user(task: RerankTask, scores: np.ndarray, users: list[str]) -> dict[str, np.ndarray]:
+    data = task.splits["test"]
+    row_of = {u: i for i, u in enumerate(users)}
+    owner = np.array([row_of[u] for u in task.list_users["test"]])
+    per_list = rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
+    counts = np.bincount(owner, minlength=len(users))
+    return {m: np.bincount(owner, weights=per_list[m], minlength=len(users)) / np.maximum(counts, 1) for m in METRICS}
 
 
 def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> dict[str, list[float]]:
@@ -74,7 +83,8 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
 
     data_dir = cfg.run_path / "data"
     rec_dir = cfg.run_path / "recommender"
-    upstream = [require_marker(rec_dir / v, "train-recommender")["fingerprint"] for v in ("id", "base")]
+    baselines = [v for v in ("id-kar", "id", "base") if v != "id-kar" or (rec_dir / v).is_dir()]
+    upstream = [require_marker(rec_dir / v, "train-recommender")["fingerprint"] for v in baselines]
     upstream += [require_marker(r, "loop")["fingerprint"] + model_identity(str(p)) for _, p, r in policies]
     fingerprint = f"{cfg.section_hash('generate', 'encode', 'loop')}-" + "-".join(upstream)
     stage_dir = cfg.run_path / "evaluate"
@@ -86,13 +96,16 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     cache = embedding_cache(cfg)
     rows: dict[str, dict[str, np.ndarray]] = {}
-    rows["ID only"] = per_user_metrics(
-        RewardModel.load(rec_dir / "id", data_dir, require_knowledge=False), test_users, None
-    )
-    history_vectors = encode_cached(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
-    rows["history knowledge (no LLM)"] = per_user_metrics(
-        RewardModel.load(rec_dir / "base", data_dir, require_knowledge=False), test_users, history_vectors
-    )
+    id_model = RewardModel.load(rec_dir / "id", data_dir, require_knowledge=False)
+    rows["popularity"] = popularity_metrics(id_model.task, test_users)
+    if (rec_dir / "id-kar" / "model.pt").is_file():
+        rows["KAR ID-only"] = per_user_metrics(
+            RewardModel.load(rec_dir / "id-kar", data_dir, require_knowledge=False), test_users, None
+        )
+    rows["ID only"] = per_user_metrics(id_model, test_users, None)
+    base = RewardModel.load(rec_dir / "base", data_dir, require_knowledge=False)
+    history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
+    rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
     texts: dict[str, list[str]] = {}
     greedy = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1, temperature=0.0)
     for name, policy, recommender in policies:
@@ -105,10 +118,9 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         gens = read_parquet(gen_dir / "generations.parquet", S.GENERATIONS)
         text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
         texts[name] = [text_of.get(u, "") for u in test_users]
-        vectors = encode_cached(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
-        rows[name] = per_user_metrics(
-            RewardModel.load(recommender, data_dir, require_knowledge=False), test_users, vectors
-        )
+        model = RewardModel.load(recommender, data_dir, require_knowledge=False)
+        vectors = model.encode(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
+        rows[name] = per_user_metrics(model, test_users, vectors)
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_json(table, tmp / "table.json")

@@ -37,7 +37,7 @@ from rlrf4rec.artifacts import (
 )
 from rlrf4rec.config import RunConfig, dump_config
 from rlrf4rec.data import user_history_texts
-from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, user_knowledge_text, write_user_knowledge
+from rlrf4rec.encode import TextEncoder, embedding_cache, user_knowledge_text, write_user_knowledge
 from rlrf4rec.metrics import bootstrap_ci
 from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
 from rlrf4rec.prompts import preference_messages
@@ -53,7 +53,7 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
         require_marker(generations_dir, "generate")["fingerprint"],
         require_marker(recommender_dir, "train-recommender")["fingerprint"],
     ]
-    fingerprint = f"{cfg.section_hash('reward', 'encode', 'models')}-{'-'.join(upstream)}"
+    fingerprint = f"{cfg.section_hash('reward', 'encode', 'knowledge', 'models')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
@@ -85,7 +85,7 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
             concurrency=cfg.reward.concurrency,
         )
     else:
-        rewards = reward_model.score(users, encode_cached(make_encoder(), texts, embedding_cache(cfg)))
+        rewards = reward_model.score(users, reward_model.encode(make_encoder(), texts, embedding_cache(cfg)))
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / "rewards.parquet", S.REWARDS)

@@ -299,8 +299,16 @@ class PRM(nn.Module):
     """Personalized Re-ranking Model: self-attention over a candidate list, one score logit per candidate.
 
     Each candidate's input is [item embedding ; attribute bag (if num_attributes) ; user history summary
-    (if use_history) ; augmented knowledge (if adaptor)] -> linear to d_model + list-position embedding.
-    User-level knowledge [B, D_t] is broadcast to every candidate; item-level knowledge [B, C, D_t] is per candidate.
+    (if use_history) ; augmented knowledge (if adaptor) ; user x item match features (if interaction)] -> linear to
+    d_model + list-position embedding.
+
+    Knowledge types (the adaptor's): "user" is user level, [B, D] (one vector) or [B, S, D] (S segment vectors,
+    all-zero rows = padding); every other type ("item") is per candidate, [B, C, D].
+    KAR broadcasts one user vector to every candidate, where it is the same offset for the whole list and can only
+    reorder through the non-linear layers. With `interaction`, each candidate (its item embedding and item knowledge)
+    queries the user's segments, and the match of the pooled user vector with the candidate enters twice: as
+    features (u_c and u_c * q_c) and as a bilinear term added to the logit, so a text that names what a user likes
+    moves exactly the candidates it matches (a deviation from KAR, measured in benchmarks/knowledge_controls.py).
     """
 
     def __init__(
@@ -316,13 +324,30 @@ class PRM(nn.Module):
         num_heads: int = 2,
         max_list_len: int = 10,
         dropout: float = 0.1,
+        interaction: bool = False,
     ):
         super().__init__()
+        if interaction and (adaptor is None or "user" not in adaptor.types):
+            raise ValueError('interaction needs an adaptor with "user" knowledge; build it with interaction=False')
         self.max_list_len, self.use_history = max_list_len, use_history
         self.item_emb = nn.Embedding(num_items + 1, item_dim, padding_idx=0)
         self.attr_emb = nn.Embedding(num_attributes + 1, attribute_dim, padding_idx=0) if num_attributes else None
         in_dim = item_dim + (attribute_dim if num_attributes else 0) + (item_dim if use_history else 0)
         in_dim += adaptor.output_dim if adaptor is not None else 0
+        self.interaction = interaction
+        self.raw_similarity = False
+        if interaction:
+            k = adaptor.out_dim
+            item_knowledge_dim = adaptor.out_dim * (len(adaptor.types) - 1)
+            self.match_query = nn.Linear(item_dim + item_knowledge_dim, k)  # candidate -> query in user space
+            self.match_user = nn.Linear(k, k)  # user -> bilinear partner of the query
+            in_dim += k  # u_c takes the user's place in the adaptor's output; the product u_c * q_c is extra
+            # With item knowledge in the user's encoder space: the raw cosine of the candidate's text with the
+            # user's closest and average segment, a match no learned 32-d projection has to rediscover.
+            self.raw_similarity = "item" in adaptor.types
+            if self.raw_similarity:
+                self.similarity_head = nn.Linear(2, 1)
+                in_dim += 2
         self.input_proj = nn.Linear(in_dim, d_model)
         # The N(0, 0.02) init leaves the projected features ~50x smaller than unit scale, and the knowledge part of
         # them smaller still; normalising restores unit scale, without which training sat at the base rate for
@@ -334,6 +359,11 @@ class PRM(nn.Module):
         self.final_ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 1)
         self.apply(_init_weights)
+        if interaction:  # unit-scale bilinear term from the start: N(0, 0.02) would hide it for many epochs
+            nn.init.xavier_uniform_(self.match_query.weight)
+            nn.init.xavier_uniform_(self.match_user.weight)
+            if self.raw_similarity:
+                nn.init.constant_(self.similarity_head.weight, 1.0)
         self.adaptor = adaptor
 
     def _check_inputs(self, candidates, attributes, history) -> None:
@@ -347,11 +377,61 @@ class PRM(nn.Module):
         if self.use_history != (history is not None):
             raise ValueError("pass history [B, H] iff the model was built with use_history=True")
 
-    def _knowledge_features(self, knowledge: Knowledge, C: int) -> torch.Tensor:
-        outputs = self.adaptor(knowledge)  # type -> [B, out] or [B, C, out]
-        return self.adaptor.concat(
-            {t: v if v.dim() == 3 else v.unsqueeze(1).expand(-1, C, -1) for t, v in outputs.items()}
-        )  # [B, C, K]
+    def _knowledge_features(
+        self, knowledge: Knowledge, item_vectors: torch.Tensor, C: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> features [B, C, F] and the bilinear match logit [B, C] (None without interaction)."""
+        raw = self.adaptor.as_mapping(knowledge)
+        user = raw.get("user")
+        if user is not None and user.dim() not in (2, 3):
+            raise ValueError(f"user knowledge must be [B, D] or [B, S, D], got {tuple(user.shape)}")
+        segments = None
+        if user is not None and user.dim() == 3:
+            segments = knowledge["user"].abs().sum(-1) > 0 if isinstance(knowledge, Mapping) else None
+            if segments is None:
+                raise ValueError('segmented user knowledge [B, S, D] must be passed as {"user": ..., ...}')
+            segments = segments.clone()
+            segments[:, 0] |= ~segments.any(-1)  # a user without text attends to its (zero) first segment
+        outputs = self.adaptor(knowledge)  # type -> [B, out] | [B, S, out] | [B, C, out]
+        for t, v in outputs.items():
+            if t != "user" and v.shape[:2] != item_vectors.shape[:2]:
+                raise ValueError(f'"{t}" knowledge is per candidate: [B, C, D], got {tuple(raw[t].shape)}')
+        items = [outputs[t] for t in self.adaptor.types if t != "user"]  # each [B, C, out]
+        if user is None:
+            return torch.cat(items, dim=-1), None
+        u = outputs["user"]
+        if not self.interaction:
+            if segments is not None:  # no candidate to query with: the plain mean of the user's segments
+                w = segments.unsqueeze(-1).to(u.dtype)
+                u = (u * w).sum(1) / w.sum(1)
+            return torch.cat([u.unsqueeze(1).expand(-1, C, -1), *items], dim=-1), None
+        query = self.match_query(torch.cat([item_vectors, *items], dim=-1))  # [B, C, K]
+        if segments is None:
+            u_c = u.unsqueeze(1).expand(-1, C, -1)  # [B, C, K]
+        else:
+            att = torch.einsum("bck,bsk->bcs", query, u) / u.shape[-1] ** 0.5  # [B, C, S]
+            att = att.masked_fill(~segments.unsqueeze(1), float("-inf")).softmax(-1)
+            u_c = torch.einsum("bcs,bsk->bck", att, u)  # [B, C, K]
+        partner = self.match_user(u_c)  # [B, C, K]
+        match = (partner * query).sum(-1) / query.shape[-1] ** 0.5  # [B, C]
+        features = [u_c, partner * query, *items]
+        if self.raw_similarity:
+            similarity = self._raw_similarity(knowledge["user"], knowledge["item"], segments)  # [B, C, 2]
+            features.append(similarity)
+            match = match + self.similarity_head(similarity).squeeze(-1)
+        return torch.cat(features, dim=-1), match
+
+    @staticmethod
+    def _raw_similarity(user: torch.Tensor, item: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        """user [B, D] or [B, S, D], item [B, C, D] (encoder outputs, L2-normalised) -> [B, C, 2]: the cosine
+        with the closest and the mean over the user's real segments."""
+        if user.dim() == 2:
+            user, segments = user.unsqueeze(1), torch.ones(user.shape[0], 1, dtype=torch.bool, device=user.device)
+        cos = torch.einsum("bcd,bsd->bcs", item.to(user.dtype), user)  # [B, C, S]
+        real = segments.unsqueeze(1)  # [B, 1, S]
+        closest = cos.masked_fill(~real, float("-inf")).amax(-1)  # [B, C]
+        mean = (cos * real).sum(-1) / real.sum(-1).clamp(min=1)  # [B, C]
+        return torch.stack([closest, mean], dim=-1)
 
     def forward(
         self,
@@ -362,19 +442,22 @@ class PRM(nn.Module):
     ) -> torch.Tensor:
         """candidates [B, C] (0 = padding), attributes [B, C, A] (0 = padding), history [B, H] -> logits [B, C].
 
-        Padding candidates get -inf: they rank last and `listwise_bce_loss` leaves them out.
+        Padding candidates get -inf: they rank last and the losses leave them out.
         """
         self._check_inputs(candidates, attributes, history)
         _check_knowledge(self.adaptor, knowledge)
         B, C = candidates.shape
-        parts = [self.item_emb(candidates)]  # [B, C, item_dim]
+        item_vectors = self.item_emb(candidates)  # [B, C, item_dim]
+        parts = [item_vectors]
         if attributes is not None:
             parts.append(_masked_mean(self.attr_emb(attributes), attributes))  # [B, C, attribute_dim]
         if history is not None:
             summary = _masked_mean(self.item_emb(history), history)  # [B, item_dim]
             parts.append(summary.unsqueeze(1).expand(-1, C, -1))
+        match = None
         if knowledge is not None:
-            parts.append(self._knowledge_features(knowledge, C))  # [B, C, K]
+            features, match = self._knowledge_features(knowledge, item_vectors, C)
+            parts.append(features)  # [B, C, F]
         valid = candidates != 0  # [B, C]
         positions = torch.arange(C, device=candidates.device)
         x = self.input_ln(self.input_proj(torch.cat(parts, dim=-1))) + self.pos_emb(positions)  # [B, C, d_model]
@@ -383,6 +466,8 @@ class PRM(nn.Module):
         for block in self.blocks:
             x = block(x, allowed) * valid.unsqueeze(-1)
         logits = self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
+        if match is not None:
+            logits = logits + match
         return logits.masked_fill(~valid, float("-inf"))
 
 
@@ -392,3 +477,21 @@ def listwise_bce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
         raise ValueError("mask selects no candidate; every batch needs at least one real (non-padding) candidate")
     # Boolean selection keeps the -inf padding logits out of the loss entirely (they would give inf - inf = NaN).
     return F.binary_cross_entropy_with_logits(logits[mask], labels[mask].to(logits.dtype))
+
+
+def listnet_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ListNet (top-one): cross-entropy between softmax(labels) restricted to positives and softmax(logits) over the
+    real candidates of each list; lists without a positive carry no ordering and are left out. [B, C] inputs."""
+    if not mask.any():
+        raise ValueError("mask selects no candidate; every batch needs at least one real (non-padding) candidate")
+    labels = labels.to(logits.dtype) * mask
+    has_positive = labels.sum(-1) > 0  # [B]
+    if not has_positive.any():
+        return logits[mask].sum() * 0.0  # keeps the graph (DDP expects every parameter's gradient)
+    log_p = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)  # [B, C]
+    target = labels / labels.sum(-1, keepdim=True).clamp(min=1.0)  # [B, C]
+    per_list = -(target * log_p.masked_fill(~mask, 0.0)).sum(-1)  # [B]
+    return per_list[has_positive].mean()
+
+
+LOSSES = {"bce": listwise_bce_loss, "listnet": listnet_loss}

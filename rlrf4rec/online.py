@@ -13,7 +13,6 @@ Knows nothing about HTTP, deployments or how the knowledge was produced.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from rlrf4rec import schema as S
 from rlrf4rec.artifacts import read_marker, read_parquet
 from rlrf4rec.config import RunConfig, load_config
 from rlrf4rec.data import TABLES
-from rlrf4rec.encode import vectors_of
+from rlrf4rec.encode import pad_segments, user_vectors
 from rlrf4rec.prompts import item_meta, user_attributes
-from rlrf4rec.recommender import ModelSpec, RerankTask, item_lookup, load_tables
+from rlrf4rec.recommender import Checkpoint, ModelSpec, RerankTask, item_lookup, load_checkpoint, load_tables
 
 PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
 
@@ -95,7 +94,7 @@ def preference_of(knowledge_text: str) -> str | None:
 @dataclass(frozen=True)
 class Knowledge:
     text: str
-    vector: np.ndarray  # [D] float32
+    vector: np.ndarray  # [D] float32, or [S, D] segment vectors (zero rows = padding) for a segmented model
     version: str  # the version whose policy wrote the text; only that version's model reads the vector
     source: str = "precomputed"  # or "generated" (on line, for a user without precomputed knowledge)
 
@@ -109,7 +108,7 @@ class KnowledgeStore:
         self.version = version.name
         self._rows = {u: i for i, u in enumerate(users)}
         self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
-        self._vectors = vectors_of(table)  # [U, D]
+        self._vectors = user_vectors(table)  # [U, D] or [U, S, D]
 
     def get(self, user_id: str | None) -> Knowledge | None:
         row = self._rows.get(user_id) if user_id is not None else None
@@ -151,23 +150,25 @@ class ItemCatalog:
         self.attributes = user_attributes(read_parquet(users_path, TABLES["users"]) if users_path.is_file() else None)
 
 
-def _saved_model(recommender_dir: Path, *, knowledge: bool) -> dict:
+def _checkpoint(recommender_dir: Path, task: RerankTask, *, knowledge: bool) -> Checkpoint:
     if read_marker(recommender_dir) is None:
         raise FileNotFoundError(f"{recommender_dir} holds no complete recommender stage")
-    saved = torch.load(recommender_dir / "model.pt", weights_only=False)
-    if knowledge != (saved["knowledge_dim"] is not None):
+    ckpt = load_checkpoint(recommender_dir / "model.pt", task)
+    if knowledge != (ckpt.user_knowledge_dim is not None):
         kind = "a knowledge-augmented" if knowledge else "an ID-only"
         raise ValueError(f"{recommender_dir} does not hold {kind} recommender")
-    saved["spec"] = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
-    return saved
+    return ckpt
 
 
 @dataclass(frozen=True)
 class _Loaded:
-    model: torch.nn.Module
+    ckpt: Checkpoint
     version: str
-    history_len: int
     store: KnowledgeStore | None = None  # the version's precomputed knowledge (None for the ID-only model)
+
+    @property
+    def history_len(self) -> int:
+        return self.ckpt.task.spec.history_len if self.ckpt.task.spec.use_history else 0
 
 
 class Reranker:
@@ -177,22 +178,14 @@ class Reranker:
 
     def __init__(self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None):
         self.catalog = catalog or ItemCatalog(run_dir)
-        saved = _saved_model(Path(run_dir) / "recommender" / "id", knowledge=False)
-        self.task = RerankTask(self.catalog.tables, saved["spec"])
+        self.task = RerankTask(self.catalog.tables, ModelSpec())  # items, genres, lists; each model brings its spec
         self.list_len = self.task.splits["train"].candidates.shape[1]
-        self.id_model = self._build(saved, "id")
+        self.id_model = _Loaded(_checkpoint(Path(run_dir) / "recommender" / "id", self.task, knowledge=False), "id")
         self.load_version(version)
 
-    def _build(self, saved: dict, version: str, store: KnowledgeStore | None = None) -> _Loaded:
-        task = copy.copy(self.task)
-        task.spec = saved["spec"]  # each model with its own sizes; items, genres and lists are shared
-        model = task.build_model(saved["knowledge_dim"])
-        model.load_state_dict(saved["model"])
-        return _Loaded(model.eval(), version, saved["spec"].history_len, store)
-
     def load_version(self, version: Version) -> None:
-        saved = _saved_model(version.recommender_dir, knowledge=True)
-        self.knowledge_model = self._build(saved, version.name, KnowledgeStore(version))
+        ckpt = _checkpoint(version.recommender_dir, self.task, knowledge=True)
+        self.knowledge_model = _Loaded(ckpt, version.name, KnowledgeStore(version))
 
     @property
     def version(self) -> str:
@@ -239,9 +232,15 @@ class Reranker:
                         vectors.append(knowledge[i].vector)
             candidates = torch.tensor(cands, dtype=torch.long)  # [W, L]
             H = model.history_len
-            history = torch.tensor([[0] * (H - len(h)) + h for h in hists], dtype=torch.long)  # [W, H]
-            k = torch.from_numpy(np.stack(vectors)).float() if with_knowledge else None
-            logits = model.model(candidates, self.task.item_genres[candidates], knowledge=k, history=history).numpy()
+            history = torch.tensor([[0] * (H - len(h)) + h for h in hists], dtype=torch.long) if H else None
+            user = None
+            if with_knowledge:
+                user = pad_segments(vectors) if vectors[0].ndim == 2 else np.stack(vectors)  # [W, S, D] | [W, D]
+            k = model.ckpt.knowledge(user)
+            if k is not None and "item" in k:
+                k["item"] = k["item"][candidates]  # [W, L, D]
+            genres = self.task.item_genres[candidates]
+            logits = model.ckpt.model(candidates, genres, knowledge=k, history=history).numpy()
             parts: dict[int, list[np.ndarray]] = {}
             for row, owner in enumerate(owners):
                 parts.setdefault(owner, []).append(logits[row][cands[row].count(0) :])

@@ -39,11 +39,13 @@ def run_encode(cfg: RunConfig) -> Path:
 
 
 def run_recommenders(cfg: RunConfig) -> Path:
-    """The ID-only re-ranker and the base-knowledge one (the first reward model), on Ray Train."""
+    """The baselines (KAR's ID-only re-ranker: candidates alone; ID + history: the user's history window too) and
+    the base-knowledge re-ranker (the first reward model), on Ray Train."""
     from rlrf4rec.train import run_recommender
 
     data_dir = cfg.run_path / "data"
-    run_recommender(cfg, "id", data_dir, None)
+    run_recommender(cfg, "id-kar", data_dir, None, use_history=False)
+    run_recommender(cfg, "id", data_dir, None, use_history=True)
     run_recommender(cfg, "base", data_dir, cfg.run_path / "knowledge" / "base" / "user_knowledge.parquet")
     return cfg.run_path / "recommender"
 

@@ -124,3 +124,13 @@ def history_texts(sequences: pa.Table, items: pa.Table, users: pa.Table | None =
         history = [HistoryItem(*meta[r[S.ITEM_IDS][i]], r[S.RATINGS][i]) for i in window]
         texts[r[S.USER_ID]] = history_text(history, attrs.get(r[S.USER_ID]))
     return texts
+
+
+def item_metadata_texts(items: pa.Table) -> dict[str, str]:
+    """item_id -> the cheap item knowledge text: `"<title>" (<year>). Genres: a, b.` (schema.ITEMS rows)."""
+    texts = {}
+    for r in items.select([S.ITEM_ID, S.TITLE, S.YEAR, S.GENRES]).to_pylist():
+        year = f" ({r[S.YEAR]})" if r[S.YEAR] else ""
+        genres = ", ".join(sanitize(g, 40) for g in r[S.GENRES]) or "unknown"
+        texts[r[S.ITEM_ID]] = f'"{sanitize(r[S.TITLE])}"{year}. Genres: {genres}.'
+    return texts

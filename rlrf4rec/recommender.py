@@ -12,6 +12,8 @@ files or texts (rlrf4rec.train runs `fit` under Ray Train).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import time
@@ -27,11 +29,15 @@ import torch
 
 from rlrf4rec import schema as S
 from rlrf4rec.metrics import full_sort_metrics, mean_metrics, rank_metrics
-from rlrf4rec.models import PRM, KnowledgeAdaptor, SASRec, listwise_bce_loss
+from rlrf4rec.models import LOSSES, PRM, KnowledgeAdaptor, SASRec
 
 log = logging.getLogger(__name__)
 
 RERANK_KS = (1, 3, 5, 7)
+
+# Knowledge as the tasks take it: None (ID-only), a user matrix [U, D] / [U, S, D] (rows in the task's user order),
+# or {"user": that, "item": [num_items + 1, D] (row = item idx, row 0 = padding)}; either key may be left out.
+KnowledgeInput = torch.Tensor | dict[str, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class ModelSpec:
     adaptor_out: int = 32
     adaptor_experts: tuple[int, int] = (2, 2)  # shared, specific
     history_len: int = 30
+    use_history: bool = True  # the re-ranker sees the ids of the user's history window (KAR's re-rankers do not)
+    interaction: bool = False  # user x candidate matching (models.PRM); needs user knowledge
+    loss: str = "bce"  # "bce" (pointwise, KAR) | "listnet" (softmax over each list)
     max_seq_len: int = 50
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -61,14 +70,22 @@ def item_lookup(item_index: pa.Table) -> dict[str, int]:
     return dict(zip(item_index.column(S.ITEM_ID).to_pylist(), item_index.column(S.ITEM_IDX).to_pylist()))
 
 
-def _user_adaptor(spec: ModelSpec, knowledge_dim: int | None) -> KnowledgeAdaptor | None:
-    """The KAR adaptor for one knowledge type ("user"), or None for an ID-only model."""
-    if knowledge_dim is None:
+def _adaptor(spec: ModelSpec, dims: dict[str, int | None]) -> KnowledgeAdaptor | None:
+    """The KAR adaptor over the knowledge types with a dim ("user", "item"), or None for an ID-only model."""
+    dims = {t: d for t, d in dims.items() if d is not None}
+    if not dims:
         return None
     shared, specific = spec.adaptor_experts
-    return KnowledgeAdaptor(
-        {"user": knowledge_dim}, shared, specific, spec.adaptor_hidden, spec.adaptor_out, spec.dropout
-    )
+    return KnowledgeAdaptor(dims, shared, specific, spec.adaptor_hidden, spec.adaptor_out, spec.dropout)
+
+
+def knowledge_dims(knowledge: KnowledgeInput) -> dict[str, int | None]:
+    """type -> embedding dim of the knowledge a model will be fed (None: no such knowledge)."""
+    if knowledge is None:
+        return {"user": None}
+    if isinstance(knowledge, torch.Tensor):
+        knowledge = {"user": knowledge}
+    return {t: int(v.shape[-1]) for t, v in knowledge.items()}
 
 
 def _shard(n: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -111,12 +128,26 @@ class RerankBatch:
         )
 
 
+def gather_knowledge(knowledge: KnowledgeInput, batch: RerankBatch, device) -> dict[str, torch.Tensor] | None:
+    """The rows of `knowledge` a batch needs: user knowledge by list owner, item knowledge by candidate."""
+    if knowledge is None:
+        return None
+    if isinstance(knowledge, torch.Tensor):
+        knowledge = {"user": knowledge}
+    out = {}
+    for t, table in knowledge.items():
+        index = batch.user_row if t == "user" else batch.candidates  # [B] or [B, C]
+        out[t] = table[index.to(table.device)].to(device)  # [B, D] | [B, S, D] | [B, C, D]
+    return out
+
+
 class RerankTask:
     """Re-rank lists of one dataset, per split, plus the user order of the knowledge matrix."""
 
     def __init__(self, tables: dict[str, pa.Table], spec: ModelSpec, users: list[str] | None = None):
         self.spec = spec
         to_idx = item_lookup(tables["item_index"])
+        self.item_index = to_idx  # item_id -> item idx
         self.num_items = len(to_idx)
         genres = sorted({g for gs in tables["items"].column(S.GENRES).to_pylist() for g in gs})
         self.genre_vocab = {g: i + 1 for i, g in enumerate(genres)}
@@ -128,6 +159,9 @@ class RerankTask:
             self.item_genres[row, : len(g)] = torch.tensor(g, dtype=torch.long)
         seq = tables["sequences"].to_pylist()
         self.users = users or [r[S.USER_ID] for r in seq]  # knowledge matrix row order
+        # Item popularity (the no-learning baseline): interactions among train users, by item idx.
+        train_items = [to_idx[i] for r in seq if r[S.SPLIT] == "train" for i in r[S.ITEM_IDS]]
+        self.popularity = np.bincount(np.asarray(train_items, dtype=np.int64), minlength=self.num_items + 1)
         row_of = {u: i for i, u in enumerate(self.users)}
         windows = {r[S.USER_ID]: [to_idx[i] for i in r[S.ITEM_IDS][r[S.HISTORY_START] : r[S.HISTORY_END]]] for r in seq}
         lists = tables["rerank_lists"]
@@ -146,27 +180,29 @@ class RerankTask:
             )
             self.list_users[split] = [r[S.USER_ID] for r in rows]
 
-    def build_model(self, knowledge_dim: int | None) -> PRM:
+    def build_model(self, dims: dict[str, int | None] | int | None) -> PRM:
+        """dims: knowledge type -> dim (`knowledge_dims`), or the user knowledge dim alone (None: ID-only)."""
         s = self.spec
-        adaptor = _user_adaptor(s, knowledge_dim)
+        adaptor = _adaptor(s, dims if isinstance(dims, dict) else {"user": dims})
         return PRM(
             self.num_items,
             item_dim=s.item_dim,
             num_attributes=len(self.genre_vocab),
-            use_history=True,
+            use_history=s.use_history,
             adaptor=adaptor,
             d_model=s.hidden_dim,
             num_layers=s.num_layers,
             num_heads=s.num_heads,
             max_list_len=self.splits["train"].candidates.shape[1],
             dropout=s.dropout,
+            interaction=s.interaction and adaptor is not None and "user" in adaptor.types,
         )
 
-    def logits(self, model: torch.nn.Module, batch: RerankBatch, knowledge: torch.Tensor | None) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: RerankBatch, knowledge: KnowledgeInput) -> torch.Tensor:
         device = next(model.parameters()).device  # the lists live on the CPU; a GPU model gets its batch moved
-        k = None if knowledge is None else knowledge[batch.user_row.to(knowledge.device)].to(device)  # [B, D]
         attributes = None if batch.attributes is None else batch.attributes.to(device)
-        history = None if batch.history is None else batch.history.to(device)
+        history = batch.history.to(device) if self.spec.use_history else None
+        k = gather_knowledge(knowledge, batch, device)
         return model(batch.candidates.to(device), attributes, knowledge=k, history=history)  # [B, C]
 
     def train_batches(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[RerankBatch]:
@@ -175,13 +211,14 @@ class RerankTask:
         for lo in range(0, len(order), self.spec.batch_size):
             yield data.take(order[lo : lo + self.spec.batch_size])
 
-    def loss(self, model: torch.nn.Module, batch: RerankBatch, knowledge: torch.Tensor | None) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: RerankBatch, knowledge: KnowledgeInput) -> torch.Tensor:
         logits = self.logits(model, batch, knowledge)
-        return listwise_bce_loss(logits, batch.labels.to(logits.device), (batch.candidates != 0).to(logits.device))
+        loss = LOSSES[self.spec.loss]
+        return loss(logits, batch.labels.to(logits.device), (batch.candidates != 0).to(logits.device))
 
     @torch.inference_mode()
     def scores(
-        self, model: torch.nn.Module, split: str, knowledge: torch.Tensor | None, batch: RerankBatch | None = None
+        self, model: torch.nn.Module, split: str, knowledge: KnowledgeInput, batch: RerankBatch | None = None
     ) -> np.ndarray:
         """Scores [N, C] of every list of `split` (or of `batch`), eval mode, in chunks."""
         model.eval()
@@ -192,12 +229,17 @@ class RerankTask:
         ]
         return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0))
 
-    def per_list_metrics(self, model, split: str, knowledge: torch.Tensor | None) -> dict[str, np.ndarray]:
+    def per_list_metrics(self, model, split: str, knowledge: KnowledgeInput) -> dict[str, np.ndarray]:
         data = self.splits[split]
         scores = self.scores(model, split, knowledge)
         return rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
 
-    def evaluate(self, model, split: str, knowledge: torch.Tensor | None) -> dict[str, float]:
+    def popularity_scores(self, split: str) -> np.ndarray:
+        """Scores [N, C] of `split`'s lists by item popularity among train users; -inf at padding."""
+        candidates = self.splits[split].candidates.numpy()
+        return np.where(candidates == 0, -np.inf, self.popularity[candidates].astype(np.float64))
+
+    def evaluate(self, model, split: str, knowledge: KnowledgeInput) -> dict[str, float]:
         return mean_metrics(self.per_list_metrics(model, split, knowledge), prefix=f"{split}/")
 
 
@@ -237,7 +279,7 @@ class NextItemTask:
 
     def build_model(self, knowledge_dim: int | None) -> SASRec:
         s = self.spec
-        adaptor = _user_adaptor(s, knowledge_dim)
+        adaptor = _adaptor(s, {"user": knowledge_dim})
         return SASRec(
             self.num_items,
             hidden_dim=s.hidden_dim,
@@ -276,6 +318,84 @@ class NextItemTask:
 Task = RerankTask | NextItemTask
 
 
+def standardize_adaptor(model: torch.nn.Module, knowledge: dict[str, torch.Tensor], task: RerankTask) -> None:
+    """Fit the adaptor's per-type standardisation: user knowledge on the train users' real (non-padding) segments
+    or vectors, item knowledge on every real item."""
+    for t, table in knowledge.items():
+        if t == "user":
+            rows = table[task.splits["train"].user_row.unique()]  # [U, D] or [U, S, D]
+            vectors = rows.reshape(-1, rows.shape[-1])
+            vectors = vectors[vectors.abs().sum(-1) > 0]
+        else:
+            vectors = table[1:]
+        model.adaptor.standardize(t, vectors)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, weights: dict, spec: ModelSpec, knowledge: KnowledgeInput, user_segments: int = 0):
+    """A trained re-ranker with what rebuilds it: sizes, knowledge types and dims, the item knowledge it was
+    trained with (it belongs to the model: scoring with other item vectors would be another model) and how user
+    texts must be encoded for it (`user_segments`: 0 = one vector per text)."""
+    if isinstance(knowledge, torch.Tensor):
+        knowledge = {"user": knowledge}
+    dims = knowledge_dims(knowledge) if knowledge else {}
+    torch.save(
+        {
+            "model": weights,
+            "spec": dataclasses.asdict(spec),
+            "knowledge_dims": dims,
+            "knowledge_dim": dims.get("user"),
+            "user_segments": user_segments if "user" in dims else 0,
+            "item_knowledge": None if not knowledge or "item" not in knowledge else knowledge["item"].cpu(),
+        },
+        path,
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A loaded re-ranker around a task built from the given tables, frozen, in eval mode."""
+
+    task: RerankTask
+    model: torch.nn.Module
+    item_knowledge: torch.Tensor | None  # [num_items + 1, D]
+    user_segments: int
+    user_knowledge_dim: int | None  # None: the model reads no user knowledge
+
+    def knowledge(self, user: torch.Tensor | np.ndarray | None) -> KnowledgeInput:
+        """The model's knowledge input for user vectors [U, D] / [U, S, D] (None without user knowledge)."""
+        out = {}
+        if user is not None:
+            out["user"] = torch.as_tensor(np.asarray(user, dtype=np.float32))
+        if self.item_knowledge is not None:
+            out["item"] = self.item_knowledge
+        return out or None
+
+
+def load_checkpoint(path: Path, tables: dict[str, pa.Table] | RerankTask) -> Checkpoint:
+    """The inverse of `save_checkpoint`, around the data stage's `tables` (or a task built from them already: its
+    items, genres and lists are shared, and the checkpoint's sizes replace its spec)."""
+    saved = torch.load(Path(path), weights_only=False, map_location="cpu")
+    spec = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
+    if isinstance(tables, RerankTask):
+        task = copy.copy(tables)
+        task.spec = spec
+    else:
+        task = RerankTask(tables, spec)
+    dims = saved.get("knowledge_dims")
+    if dims is None:  # written before item knowledge existed: user knowledge only
+        dims = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
+    model = task.build_model(dims or None)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Checkpoint(task, model, saved.get("item_knowledge"), saved.get("user_segments", 0), dims.get("user"))
+
+
+
 # --------------------------------------------------------------------------------------------------- training loop
 
 
@@ -300,7 +420,7 @@ def make_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optim
 def fit(
     task: Task,
     model: torch.nn.Module,
-    knowledge: torch.Tensor | None,
+    knowledge: KnowledgeInput,
     *,
     seed: int,
     state: FitState | None = None,

@@ -20,8 +20,9 @@ import pyarrow as pa
 import torch
 
 from rlrf4rec import schema as S
+from rlrf4rec.encode import encode_user_texts
 from rlrf4rec.metrics import rank_metrics
-from rlrf4rec.recommender import ModelSpec, RerankBatch, RerankTask, load_tables
+from rlrf4rec.recommender import RerankBatch, RerankTask, load_checkpoint, load_tables
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class RewardModel:
     model: torch.nn.Module
     metric: str = "ndcg@5"
     chunk_lists: int = 4096  # lists per forward pass
+    item_knowledge: torch.Tensor | None = None  # [num_items + 1, D], what the model was trained with
+    user_segments: int = 0  # how a text is encoded for it: 0 = one vector, k = up to k segment vectors
     by_user: dict[str, tuple[str, torch.Tensor]] = field(init=False)  # user -> (split, its list indices)
 
     def __post_init__(self) -> None:
@@ -48,23 +51,26 @@ class RewardModel:
         cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5", *, require_knowledge: bool = True
     ) -> RewardModel:
         """A recommender stage's model.pt around the data stage's lists (ID-only allowed for evaluation only)."""
-        saved = torch.load(Path(recommender_dir) / "model.pt", weights_only=False)
-        if require_knowledge and saved["knowledge_dim"] is None:
+        ckpt = load_checkpoint(Path(recommender_dir) / "model.pt", load_tables(data_dir))
+        if require_knowledge and ckpt.user_knowledge_dim is None:
             raise ValueError(f"{recommender_dir} is an ID-only recommender; the reward needs a knowledge-augmented one")
-        task = RerankTask(
-            load_tables(data_dir),
-            ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])}),
-        )
-        model = task.build_model(saved["knowledge_dim"])
-        model.load_state_dict(saved["model"])
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return cls(task, model, metric)
+        return cls(ckpt.task, ckpt.model, metric, item_knowledge=ckpt.item_knowledge, user_segments=ckpt.user_segments)
+
+    def encode(self, encoder, texts: Sequence[str], cache: Path | None = None) -> np.ndarray:
+        """User knowledge texts -> what this model reads: [N, D], or [N, S, D] segment vectors."""
+        return encode_user_texts(encoder, texts, self.user_segments, cache)
+
+    def knowledge(self, user: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """The model's knowledge input: user rows (None for an ID-only model) and the model's item knowledge."""
+        out = {} if user is None else {"user": user}
+        if self.item_knowledge is not None:
+            out["item"] = self.item_knowledge
+        return out or None
 
     @torch.inference_mode()
     def score(self, user_ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
-        """Reward [R] of row r = mean metric over user_ids[r]'s lists with vectors[r] [D] as its knowledge."""
+        """Reward [R] of row r = mean metric over user_ids[r]'s lists with vectors[r] ([D] or [S, D], `encode`)
+        as its knowledge."""
         if len(user_ids) != len(vectors):
             raise ValueError(f"{len(user_ids)} users but {len(vectors)} vectors")
         name = self.metric
@@ -75,7 +81,7 @@ class RewardModel:
             if user not in self.by_user:
                 raise ValueError(f"user {user!r} has no re-rank list; it cannot be rewarded (sequence too short?)")
             pending.append((row, *self.by_user[user]))
-        knowledge = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [R, D]
+        knowledge = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [R, D] or [R, S, D]
         start = 0
         while start < len(pending):
             group, total = [], 0
@@ -95,7 +101,7 @@ class RewardModel:
                 batch = RerankBatch(
                     batch.candidates, batch.attributes, batch.history, batch.labels, torch.arange(len(list_idx))
                 )
-                logits = self.task.logits(self.model, batch, knowledge[owner])  # [n, C]
+                logits = self.task.logits(self.model, batch, self.knowledge(knowledge[owner]))  # [n, C]
                 values = rank_metrics(logits, batch.labels, ks=(k,), mask=batch.candidates != 0)[name]  # [n]
                 parts.append((owner.numpy(), values))
             for owner, values in parts:
@@ -132,7 +138,7 @@ class ScoreBatch:
         self.model = RewardModel.load(Path(recommender_dir), Path(data_dir), metric=metric)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = self.encoder.encode(batch.column(S.KNOWLEDGE_TEXT).to_pylist())
+        vectors = self.model.encode(self.encoder, batch.column(S.KNOWLEDGE_TEXT).to_pylist())
         rewards = self.model.score(batch.column(S.USER_ID).to_pylist(), vectors)
         return batch.append_column(S.REWARD, pa.array(rewards, pa.float64()))
 

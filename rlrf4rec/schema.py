@@ -107,10 +107,21 @@ LEAVE_ONE_OUT = pa.schema(
 TEXT_HASH = "text_hash"
 VECTOR = "vector"
 KNOWLEDGE_TEXT = "knowledge_text"
+SEGMENTS = "segments"  # one vector per sentence / list entry of a knowledge text ([S, D]; knowledge.user_segments)
 
 USER_KNOWLEDGE = pa.schema(
     [
         pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(KNOWLEDGE_TEXT, pa.string(), nullable=False),
+        pa.field(VECTOR, pa.list_(pa.float32()), nullable=False),
+        pa.field(SEGMENTS, pa.list_(pa.list_(pa.float32()))),  # null when knowledge.user_segments = 0
+    ]
+)
+
+# Item knowledge (knowledge.item): one text and vector per item.
+ITEM_KNOWLEDGE = pa.schema(
+    [
+        pa.field(ITEM_ID, pa.string(), nullable=False),
         pa.field(KNOWLEDGE_TEXT, pa.string(), nullable=False),
         pa.field(VECTOR, pa.list_(pa.float32()), nullable=False),
     ]

@@ -22,13 +22,17 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
@@ -57,7 +61,8 @@ KNOWLEDGE_SLACK_MS = 500.0  # the ingress waits this much beyond the generation 
 
 
 class HistoryEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse as JSON numbers here (Python's json accepts the tokens); they are refused by name.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     item_id: str = Field(min_length=1, max_length=128)
     rating: float | None = Field(None, ge=0, le=5, description="0-5 stars; only used to prompt on-line generation")
 
@@ -211,6 +216,7 @@ class OnlineKnowledge:
         self.catalog = online.ItemCatalog(self.run_dir)
         encoder = assets.resolve(cfg.models.encoder, assets.asset_home(cfg.assets.home))
         self.encoder = TextEncoder(encoder, max_length=cfg.encode.max_length)
+        self.user_segments = cfg.knowledge.user_segments  # the run's re-rankers read texts encoded this way
 
     async def reconfigure(self, user_config: dict) -> None:
         version = online.resolve_version(self.run_dir, _version_from(user_config, self.version))
@@ -239,7 +245,7 @@ class OnlineKnowledge:
 
     async def _generate(self, key: str, history: list[tuple[str, float | None]], attributes: dict | None) -> Generated:
         """Generate, encode and cache one user's knowledge; never raises (a failure is a fallback reason)."""
-        from rlrf4rec.encode import user_knowledge_text
+        from rlrf4rec.encode import encode_user_texts, user_knowledge_text
         from rlrf4rec.prompts import HistoryItem, history_text
 
         try:
@@ -251,7 +257,8 @@ class OnlineKnowledge:
                 call.cancel()
                 raise
             text = user_knowledge_text(hist, preference)
-            vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]
+            encoded = await asyncio.to_thread(encode_user_texts, self.encoder, [text], self.user_segments, None)
+            vector = encoded[0]  # [D] or [S, D]
             out = online.Knowledge(text, vector, version, source="generated")
             if version == self.version:  # else written by another version's policy (a swap while generating)
                 self.generated[key] = out
@@ -271,6 +278,23 @@ api = FastAPI(
     "and returns the preference text behind the ranking. Falls back to the ID-only re-ranker when the user's "
     "knowledge is missing or late.",
 )
+
+
+@api.exception_handler(RequestValidationError)
+async def _refuse(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, except that a NaN or Infinity echoed back as `input` is written as a string."""
+    # JSON has no token for them: encoding the echoed input raised, and a bad number became a 500.
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)  # 'NaN', 'Infinity' or '-Infinity', as the client sent it
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128, max_queued_requests=256)

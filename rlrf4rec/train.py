@@ -28,8 +28,18 @@ from rlrf4rec import assets
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
-from rlrf4rec.encode import vectors_of
-from rlrf4rec.recommender import FitState, ModelSpec, RerankTask, fit, load_tables, make_optimizer
+from rlrf4rec.encode import user_vectors, vectors_of
+from rlrf4rec.recommender import (
+    FitState,
+    ModelSpec,
+    RerankTask,
+    fit,
+    knowledge_dims,
+    load_tables,
+    make_optimizer,
+    save_checkpoint,
+    standardize_adaptor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,9 @@ def model_spec(rc: RecommenderConfig) -> ModelSpec:
         adaptor_out=rc.adaptor_out,
         adaptor_experts=(rc.adaptor_shared_experts, rc.adaptor_specific_experts),
         history_len=rc.history_len,
+        use_history=rc.use_history,
+        interaction=rc.interaction,
+        loss=rc.loss,
         lr=rc.lr,
         weight_decay=rc.weight_decay,
         batch_size=rc.batch_size,
@@ -58,7 +71,8 @@ def model_spec(rc: RecommenderConfig) -> ModelSpec:
 
 
 def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None:
-    """User knowledge Parquet (schema.USER_KNOWLEDGE) -> [U, D] rows in `users` order; every user must have one."""
+    """User knowledge Parquet (schema.USER_KNOWLEDGE) -> [U, D] or [U, S, D] rows in `users` order; every user
+    must have one."""
     if path is None:
         return None
     table = read_parquet(path, S.USER_KNOWLEDGE)
@@ -66,17 +80,44 @@ def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None
     missing = [u for u in users if u not in row]
     if missing:
         raise ValueError(f"{path} has no knowledge for {len(missing)} users (e.g. {missing[:3]}); re-run its stage")
-    vectors = vectors_of(table)
+    vectors = user_vectors(table)
     return torch.from_numpy(vectors[[row[u] for u in users]])
 
 
-def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: int):
+def item_knowledge_matrix(path: Path | None, task: RerankTask) -> torch.Tensor | None:
+    """Item knowledge Parquet (schema.ITEM_KNOWLEDGE) -> [num_items + 1, D] by item idx, row 0 (padding) zero;
+    every item of the task must have one."""
+    if path is None:
+        return None
+    table = read_parquet(path, S.ITEM_KNOWLEDGE)
+    to_idx = task.item_index
+    ids = table.column(S.ITEM_ID).to_pylist()
+    missing = set(to_idx) - set(ids)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} items (e.g. {sorted(missing)[:3]}); re-run `rlrf4rec encode`")
+    vectors = vectors_of(table)
+    out = torch.zeros(task.num_items + 1, vectors.shape[1])
+    keep = [i for i, item in enumerate(ids) if item in to_idx]
+    out[[to_idx[ids[i]] for i in keep]] = torch.from_numpy(vectors[keep])
+    return out
+
+
+def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: int, item_path: Path | None = None):
+    """The task, the knowledge it trains with ({"user": ..., "item": ...} or None) and a freshly initialised model
+    whose adaptor is standardised on the train users' segments / vectors and on the items."""
     task = RerankTask(load_tables(data_dir), spec)
-    knowledge = knowledge_matrix(knowledge_path, task.users)
+    knowledge = {}
+    user = knowledge_matrix(knowledge_path, task.users)
+    if user is not None:
+        knowledge["user"] = user
+    item = item_knowledge_matrix(item_path, task)
+    if item is not None:
+        knowledge["item"] = item
+    knowledge = knowledge or None
     torch.manual_seed(seed)  # identical initial weights on every worker and on every restart
-    model = task.build_model(None if knowledge is None else knowledge.shape[1])
+    model = task.build_model(knowledge_dims(knowledge))
     if knowledge is not None:
-        model.adaptor.standardize("user", knowledge[task.splits["train"].user_row.unique()])
+        standardize_adaptor(model, knowledge, task)
     return task, knowledge, model
 
 
@@ -110,7 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = ModelSpec(**config["spec"])
     knowledge_path = Path(config["knowledge_path"]) if config["knowledge_path"] else None
-    task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"])
+    item_path = Path(config["item_knowledge_path"]) if config.get("item_knowledge_path") else None
+    task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"], item_path)
     state, optimizer_state = FitState(history=[]), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -122,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("rank %d resumed after epoch %d", rank, state.epoch)
     device = ray.train.torch.get_device()
     model.to(device)
-    knowledge = None if knowledge is None else knowledge.to(device)
+    knowledge = None if knowledge is None else {t: v.to(device) for t, v in knowledge.items()}
     engine = None
     if config.get("deepspeed"):
         engine = _zero_engine(config, model, spec, world, checkpoint)
@@ -196,23 +238,16 @@ def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> No
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_recommender(
-    path: Path, weights: dict, spec: ModelSpec, knowledge: torch.Tensor | None, task: RerankTask
-) -> None:
-    """The weights and what rebuilds the module around them (rlrf4rec.reward.RewardModel.load reads this)."""
-    torch.save(
-        {
-            "model": weights,
-            "spec": dataclasses.asdict(spec),
-            "knowledge_dim": None if knowledge is None else int(knowledge.shape[1]),
-            "num_items": task.num_items,
-        },
-        path,
-    )
-
-
 def fit_on_ray(
-    cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, storage: Path, **loop_extra
+    cfg: RunConfig,
+    variant: str,
+    data_dir: Path,
+    knowledge_path: Path | None,
+    storage: Path,
+    *,
+    spec: ModelSpec,
+    item_path: Path | None = None,
+    **loop_extra,
 ) -> FitState:
     """TorchTrainer over `recommender.num_workers` workers; returns the final FitState from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -223,10 +258,11 @@ def fit_on_ray(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": dataclasses.asdict(model_spec(rc)),
+            "spec": dataclasses.asdict(spec),
             "seed": cfg.seed,
             "data_dir": str(data_dir.resolve()),
             "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
+            "item_knowledge_path": str(item_path.resolve()) if item_path else None,
             "deepspeed": rc.deepspeed,
             "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
             **loop_extra,
@@ -245,16 +281,35 @@ def fit_on_ray(
     return FitState(**saved["fit"])
 
 
-def run_recommender(
-    cfg: RunConfig, variant: str, data_dir: Path, knowledge_path: Path | None, *, force: bool = False, **loop_extra
-) -> Path:
-    """Train one variant ("id" or a knowledge name) and write its stage directory; skip when complete."""
+def item_knowledge_path(cfg: RunConfig) -> Path | None:
+    """The run's item knowledge file (knowledge.item), or None when the run has none."""
+    return None if cfg.knowledge.item == "none" else cfg.run_path / "knowledge" / "items" / "item_knowledge.parquet"
 
+
+def run_recommender(
+    cfg: RunConfig,
+    variant: str,
+    data_dir: Path,
+    knowledge_path: Path | None,
+    *,
+    use_history: bool | None = None,
+    force: bool = False,
+    **loop_extra,
+) -> Path:
+    """Train one variant ("id", "id-kar" or a knowledge name) and write its stage directory; skip when complete.
+
+    A knowledge variant reads the user knowledge at `knowledge_path` and the run's item knowledge (knowledge.item);
+    an ID-only one reads neither. `use_history` overrides recommender.use_history (KAR's ID-only: False)."""
+    spec = model_spec(cfg.recommender)
+    if use_history is not None:
+        spec = dataclasses.replace(spec, use_history=use_history)
+    item_path = item_knowledge_path(cfg) if knowledge_path is not None else None
     stage_dir = cfg.run_path / "recommender" / variant
-    upstream = [require_marker(data_dir, "data")["fingerprint"]]
-    if knowledge_path is not None:
-        upstream.append(require_marker(knowledge_path.parent, "encode")["fingerprint"])
-    fingerprint = f"{cfg.section_hash('recommender', 'seed')}-{'-'.join(upstream)}"
+    upstream = [require_marker(data_dir, "data")["fingerprint"], f"history={spec.use_history}"]
+    for path in (knowledge_path, item_path):
+        if path is not None:
+            upstream.append(require_marker(path.parent, "encode")["fingerprint"])
+    fingerprint = f"{cfg.section_hash('recommender', 'knowledge', 'seed')}-{'-'.join(upstream)}"
     if not force and is_complete(stage_dir, fingerprint):
         log.info("recommender/%s: complete output matches the config; nothing to do", variant)
         return stage_dir
@@ -263,17 +318,20 @@ def run_recommender(
     storage = cfg.run_path / "ray_train" / f"{variant}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     if force:
         shutil.rmtree(storage, ignore_errors=True)
-    state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, **loop_extra)
-    spec = model_spec(cfg.recommender)
-    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed)
+    state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, **loop_extra)
+    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path)
     model.load_state_dict(state.best_model)
     valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
+    segments = cfg.knowledge.user_segments if knowledge and knowledge.get("user", torch.zeros(0)).dim() == 3 else 0
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        save_recommender(tmp / "model.pt", state.best_model, spec, knowledge, task)
+        save_checkpoint(tmp / "model.pt", state.best_model, spec, knowledge, segments)
         write_json(state.history, tmp / "history.json")
         stats.update(
             {
                 "variant": variant,
+                "use_history": spec.use_history,
+                "knowledge": sorted(knowledge or {}),
+                "user_segments": segments,
                 "best_epoch": state.best_epoch,
                 "epochs_run": len(state.history),
                 "resumed_after": state.resumed_after or [],

@@ -74,6 +74,7 @@ def write_knowledge(path: Path, tastes: dict[str, int], dim: int = 8, noise: flo
                 S.USER_ID: users,
                 S.KNOWLEDGE_TEXT: [f"likes genre {'AB'[tastes[u]]}" for u in users],
                 S.VECTOR: [v.tolist() for v in vectors],
+                S.SEGMENTS: [None] * len(users),
             },
             schema=S.USER_KNOWLEDGE,
         ),
@@ -81,7 +82,7 @@ def write_knowledge(path: Path, tastes: dict[str, int], dim: int = 8, noise: flo
     )
 
 
-SERVING_SPEC = dict(max_epochs=15, patience=5, batch_size=64, lr=2e-3, history_len=4, dropout=0.0)
+SERVING_SPEC = dict(interaction=True, max_epochs=15, patience=5, batch_size=64, lr=2e-3, history_len=4, dropout=0.0)
 
 
 def preference(taste: int, wording: int = 0) -> str:
@@ -103,8 +104,8 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
     from rlrf4rec.config import RunConfig, dump_config, from_dict
     from rlrf4rec.data import run_data
     from rlrf4rec.encode import TextEncoder, user_knowledge_text
-    from rlrf4rec.recommender import ModelSpec, fit
-    from rlrf4rec.train import build, save_recommender
+    from rlrf4rec.recommender import ModelSpec, fit, save_checkpoint
+    from rlrf4rec.train import build
 
     tastes = write_dataset(root / "raw", num_users=400, length=40, liked_fraction=0.5)
     cfg = from_dict(
@@ -125,7 +126,12 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
         texts = [user_knowledge_text(f"History: {len(u)} movies", preference(tastes[u], wording)) for u in users]
         with stage_output(run / "knowledge" / version, version, dump_config(cfg)) as (tmp, _):
             table = pa.table(
-                {S.USER_ID: users, S.KNOWLEDGE_TEXT: texts, S.VECTOR: [v.tolist() for v in text_encoder.encode(texts)]},
+                {
+                    S.USER_ID: users,
+                    S.KNOWLEDGE_TEXT: texts,
+                    S.VECTOR: [v.tolist() for v in text_encoder.encode(texts)],
+                    S.SEGMENTS: [None] * len(users),
+                },
                 schema=S.USER_KNOWLEDGE,
             )
             write_parquet(table, tmp / "user_knowledge.parquet", S.USER_KNOWLEDGE)
@@ -135,6 +141,6 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
         task, knowledge, model = build(data_dir, path, spec, seed=0)
         state = fit(task, model, knowledge, seed=0)
         with stage_output(run / "recommender" / variant, variant, dump_config(cfg)) as (tmp, _):
-            save_recommender(tmp / "model.pt", state.best_model, spec, knowledge, task)
+            save_checkpoint(tmp / "model.pt", state.best_model, spec, knowledge)
     torch.set_num_threads(1)
     return run, tastes

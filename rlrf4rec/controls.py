@@ -1,0 +1,283 @@
+"""Knowledge controls: does the re-ranker's order follow the knowledge it is given? (METHOD.md section 4)
+
+Consumes the data stage's tables and the frozen encoder; produces `<run>/controls/` with one row per variant:
+baselines (item popularity, KAR ID-only, ID + history), knowledge variants, a positive control whose user text leaks
+the answer on purpose ("Liked: " + the titles of the positives in the user's own lists), and negative controls (the
+same models fed another user's knowledge or the mean knowledge, and a model trained on texts permuted across users).
+Every trained variant runs over several seeds; per-user valid NDCG@5 (test is never read) gives paired bootstrap
+intervals of each variant's difference to the baselines. Training is in process (no Ray): the lists are small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlrf4rec import schema as S
+from rlrf4rec.artifacts import require_marker, stage_output, write_json
+from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.recommender import (
+    KnowledgeInput,
+    RerankTask,
+    fit,
+    knowledge_dims,
+    load_tables,
+    standardize_adaptor,
+)
+
+log = logging.getLogger(__name__)
+
+METRIC = "ndcg@5"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the controls table. `user`/`item`: knowledge text kinds (None: absent); `perturb`: how the
+    trained model's valid knowledge is replaced at evaluation ("shuffled" users, "mean" vector); `trained_as`: the
+    variant whose models a perturbed row re-uses."""
+
+    name: str
+    use_history: bool = False
+    user: str | None = None  # "history" | "leak" | "leak_permuted" | "llm"
+    item: str | None = None  # "metadata"
+    perturb: str | None = None
+    trained_as: str | None = None
+
+
+VARIANTS = (
+    Variant("popularity"),
+    Variant("KAR ID-only"),
+    Variant("ID + history", use_history=True),
+    Variant("item metadata", item="metadata"),
+    Variant("history text", user="history"),
+    Variant("history text + ID history", use_history=True, user="history"),
+    Variant("history text + item metadata", user="history", item="metadata"),
+    Variant("leak (positive control)", user="leak"),
+    Variant("leak + item metadata (positive control)", user="leak", item="metadata"),
+    Variant("leak + item metadata, shuffled users", user="leak", item="metadata", perturb="shuffled",
+            trained_as="leak + item metadata (positive control)"),
+    Variant("leak + item metadata, mean user vector", user="leak", item="metadata", perturb="mean",
+            trained_as="leak + item metadata (positive control)"),
+    Variant("leak permuted across users (trained)", user="leak_permuted", item="metadata"),
+)
+
+
+def leaked_texts(tables: dict[str, pa.Table]) -> dict[str, str]:
+    """user_id -> "Liked: " + the titles of the positives in that user's own re-rank lists (the answer, on purpose)."""
+    title = dict(zip(tables["items"].column(S.ITEM_ID).to_pylist(), tables["items"].column(S.TITLE).to_pylist()))
+    liked: dict[str, dict[str, None]] = {}
+    for r in tables["rerank_lists"].select([S.USER_ID, S.CANDIDATE_ITEMS, S.LABELS]).to_pylist():
+        bucket = liked.setdefault(r[S.USER_ID], {})
+        bucket.update({title[i]: None for i, y in zip(r[S.CANDIDATE_ITEMS], r[S.LABELS]) if y})
+    return {u: "Liked: " + "; ".join(titles) for u, titles in liked.items()}
+
+
+def per_user(task: RerankTask, per_list: np.ndarray, split: str = "valid") -> tuple[list[str], np.ndarray]:
+    """Per-list values of `split` -> (users, [U, 2] per-user sum and count of lists): the unit of resampling."""
+    users = sorted(set(task.list_users[split]))
+    row = {u: i for i, u in enumerate(users)}
+    owner = np.array([row[u] for u in task.list_users[split]])
+    sums = np.bincount(owner, weights=per_list, minlength=len(users))
+    return users, np.stack([sums, np.bincount(owner, minlength=len(users)).astype(float)], axis=1)
+
+
+def list_mean(per_user_sums: np.ndarray) -> float:
+    """[U, 2] (sum, count) -> the mean over lists (what the recommender stage reports as valid/ndcg@5)."""
+    return float(per_user_sums[:, 0].sum() / per_user_sums[:, 1].sum())
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int, seed: int) -> list[float]:
+    """Difference of list means a - b [U, 2] with a 95% percentile interval from resampling users (the lists of
+    a user are not independent, so the user is the unit; both sides see the same resampled users)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(num_samples, len(a)))  # [R, U]
+    diffs = a[idx, 0].sum(1) / a[idx, 1].sum(1) - b[idx, 0].sum(1) / b[idx, 1].sum(1)
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return [list_mean(a) - list_mean(b), float(low), float(high)]
+
+
+def perturb_user_knowledge(knowledge: dict[str, torch.Tensor], task: RerankTask, how: str, seed: int):
+    """The valid users' user knowledge replaced: "shuffled" (another valid user's, a derangement) or "mean" (the
+    train users' mean, so no user-specific signal is left). Other users and item knowledge are unchanged."""
+    user = knowledge["user"].clone()
+    rows = task.splits["valid"].user_row.unique()
+    if how == "shuffled":
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        source = torch.empty_like(perm)
+        source[perm] = perm.roll(1)  # one random cycle through all valid users: nobody keeps their own
+        user[rows] = knowledge["user"][rows[source]]
+    elif how == "mean":
+        train_rows = task.splits["train"].user_row.unique()
+        user[rows] = knowledge["user"][train_rows].mean(0)
+    else:
+        raise ValueError(f"perturbation {how!r} is not known; use shuffled or mean")
+    return {**knowledge, "user": user}
+
+
+def train_model(task: RerankTask, knowledge: KnowledgeInput, seed: int):
+    """One in-process fit with early stopping on valid; returns the model holding its best weights and its state."""
+    torch.manual_seed(seed)
+    model = task.build_model(knowledge_dims(knowledge))
+    if knowledge is not None:
+        standardize_adaptor(model, knowledge, task)
+    state = fit(task, model, knowledge, seed=seed)
+    model.load_state_dict(state.best_model)
+    return model, state
+
+
+@dataclass
+class KnowledgeSources:
+    """Encoded knowledge for the controls: user text kind -> [U, D] or [U, S, D] (task user order), item kind ->
+    [num_items + 1, D] (row 0 zero)."""
+
+    user: dict[str, torch.Tensor]
+    item: dict[str, torch.Tensor]
+
+    def for_variant(self, v: Variant) -> KnowledgeInput:
+        out = {}
+        if v.user is not None:
+            out["user"] = self.user[v.user]
+        if v.item is not None:
+            out["item"] = self.item[v.item]
+        return out or None
+
+
+def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table], needed: set[str]):
+    """Encode the texts the variants need with the run's frozen encoder (cached by text hash)."""
+    from rlrf4rec import assets
+    from rlrf4rec.data import user_history_texts
+    from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, encode_segments
+    from rlrf4rec.prompts import item_metadata_texts
+    from rlrf4rec.recommender import item_lookup
+
+    home = assets.asset_home(cfg.assets.home)
+    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    cache = embedding_cache(cfg)
+    texts: dict[str, dict[str, str]] = {}
+    if "history" in needed:
+        texts["history"] = user_history_texts(cfg)
+    if needed & {"leak", "leak_permuted"}:
+        texts["leak"] = leaked_texts(tables)
+    if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
+        users = sorted(texts["leak"])
+        perm = np.random.default_rng(cfg.seed).permutation(len(users))
+        texts["leak_permuted"] = {u: texts["leak"][users[p]] for u, p in zip(users, np.roll(perm, 1))}
+    user = {}
+    for kind, by_user in texts.items():
+        rows = [by_user.get(u, "") for u in task.users]
+        if cfg.knowledge.user_segments:
+            vectors = encode_segments(encoder, rows, cfg.knowledge.user_segments, cache)
+        else:
+            vectors = encode_cached(encoder, rows, cache)
+        user[kind] = torch.from_numpy(vectors)
+    item = {}
+    if "metadata" in needed:
+        meta = item_metadata_texts(tables["items"])
+        to_idx = item_lookup(tables["item_index"])
+        vectors = encode_cached(encoder, list(meta.values()), cache)
+        table = torch.zeros(task.num_items + 1, vectors.shape[1])
+        table[[to_idx[i] for i in meta]] = torch.from_numpy(vectors)
+        item["metadata"] = table
+    return KnowledgeSources(user, item)
+
+
+def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:
+    """Train every variant (or those named in `only`) `seeds` times and write `<run>/controls/<name>/`
+    (table.json, table.md, per_user.json)."""
+    data_dir = cfg.run_path / "data"
+    marker = require_marker(data_dir, "data")
+    variants = [v for v in VARIANTS if only is None or v.name in only or v.trained_as in (only or ())]
+    tables = load_tables(data_dir)
+    from rlrf4rec.train import model_spec
+
+    base_spec = model_spec(cfg.recommender)
+    task = RerankTask(tables, base_spec)
+    started = time.perf_counter()
+    sources = encode_sources(cfg, task, tables, {x for v in variants for x in (v.user, v.item) if x})
+    encode_seconds = time.perf_counter() - started
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    values: dict[str, list[np.ndarray]] = {}  # variant -> per seed, per-user valid NDCG@5
+    info: dict[str, dict] = {}
+    models: dict[tuple[str, int], torch.nn.Module] = {}
+    users = None
+    for v in variants:
+        if v.name == "popularity":
+            per_list = _metric(task, task.popularity_scores("valid"))
+            users, u = per_user(task, per_list)
+            values[v.name], info[v.name] = [u], {"seeds": 0, "seconds": 0.0}
+            continue
+        task.spec = dataclasses.replace(base_spec, use_history=v.use_history)
+        knowledge = sources.for_variant(v)
+        values[v.name], epochs, seconds = [], [], []
+        for seed in seed_list:
+            t0 = time.perf_counter()
+            if v.trained_as is None:
+                model, state = train_model(task, knowledge, seed)
+                models[(v.name, seed)] = model
+                epochs.append(state.best_epoch)
+            else:
+                model = models[(v.trained_as, seed)]
+            k = knowledge if v.perturb is None else perturb_user_knowledge(knowledge, task, v.perturb, seed)
+            per_list = task.per_list_metrics(model, "valid", k)[METRIC]
+            users, u = per_user(task, per_list)
+            values[v.name].append(u)
+            seconds.append(time.perf_counter() - t0)
+            log.info("controls: %-45s seed %d valid %s %.4f", v.name, seed, METRIC, list_mean(u))
+        info[v.name] = {"seeds": len(seed_list), "best_epochs": epochs, "seconds": float(np.sum(seconds))}
+    rows = summarize(values, info, cfg.loop.bootstrap_samples, cfg.seed)
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'seed')}-{marker['fingerprint']}"
+    stage_dir = cfg.run_path / "controls" / name
+    with stage_output(stage_dir, fingerprint + f"-{seeds}", dump_config(cfg)) as (tmp, stats):
+        write_json(rows, tmp / "table.json")
+        write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / "per_user.json")
+        (tmp / "table.md").write_text(markdown_table(rows))
+        stats.update({"variants": len(rows), "seeds": seed_list, "valid_users": len(users),
+                      "encode_seconds": round(encode_seconds, 1)})
+    print(markdown_table(rows))
+    return stage_dir
+
+
+def _metric(task: RerankTask, scores: np.ndarray, split: str = "valid") -> np.ndarray:
+    from rlrf4rec.metrics import rank_metrics
+
+    data = task.splits[split]
+    return rank_metrics(scores, data.labels.numpy(), ks=(5,), mask=(data.candidates != 0).numpy())[METRIC]
+
+
+BASELINES = ("KAR ID-only", "ID + history")
+
+
+def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_samples: int, seed: int) -> list[dict]:
+    """Per variant: the list mean over seeds (and their spread) and the paired, user-resampled bootstrap CI of its
+    difference to each baseline, per-user values averaged over seeds first."""
+    rows = []
+    for name, per_seed in values.items():
+        means = [list_mean(u) for u in per_seed]
+        row = {"variant": name, METRIC: float(np.mean(means)), "seed_means": means,
+               "seed_spread": float(np.std(means)) if len(means) > 1 else 0.0, **info[name]}
+        for base in BASELINES:
+            if base in values and base != name:
+                pair = paired_bootstrap(np.mean(per_seed, axis=0), np.mean(values[base], axis=0), num_samples, seed)
+                row[f"vs {base}"] = pair
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def ci(x):
+        return "" if x is None else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
+
+    head = f"| variant | valid {METRIC} (mean of seeds) | seed spread (sd) | " + " | ".join(
+        f"paired diff vs {b} [95% CI]" for b in BASELINES) + " |"
+    lines = [head, "|" + "---|" * (3 + len(BASELINES))]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r[METRIC]:.4f} | {r['seed_spread']:.4f} | "
+                     + " | ".join(ci(r.get(f'vs {b}')) for b in BASELINES) + " |")
+    return "\n".join(lines) + "\n"

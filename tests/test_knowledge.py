@@ -1,0 +1,184 @@
+"""Knowledge that moves rankings: segments, item knowledge, user x item interaction, ListNet, and the controls."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from synthetic import write_dataset
+
+from rlrf4rec import schema as S
+from rlrf4rec.config import RunConfig, from_dict
+from rlrf4rec.controls import leaked_texts, list_mean, paired_bootstrap, per_user, perturb_user_knowledge
+from rlrf4rec.data import run_data
+from rlrf4rec.encode import pad_segments, text_segments
+from rlrf4rec.models import PRM, KnowledgeAdaptor, listnet_loss
+from rlrf4rec.recommender import (
+    ModelSpec,
+    RerankTask,
+    fit,
+    knowledge_dims,
+    load_checkpoint,
+    load_tables,
+    save_checkpoint,
+    standardize_adaptor,
+)
+
+
+def test_listnet_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, float("-inf")], [0.5, 0.1, 0.2]])
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    # List 2 has no positive: left out. List 1: target (1/2, 1/2, 0); list 3: target (0, 1, 0).
+    z1 = math.log(math.exp(2) + 1 + math.exp(-1))
+    z3 = math.log(math.exp(0.5) + math.exp(0.1) + math.exp(0.2))
+    expected = ((-0.5 * (2 - z1) - 0.5 * (0 - z1)) + -(0.1 - z3)) / 2
+    assert listnet_loss(logits, labels, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert listnet_loss(logits[1:2], labels[1:2], mask[1:2]).item() == 0.0  # no positive anywhere: zero, no NaN
+
+
+def test_text_segments_and_padding():
+    text = 'Preferences: likes sci-fi. Dislikes romance!\nHistory: "A" (1995), 5 stars; "B" (1990), 2 stars;'
+    assert text_segments(text, 10) == [
+        "Preferences: likes sci-fi.",
+        "Dislikes romance!",
+        'History: "A" (1995), 5 stars;',
+        '"B" (1990), 2 stars;',
+    ]
+    assert text_segments(text, 2) == ["Preferences: likes sci-fi.", "Dislikes romance!"]
+    assert text_segments("  ", 4) == ["(empty)"]  # every user has at least one segment
+    padded = pad_segments([np.ones((2, 3), np.float32), np.full((1, 3), 2.0, np.float32)])
+    assert padded.shape == (2, 2, 3) and (padded[1, 1] == 0).all() and (padded[1, 0] == 2).all()
+
+
+def _model(item: bool = True, interaction: bool = True, dim: int = 8) -> PRM:
+    torch.manual_seed(0)
+    types = {"user": dim, "item": dim} if item else {"user": dim}
+    return PRM(20, item_dim=8, adaptor=KnowledgeAdaptor(types, 1, 1, 16, 8, 0.0), d_model=16, dropout=0.0,
+               interaction=interaction).eval()
+
+
+def test_padding_segments_change_no_score_and_item_knowledge_moves_each_candidate():
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    candidates = torch.randint(1, 21, (3, 5), generator=g)
+    user = torch.nn.functional.normalize(torch.randn(3, 2, 8, generator=g), dim=-1)
+    item = torch.nn.functional.normalize(torch.randn(3, 5, 8, generator=g), dim=-1)
+    with torch.inference_mode():
+        base = model(candidates, knowledge={"user": user, "item": item})
+        padded = torch.cat([user, torch.zeros(3, 4, 8)], dim=1)  # four padding segments more
+        assert torch.allclose(model(candidates, knowledge={"user": padded, "item": item}), base, atol=1e-6)
+        # The user's text made identical to one candidate's item text: that candidate's score changes most.
+        matched = user.clone()
+        matched[:, 0] = item[:, 2]
+        moved = (model(candidates, knowledge={"user": matched, "item": item}) - base).abs()
+    assert torch.isfinite(base).all() and (moved.sum(1) > 0).all()
+
+
+def test_interaction_needs_user_knowledge():
+    with pytest.raises(ValueError, match="interaction needs an adaptor"):
+        PRM(20, adaptor=KnowledgeAdaptor({"item": 8}, 1, 1, 16, 8), interaction=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_lists(tmp_path_factory):
+    """Users whose histories reveal no taste (half liked, half not): only knowledge can tell their lists apart."""
+    root = tmp_path_factory.mktemp("knowledge")
+    write_dataset(root / "raw", num_users=160, length=24, liked_fraction=0.5)
+    cfg = from_dict(
+        RunConfig, {"name": "k", "run_dir": str(root / "run"), "data": {"format": "parquet", "path": str(root / "raw")}}
+    )
+    return load_tables(run_data(cfg))
+
+
+def _leak_knowledge(task: RerankTask, tables) -> dict[str, torch.Tensor]:
+    """The positive control in vector form: one segment per item the user liked in its own lists (a one-hot of
+    the item), and each item's knowledge the same one-hot: a text that names the answer, and item texts to match."""
+    D = task.num_items + 1
+    liked: dict[str, set[int]] = {}
+    for r in tables["rerank_lists"].to_pylist():
+        liked.setdefault(r[S.USER_ID], set()).update(
+            task.item_index[i] for i, y in zip(r[S.CANDIDATE_ITEMS], r[S.LABELS]) if y
+        )
+    eye = torch.eye(D)
+    segments = [eye[sorted(liked.get(u, set())) or [0]].numpy() for u in task.users]
+    return {"user": torch.from_numpy(pad_segments(segments)), "item": eye}
+
+
+def test_positive_control_wins_and_a_shuffled_one_loses(synthetic_lists):
+    """The knowledge-sensitivity check: a re-ranker that ignored its knowledge input would score the same with the
+    user's own leaked answer, with another user's, and without any."""
+    spec = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=2e-3, history_len=4, dropout=0.0,
+                     use_history=False, interaction=True)
+    task = RerankTask(synthetic_lists, spec)
+    knowledge = _leak_knowledge(task, synthetic_lists)
+    torch.manual_seed(0)
+    model = task.build_model(knowledge_dims(knowledge))
+    standardize_adaptor(model, knowledge, task)
+    state = fit(task, model, knowledge, seed=0)
+    model.load_state_dict(state.best_model)
+    torch.manual_seed(0)
+    id_model = task.build_model(None)
+    id_state = fit(task, id_model, None, seed=0)
+    id_model.load_state_dict(id_state.best_model)
+
+    def valid(m, k):
+        return list_mean(per_user(task, task.per_list_metrics(m, "valid", k)["ndcg@5"])[1])
+
+    own, id_only = valid(model, knowledge), valid(id_model, None)
+    shuffled = valid(model, perturb_user_knowledge(knowledge, task, "shuffled", seed=0))
+    assert own > id_only + 0.2, (own, id_only)
+    assert own > shuffled + 0.2, (own, shuffled)
+    assert own > 0.8  # these lists' ceiling is 1: every valid list here holds a positive
+
+
+def test_item_knowledge_travels_with_the_checkpoint(synthetic_lists, tmp_path):
+    spec = ModelSpec(max_epochs=2, patience=2, batch_size=64, history_len=4, dropout=0.0, interaction=True)
+    task = RerankTask(synthetic_lists, spec)
+    knowledge = _leak_knowledge(task, synthetic_lists)
+    torch.manual_seed(0)
+    model = task.build_model(knowledge_dims(knowledge))
+    standardize_adaptor(model, knowledge, task)
+    state = fit(task, model, knowledge, seed=0)
+    model.load_state_dict(state.best_model)
+    save_checkpoint(tmp_path / "model.pt", state.best_model, spec, knowledge, user_segments=16)
+    ckpt = load_checkpoint(tmp_path / "model.pt", synthetic_lists)
+    assert ckpt.user_segments == 16 and ckpt.user_knowledge_dim == task.num_items + 1
+    assert torch.equal(ckpt.item_knowledge, knowledge["item"])
+    reloaded = ckpt.knowledge(knowledge["user"])
+    assert np.array_equal(
+        ckpt.task.scores(ckpt.model, "valid", reloaded), task.scores(model.eval(), "valid", knowledge)
+    )
+
+
+def test_controls_helpers():
+    table = pa.table(
+        {
+            S.USER_ID: ["a", "a", "b"],
+            S.CANDIDATE_ITEMS: [["1", "2"], ["3", "1"], ["2", "3"]],
+            S.LABELS: [[1, 0], [1, 1], [0, 0]],
+        }
+    )
+    items = pa.table({S.ITEM_ID: ["1", "2", "3"], S.TITLE: ["One", "Two", "Three"]})
+    assert leaked_texts({"rerank_lists": table, "items": items}) == {"a": "Liked: One; Three", "b": "Liked: "}
+    # Per-user (sum, count): identical variants differ by exactly 0; a constant shift is resolved.
+    a = np.array([[1.5, 2.0], [0.5, 1.0], [2.0, 4.0]])
+    assert paired_bootstrap(a, a, 200, 0) == [0.0, 0.0, 0.0]
+    shifted = a + np.array([[0.2, 0.0], [0.1, 0.0], [0.4, 0.0]])  # +0.1 per list
+    diff, low, high = paired_bootstrap(shifted, a, 200, 0)
+    assert diff == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+
+
+def test_shuffled_knowledge_is_a_derangement_of_valid_users(synthetic_lists):
+    task = RerankTask(synthetic_lists, ModelSpec())
+    user = torch.arange(len(task.users), dtype=torch.float32)[:, None].repeat(1, 3)
+    out = perturb_user_knowledge({"user": user}, task, "shuffled", seed=3)["user"]
+    rows = task.splits["valid"].user_row.unique()
+    assert (out[rows, 0] != user[rows, 0]).all()  # nobody keeps their own
+    assert sorted(out[rows, 0].tolist()) == sorted(user[rows, 0].tolist())  # and nobody is lost
+    others = torch.ones(len(task.users), dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out[others], user[others])
+    mean = perturb_user_knowledge({"user": user}, task, "mean", seed=0)["user"]
+    assert torch.allclose(mean[rows], user[task.splits["train"].user_row.unique()].mean(0).expand(len(rows), -1))
