@@ -56,7 +56,7 @@ def main() -> None:
         encoder.encode(texts)
         bare.append(time.perf_counter() - start)
         start = time.perf_counter()
-        rewards = reward_model.score(users, encoder.encode(texts))
+        rewards = reward_model.score(users, reward_model.encode(encoder, texts))
         full.append(time.perf_counter() - start)
     bare_tps, full_tps = len(texts) / min(bare), len(texts) / min(full)
     lines = [

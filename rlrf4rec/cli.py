@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         ("loop", "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender"),
         ("evaluate", "test users, once: ID-only, history knowledge, base LLM and every DPO round"),
         ("report", "write report.html and report.md from the run directory"),
+        ("controls", "baselines, knowledge variants and positive/negative knowledge controls on valid users"),
         ("run", "run every stage in order"),
         ("serve", "serve the run's re-ranker over HTTP on Ray Serve (knowledge path + ID-only fallback)"),
     ]:
@@ -85,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-pairs", type=Path, help="extra held-out pairs (e.g. valid users'), never trained")
             p.add_argument("--policy", help="policy model directory (default: models.llm, the base policy)")
             p.add_argument("--name", help="output name: <run>/dpo/<name>/ (default: the pairs file's name)")
+        if name == "controls":
+            p.add_argument("--seeds", type=int, default=3, help="training seeds per variant (seed, seed + 1, ...)")
+            p.add_argument("--variants", help="comma-separated variant names (default: all; see rlrf4rec.controls)")
+            p.add_argument("--name", default="main", help="output directory <run>/controls/<name>/")
+            p.add_argument(
+                "--reliability",
+                type=Path,
+                help="a generate stage dir: measure reward ties and seed agreement on its texts instead",
+            )
         if name == "serve":
             p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
             p.add_argument(
@@ -262,6 +272,22 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
                 cfg, args.pairs, Path(policy), args.name or args.pairs.stem, eval_pairs_path=args.eval_pairs,
                 force=args.force,
             )
+        _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+        return 0
+    if args.command == "controls":
+        from rlrf4rec.controls import VARIANTS, run_controls, run_reward_reliability
+
+        if args.reliability is not None:
+            stage_dir = run_reward_reliability(cfg, args.reliability, seeds=max(args.seeds, 2), name=args.name)
+            print(json.dumps(read_marker(stage_dir)["stats"], indent=1))
+            return 0
+        only = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
+        unknown = sorted(set(only or ()) - {v.name for v in VARIANTS})
+        if unknown:
+            raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds={args.seeds}: use at least 1 seed (3 for intervals worth reading)")
+        stage_dir = run_controls(cfg, seeds=args.seeds, only=only, name=args.name)
         _print_stats(stage_dir, read_marker(stage_dir)["stats"])
         return 0
     if args.command == "run":

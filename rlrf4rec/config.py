@@ -244,12 +244,12 @@ class RecommenderConfig:
 class KnowledgeConfig:
     """What knowledge the re-ranker gets besides IDs (METHOD.md section 4)."""
 
-    item: str = "metadata"  # none | metadata (title, year, genres) | llm (one greedy LLM description per item)
+    item: str = "metadata"  # none | metadata: one "title (year). Genres: ..." text per item
     user_segments: int = 16  # vectors per user text, one per sentence/entry; 0 = one mean-pooled vector (KAR)
 
     def __post_init__(self) -> None:
-        if self.item not in ("none", "metadata", "llm"):
-            _fail("knowledge.item", self.item, "use none, metadata (title, year, genres) or llm (LLM item texts)")
+        if self.item not in ("none", "metadata"):
+            _fail("knowledge.item", self.item, "use none or metadata (title, year, genres of each item)")
         if not 0 <= self.user_segments <= 128:
             _fail("knowledge.user_segments", self.user_segments, "use 0 (one pooled vector) up to 128 segments")
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import require_marker, stage_output, write_json
+from rlrf4rec.artifacts import read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.config import RunConfig, dump_config
 from rlrf4rec.recommender import (
     KnowledgeInput,
@@ -105,7 +105,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int, seed: int) 
 
 def perturb_user_knowledge(knowledge: dict[str, torch.Tensor], task: RerankTask, how: str, seed: int):
     """The valid users' user knowledge replaced: "shuffled" (another valid user's, a derangement) or "mean" (the
-    train users' mean, so no user-specific signal is left). Other users and item knowledge are unchanged."""
+    train users' mean vector, or one segment holding the mean of their real segments: no user-specific signal is
+    left). Other users and item knowledge are unchanged."""
     user = knowledge["user"].clone()
     rows = task.splits["valid"].user_row.unique()
     if how == "shuffled":
@@ -114,8 +115,13 @@ def perturb_user_knowledge(knowledge: dict[str, torch.Tensor], task: RerankTask,
         source[perm] = perm.roll(1)  # one random cycle through all valid users: nobody keeps their own
         user[rows] = knowledge["user"][rows[source]]
     elif how == "mean":
-        train_rows = task.splits["train"].user_row.unique()
-        user[rows] = knowledge["user"][train_rows].mean(0)
+        train = knowledge["user"][task.splits["train"].user_row.unique()]  # [T, D] or [T, S, D]
+        if train.dim() == 3:  # one segment: the mean of the real ones, the rest padding
+            real = train.reshape(-1, train.shape[-1])
+            user[rows] = 0.0
+            user[rows, 0] = real[real.abs().sum(-1) > 0].mean(0)
+        else:
+            user[rows] = train.mean(0)
     else:
         raise ValueError(f"perturbation {how!r} is not known; use shuffled or mean")
     return {**knowledge, "user": user}
@@ -153,7 +159,7 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     """Encode the texts the variants need with the run's frozen encoder (cached by text hash)."""
     from rlrf4rec import assets
     from rlrf4rec.data import user_history_texts
-    from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, encode_segments
+    from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, encode_user_texts
     from rlrf4rec.prompts import item_metadata_texts
     from rlrf4rec.recommender import item_lookup
 
@@ -168,15 +174,13 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
         users = sorted(texts["leak"])
         perm = np.random.default_rng(cfg.seed).permutation(len(users))
-        texts["leak_permuted"] = {u: texts["leak"][users[p]] for u, p in zip(users, np.roll(perm, 1))}
+        source = np.empty_like(perm)
+        source[perm] = np.roll(perm, 1)  # one random cycle through all users: nobody keeps their own
+        texts["leak_permuted"] = {u: texts["leak"][users[j]] for u, j in zip(users, source)}
     user = {}
     for kind, by_user in texts.items():
         rows = [by_user.get(u, "") for u in task.users]
-        if cfg.knowledge.user_segments:
-            vectors = encode_segments(encoder, rows, cfg.knowledge.user_segments, cache)
-        else:
-            vectors = encode_cached(encoder, rows, cache)
-        user[kind] = torch.from_numpy(vectors)
+        user[kind] = torch.from_numpy(encode_user_texts(encoder, rows, cfg.knowledge.user_segments, cache))
     item = {}
     if "metadata" in needed:
         meta = item_metadata_texts(tables["items"])
@@ -193,7 +197,9 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     (table.json, table.md, per_user.json)."""
     data_dir = cfg.run_path / "data"
     marker = require_marker(data_dir, "data")
-    variants = [v for v in VARIANTS if only is None or v.name in only or v.trained_as in (only or ())]
+    variants = [v for v in VARIANTS if only is None or v.name in only or v.trained_as in only]
+    needed = {v.trained_as for v in variants} - {v.name for v in variants} - {None}
+    variants = [v for v in VARIANTS if v in variants or v.name in needed]  # a perturbed row needs its models
     tables = load_tables(data_dir)
     from rlrf4rec.train import model_spec
 
@@ -237,10 +243,10 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     with stage_output(stage_dir, fingerprint + f"-{seeds}", dump_config(cfg)) as (tmp, stats):
         write_json(rows, tmp / "table.json")
         write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / "per_user.json")
-        (tmp / "table.md").write_text(markdown_table(rows))
+        (tmp / "table.md").write_text(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
         stats.update({"variants": len(rows), "seeds": seed_list, "valid_users": len(users),
                       "encode_seconds": round(encode_seconds, 1)})
-    print(markdown_table(rows))
+    print(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
     return stage_dir
 
 
@@ -270,6 +276,16 @@ def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_sa
     return rows
 
 
+def settings_line(cfg: RunConfig, seeds: list[int]) -> str:
+    rc, k = cfg.recommender, cfg.knowledge
+    return (
+        f"Settings: seeds {seeds}; knowledge.user_segments={k.user_segments}; recommender.interaction="
+        f"{rc.interaction}, loss={rc.loss}, hidden_dim={rc.hidden_dim}, lr={rc.lr}, patience={rc.patience}. "
+        "Valid users only (test unread); each trained row's epoch is selected on these same valid lists, "
+        "so trained rows carry a small optimistic bias that popularity does not."
+    )
+
+
 def markdown_table(rows: list[dict]) -> str:
     def ci(x):
         return "" if x is None else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
@@ -281,3 +297,98 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {r[METRIC]:.4f} | {r['seed_spread']:.4f} | "
                      + " | ".join(ci(r.get(f'vs {b}')) for b in BASELINES) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- reward reliability
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks of x [N] (ties share their mean rank), as Spearman's rho needs."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho of two score vectors; None when either is constant (no order to agree on)."""
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) -> dict:
+    """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (history
+    text knowledge, the run's architecture), `seeds` of them, score every generated text of train users.
+    Reports the share of users whose N rewards all tie (no pair can be formed) and the mean Spearman agreement
+    between two seeds on the order of each user's texts (the order is what the pairs use)."""
+    from rlrf4rec.data import user_history_texts
+    from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
+    from rlrf4rec.reward import RewardModel
+    from rlrf4rec.train import build, item_knowledge_path, model_spec
+
+    data_dir = cfg.run_path / "data"
+    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    spec = model_spec(cfg.recommender)
+    histories = user_history_texts(cfg)
+    item_path = item_knowledge_path(cfg)
+    if item_path is not None:
+        from rlrf4rec.encode import write_item_knowledge
+
+        write_item_knowledge(cfg)
+    encoder = make_encoder(cfg)
+    cache = embedding_cache(cfg)
+    task, _, _ = build(data_dir, None, spec, cfg.seed)
+    users_gen = gens.column(S.USER_ID).to_pylist()
+    train_users = set(task.list_users["train"])
+    keep = [i for i, u in enumerate(users_gen) if u in train_users]
+    users = [users_gen[i] for i in keep]
+    texts = [user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py()) for i, u in zip(keep, users)]
+    user_texts = [histories[u] for u in task.users]
+    knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
+    if item_path is not None:
+        from rlrf4rec.train import item_knowledge_matrix
+
+        knowledge["item"] = item_knowledge_matrix(item_path, task)
+    vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
+    rewards = []
+    for i in range(seeds):
+        model, _ = train_model(task, knowledge, cfg.seed + i)
+        rm = RewardModel(task, model, cfg.reward.metric, item_knowledge=knowledge.get("item"),
+                         user_segments=cfg.knowledge.user_segments)
+        rewards.append(rm.score(users, vectors))
+    by_user: dict[str, list[int]] = {}
+    for row, u in enumerate(users):
+        by_user.setdefault(u, []).append(row)
+    tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
+    rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if seeds > 1 else []
+    defined = [r for r in rhos if r is not None]
+    spread = [float(np.ptp(rewards[0][rows])) for rows in by_user.values()]
+    return {
+        "train_users": len(by_user),
+        "texts": len(users),
+        "tied_share": float(np.mean(tied)),
+        "spearman_mean": float(np.mean(defined)) if defined else None,
+        "spearman_defined_users": len(defined),
+        "within_user_range_mean": float(np.mean(spread)),
+        "settings": {"interaction": spec.interaction, "item": cfg.knowledge.item,
+                     "user_segments": cfg.knowledge.user_segments, "loss": spec.loss},
+    }
+
+
+def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int = 2, name: str = "main") -> Path:
+    """`reward_reliability` written to `<run>/controls/reliability-<name>/` (stats in the marker)."""
+    gen_marker = require_marker(generations_dir, "generate")
+    result = reward_reliability(cfg, generations_dir, seeds)
+    fingerprint = f"{cfg.section_hash('knowledge', 'recommender', 'reward', 'seed')}-{gen_marker['fingerprint']}"
+    with stage_output(cfg.run_path / "controls" / f"reliability-{name}", fingerprint, dump_config(cfg)) as (
+        tmp,
+        stats,
+    ):
+        write_json(result, tmp / "reliability.json")
+        stats.update({k: v for k, v in result.items() if k != "settings"})
+    return cfg.run_path / "controls" / f"reliability-{name}"

@@ -238,9 +238,14 @@ def text_segments(text: str, max_segments: int) -> list[str]:
     """A knowledge text cut into its sentences / list entries (at . ; ! ? and newlines), at most `max_segments`.
 
     One mean-pooled vector per user dilutes each thing the text says by everything else it says; one vector per
-    segment lets each candidate attend to the part of the text about it (models.PRM with interaction)."""
+    segment lets each candidate attend to the part of the text about it (models.PRM with interaction). Over the cap,
+    the first half and the last half are kept: a user text is the preference text, then the history oldest first,
+    so this keeps what the LLM wrote and the most recent history, and drops the oldest history entries."""
     parts = [p for p in (p.strip() for p in _SEGMENT_END.split(text)) if len(p) > 2]
-    return parts[:max_segments] or [text.strip() or "(empty)"]
+    if len(parts) > max_segments:
+        head = max_segments // 2
+        parts = parts[:head] + parts[len(parts) - (max_segments - head) :]
+    return parts or [text.strip() or "(empty)"]
 
 
 def encode_segments(

@@ -187,7 +187,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model: str, cfg: GenerateConfig):
-        _vllm_environment()
+        _vllm_environment(cpu_replicas=cfg.concurrency if cfg.num_gpus_per_replica == 0 else 0)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -227,19 +227,35 @@ class VLLMEngine:
         ]
 
 
-def _vllm_environment() -> None:
+def _vllm_environment(cpu_replicas: int = 0) -> None:
     # Loopback, offline, no telemetry; a small KV cache on CPU; vLLM's socket files go to one folder of the asset
     # cache instead of littering the system temp dir. Values set by the user win.
     scratch = assets.asset_home() / "cache" / "vllm-tmp"
     scratch.mkdir(parents=True, exist_ok=True)
-    for key, value in {
+    settings = {
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_HOST_IP": "127.0.0.1",
         "TMPDIR": str(scratch),
-    }.items():
+    }
+    if cpu_replicas == 1:
+        settings.update(_cpu_engine_settings())
+    for key, value in settings.items():
         os.environ.setdefault(key, value)
+    log.info("vLLM CPU settings: %s", {k: os.environ.get(k) for k in sorted(_cpu_engine_settings())})
+
+
+def _cpu_engine_settings() -> dict[str, str]:
+    """A single CPU replica owns the machine: by default vLLM-CPU reserves a core, runs one OpenMP thread and
+    busy-polls a separate engine-core process on another, so one core of two does the model's work. One thread
+    per core, bound, with the engine in this process measured 51.9 -> 56.0 vs 31.9 tokens/s on 2 cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
 
 
 ENGINE_CLASSES: dict[str, Callable[[str, GenerateConfig], Engine]] = {

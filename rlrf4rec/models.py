@@ -308,7 +308,7 @@ class PRM(nn.Module):
     reorder through the non-linear layers. With `interaction`, each candidate (its item embedding and item knowledge)
     queries the user's segments, and the match of the pooled user vector with the candidate enters twice: as
     features (u_c and u_c * q_c) and as a bilinear term added to the logit, so a text that names what a user likes
-    moves exactly the candidates it matches (a deviation from KAR, measured in benchmarks/knowledge_controls.py).
+    moves exactly the candidates it matches (a deviation from KAR, measured by `rlrf4rec controls`).
     """
 
     def __init__(

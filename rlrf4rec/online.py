@@ -150,6 +150,12 @@ class ItemCatalog:
         self.attributes = user_attributes(read_parquet(users_path, TABLES["users"]) if users_path.is_file() else None)
 
 
+def user_segments_of(version: Version) -> int:
+    """How the version's knowledge model reads a user text: 0 = one vector, k = up to k segment vectors."""
+    saved = torch.load(version.recommender_dir / "model.pt", weights_only=False, map_location="cpu")
+    return int(saved.get("user_segments", 0))
+
+
 def _checkpoint(recommender_dir: Path, task: RerankTask, *, knowledge: bool) -> Checkpoint:
     if read_marker(recommender_dir) is None:
         raise FileNotFoundError(f"{recommender_dir} holds no complete recommender stage")

@@ -103,7 +103,7 @@ def build_report(run: Path) -> Path:
             "|---|" + "---|" * len(METRICS),
         ]
         rows_html = []
-        order = ["ID only", "history knowledge (no LLM)", "base LLM"]
+        order = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM"]
         rank = {name: (order.index(name) if name in order else len(order), name) for name in table}
         for name, metrics in sorted(table.items(), key=lambda kv: rank[kv[0]]):
             cells = [f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS]
@@ -127,6 +127,16 @@ def build_report(run: Path) -> Path:
             + "</table>"
         )
         md.append("")
+
+    controls = run / "controls" / "main" / "table.md"
+    if controls.is_file():  # written by `rlrf4rec controls`: valid users only, several seeds, paired intervals
+        text = controls.read_text()
+        md += ["## Knowledge controls (valid users; list-mean NDCG@5, seeds, paired user-resampled 95% CI)", "", text]
+        body.append(
+            "<h2>Knowledge controls</h2><p>Valid users only. Positive control: a user text that names the "
+            "user's own positives (leaked on purpose); negative controls: another user's or the mean knowledge, and "
+            "texts permuted across users.</p><pre>" + html.escape(text) + "</pre>"
+        )
 
     manifest_path = run / "rounds" / "manifest.json"
     if manifest_path.is_file():

@@ -82,6 +82,11 @@ class RewardModel:
                 raise ValueError(f"user {user!r} has no re-rank list; it cannot be rewarded (sequence too short?)")
             pending.append((row, *self.by_user[user]))
         knowledge = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [R, D] or [R, S, D]
+        if knowledge.dim() != (3 if self.user_segments else 2):
+            raise ValueError(
+                f"this reward model reads {'[R, S, D] segment vectors' if self.user_segments else '[R, D] vectors'}, "
+                f"got {tuple(knowledge.shape)}; encode the texts with RewardModel.encode"
+            )
         start = 0
         while start < len(pending):
             group, total = [], 0

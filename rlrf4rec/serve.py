@@ -208,7 +208,9 @@ class OnlineKnowledge:
         from rlrf4rec.encode import TextEncoder
 
         self.run_dir = Path(run_dir)
-        self.version = online.resolve_version(self.run_dir, version).name
+        resolved = online.resolve_version(self.run_dir, version)
+        self.version = resolved.name
+        self.user_segments = online.user_segments_of(resolved)  # how this version's re-ranker reads a text
         self.generator, self.deadline_s = generator, deadline_ms / 1000
         self.generated: collections.OrderedDict[str, online.Knowledge] = collections.OrderedDict()
         self.pending: dict[str, asyncio.Task] = {}
@@ -216,12 +218,12 @@ class OnlineKnowledge:
         self.catalog = online.ItemCatalog(self.run_dir)
         encoder = assets.resolve(cfg.models.encoder, assets.asset_home(cfg.assets.home))
         self.encoder = TextEncoder(encoder, max_length=cfg.encode.max_length)
-        self.user_segments = cfg.knowledge.user_segments  # the run's re-rankers read texts encoded this way
 
     async def reconfigure(self, user_config: dict) -> None:
         version = online.resolve_version(self.run_dir, _version_from(user_config, self.version))
         if version.name != self.version:
             self.version = version.name
+            self.user_segments = online.user_segments_of(version)
             self.generated.clear()  # texts of the previous policy; late ones are dropped by _generate
             log.info("on-line knowledge now follows version %s", version.name)
 

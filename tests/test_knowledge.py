@@ -46,7 +46,10 @@ def test_text_segments_and_padding():
         'History: "A" (1995), 5 stars;',
         '"B" (1990), 2 stars;',
     ]
-    assert text_segments(text, 2) == ["Preferences: likes sci-fi.", "Dislikes romance!"]
+    # Over the cap: the head (the preference text) and the tail (the most recent history) are kept.
+    assert text_segments(text, 2) == ["Preferences: likes sci-fi.", '"B" (1990), 2 stars;']
+    three = ["Preferences: likes sci-fi.", 'History: "A" (1995), 5 stars;', '"B" (1990), 2 stars;']
+    assert text_segments(text, 3) == three
     assert text_segments("  ", 4) == ["(empty)"]  # every user has at least one segment
     padded = pad_segments([np.ones((2, 3), np.float32), np.full((1, 3), 2.0, np.float32)])
     assert padded.shape == (2, 2, 3) and (padded[1, 1] == 0).all() and (padded[1, 0] == 2).all()
@@ -182,3 +185,11 @@ def test_shuffled_knowledge_is_a_derangement_of_valid_users(synthetic_lists):
     assert torch.equal(out[others], user[others])
     mean = perturb_user_knowledge({"user": user}, task, "mean", seed=0)["user"]
     assert torch.allclose(mean[rows], user[task.splits["train"].user_row.unique()].mean(0).expand(len(rows), -1))
+    # Segments: one segment, the mean of the train users' real segments; padding stays padding.
+    segments = torch.zeros(len(task.users), 3, 2)
+    segments[:, 0] = 1.0
+    segments[::2, 1] = 3.0  # every other user has a second segment
+    out = perturb_user_knowledge({"user": segments}, task, "mean", seed=0)["user"]
+    train = segments[task.splits["train"].user_row.unique()].reshape(-1, 2)
+    assert torch.allclose(out[rows, 0], train[train.abs().sum(-1) > 0].mean(0).expand(len(rows), -1))
+    assert (out[rows, 1:] == 0).all()
