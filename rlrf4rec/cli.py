@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                 type=Path,
                 help="a generate stage dir: measure reward ties and seed agreement on its texts instead",
             )
+            p.add_argument(
+                "--llm-texts",
+                action="store_true",
+                help="first write one base-policy text per train and valid user (the base LLM rows need them)",
+            )
         if name == "serve":
             p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
             p.add_argument(
@@ -277,6 +282,11 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "controls":
         from rlrf4rec.controls import VARIANTS, run_controls, run_reward_reliability
 
+        if args.llm_texts:
+            from rlrf4rec.controls import write_llm_texts
+
+            with _ray_if_needed(cfg, cfg.generate.engine == "vllm"):
+                print(f"llm texts: {write_llm_texts(cfg)}")
         if args.reliability is not None:
             stage_dir = run_reward_reliability(cfg, args.reliability, seeds=max(args.seeds, 2), name=args.name)
             print(json.dumps(read_marker(stage_dir)["stats"], indent=1))

@@ -35,6 +35,8 @@ from rlrf4rec.recommender import (
 log = logging.getLogger(__name__)
 
 METRIC = "ndcg@5"
+# The base policy's texts for the "llm" rows: one per train and valid user, written by `--llm-texts` (generate stage).
+LLM_TEXTS = "controls/llm-texts"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Variant:
 
     name: str
     use_history: bool = False
-    user: str | None = None  # "history" | "leak" | "leak_permuted" | "llm"
+    user: str | None = None  # "history" | "llm" (LLM_TEXTS) | "leak" | "leak_permuted"
     item: str | None = None  # "metadata"
     perturb: str | None = None
     trained_as: str | None = None
@@ -59,12 +61,31 @@ VARIANTS = (
     Variant("history text", user="history"),
     Variant("history text + ID history", use_history=True, user="history"),
     Variant("history text + item metadata", user="history", item="metadata"),
+    Variant("base LLM text", user="llm"),
+    Variant("base LLM text + item metadata", user="llm", item="metadata"),
+    Variant(
+        "base LLM text + item metadata, shuffled users",
+        user="llm",
+        item="metadata",
+        perturb="shuffled",
+        trained_as="base LLM text + item metadata",
+    ),
     Variant("leak (positive control)", user="leak"),
     Variant("leak + item metadata (positive control)", user="leak", item="metadata"),
-    Variant("leak + item metadata, shuffled users", user="leak", item="metadata", perturb="shuffled",
-            trained_as="leak + item metadata (positive control)"),
-    Variant("leak + item metadata, mean user vector", user="leak", item="metadata", perturb="mean",
-            trained_as="leak + item metadata (positive control)"),
+    Variant(
+        "leak + item metadata, shuffled users",
+        user="leak",
+        item="metadata",
+        perturb="shuffled",
+        trained_as="leak + item metadata (positive control)",
+    ),
+    Variant(
+        "leak + item metadata, mean user vector",
+        user="leak",
+        item="metadata",
+        perturb="mean",
+        trained_as="leak + item metadata (positive control)",
+    ),
     Variant("leak permuted across users (trained)", user="leak_permuted", item="metadata"),
 )
 
@@ -167,8 +188,10 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     cache = embedding_cache(cfg)
     texts: dict[str, dict[str, str]] = {}
-    if "history" in needed:
+    if needed & {"history", "llm"}:
         texts["history"] = user_history_texts(cfg)
+    if "llm" in needed:
+        texts["llm"] = llm_knowledge_texts(cfg, texts["history"])
     if needed & {"leak", "leak_permuted"}:
         texts["leak"] = leaked_texts(tables)
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
@@ -192,12 +215,39 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     return KnowledgeSources(user, item)
 
 
+def llm_knowledge_texts(cfg: RunConfig, histories: dict[str, str]) -> dict[str, str]:
+    """User knowledge text = the base policy's text + the history text, for the users of `<run>/controls/llm-texts`
+    (train and valid); other users keep the history text (test users: never trained or evaluated here)."""
+    from rlrf4rec.encode import user_knowledge_text
+
+    stage_dir = cfg.run_path / LLM_TEXTS
+    require_marker(stage_dir, "controls --llm-texts")
+    gens = read_parquet(stage_dir / "generations.parquet", S.GENERATIONS)
+    text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+    return {u: user_knowledge_text(h, text_of.get(u)) for u, h in histories.items()}
+
+
+def write_llm_texts(cfg: RunConfig) -> Path:
+    """One seeded sample of the base policy per train and valid user (the generate stage, resumable)."""
+    import dataclasses as dc
+
+    from rlrf4rec.generate import run_generate
+
+    one = dc.replace(cfg.generate, num_samples=1, splits=("train", "valid"), max_users=None)
+    return run_generate(dc.replace(cfg, generate=one), stage=LLM_TEXTS)
+
+
 def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:
     """Train every variant (or those named in `only`) `seeds` times and write `<run>/controls/<name>/`
     (table.json, table.md, per_user.json)."""
     data_dir = cfg.run_path / "data"
     marker = require_marker(data_dir, "data")
-    variants = [v for v in VARIANTS if only is None or v.name in only or v.trained_as in only]
+    has_llm = (cfg.run_path / LLM_TEXTS / "_COMPLETE.json").is_file()
+    if not has_llm:
+        log.info("controls: no %s (run `rlrf4rec controls --llm-texts`): base LLM rows left out", LLM_TEXTS)
+    variants = [
+        v for v in VARIANTS if (only is None or v.name in only or v.trained_as in only) and (has_llm or v.user != "llm")
+    ]
     needed = {v.trained_as for v in variants} - {v.name for v in variants} - {None}
     variants = [v for v in VARIANTS if v in variants or v.name in needed]  # a perturbed row needs its models
     tables = load_tables(data_dir)
@@ -244,8 +294,14 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
         write_json(rows, tmp / "table.json")
         write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / "per_user.json")
         (tmp / "table.md").write_text(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
-        stats.update({"variants": len(rows), "seeds": seed_list, "valid_users": len(users),
-                      "encode_seconds": round(encode_seconds, 1)})
+        stats.update(
+            {
+                "variants": len(rows),
+                "seeds": seed_list,
+                "valid_users": len(users),
+                "encode_seconds": round(encode_seconds, 1),
+            }
+        )
     print(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
     return stage_dir
 
@@ -266,8 +322,13 @@ def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_sa
     rows = []
     for name, per_seed in values.items():
         means = [list_mean(u) for u in per_seed]
-        row = {"variant": name, METRIC: float(np.mean(means)), "seed_means": means,
-               "seed_spread": float(np.std(means)) if len(means) > 1 else 0.0, **info[name]}
+        row = {
+            "variant": name,
+            METRIC: float(np.mean(means)),
+            "seed_means": means,
+            "seed_spread": float(np.std(means)) if len(means) > 1 else 0.0,
+            **info[name],
+        }
         for base in BASELINES:
             if base in values and base != name:
                 pair = paired_bootstrap(np.mean(per_seed, axis=0), np.mean(values[base], axis=0), num_samples, seed)
@@ -290,12 +351,18 @@ def markdown_table(rows: list[dict]) -> str:
     def ci(x):
         return "" if x is None else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
 
-    head = f"| variant | valid {METRIC} (mean of seeds) | seed spread (sd) | " + " | ".join(
-        f"paired diff vs {b} [95% CI]" for b in BASELINES) + " |"
+    head = (
+        f"| variant | valid {METRIC} (mean of seeds) | seed spread (sd) | "
+        + " | ".join(f"paired diff vs {b} [95% CI]" for b in BASELINES)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (3 + len(BASELINES))]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r[METRIC]:.4f} | {r['seed_spread']:.4f} | "
-                     + " | ".join(ci(r.get(f'vs {b}')) for b in BASELINES) + " |")
+        lines.append(
+            f"| {r['variant']} | {r[METRIC]:.4f} | {r['seed_spread']:.4f} | "
+            + " | ".join(ci(r.get(f"vs {b}")) for b in BASELINES)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -358,8 +425,13 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
     rewards = []
     for i in range(seeds):
         model, _ = train_model(task, knowledge, cfg.seed + i)
-        rm = RewardModel(task, model, cfg.reward.metric, item_knowledge=knowledge.get("item"),
-                         user_segments=cfg.knowledge.user_segments)
+        rm = RewardModel(
+            task,
+            model,
+            cfg.reward.metric,
+            item_knowledge=knowledge.get("item"),
+            user_segments=cfg.knowledge.user_segments,
+        )
         rewards.append(rm.score(users, vectors))
     by_user: dict[str, list[int]] = {}
     for row, u in enumerate(users):
@@ -375,8 +447,12 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
         "spearman_mean": float(np.mean(defined)) if defined else None,
         "spearman_defined_users": len(defined),
         "within_user_range_mean": float(np.mean(spread)),
-        "settings": {"interaction": spec.interaction, "item": cfg.knowledge.item,
-                     "user_segments": cfg.knowledge.user_segments, "loss": spec.loss},
+        "settings": {
+            "interaction": spec.interaction,
+            "item": cfg.knowledge.item,
+            "user_segments": cfg.knowledge.user_segments,
+            "loss": spec.loss,
+        },
     }
 
 

@@ -99,8 +99,11 @@ def keys(table: pa.Table) -> list[tuple[str, int]]:
     return list(zip(table.column(S.USER_ID).to_pylist(), table.column(S.SAMPLE_IDX).to_pylist()))
 
 
-def quality_flags(text: str, finish_reason: str) -> list[str]:
-    """Flags "empty", "truncated" (hit max_new_tokens), "degenerate" (under 5 words, or mostly repeated 3-grams)."""
+def quality_flags(text: str, finish_reason: str, domain: str = "movies") -> list[str]:
+    """Flags "empty", "truncated" (hit max_new_tokens), "degenerate" (under 5 words, or mostly repeated 3-grams),
+    "off_topic" (names none of the domain's factors or genres: prompts.TOPIC_WORDS)."""
+    from rlrf4rec.prompts import mentions_topic
+
     words = text.split()
     flags = []
     if not words:
@@ -111,6 +114,8 @@ def quality_flags(text: str, finish_reason: str) -> list[str]:
     repeated = 1 - len(set(trigrams)) / len(trigrams) if len(trigrams) >= 10 else 0.0
     if words and (len(words) < 5 or repeated > 0.5):
         flags.append("degenerate")
+    if words and not mentions_topic(text, domain):
+        flags.append("off_topic")
     return flags
 
 
@@ -361,13 +366,13 @@ def _read_shards(parts: Path, prefix: str, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _write_outputs(out: pa.Table, parts: Path, index: int, meta: dict) -> tuple[int, int]:
+def _write_outputs(out: pa.Table, parts: Path, index: int, meta: dict, domain: str) -> tuple[int, int]:
     """Split one GenerateBatch output into a generations shard and an errors shard; returns their row counts."""
     succeeded = out.column(S.ERROR).is_null()
     ok, bad = out.filter(succeeded), out.filter(pc.invert(succeeded))
     if ok.num_rows:
         flags = [
-            quality_flags(t, r)
+            quality_flags(t, r, domain)
             for t, r in zip(ok.column(S.PREFERENCE_TEXT).to_pylist(), ok.column(S.FINISH_REASON).to_pylist())
         ]
         ok = ok.append_column(S.FLAGS, pa.array(flags, pa.list_(pa.string())))
@@ -380,7 +385,11 @@ def _write_outputs(out: pa.Table, parts: Path, index: int, meta: dict) -> tuple[
 
 
 def generate_missing(
-    requests: pa.Table, parts: Path, run_batches: Callable[[pa.Table], Iterable[pa.Table]], meta: dict
+    requests: pa.Table,
+    parts: Path,
+    run_batches: Callable[[pa.Table], Iterable[pa.Table]],
+    meta: dict,
+    domain: str = "movies",
 ) -> dict:
     """Generate the requests no shard in `parts` holds yet, writing one shard per finished batch; returns stats."""
     done = set(keys(_read_shards(parts, "gen", S.GENERATIONS)))
@@ -395,7 +404,7 @@ def generate_missing(
     rows = errors = tokens = 0
     started = last_log = time.time()
     for out in run_batches(todo) if todo.num_rows else []:
-        n_ok, n_bad = _write_outputs(out, parts, index, meta)
+        n_ok, n_bad = _write_outputs(out, parts, index, meta, domain)
         index, rows, errors = index + 1, rows + n_ok, errors + n_bad
         tokens += sum(out.column(S.COMPLETION_TOKENS).to_pylist())
         if time.time() - last_log > 10 or rows + errors == todo.num_rows:
@@ -530,7 +539,7 @@ def run_generate(
         S.MODEL: model,
         S.POLICY_VERSION: policy_version,
     }
-    attempt = generate_missing(requests, parts, run_batches, meta)
+    attempt = generate_missing(requests, parts, run_batches, meta, g.domain)
     gens, errs = consolidate(parts, requests)
     if not gens.num_rows:
         first = errs.column(S.ERROR)[0].as_py() if errs.num_rows else "no rows"
@@ -555,5 +564,5 @@ def generation_stats(gens: pa.Table, errs: pa.Table) -> dict:
         "completion_tokens_mean": round(sum(completion) / max(len(completion), 1), 1),
         "prompt_tokens_max": max(gens.column(S.PROMPT_TOKENS).to_pylist(), default=0),
     }
-    stats.update({f"flag/{name}": flags.get(name, 0) for name in ("empty", "truncated", "degenerate")})
+    stats.update({f"flag/{name}": flags.get(name, 0) for name in S.QUALITY_FLAGS})
     return stats

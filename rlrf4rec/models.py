@@ -344,7 +344,9 @@ class PRM(nn.Module):
             in_dim += k  # u_c takes the user's place in the adaptor's output; the product u_c * q_c is extra
             # With item knowledge in the user's encoder space: the raw cosine of the candidate's text with the
             # user's closest and average segment, a match no learned 32-d projection has to rediscover.
-            self.raw_similarity = "item" in adaptor.types
+            self.raw_similarity = (
+                "item" in adaptor.types and adaptor.gate["item"].in_features == adaptor.gate["user"].in_features
+            )
             if self.raw_similarity:
                 self.similarity_head = nn.Linear(2, 1)
                 in_dim += 2

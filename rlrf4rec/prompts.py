@@ -42,6 +42,26 @@ FACTORS = {
     ),
 }
 
+# Words of which a preference text must name at least one to be on topic: the factors' own words and common genres.
+_GENRE_WORDS = {
+    "movies": """action adventure animation animated comedy comedies crime documentary drama dramas fantasy horror
+        musical mystery romance romantic sci fi science fiction thriller thrillers war western film films movie
+        movies director directors actor actress cast story stories music""",
+    "products": """book books novel novels fiction nonfiction mystery romance fantasy history biography science
+        children product products brand price design read reading writing""",
+}
+TOPIC_WORDS = {
+    domain: frozenset(w for factor in FACTORS[domain] for w in re.findall(r"[a-z]+", factor) if w not in ("and", "or"))
+    | frozenset(words.split())
+    for domain, words in _GENRE_WORDS.items()
+}
+
+
+def mentions_topic(text: str, domain: str = "movies") -> bool:
+    """Whether `text` names at least one factor or genre word of the domain (a crude on-topic check)."""
+    return not TOPIC_WORDS[domain].isdisjoint(re.findall(r"[a-z]+", text.lower()))
+
+
 # Anything that looks like a chat-template control sequence: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>),
 # Llama 2 ([INST], <<SYS>>), Gemma (<start_of_turn>) and generic <s>/</s>.
 _CONTROL = re.compile(r"<\|[^|>]{0,40}\|>|\[/?INST\]|<</?SYS>>|</?start_of_turn>|</?end_of_turn>|</?s>", re.I)

@@ -128,6 +128,20 @@ def build_report(run: Path) -> Path:
         )
         md.append("")
 
+    quality = text_quality(run)
+    if quality:  # how much of what the policies wrote is usable text at all, per generation stage
+        head = "| texts of | policy | rows | " + " | ".join(S.QUALITY_FLAGS) + " |"
+        lines = [head, "|---|---|---|" + "---|" * len(S.QUALITY_FLAGS)]
+        for r in quality:
+            shares = " | ".join(f"{r[f]:.0%}" for f in S.QUALITY_FLAGS)
+            lines.append(f"| {r['stage']} | {r['policy']} | {r['rows']} | {shares} |")
+        md += ["## Text quality (share of texts flagged)", "", *lines, ""]
+        body.append(
+            "<h2>Text quality</h2><p>Share of generated texts flagged empty, truncated (hit the token limit), "
+            "degenerate (under 5 words or mostly repeated 3-grams) or off topic (no factor or genre named).</p>"
+            "<pre>" + html.escape("\n".join(lines)) + "</pre>"
+        )
+
     controls = run / "controls" / "main" / "table.md"
     if controls.is_file():  # written by `rlrf4rec controls`: valid users only, several seeds, paired intervals
         text = controls.read_text()
@@ -194,6 +208,28 @@ def build_report(run: Path) -> Path:
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         stats["sections"] = len(body)
     return out
+
+
+def text_quality(run: Path) -> list[dict]:
+    """Per complete generation stage under `run`: policy, rows and the share of each quality flag."""
+    from rlrf4rec.artifacts import read_marker
+
+    rows = []
+    for path in sorted(run.rglob("generations.parquet")):
+        marker = read_marker(path.parent)
+        if marker is None:
+            continue
+        table = read_parquet(path, S.GENERATIONS)
+        flags = table.column(S.FLAGS).to_pylist()
+        rows.append(
+            {
+                "stage": str(path.parent.relative_to(run)),
+                "policy": marker["stats"].get("policy_version", "?"),
+                "rows": len(flags),
+                **{f: sum(f in row for row in flags) / max(len(flags), 1) for f in S.QUALITY_FLAGS},
+            }
+        )
+    return rows
 
 
 def _examples(pairs_path: Path, md: list[str], limit: int = 2) -> str:

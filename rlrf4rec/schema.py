@@ -140,7 +140,8 @@ TOP_P = "top_p"
 MAX_NEW_TOKENS = "max_new_tokens"
 MODEL = "model"  # the model reference the text came from (embedded name, HF id or checkpoint path)
 POLICY_VERSION = "policy_version"  # "base", then one version per DPO round
-FLAGS = "flags"  # quality flags: "empty", "truncated" (finish_reason length), "degenerate"
+FLAGS = "flags"  # quality flags, any of QUALITY_FLAGS (rlrf4rec.generate.quality_flags)
+QUALITY_FLAGS = ("empty", "truncated", "degenerate", "off_topic")
 ERROR = "error"
 
 GENERATIONS = pa.schema(

@@ -117,8 +117,11 @@ def test_quality_flags():
     assert G.quality_flags("", "stop") == ["empty"]
     assert G.quality_flags("   ", "length") == ["empty", "truncated"]
     assert G.quality_flags("Likes dark comedies.", "stop") == ["degenerate"]  # under 5 words
-    assert G.quality_flags("the the the " * 20, "length") == ["truncated", "degenerate"]
-    assert G.quality_flags("I like it a lot " * 6, "stop") == ["degenerate"]
+    assert G.quality_flags("the the the " * 20, "length") == ["truncated", "degenerate", "off_topic"]
+    assert G.quality_flags("I like it a lot " * 6, "stop") == ["degenerate", "off_topic"]
+    # Fluent but about nothing the prompt asked for: no factor, no genre.
+    assert G.quality_flags("cgv11, Janee Cohen, who lives in Ohio and works at a bank", "stop") == ["off_topic"]
+    assert G.quality_flags("Prefers crime novels with a strong author voice", "stop", "products") == []
     assert G.quality_flags("The user enjoys character-driven dramas from the nineties, rates action low.", "stop") == []
 
 

@@ -58,8 +58,14 @@ def test_text_segments_and_padding():
 def _model(item: bool = True, interaction: bool = True, dim: int = 8) -> PRM:
     torch.manual_seed(0)
     types = {"user": dim, "item": dim} if item else {"user": dim}
-    return PRM(20, item_dim=8, adaptor=KnowledgeAdaptor(types, 1, 1, 16, 8, 0.0), d_model=16, dropout=0.0,
-               interaction=interaction).eval()
+    return PRM(
+        20,
+        item_dim=8,
+        adaptor=KnowledgeAdaptor(types, 1, 1, 16, 8, 0.0),
+        d_model=16,
+        dropout=0.0,
+        interaction=interaction,
+    ).eval()
 
 
 def test_padding_segments_change_no_score_and_item_knowledge_moves_each_candidate():
@@ -112,8 +118,16 @@ def _leak_knowledge(task: RerankTask, tables) -> dict[str, torch.Tensor]:
 def test_positive_control_wins_and_a_shuffled_one_loses(synthetic_lists):
     """The knowledge-sensitivity check: a re-ranker that ignored its knowledge input would score the same with the
     user's own leaked answer, with another user's, and without any."""
-    spec = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=2e-3, history_len=4, dropout=0.0,
-                     use_history=False, interaction=True)
+    spec = ModelSpec(
+        max_epochs=12,
+        patience=12,
+        batch_size=64,
+        lr=2e-3,
+        history_len=4,
+        dropout=0.0,
+        use_history=False,
+        interaction=True,
+    )
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
     torch.manual_seed(0)
@@ -193,3 +207,13 @@ def test_shuffled_knowledge_is_a_derangement_of_valid_users(synthetic_lists):
     train = segments[task.splits["train"].user_row.unique()].reshape(-1, 2)
     assert torch.allclose(out[rows, 0], train[train.abs().sum(-1) > 0].mean(0).expand(len(rows), -1))
     assert (out[rows, 1:] == 0).all()
+
+
+def test_spearman_with_ties_and_constant_scores():
+    from rlrf4rec.controls import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks (1.5, 1.5, 3) vs (1, 2, 3) -> Pearson of the ranks
+    assert spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
+    assert spearman([0.6, 0.6, 0.6], [1, 2, 3]) is None  # all tied: no order to agree on

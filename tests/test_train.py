@@ -24,7 +24,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _cfg(tmp_path, **recommender) -> RunConfig:
+def _cfg(tmp_path, knowledge: dict | None = None, models: dict | None = None, **recommender) -> RunConfig:
     tastes = write_dataset(tmp_path / "raw", num_users=80, length=24, liked_fraction=0.5)
     write_knowledge(tmp_path / "run" / "knowledge" / "taste" / "user_knowledge.parquet", tastes)
     return from_dict(
@@ -33,6 +33,8 @@ def _cfg(tmp_path, **recommender) -> RunConfig:
             "name": "t",
             "run_dir": str(tmp_path / "run"),
             "data": {"format": "parquet", "path": str(tmp_path / "raw")},
+            "knowledge": knowledge or {"item": "none"},
+            "models": models or {},
             "recommender": {"num_workers": 2, "max_epochs": 4, "patience": 10, "batch_size": 32, **recommender},
         },
     )
@@ -55,8 +57,15 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
     assert run_recommender(cfg, "id", data_dir, None) == stage  # complete: a re-run trains nothing
 
 
-def test_knowledge_variant_trains_with_ddp(ray_cluster, tmp_path):
-    cfg = _cfg(tmp_path, max_epochs=2)
+def test_knowledge_variant_trains_with_ddp_on_user_and_item_knowledge(ray_cluster, asset_home, tmp_path):
+    import torch
+
+    from rlrf4rec import assets
+    from rlrf4rec.encode import write_item_knowledge
+
+    encoder = str(assets.asset_dir("all-minilm-l6-v2", asset_home))
+    # Synthetic user vectors (8-d) next to real encoder item vectors (384-d): no shared experts across the dims.
+    cfg = _cfg(tmp_path, {"item": "metadata"}, {"encoder": encoder}, max_epochs=2, adaptor_shared_experts=0)
     data_dir = run_data(cfg)
     knowledge_dir = cfg.run_path / "knowledge" / "taste"
     from rlrf4rec.artifacts import stage_output
@@ -64,10 +73,15 @@ def test_knowledge_variant_trains_with_ddp(ray_cluster, tmp_path):
     # Give the hand-written knowledge file a completion marker, as the encode stage would.
     with stage_output(knowledge_dir, "synthetic", "") as (tmp, _):
         (knowledge_dir / "user_knowledge.parquet").rename(tmp / "user_knowledge.parquet")
+    items_dir = write_item_knowledge(cfg)  # the encode stage's item half: one metadata text per item, encoded
     stage = run_recommender(cfg, "taste", data_dir, knowledge_dir / "user_knowledge.parquet")
     stats = read_marker(stage)["stats"]
     assert stats["epochs_run"] == 2 and stats["resumed_after"] == []
     assert {"valid/ndcg@5", "valid/map@5", "valid/ndcg@1", "valid/map@7"} <= set(stats)
+    assert stats["knowledge"] == ["item", "user"] and read_marker(items_dir)["stats"]["items"] == 80
+    saved = torch.load(stage / "model.pt", weights_only=False)
+    assert saved["knowledge_dims"] == {"user": 8, "item": 384} and saved["item_knowledge"].shape == (81, 384)
+    assert (saved["item_knowledge"][0] == 0).all() and (saved["item_knowledge"][1:].norm(dim=1) > 0.99).all()
 
 
 def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_path):
