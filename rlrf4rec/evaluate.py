@@ -76,6 +76,24 @@ def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> d
     return {m: list(bootstrap_ci(v, num_samples=num_samples, seed=seed)) for m, v in per_user.items()}
 
 
+PAIRED_BASELINES = ("KAR ID-only", "ID only", "base LLM")
+
+
+def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int, seed: int) -> dict:
+    """variant -> baseline -> metric -> [mean difference, ci_low, ci_high] over the same test users (paired), and
+    "resolved": whether the interval excludes 0. Baselines: PAIRED_BASELINES present in `rows`."""
+    out: dict = {}
+    for name, metrics in rows.items():
+        for base in PAIRED_BASELINES:
+            if base == name or base not in rows:
+                continue
+            diffs = {m: list(bootstrap_ci(metrics[m] - rows[base][m], num_samples, seed=seed)) for m in METRICS}
+            for m, (_, low, high) in diffs.items():
+                diffs[m].append(bool(low > 0 or high < 0))
+            out.setdefault(name, {})[base] = diffs
+    return out
+
+
 def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
     """policies: [(row name, policy model path, recommender stage dir)] evaluated with greedy test texts."""
     from rlrf4rec.data import user_history_texts
@@ -122,8 +140,10 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         vectors = model.encode(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
         rows[name] = per_user_metrics(model, test_users, vectors)
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
+    paired = paired_differences(rows, cfg.loop.bootstrap_samples, cfg.seed)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_json(table, tmp / "table.json")
+        write_json(paired, tmp / "paired.json")
         per_user = pa.table(
             {
                 "variant": [n for n in rows for _ in test_users],

@@ -128,6 +128,23 @@ def build_report(run: Path) -> Path:
         )
         md.append("")
 
+    paired_path = run / "evaluate" / "paired.json"
+    if paired_path.is_file():  # each row minus a baseline over the same test users, in words
+        paired = json.loads(paired_path.read_text())
+        lines = []
+        for name, by_base in paired.items():
+            for base, diffs in by_base.items():
+                d, low, high, resolved = diffs["ndcg@5"]
+                verdict = ("better than" if d > 0 else "worse than") if resolved else "not distinguishable from"
+                lines.append(f"- {name} is {verdict} {base}: NDCG@5 {d:+.4f} [{low:+.4f}, {high:+.4f}]")
+        md += ["## Paired differences on test users (NDCG@5, 95% bootstrap CI over the same users)", "", *lines, ""]
+        body.append(
+            "<h2>Paired differences on test users</h2><p>NDCG@5 of each row minus the baseline, per user; an "
+            "interval that contains 0 is noise.</p><ul>"
+            + "".join(f"<li>{html.escape(line[2:])}</li>" for line in lines)
+            + "</ul>"
+        )
+
     quality = text_quality(run)
     if quality:  # how much of what the policies wrote is usable text at all, per generation stage
         head = "| texts of | policy | rows | " + " | ".join(S.QUALITY_FLAGS) + " |"

@@ -217,3 +217,21 @@ def test_spearman_with_ties_and_constant_scores():
     # ties share their mean rank: ranks (1.5, 1.5, 3) vs (1, 2, 3) -> Pearson of the ranks
     assert spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
     assert spearman([0.6, 0.6, 0.6], [1, 2, 3]) is None  # all tied: no order to agree on
+
+
+def test_paired_differences_resolve_a_shift_and_not_noise():
+    from rlrf4rec.evaluate import METRICS, paired_differences
+
+    rng = np.random.default_rng(0)
+    base = {m: rng.uniform(0.3, 0.9, 200) for m in METRICS}
+    rows = {
+        "KAR ID-only": base,
+        "shifted": {m: v + 0.05 for m, v in base.items()},
+        "noise": {m: v + rng.normal(0, 0.05, 200) for m, v in base.items()},
+    }
+    out = paired_differences(rows, 500, seed=0)
+    d, low, high, resolved = out["shifted"]["KAR ID-only"]["ndcg@5"]
+    assert d == pytest.approx(0.05) and resolved and low == pytest.approx(0.05) and high == pytest.approx(0.05)
+    d, low, high, resolved = out["noise"]["KAR ID-only"]["ndcg@5"]
+    assert low < 0 < high and not resolved
+    assert "KAR ID-only" not in out.get("KAR ID-only", {})  # no row against itself
