@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--name", help="output name: <run>/dpo/<name>/ (default: the pairs file's name)")
         if name == "controls":
             p.add_argument("--seeds", type=int, default=3, help="training seeds per variant (seed, seed + 1, ...)")
-            p.add_argument("--variants", help="comma-separated variant names (default: all; see rlrf4rec.controls)")
+            p.add_argument("--variants", help="variant names separated by ; (default: all; see rlrf4rec.controls)")
             p.add_argument("--name", default="main", help="output directory <run>/controls/<name>/")
             p.add_argument(
                 "--reliability",
@@ -291,7 +291,7 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             stage_dir = run_reward_reliability(cfg, args.reliability, seeds=max(args.seeds, 2), name=args.name)
             print(json.dumps(read_marker(stage_dir)["stats"], indent=1))
             return 0
-        only = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
+        only = None if args.variants is None else [v.strip() for v in args.variants.split(";")]
         unknown = sorted(set(only or ()) - {v.name for v in VARIANTS})
         if unknown:
             raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")

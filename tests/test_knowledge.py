@@ -10,19 +10,23 @@ from synthetic import write_dataset
 
 from rlrf4rec import schema as S
 from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.controls import leaked_texts, list_mean, paired_bootstrap, per_user, perturb_user_knowledge
+from rlrf4rec.controls import (
+    leaked_texts,
+    list_mean,
+    paired_bootstrap,
+    per_user,
+    perturb_user_knowledge,
+    train_model,
+)
 from rlrf4rec.data import run_data
 from rlrf4rec.encode import pad_segments, text_segments
 from rlrf4rec.models import PRM, KnowledgeAdaptor, listnet_loss
 from rlrf4rec.recommender import (
     ModelSpec,
     RerankTask,
-    fit,
-    knowledge_dims,
     load_checkpoint,
     load_tables,
     save_checkpoint,
-    standardize_adaptor,
 )
 
 
@@ -130,15 +134,8 @@ def test_positive_control_wins_and_a_shuffled_one_loses(synthetic_lists):
     )
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
-    torch.manual_seed(0)
-    model = task.build_model(knowledge_dims(knowledge))
-    standardize_adaptor(model, knowledge, task)
-    state = fit(task, model, knowledge, seed=0)
-    model.load_state_dict(state.best_model)
-    torch.manual_seed(0)
-    id_model = task.build_model(None)
-    id_state = fit(task, id_model, None, seed=0)
-    id_model.load_state_dict(id_state.best_model)
+    model, _ = train_model(task, knowledge, seed=0)
+    id_model, _ = train_model(task, None, seed=0)
 
     def valid(m, k):
         return list_mean(per_user(task, task.per_list_metrics(m, "valid", k)["ndcg@5"])[1])
@@ -154,11 +151,7 @@ def test_item_knowledge_travels_with_the_checkpoint(synthetic_lists, tmp_path):
     spec = ModelSpec(max_epochs=2, patience=2, batch_size=64, history_len=4, dropout=0.0, interaction=True)
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
-    torch.manual_seed(0)
-    model = task.build_model(knowledge_dims(knowledge))
-    standardize_adaptor(model, knowledge, task)
-    state = fit(task, model, knowledge, seed=0)
-    model.load_state_dict(state.best_model)
+    model, state = train_model(task, knowledge, seed=0)
     save_checkpoint(tmp_path / "model.pt", state.best_model, spec, knowledge, user_segments=16)
     ckpt = load_checkpoint(tmp_path / "model.pt", synthetic_lists)
     assert ckpt.user_segments == 16 and ckpt.user_knowledge_dim == task.num_items + 1
