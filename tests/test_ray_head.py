@@ -146,9 +146,14 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
     table = json.loads((run_dir / "evaluate" / "table.json").read_text())
-    assert set(table) == {"ID only", "history knowledge (no LLM)", "base LLM", "DPO round 1"}
-    low, mean, high = sorted(table["DPO round 1"]["ndcg@5"])  # mean with its bootstrap interval
+    baselines = {"popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)"}
+    assert set(table) == baselines | {"base LLM", "DPO round 1"}
+    mean, low, high = table["DPO round 1"]["ndcg@5"]  # mean with its bootstrap interval
     assert 0 <= low <= mean <= high <= 1
+    paired = json.loads((run_dir / "evaluate" / "paired.json").read_text())
+    d, low, high, resolved = paired["DPO round 1"]["KAR ID-only"]["ndcg@5"]  # per-user difference, same users
+    assert low <= d <= high and resolved == (low > 0 or high < 0)
+    assert set(paired["DPO round 1"]) == {"KAR ID-only", "ID only", "base LLM"}
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
     assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
 
