@@ -418,7 +418,8 @@ class PRM(nn.Module):
         match = (partner * query).sum(-1) / query.shape[-1] ** 0.5  # [B, C]
         features = [u_c, partner * query, *items]
         if self.raw_similarity:
-            similarity = self._raw_similarity(knowledge["user"], knowledge["item"], segments)  # [B, C, 2]
+            # The encoder's dtype (fp16 on some GPUs) for the cosine, the model's for what follows.
+            similarity = self._raw_similarity(knowledge["user"], knowledge["item"], segments).to(u.dtype)  # [B,C,2]
             features.append(similarity)
             match = match + self.similarity_head(similarity).squeeze(-1)
         return torch.cat(features, dim=-1), match

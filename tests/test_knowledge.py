@@ -228,3 +228,15 @@ def test_paired_differences_resolve_a_shift_and_not_noise():
     d, low, high, resolved = out["noise"]["KAR ID-only"]["ndcg@5"]
     assert low < 0 < high and not resolved
     assert "KAR ID-only" not in out.get("KAR ID-only", {})  # no row against itself
+
+
+def test_fp16_encoder_vectors_feed_an_fp32_model():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    candidates = torch.randint(1, 21, (2, 4), generator=g)
+    user = torch.nn.functional.normalize(torch.randn(2, 3, 8, generator=g), dim=-1)
+    item = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=g), dim=-1)
+    with torch.inference_mode():
+        full = model(candidates, knowledge={"user": user, "item": item})
+        half = model(candidates, knowledge={"user": user.half(), "item": item.half()})
+    assert half.dtype == torch.float32 and torch.allclose(half, full, atol=1e-2)
