@@ -178,14 +178,10 @@ class KnowledgeSources:
 
 def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table], needed: set[str]):
     """Encode the texts the variants need with the run's frozen encoder (cached by text hash)."""
-    from rlrf4rec import assets
     from rlrf4rec.data import user_history_texts
-    from rlrf4rec.encode import TextEncoder, embedding_cache, encode_cached, encode_user_texts
-    from rlrf4rec.prompts import item_metadata_texts
-    from rlrf4rec.recommender import item_lookup
+    from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder
 
-    home = assets.asset_home(cfg.assets.home)
-    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
     texts: dict[str, dict[str, str]] = {}
     if needed & {"history", "llm"}:
@@ -206,13 +202,18 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
         user[kind] = torch.from_numpy(encode_user_texts(encoder, rows, cfg.knowledge.user_segments, cache))
     item = {}
     if "metadata" in needed:
-        meta = item_metadata_texts(tables["items"])
-        to_idx = item_lookup(tables["item_index"])
-        vectors = encode_cached(encoder, list(meta.values()), cache)
-        table = torch.zeros(task.num_items + 1, vectors.shape[1])
-        table[[to_idx[i] for i in meta]] = torch.from_numpy(vectors)
-        item["metadata"] = table
+        item["metadata"] = metadata_item_knowledge(cfg, task)
     return KnowledgeSources(user, item)
+
+
+def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
+    """[num_items + 1, D] metadata item knowledge: the encode stage's artifact (written if missing), whatever the
+    run's knowledge.item says, so the controls measure exactly what the pipeline feeds its re-rankers."""
+    from rlrf4rec.encode import write_item_knowledge
+    from rlrf4rec.train import item_knowledge_matrix
+
+    meta_cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, item="metadata"))
+    return item_knowledge_matrix(write_item_knowledge(meta_cfg) / "item_knowledge.parquet", task)
 
 
 def llm_knowledge_texts(cfg: RunConfig, histories: dict[str, str]) -> dict[str, str]:
@@ -396,20 +397,15 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
     from rlrf4rec.data import user_history_texts
     from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
     from rlrf4rec.reward import RewardModel
-    from rlrf4rec.train import build, item_knowledge_path, model_spec
+    from rlrf4rec.train import model_spec
 
     data_dir = cfg.run_path / "data"
     gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
     spec = model_spec(cfg.recommender)
     histories = user_history_texts(cfg)
-    item_path = item_knowledge_path(cfg)
-    if item_path is not None:
-        from rlrf4rec.encode import write_item_knowledge
-
-        write_item_knowledge(cfg)
     encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
-    task, _, _ = build(data_dir, None, spec, cfg.seed)
+    task = RerankTask(load_tables(data_dir), spec)
     users_gen = gens.column(S.USER_ID).to_pylist()
     train_users = set(task.list_users["train"])
     keep = [i for i, u in enumerate(users_gen) if u in train_users]
@@ -417,10 +413,8 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
     texts = [user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py()) for i, u in zip(keep, users)]
     user_texts = [histories[u] for u in task.users]
     knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
-    if item_path is not None:
-        from rlrf4rec.train import item_knowledge_matrix
-
-        knowledge["item"] = item_knowledge_matrix(item_path, task)
+    if cfg.knowledge.item != "none":
+        knowledge["item"] = metadata_item_knowledge(cfg, task)
     vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
     rewards = []
     for i in range(seeds):

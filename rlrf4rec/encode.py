@@ -134,9 +134,8 @@ def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstr
     vectors = encode_cached(encoder, rows, embedding_cache(cfg))
     segments = None
     if cfg.knowledge.user_segments:
-        padded = encode_segments(encoder, rows, cfg.knowledge.user_segments, embedding_cache(cfg))  # [U, S, D]
-        counts = [len(text_segments(t, cfg.knowledge.user_segments)) for t in rows]
-        segments = [p[:n].tolist() for p, n in zip(padded, counts)]
+        per_user = segment_vectors(encoder, rows, cfg.knowledge.user_segments, embedding_cache(cfg))
+        segments = [v.tolist() for v in per_user]
     table = pa.table(
         {
             S.USER_ID: users,
@@ -253,7 +252,14 @@ def encode_segments(
 ) -> np.ndarray:
     """texts [U] -> segment vectors [U, S, D] (S = the longest text's segment count, at most `max_segments`), rows
     past a text's last segment all zero (the models' padding)."""
+    return pad_segments(segment_vectors(encoder, texts, max_segments, cache_path))
+
+
+def segment_vectors(
+    encoder: TextEncoder, texts: Sequence[str], max_segments: int, cache_path: Path | None
+) -> list[np.ndarray]:
+    """texts [U] -> one [S_u, D] array of segment vectors per text, all segments encoded in one cached pass."""
     segments = [text_segments(t, max_segments) for t in texts]
     flat = encode_cached(encoder, [s for segs in segments for s in segs], cache_path)  # [sum S_u, D]
     bounds = np.cumsum([0, *map(len, segments)])
-    return pad_segments([flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
+    return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]

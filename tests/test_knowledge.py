@@ -72,17 +72,23 @@ def _model(item: bool = True, interaction: bool = True, dim: int = 8) -> PRM:
     ).eval()
 
 
+def _inputs(seed: int, B: int, S: int, C: int, D: int = 8):
+    """Seeded candidates [B, C], unit-norm user segments [B, S, D] and item vectors [B, C, D] (as an encoder gives)."""
+    g = torch.Generator().manual_seed(seed)
+    candidates = torch.randint(1, 21, (B, C), generator=g)
+    user = torch.nn.functional.normalize(torch.randn(B, S, D, generator=g), dim=-1)
+    item = torch.nn.functional.normalize(torch.randn(B, C, D, generator=g), dim=-1)
+    return candidates, user, item
+
+
 def test_padding_segments_change_no_score_and_item_knowledge_moves_each_candidate():
     model = _model()
-    g = torch.Generator().manual_seed(1)
-    candidates = torch.randint(1, 21, (3, 5), generator=g)
-    user = torch.nn.functional.normalize(torch.randn(3, 2, 8, generator=g), dim=-1)
-    item = torch.nn.functional.normalize(torch.randn(3, 5, 8, generator=g), dim=-1)
+    candidates, user, item = _inputs(seed=1, B=3, S=2, C=5)
     with torch.inference_mode():
         base = model(candidates, knowledge={"user": user, "item": item})
         padded = torch.cat([user, torch.zeros(3, 4, 8)], dim=1)  # four padding segments more
         assert torch.allclose(model(candidates, knowledge={"user": padded, "item": item}), base, atol=1e-6)
-        # The user's text made identical to one candidate's item text: that candidate's score changes most.
+        # The user's text made identical to one candidate's item text: every list's scores move.
         matched = user.clone()
         matched[:, 0] = item[:, 2]
         moved = (model(candidates, knowledge={"user": matched, "item": item}) - base).abs()
@@ -232,10 +238,7 @@ def test_paired_differences_resolve_a_shift_and_not_noise():
 
 def test_fp16_encoder_vectors_feed_an_fp32_model():
     model = _model()
-    g = torch.Generator().manual_seed(2)
-    candidates = torch.randint(1, 21, (2, 4), generator=g)
-    user = torch.nn.functional.normalize(torch.randn(2, 3, 8, generator=g), dim=-1)
-    item = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=g), dim=-1)
+    candidates, user, item = _inputs(seed=2, B=2, S=3, C=4)
     with torch.inference_mode():
         full = model(candidates, knowledge={"user": user, "item": item})
         half = model(candidates, knowledge={"user": user.half(), "item": item.half()})
