@@ -27,8 +27,13 @@ from rlrf4rec.config import ConfigError, RunConfig, dump_config, from_dict, load
 log = logging.getLogger("rlrf4rec")
 
 
-def _setup_env() -> None:
+def _setup_env(verbose: bool = False) -> None:
     # The embedded default runs offline: no hub lookups, no telemetry. Explicit settings by the user win.
+    # vLLM's and Ray Data's own INFO lines (engine configs, operator progress) only with --verbose: a stage logs one
+    # progress line per step itself. Actors of a local cluster inherit the environment.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    for name in ("ray", "ray.data", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     for key, value in {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -51,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in [
         ("assets", "fetch, convert and verify the embedded default assets"),
         ("data", "load the dataset and write the protocol tables (sequences, re-rank lists, splits)"),
-        ("encode", "encode each user's history text with the frozen encoder (base knowledge)"),
+        ("encode", "base knowledge: one base-policy text per train/valid user + history, and item texts, encoded"),
         ("train-recommender", "train the ID-only and base-knowledge re-rankers on Ray Train"),
         ("generate", "write N preference texts per user with the policy LLM (best-of-N), resumable"),
         ("reward", "reward each generated text with a frozen knowledge-augmented recommender"),
@@ -98,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--llm-texts",
                 action="store_true",
-                help="first write one base-policy text per train and valid user (the base LLM rows need them)",
+                help="first write one base-policy text per train and valid user, as the encode stage does "
+                "(the base LLM rows need them)",
             )
         if name == "serve":
             p.add_argument("--version", default="latest", help="'latest', 'base' or 'round<t>'")
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    _setup_env()
+    _setup_env(args.verbose)
     try:
         if args.config is not None:
             cfg = load_config(args.config, overrides)
@@ -234,7 +240,11 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         _print_stats(stage_dir, data_stats(stage_dir))
         return 0
     if args.command in ("encode", "train-recommender", "loop", "evaluate", "report"):
-        with _ray_if_needed(cfg, args.command in ("train-recommender", "loop", "evaluate")):
+        on_ray = ["train-recommender", "loop", "evaluate"]
+        if "llm" in (cfg.knowledge.user, cfg.knowledge.item) and cfg.generate.engine == "vllm":
+            on_ray.append("encode")  # it generates the base policy's texts / the items' descriptions
+        needs_ray = args.command in on_ray
+        with _ray_if_needed(cfg, needs_ray):
             stage_dir = dict(pipeline.STAGES)[args.command](cfg)
         for marker in sorted(stage_dir.glob("*/_COMPLETE.json")) or [stage_dir / "_COMPLETE.json"]:
             _print_stats(marker.parent, read_marker(marker.parent)["stats"])

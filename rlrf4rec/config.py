@@ -110,6 +110,7 @@ class GenerateConfig:
     enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
     max_model_len: int = 2048  # prompt + completion tokens per request
     domain: str = "movies"  # which factor list the prompt asks about (rlrf4rec.prompts.FACTORS)
+    prompt_history: int | None = None  # the prompt names the last K items of the history window; null: all of it
 
     def __post_init__(self) -> None:
         from rlrf4rec.prompts import FACTORS  # local: prompts imports nothing from here, keep it that way
@@ -150,6 +151,8 @@ class GenerateConfig:
             )
         if self.domain not in FACTORS:
             _fail("generate.domain", self.domain, f"choose one of {sorted(FACTORS)}")
+        if self.prompt_history is not None and self.prompt_history < 1:
+            _fail("generate.prompt_history", self.prompt_history, "use a positive number of items, or null for all")
 
 
 @dataclass(frozen=True)
@@ -244,12 +247,25 @@ class RecommenderConfig:
 class KnowledgeConfig:
     """What knowledge the re-ranker gets besides IDs (METHOD.md section 4)."""
 
-    item: str = "metadata"  # none | metadata: one "title (year). Genres: ..." text per item
+    user: str = "llm"  # llm: the policy's own text + history (KAR) | history: the history text alone
+    item: str = "metadata"  # none | metadata: one "title (year). Genres: ..." text per item | llm: + LLM description
     user_segments: int = 16  # vectors per user text, one per sentence/entry; 0 = one mean-pooled vector (KAR)
 
     def __post_init__(self) -> None:
-        if self.item not in ("none", "metadata"):
-            _fail("knowledge.item", self.item, "use none or metadata (title, year, genres of each item)")
+        if self.user not in ("llm", "history"):
+            _fail(
+                "knowledge.user",
+                self.user,
+                "use llm (one text of the policy per train/valid user, the reward model's training knowledge) or "
+                "history (the history text alone, no generation before the loop)",
+            )
+        if self.item not in ("none", "metadata", "llm"):
+            _fail(
+                "knowledge.item",
+                self.item,
+                "use none, metadata (title, year, genres of each item) or llm (metadata + the LLM's description of "
+                "each item, one greedy generation per item, cached)",
+            )
         if not 0 <= self.user_segments <= 128:
             _fail("knowledge.user_segments", self.user_segments, "use 0 (one pooled vector) up to 128 segments")
 
@@ -292,19 +308,26 @@ class DPOConfig:
     gradient_checkpointing: bool = False  # trades ~30% more compute for activation memory; worth it on big models
     deepspeed: str | None = None  # null (DDP) | zero2 | zero3
     num_workers: int = 2  # Ray Train workers (gloo on CPU, NCCL on GPU)
+    cpus_per_worker: int = 1  # CPU workers: Ray CPUs each, and its torch threads (GPU workers ask for their GPU only)
     use_gpu: bool = False
     bf16: bool = False  # GPUs only: on CPU a few bf16 DPO steps barely learn
     seed_offset: int = 0  # DPO seed = run seed + seed_offset (LoRA init, data order)
     eval_fraction: float = 0.1  # train-split pairs held out (by user) for eval reward accuracy and margin
     save_steps: int = 50  # checkpoint and held-out eval every this many optimizer steps, and at the end
     max_failures: int = 1  # worker-group restarts from the last checkpoint
+    # Speed only, same loss: the reference log-probs once per round before the first step (TRL's
+    # precompute_ref_log_probs), and chosen and rejected continuing one pass over their shared prompt.
+    precompute_ref_logps: bool = True
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
             _fail("dpo.beta", self.beta, "use a positive value (0.01 reported; larger stays nearer the reference)")
         if not self.lr > 0:
             _fail("dpo.lr", self.lr, "use a positive learning rate")
-        for name in ("per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "save_steps"):
+        for name in (
+            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
+        ):
             if getattr(self, name) < 1:
                 _fail(f"dpo.{name}", getattr(self, name), "use a positive integer")
         if self.max_steps is not None and self.max_steps < 1:

@@ -23,6 +23,7 @@ import torch
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_stage
 from rlrf4rec.recommender import (
     KnowledgeInput,
     RerankTask,
@@ -35,8 +36,8 @@ from rlrf4rec.recommender import (
 log = logging.getLogger(__name__)
 
 METRIC = "ndcg@5"
-# The base policy's texts for the "llm" rows: one per train and valid user, written by `--llm-texts` (generate stage).
-LLM_TEXTS = "controls/llm-texts"
+# The base policy's texts for the "llm" rows: the encode stage's (knowledge.user = llm), or `--llm-texts`.
+LLM_TEXTS = policy_texts_stage("base")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Variant:
 
     name: str
     use_history: bool = False
-    user: str | None = None  # "history" | "llm" (LLM_TEXTS) | "leak" | "leak_permuted"
+    user: str | None = None  # "history" | "llm" (the base policy's, LLM_TEXTS) | "leak" | "leak_permuted"
     item: str | None = None  # "metadata"
     perturb: str | None = None
     trained_as: str | None = None
@@ -184,10 +185,12 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
     texts: dict[str, dict[str, str]] = {}
-    if needed & {"history", "llm"}:
+    if "history" in needed:
         texts["history"] = user_history_texts(cfg)
     if "llm" in needed:
-        texts["llm"] = llm_knowledge_texts(cfg, texts["history"])
+        llm_dir = cfg.run_path / LLM_TEXTS
+        require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
+        texts["llm"] = policy_knowledge_texts(cfg, llm_dir)
     if needed & {"leak", "leak_permuted"}:
         texts["leak"] = leaked_texts(tables)
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
@@ -216,26 +219,9 @@ def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
     return item_knowledge_matrix(write_item_knowledge(meta_cfg) / "item_knowledge.parquet", task)
 
 
-def llm_knowledge_texts(cfg: RunConfig, histories: dict[str, str]) -> dict[str, str]:
-    """User knowledge text = the base policy's text + the history text, for the users of `<run>/controls/llm-texts`
-    (train and valid); other users keep the history text (test users: never trained or evaluated here)."""
-    from rlrf4rec.encode import user_knowledge_text
-
-    stage_dir = cfg.run_path / LLM_TEXTS
-    require_marker(stage_dir, "controls --llm-texts")
-    gens = read_parquet(stage_dir / "generations.parquet", S.GENERATIONS)
-    text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
-    return {u: user_knowledge_text(h, text_of.get(u)) for u, h in histories.items()}
-
-
 def write_llm_texts(cfg: RunConfig) -> Path:
-    """One seeded sample of the base policy per train and valid user (the generate stage, resumable)."""
-    import dataclasses as dc
-
-    from rlrf4rec.generate import run_generate
-
-    one = dc.replace(cfg.generate, num_samples=1, splits=("train", "valid"), max_users=None)
-    return run_generate(dc.replace(cfg, generate=one), stage=LLM_TEXTS)
+    """The base policy's text per train and valid user, as the encode stage writes it (resumable)."""
+    return generate_policy_texts(cfg, cfg.models.llm, "base")
 
 
 def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:

@@ -94,14 +94,20 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
     return stage_dir
 
 
-def user_history_texts(cfg: RunConfig) -> dict[str, str]:
-    """user_id -> history text of its LLM window, from this run's data stage (every user of every split)."""
+def user_history_texts(cfg: RunConfig, max_items: int | None = None) -> dict[str, str]:
+    """user_id -> history text of its LLM window (its last `max_items` entries when given), from this run's data
+    stage (every user of every split)."""
     from rlrf4rec.prompts import history_texts
 
     stage_dir = cfg.run_path / "data"
     require_marker(stage_dir, "data")
     tables = {n: read_parquet(stage_dir / f"{n}.parquet", TABLES[n]) for n in ("sequences", "items", "users")}
-    return history_texts(tables["sequences"], tables["items"], tables["users"])
+    return history_texts(tables["sequences"], tables["items"], tables["users"], max_items)
+
+
+def prompt_history_texts(cfg: RunConfig) -> dict[str, str]:
+    """user_id -> the history text its generation prompt names (generate.prompt_history entries)."""
+    return user_history_texts(cfg, cfg.generate.prompt_history)
 
 
 def data_stats(stage_dir: Path) -> dict:

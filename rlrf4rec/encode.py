@@ -11,9 +11,11 @@ so that truncation at `max_length` tokens cuts the tail of the history, never th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,22 +192,36 @@ def encode_user_texts(encoder: TextEncoder, texts: Sequence[str], user_segments:
     return encode_segments(encoder, texts, user_segments, cache)
 
 
-def write_item_knowledge(cfg: RunConfig, *, force: bool = False) -> Path | None:
-    """Item knowledge (knowledge.item = metadata): one text per item (title, year, genres), encoded by the frozen
-    encoder into `<run>/knowledge/items/item_knowledge.parquet`. None when knowledge.item = none."""
+def item_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
+    """item_id -> item knowledge text: the metadata line (title, year, genres); with knowledge.item = llm, then the
+    LLM's description of the item (KAR's item knowledge; the facts stay first so truncation cuts the description)."""
     from rlrf4rec.data import TABLES
     from rlrf4rec.prompts import item_metadata_texts
 
+    texts = item_metadata_texts(read_parquet(cfg.run_path / "data" / "items.parquet", TABLES["items"]))
+    if cfg.knowledge.item == "llm":
+        from rlrf4rec.generate import run_item_generate
+
+        gens = read_parquet(run_item_generate(cfg) / "generations.parquet", S.GENERATIONS)
+        described = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+        texts = {i: f"{t}\n{described[i].strip()}" if described.get(i, "").strip() else t for i, t in texts.items()}
+    return texts
+
+
+def write_item_knowledge(cfg: RunConfig, *, force: bool = False) -> Path | None:
+    """Item knowledge (knowledge.item = metadata | llm): one text per item (item_knowledge_texts), encoded by the
+    frozen encoder into `<run>/knowledge/items/item_knowledge.parquet`. None when knowledge.item = none."""
     if cfg.knowledge.item == "none":
         return None
-    data_dir = cfg.run_path / "data"
-    marker = require_marker(data_dir, "data")
+    marker = require_marker(cfg.run_path / "data", "data")
     stage_dir = cfg.run_path / "knowledge" / "items"
-    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}"
+    texts = item_knowledge_texts(cfg)
+    digest = hashlib.sha256("\x1e".join(f"{i}\x1f{t}" for i, t in sorted(texts.items())).encode()).hexdigest()
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}-{digest[:16]}"
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
-    texts = item_metadata_texts(read_parquet(data_dir / "items.parquet", TABLES["items"]))
     items = sorted(texts)
+    started = time.perf_counter()
     vectors = encode_cached(make_encoder(cfg), [texts[i] for i in items], embedding_cache(cfg))
     table = pa.table(
         {S.ITEM_ID: items, S.KNOWLEDGE_TEXT: [texts[i] for i in items], S.VECTOR: [v.tolist() for v in vectors]},
@@ -213,19 +229,57 @@ def write_item_knowledge(cfg: RunConfig, *, force: bool = False) -> Path | None:
     )
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / "item_knowledge.parquet", S.ITEM_KNOWLEDGE)
-        stats.update({"items": len(items), "dim": int(vectors.shape[1]), "kind": cfg.knowledge.item})
+        stats.update(
+            {
+                "items": len(items),
+                "dim": int(vectors.shape[1]),
+                "kind": cfg.knowledge.item,
+                "encode_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
     return stage_dir
 
 
-def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
-    """Base knowledge: each user's history text alone (no LLM text yet), for every user of every split; and the
-    items' knowledge (knowledge.item)."""
+def policy_texts_stage(version: str) -> str:
+    return f"generations/{version}-knowledge"
+
+
+def generate_policy_texts(cfg: RunConfig, model: str, version: str) -> Path:
+    """One text of `model` per train and valid user: the knowledge a recommender trains on. It is sample 0 of the
+    generate stage's N (same seed), so a user's knowledge text is also the first of its best-of-N candidates.
+    Written by the generate stage (Ray Data + vLLM, resumable) into `<run>/generations/<version>-knowledge/`."""
+    from rlrf4rec.generate import run_generate
+
+    one = dataclasses.replace(cfg.generate, num_samples=1, splits=("train", "valid"), max_users=None)
+    return run_generate(
+        dataclasses.replace(cfg, generate=one), model=model, policy_version=version, stage=policy_texts_stage(version)
+    )
+
+
+def policy_knowledge_texts(cfg: RunConfig, generations_dir: Path) -> dict[str, str]:
+    """user -> knowledge text: the policy's text (generate_policy_texts) + the history text; users without a text
+    (test users: theirs come at evaluation) keep the history text alone."""
     from rlrf4rec.data import user_history_texts
 
-    texts = user_history_texts(cfg)
-    marker = require_marker(cfg.run_path / "data", "data")
+    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    written = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+    return {u: user_knowledge_text(h, written.get(u)) for u, h in user_history_texts(cfg).items()}
+
+
+def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
+    """Base knowledge for every user of every split, and the items' knowledge (knowledge.item).
+
+    knowledge.user = llm: the base policy's text + history for train and valid users (the base reward model learns
+    from the kind of text it will score, as in KAR); history: the history text alone, no generation."""
+    from rlrf4rec.data import user_history_texts
+
+    upstream = require_marker(cfg.run_path / "data", "data")["fingerprint"]
     write_item_knowledge(cfg, force=force)
-    return write_user_knowledge(cfg, "base", texts, marker["fingerprint"], force=force)
+    if cfg.knowledge.user == "history":
+        return write_user_knowledge(cfg, "base", user_history_texts(cfg), upstream, force=force)
+    gen_dir = generate_policy_texts(cfg, cfg.models.llm, "base")
+    upstream += "-" + require_marker(gen_dir, "generate")["fingerprint"]
+    return write_user_knowledge(cfg, "base", policy_knowledge_texts(cfg, gen_dir), upstream, force=force)
 
 
 # --------------------------------------------------------------------------------------------------- segments

@@ -122,8 +122,9 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         )
     rows["ID only"] = per_user_metrics(id_model, test_users, None)
     base = RewardModel.load(rec_dir / "base", data_dir, require_knowledge=False)
-    history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
-    rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
+    if cfg.knowledge.user == "history":  # else the base recommender never saw a history text alone
+        history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
+        rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
     texts: dict[str, list[str]] = {}
     greedy = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1, temperature=0.0)
     for name, policy, recommender in policies:

@@ -18,6 +18,7 @@ Knows nothing about rewards or encoders, nor how Ray was started (entry points s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from rlrf4rec.artifacts import (
     model_identity,
     read_marker,
     read_parquet,
+    require_marker,
     stage_output,
     write_json,
     write_parquet,
@@ -86,7 +88,7 @@ def build_requests(
     prompt land in the same engine batch (prefix caching shares the prompt's KV cache).
     """
     chosen = select_users(sequences, cfg.splits, cfg.max_users)
-    histories = history_texts(chosen, items, users)
+    histories = history_texts(chosen, items, users, cfg.prompt_history)
     rows = []
     for user_id, split in zip(chosen.column(S.USER_ID).to_pylist(), chosen.column(S.SPLIT).to_pylist()):
         prompt = render(preference_messages(histories[user_id], cfg.domain))
@@ -242,6 +244,7 @@ def _vllm_environment(cpu_replicas: int = 0) -> None:
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_LOGGING_LEVEL": "WARNING",  # its engine config dump and per-request INFO lines; `--verbose` shows them
         "TMPDIR": str(scratch),
     }
     if cpu_replicas == 1:
@@ -409,13 +412,15 @@ def generate_missing(
         tokens += sum(out.column(S.COMPLETION_TOKENS).to_pylist())
         if time.time() - last_log > 10 or rows + errors == todo.num_rows:
             elapsed = max(time.time() - started, 1e-9)
+            rate = (rows + errors) / elapsed
             log.info(
-                "generate: %d/%d rows, %d errors, %.2f rows/s, %.1f tokens/s",
+                "generate: %d/%d rows, %d errors, %.2f rows/s, %.1f tokens/s, ETA %.0f s",
                 rows + errors,
                 todo.num_rows,
                 errors,
-                (rows + errors) / elapsed,
+                rate,
                 tokens / elapsed,
+                (todo.num_rows - rows - errors) / rate if rate else float("nan"),
             )
             last_log = time.time()
     elapsed = time.time() - started
@@ -472,6 +477,7 @@ def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_versi
             "seed": cfg.seed,
             "data": data_fingerprint,
             **{k: getattr(g, k) for k in ("engine", "temperature", "top_p", "max_new_tokens", "dtype", "domain")},
+            **({"prompt_history": g.prompt_history} if g.prompt_history is not None else {}),
         }
     )
     requested = _hash({"splits": list(g.splits), "max_users": g.max_users, "num_samples": g.num_samples})
@@ -521,6 +527,35 @@ def run_generate(
         g,
         cfg.seed,
     )
+    return generate_requests(
+        g,
+        requests,
+        stage_dir,
+        fingerprint=(work_fp, stage_fp),
+        model=(model, model_path),
+        policy_version=policy_version,
+        config_dump=dump_config(cfg),
+        make_engine=make_engine,
+        force=force,
+    )
+
+
+def generate_requests(
+    g: GenerateConfig,
+    requests: pa.Table,
+    stage_dir: Path,
+    *,
+    fingerprint: tuple[str, str],
+    model: tuple[str, str],
+    policy_version: str,
+    config_dump: str,
+    make_engine: Callable[[], Engine] | None = None,
+    force: bool = False,
+) -> Path:
+    """The stage's engine part: `requests` (REQUESTS rows) -> `stage_dir`, resumable through `<stage>.parts/`.
+    `fingerprint`: (work, stage) as `fingerprints` makes them; `model`: (as configured, resolved path)."""
+    work_fp, stage_fp = fingerprint
+    model, model_path = model
     parts = stage_dir.with_name(f"{stage_dir.name}.parts")
     open_parts(parts, work_fp, fresh=force)
     previous = read_marker(stage_dir)
@@ -546,12 +581,65 @@ def run_generate(
         raise RuntimeError(f"generate: every request failed (first error: {first}); shards kept in {parts}")
     if errs.num_rows:
         log.warning("generate: %d requests failed; reasons in generation_errors.parquet", errs.num_rows)
-    with stage_output(stage_dir, stage_fp, dump_config(cfg)) as (tmp, stats):
+    with stage_output(stage_dir, stage_fp, config_dump) as (tmp, stats):
         write_parquet(gens, tmp / "generations.parquet", S.GENERATIONS)
         write_parquet(errs, tmp / "generation_errors.parquet", S.GENERATION_ERRORS)
         stats.update(generation_stats(gens, errs), **attempt, model=model, policy_version=policy_version)
     shutil.rmtree(parts)
     return stage_dir
+
+
+# --------------------------------------------------------------------------------------------------- item texts
+
+ITEM_SPLIT = "items"  # the split of item-text rows, whose key column user_id holds the item id
+
+
+def item_requests(items: pa.Table, render: Callable[[list[dict[str, str]]], str], domain: str) -> pa.Table:
+    """One request per item (schema.ITEMS rows), sorted by id: KAR's item prompt, greedy, so its seed plays no part."""
+    from rlrf4rec.prompts import item_messages
+
+    rows = sorted(items.select([S.ITEM_ID, S.TITLE, S.YEAR, S.GENRES]).to_pylist(), key=lambda r: r[S.ITEM_ID])
+    prompts = [render(item_messages(r[S.TITLE], r[S.YEAR], r[S.GENRES], domain)) for r in rows]
+    n = len(rows)
+    return pa.table([[r[S.ITEM_ID] for r in rows], [0] * n, [ITEM_SPLIT] * n, prompts, [0] * n], schema=REQUESTS)
+
+
+def run_item_generate(cfg: RunConfig, *, make_engine: Callable[[], Engine] | None = None) -> Path:
+    """The LLM's knowledge of every item (knowledge.item = llm): one greedy text per item, written to
+    `<asset home>/cache/item-texts/<fingerprint>/` so every round and every later run with the same LLM, data and
+    generation settings reuses it. Its generations.parquet has one row per item, the item id in user_id."""
+    data_dir = cfg.run_path / "data"
+    require_marker(data_dir, "data")
+    greedy = dataclasses.replace(cfg.generate, num_samples=1, temperature=0.0, max_users=None)
+    home = assets.asset_home(cfg.assets.home)
+    model_path = assets.resolve(cfg.models.llm, home)
+    requests = item_requests(
+        read_parquet(data_dir / "items.parquet", S.ITEMS), chat_renderer(model_path), greedy.domain
+    )
+    prompts = hashlib.sha256("\x1e".join(requests.column(S.PROMPT).to_pylist()).encode()).hexdigest()
+    work_fp = _hash(
+        {
+            "model": cfg.models.llm,
+            "model_fingerprint": model_identity(model_path),
+            "prompts": prompts,
+            **{k: getattr(greedy, k) for k in ("engine", "max_new_tokens", "dtype")},
+        }
+    )
+    stage_fp = f"{work_fp}-{requests.num_rows}"
+    stage_dir = home / "cache" / "item-texts" / work_fp
+    if is_complete(stage_dir, stage_fp):
+        log.info("item texts: reusing %s", stage_dir)
+        return stage_dir
+    return generate_requests(
+        greedy,
+        requests,
+        stage_dir,
+        fingerprint=(work_fp, stage_fp),
+        model=(cfg.models.llm, model_path),
+        policy_version="items",
+        config_dump=dump_config(cfg),
+        make_engine=make_engine,
+    )
 
 
 def generation_stats(gens: pa.Table, errs: pa.Table) -> dict:

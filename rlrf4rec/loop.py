@@ -7,7 +7,8 @@ Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the bas
   4. DPO from policy_t (also the reference) -> policy_{t+1},
   5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
      comparison (mean reward, paired bootstrap interval over users),
-  6. retrain the recommender on the best texts -> recommender_{t+1} (users without texts keep their history text).
+  6. policy_{t+1} writes one text per train and valid user, and the recommender retrains on them -> recommender_{t+1}
+     (KAR's knowledge from the current policy for every user it trains on).
 Every step is a stage directory with a completion marker, so a killed loop resumes at the first incomplete step.
 `<run>/rounds/manifest.json` records each round's lineage (policy, recommender, encoder, data and config hashes)
 and results. Knows nothing about engines or trainers beyond their stage functions.
@@ -36,8 +37,15 @@ from rlrf4rec.artifacts import (
     write_parquet,
 )
 from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.data import user_history_texts
-from rlrf4rec.encode import TextEncoder, embedding_cache, user_knowledge_text, write_user_knowledge
+from rlrf4rec.data import prompt_history_texts, user_history_texts
+from rlrf4rec.encode import (
+    TextEncoder,
+    embedding_cache,
+    generate_policy_texts,
+    policy_knowledge_texts,
+    user_knowledge_text,
+    write_user_knowledge,
+)
 from rlrf4rec.metrics import bootstrap_ci
 from rlrf4rec.pairs import Candidate, pairs_table, select_pairs
 from rlrf4rec.prompts import preference_messages
@@ -150,7 +158,7 @@ def run_pairs(
         candidates.update(_candidates(gen_dir, rew_dir))
     seq = read_parquet(cfg.run_path / "data" / "sequences.parquet", S.SEQUENCES)
     splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
-    histories = user_history_texts(cfg)
+    histories = prompt_history_texts(cfg)
     prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         for split in ("train", "valid"):
@@ -183,31 +191,6 @@ def compare_policies(before: Path, after: Path, num_samples: int, seed: int) -> 
     return out
 
 
-def best_texts(sources: list[tuple[Path, Path]]) -> dict[str, str]:
-    """user -> its highest-reward text over the given (generations, rewards) stages (lower sample index on ties)."""
-    best: dict[str, Candidate] = {}
-    for gen_dir, rew_dir in sources:
-        for user, cands in _candidates(gen_dir, rew_dir).items():
-            top = max(sorted(cands, key=lambda c: c.sample_idx), key=lambda c: c.reward)
-            if user not in best or top.reward > best[user].reward:
-                best[user] = top
-    return {u: c.text for u, c in best.items()}
-
-
-def first_texts(generations_dir: Path) -> dict[str, str]:
-    """user -> its sample-0 text: a choice that reads no label, for users whose lists select models (valid)."""
-    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
-    return {
-        u: t
-        for u, i, t in zip(
-            gens.column(S.USER_ID).to_pylist(),
-            gens.column(S.SAMPLE_IDX).to_pylist(),
-            gens.column(S.PREFERENCE_TEXT).to_pylist(),
-        )
-        if i == 0
-    }
-
-
 def run_loop(cfg: RunConfig) -> Path:
     """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
     from rlrf4rec.dpo import run_dpo
@@ -220,7 +203,6 @@ def run_loop(cfg: RunConfig) -> Path:
     data_dir = cfg.run_path / "data"
     home = assets.asset_home(cfg.assets.home)
     policy, recommender_dir = cfg.models.llm, cfg.run_path / "recommender" / "base"
-    histories = user_history_texts(cfg)
     manifest: dict = {
         "config_hash": cfg.section_hash(*cfg.to_dict()),
         "data": read_marker(data_dir)["fingerprint"],
@@ -271,12 +253,12 @@ def run_loop(cfg: RunConfig) -> Path:
             comparison["gain/ci_low"],
             comparison["gain/ci_high"],
         )
-        # Bidirectional gain: the recommender retrains on the best texts of this round. Best-of-N reads labels, so
-        # only train users get it; valid users (they select the recommender's epoch) get the new policy's first
-        # sample, a label-free choice like the single greedy text test users get at evaluation.
-        chosen = {**first_texts(gen_tuned), **best_texts([(gen_train, rew_train)])}
-        texts = {u: user_knowledge_text(h, chosen.get(u)) for u, h in histories.items()}
-        knowledge_dir = write_user_knowledge(cfg, next_version, texts, read_marker(pairs_dir)["fingerprint"])
+        # Bidirectional gain: the recommender retrains on the new policy's knowledge, one text per train and valid
+        # user (sample 0: no label read), like the base recommender on the base policy's.
+        gen_knowledge = generate_policy_texts(cfg, new_policy, next_version)
+        texts = policy_knowledge_texts(cfg, gen_knowledge)
+        upstream = f"{read_marker(pairs_dir)['fingerprint']}-{read_marker(gen_knowledge)['fingerprint']}"
+        knowledge_dir = write_user_knowledge(cfg, next_version, texts, upstream)
         new_recommender = run_recommender(cfg, next_version, data_dir, knowledge_dir / "user_knowledge.parquet")
         manifest["rounds"].append(
             {
@@ -293,6 +275,7 @@ def run_loop(cfg: RunConfig) -> Path:
                         ("pairs", pairs_dir),
                         ("dpo", dpo_dir),
                         ("generate_valid_tuned", gen_tuned),
+                        ("generate_knowledge", gen_knowledge),
                     ]
                 },
                 "pairs": read_marker(pairs_dir)["stats"],

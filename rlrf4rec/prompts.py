@@ -117,6 +117,22 @@ def preference_messages(history: str, domain: str = "movies") -> list[dict[str, 
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def item_messages(title: str, year: int | None, genres: Sequence[str], domain: str = "movies") -> list[dict[str, str]]:
+    """Chat messages asking for a factual introduction of one item along the domain's factors (KAR's item prompt):
+    the LLM's knowledge of the item, which a user's preference text can then be matched against."""
+    if domain not in FACTORS:
+        raise ValueError(f"prompt domain {domain!r} is not known; choose one of {sorted(FACTORS)}")
+    noun = "movie" if domain == "movies" else "product"
+    known = f" Its known genres: {', '.join(sanitize(g, 40) for g in genres)}." if genres else ""
+    year_text = f" ({year})" if year else ""
+    system = f"You are an expert who knows every {noun} and describes it accurately."
+    user = (
+        f'Introduce the {noun} "{sanitize(title)}"{year_text}.{known} Describe its attributes, including but not '
+        f"limited to: {', '.join(FACTORS[domain])}. Be concise and factual."
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
 def item_meta(items: pa.Table) -> dict[str, tuple[str, int | None]]:
     """item_id -> (title, year): what a prompt says of an item (schema.ITEMS rows)."""
     return {r[S.ITEM_ID]: (r[S.TITLE], r[S.YEAR]) for r in items.select([S.ITEM_ID, S.TITLE, S.YEAR]).to_pylist()}
@@ -131,8 +147,11 @@ def user_attributes(users: pa.Table | None) -> dict[str, dict[str, object]]:
     }
 
 
-def history_texts(sequences: pa.Table, items: pa.Table, users: pa.Table | None = None) -> dict[str, str]:
-    """user_id -> history text of its window `item_ids[history_start:history_end]` (schema.SEQUENCES rows).
+def history_texts(
+    sequences: pa.Table, items: pa.Table, users: pa.Table | None = None, max_items: int | None = None
+) -> dict[str, str]:
+    """user_id -> history text of its window `item_ids[history_start:history_end]` (schema.SEQUENCES rows), the
+    last `max_items` entries of it when given (a shorter prompt).
 
     Only the window is read: items at or after `history_end` are held out for re-ranking and never reach a prompt.
     """
@@ -140,7 +159,8 @@ def history_texts(sequences: pa.Table, items: pa.Table, users: pa.Table | None =
     texts = {}
     cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
     for r in sequences.select(cols).to_pylist():
-        window = range(r[S.HISTORY_START], r[S.HISTORY_END])
+        start = r[S.HISTORY_START] if max_items is None else max(r[S.HISTORY_START], r[S.HISTORY_END] - max_items)
+        window = range(start, r[S.HISTORY_END])
         history = [HistoryItem(*meta[r[S.ITEM_IDS][i]], r[S.RATINGS][i]) for i in window]
         texts[r[S.USER_ID]] = history_text(history, attrs.get(r[S.USER_ID]))
     return texts

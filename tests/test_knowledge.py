@@ -1,5 +1,6 @@
 """Knowledge that moves rankings: segments, item knowledge, user x item interaction, ListNet, and the controls."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,7 +9,10 @@ import pytest
 import torch
 from synthetic import write_dataset
 
+from rlrf4rec import assets
+from rlrf4rec import generate as G
 from rlrf4rec import schema as S
+from rlrf4rec.artifacts import read_parquet
 from rlrf4rec.config import RunConfig, from_dict
 from rlrf4rec.controls import (
     leaked_texts,
@@ -19,7 +23,7 @@ from rlrf4rec.controls import (
     train_model,
 )
 from rlrf4rec.data import run_data
-from rlrf4rec.encode import pad_segments, text_segments
+from rlrf4rec.encode import pad_segments, run_encode, text_segments, write_item_knowledge
 from rlrf4rec.models import PRM, KnowledgeAdaptor, listnet_loss
 from rlrf4rec.recommender import (
     ModelSpec,
@@ -28,6 +32,7 @@ from rlrf4rec.recommender import (
     load_tables,
     save_checkpoint,
 )
+from rlrf4rec.train import item_knowledge_matrix
 
 
 def test_listnet_loss_by_hand():
@@ -243,3 +248,86 @@ def test_fp16_encoder_vectors_feed_an_fp32_model():
         full = model(candidates, knowledge={"user": user, "item": item})
         half = model(candidates, knowledge={"user": user.half(), "item": item.half()})
     assert half.dtype == torch.float32 and torch.allclose(half, full, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------- LLM knowledge
+
+
+class SeedEngine:
+    """A stand-in LLM: the text says which prompt (item or user history) and which seed it answers."""
+
+    calls: list[int] = []
+
+    def __init__(self, model_path, cfg):
+        pass
+
+    def generate(self, prompts, seeds):
+        SeedEngine.calls.append(len(prompts))
+        out = []
+        for p, s in zip(prompts, seeds):
+            subject = p.split('Introduce the movie "')[1].split('"')[0] if "Introduce the movie" in p else "a user"
+            out.append(G.Completion(f"About {subject}: a calm drama, seed {s}.", 30, 9, "stop"))
+        return out
+
+
+def _llm_cfg(tmp_path, asset_home, **knowledge) -> RunConfig:
+    write_dataset(tmp_path / "raw", num_users=24, length=24)
+    return from_dict(
+        RunConfig,
+        {
+            "name": "llm",
+            "run_dir": str(tmp_path / "run"),
+            "assets": {"home": str(tmp_path / "home")},  # the item-text cache goes there
+            "models": {
+                "llm": str(tmp_path / "no-such-llm"),
+                "encoder": str(assets.resolve("embedded:all-minilm-l6-v2", asset_home)),
+            },
+            "data": {"format": "parquet", "path": str(tmp_path / "raw")},
+            "generate": {"engine": "transformers", "num_samples": 3, "batch_size": 8},
+            "encode": {"max_length": 64},
+            "knowledge": knowledge,
+        },
+    )
+
+
+@pytest.fixture
+def stand_in_llm(monkeypatch):
+    monkeypatch.setattr(G, "chat_renderer", lambda model_path: lambda messages: messages[-1]["content"])
+    monkeypatch.setitem(G.ENGINE_CLASSES, "transformers", SeedEngine)
+    SeedEngine.calls = []
+
+
+def test_llm_item_knowledge_is_generated_once_cached_and_fed_per_item(tmp_path, asset_home, stand_in_llm):
+    cfg = _llm_cfg(tmp_path, asset_home, item="llm", user="history")
+    data_dir = run_data(cfg)
+    stage = write_item_knowledge(cfg)
+    assert SeedEngine.calls and sum(SeedEngine.calls) == 80  # every item once, in engine batches
+    table = read_parquet(stage / "item_knowledge.parquet", S.ITEM_KNOWLEDGE)
+    texts = dict(zip(table.column(S.ITEM_ID).to_pylist(), table.column(S.KNOWLEDGE_TEXT).to_pylist()))
+    assert texts["7"] == '"Movie 7" (2000). Genres: A.\nAbout Movie 7: a calm drama, seed 0.'  # facts first
+    # A second run (another run dir, same LLM and items) reuses the cached descriptions: no generation at all.
+    SeedEngine.calls = []
+    other = dataclasses.replace(cfg, run_dir=str(tmp_path / "run2"))
+    run_data(other)
+    assert write_item_knowledge(other) and SeedEngine.calls == []
+    assert len(list((tmp_path / "home" / "cache" / "item-texts").iterdir())) == 1
+    task = RerankTask(load_tables(data_dir), ModelSpec())
+    matrix = item_knowledge_matrix(stage / "item_knowledge.parquet", task)
+    assert matrix.shape[0] == task.num_items + 1 and matrix[0].abs().sum() == 0 and (matrix[1:].norm(dim=1) > 0.9).all()
+
+
+def test_base_knowledge_is_the_base_policys_first_sample_for_train_and_valid_users(tmp_path, asset_home, stand_in_llm):
+    cfg = _llm_cfg(tmp_path, asset_home, user="llm", item="none")
+    run_data(cfg)
+    knowledge = read_parquet(run_encode(cfg) / "user_knowledge.parquet", S.USER_KNOWLEDGE)
+    texts = dict(zip(knowledge.column(S.USER_ID).to_pylist(), knowledge.column(S.KNOWLEDGE_TEXT).to_pylist()))
+    best_of_n = read_parquet(G.run_generate(cfg) / "generations.parquet", S.GENERATIONS)  # the loop's N samples
+    first = {r[S.USER_ID]: r[S.PREFERENCE_TEXT] for r in best_of_n.to_pylist() if r[S.SAMPLE_IDX] == 0}
+    sequences = read_parquet(cfg.run_path / "data" / "sequences.parquet", S.SEQUENCES).to_pylist()
+    for row in sequences:
+        text = texts[row[S.USER_ID]]
+        if row[S.SPLIT] == "test":  # theirs are written at evaluation, by each policy
+            assert text.startswith("History: ")
+        else:  # the same text as the loop's sample 0 of that user: one seed, one prompt
+            assert text.startswith(f"Preferences: {first[row[S.USER_ID]]}\nHistory: ")
+    assert len(first) == sum(r[S.SPLIT] != "test" for r in sequences)

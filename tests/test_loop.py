@@ -5,7 +5,7 @@ import pytest
 
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import stage_output, write_parquet
-from rlrf4rec.loop import best_texts, compare_policies
+from rlrf4rec.loop import _candidates, compare_policies
 
 
 def _stage(path, name, table, schema):
@@ -52,7 +52,7 @@ def _rewards(rows):
     )
 
 
-def test_best_texts_skip_empty_and_prefer_the_highest_reward(tmp_path):
+def test_candidates_skip_empty_texts_and_keep_rewards(tmp_path):
     gens = _stage(
         tmp_path / "g",
         "generations.parquet",
@@ -81,7 +81,8 @@ def test_best_texts_skip_empty_and_prefer_the_highest_reward(tmp_path):
         ),
         S.REWARDS,
     )
-    assert best_texts([(gens, rews)]) == {"a": "a2", "b": "b0"}  # the empty text's 0.9 never counts; ties -> idx 0
+    got = {u: [(c.sample_idx, c.text, c.reward) for c in cs] for u, cs in _candidates(gens, rews).items()}
+    assert got == {"a": [(0, "a0", 0.2), (2, "a2", 0.5)], "b": [(0, "b0", 0.4), (1, "b1", 0.4)]}  # empty's 0.9 out
 
 
 def test_compare_policies_pairs_users_and_bootstraps_the_gain(tmp_path):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from synthetic import write_dataset
@@ -145,8 +146,16 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-6000:]
     manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
+    # knowledge.user = llm: the base recommender and round 1's train on one policy text per train and valid user
+    sequences = pq.read_table(run_dir / "data" / "sequences.parquet").to_pylist()
+    trained_on = {r["user_id"] for r in sequences if r["split"] in ("train", "valid")}
+    for version in ("base", "round1"):
+        texts = pq.read_table(run_dir / "generations" / f"{version}-knowledge" / "generations.parquet")
+        assert set(texts.column("user_id").to_pylist()) == trained_on
+        knowledge = pq.read_table(run_dir / "knowledge" / version / "user_knowledge.parquet").to_pylist()
+        assert all(r["knowledge_text"].startswith("Preferences: ") for r in knowledge if r["user_id"] in trained_on)
     table = json.loads((run_dir / "evaluate" / "table.json").read_text())
-    baselines = {"popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)"}
+    baselines = {"popularity", "KAR ID-only", "ID only"}
     assert set(table) == baselines | {"base LLM", "DPO round 1"}
     mean, low, high = table["DPO round 1"]["ndcg@5"]  # mean with its bootstrap interval
     assert 0 <= low <= mean <= high <= 1
