@@ -60,6 +60,9 @@ class DataConfig:
     list_negatives: int = 6  # sampled never-interacted items per re-rank list
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
     min_user_interactions: int = 10  # fewer and the user is dropped (counted)
+    # A seeded subset of the train users (null: all). Valid and test users and every user's lists stay exactly as
+    # with all of them, so a CPU run that affords LLM text for fewer users is evaluated on the same lists.
+    max_train_users: int | None = None
 
     def __post_init__(self) -> None:
         from rlrf4rec.formats import FORMATS  # local: formats imports nothing from here, keep it that way
@@ -76,6 +79,8 @@ class DataConfig:
                 (self.list_positives, self.list_negatives),
                 "use list_positives >= 1 and list_negatives >= 0",
             )
+        if self.max_train_users is not None and self.max_train_users < 1:
+            _fail("data.max_train_users", self.max_train_users, "use a positive number of train users, or null for all")
         if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
             _fail("data.split_ratios", self.split_ratios, "give three non-negative fractions that sum to 1")
         if min(self.split_ratios) == 0:
@@ -105,6 +110,7 @@ class GenerateConfig:
     concurrency: int = 1  # engine replicas (Ray Data actors)
     tensor_parallel_size: int = 1  # GPUs one replica's model is split across (vLLM only)
     num_gpus_per_replica: int = 0  # 0 on CPU; at least tensor_parallel_size on GPUs
+    cpus_per_replica: int | None = None  # null: 1 beside a GPU; on CPU this machine's cores / concurrency
     dtype: str = "float32"  # float32 reproduces on CPU; bfloat16 on GPUs
     enable_prefix_caching: bool = True  # the N samples of one user share their prompt
     enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
@@ -133,6 +139,8 @@ class GenerateConfig:
         for name in ("batch_size", "concurrency", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 _fail(f"generate.{name}", getattr(self, name), "use a positive integer")
+        if self.cpus_per_replica is not None and self.cpus_per_replica < 1:
+            _fail("generate.cpus_per_replica", self.cpus_per_replica, "use a positive number of CPUs, or null")
         if self.num_gpus_per_replica < 0:
             _fail("generate.num_gpus_per_replica", self.num_gpus_per_replica, "use 0 on CPU or a GPU count")
         if self.tensor_parallel_size > 1 and self.num_gpus_per_replica < self.tensor_parallel_size:

@@ -10,6 +10,7 @@ intervals of each variant's difference to the baselines. Training is in process 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -375,13 +376,45 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) -> dict:
-    """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (history
-    text knowledge, the run's architecture), `seeds` of them, score every generated text of train users.
-    Reports the share of users whose N rewards all tie (no pair can be formed) and the mean Spearman agreement
-    between two seeds on the order of each user's texts (the order is what the pairs use)."""
+def holding_out(task: RerankTask, users: set[str]) -> RerankTask:
+    """A shallow copy of `task` whose train split lacks the lists of `users` (cross-fitting)."""
+    out = copy.copy(task)
+    keep = [i for i, u in enumerate(task.list_users["train"]) if u not in users]
+    out.splits = {**task.splits, "train": task.splits["train"].take(torch.tensor(keep, dtype=torch.long))}
+    out.list_users = {**task.list_users, "train": [task.list_users["train"][i] for i in keep]}
+    return out
+
+
+def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first: np.ndarray) -> dict:
+    """Ties, seed agreement and how often the text the model was trained with (sample 0) wins, over users."""
+    tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
+    rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if len(rewards) > 1 else []
+    defined = [r for r in rhos if r is not None]
+    return {
+        "tied_share": float(np.mean(tied)),
+        "spearman_mean": float(np.mean(defined)) if defined else None,
+        "spearman_defined_users": len(defined),
+        "within_user_range_mean": float(np.mean([np.ptp(rewards[0][rows]) for rows in by_user.values()])),
+        # Sample 0 is each user's knowledge text in training (knowledge.user = llm): a fitted user's lists make it
+        # win more often than 1/N. Measured on texts of untied users.
+        "first_sample_best_share": float(
+            np.mean([first[rows][np.argmax(rewards[0][rows])] for rows in by_user.values() if np.ptp(rewards[0][rows])])
+        ),
+    }
+
+
+def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, folds: int = 2) -> dict:
+    """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (the
+    pipeline's base knowledge, the run's architecture), `seeds` of them, score every generated text of train users.
+
+    Two ways, side by side: in-sample (models trained on every train user, as the base recommender is), and
+    cross-fitted (users split into `folds`; each user's texts scored by a model trained without that user's lists).
+    Each reports the share of users whose N rewards all tie (no pair can be formed), the mean Spearman agreement
+    between two seeds on the order of each user's texts (the order is what the pairs use), and how often sample 0
+    (the text the in-sample model was trained with) is the best."""
     from rlrf4rec.data import user_history_texts
     from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
+    from rlrf4rec.protocol import stable_seed
     from rlrf4rec.reward import RewardModel
     from rlrf4rec.train import model_spec
 
@@ -397,14 +430,24 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
     keep = [i for i, u in enumerate(users_gen) if u in train_users]
     users = [users_gen[i] for i in keep]
     texts = [user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py()) for i, u in zip(keep, users)]
-    user_texts = [histories[u] for u in task.users]
+    first = np.array([gens.column(S.SAMPLE_IDX)[i].as_py() == 0 for i in keep])
+    if cfg.knowledge.user == "llm":
+        llm_dir = cfg.run_path / LLM_TEXTS
+        require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
+        trained_on = policy_knowledge_texts(cfg, llm_dir)
+    else:
+        trained_on = histories
+    user_texts = [trained_on[u] for u in task.users]
     knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
     if cfg.knowledge.item != "none":
         knowledge["item"] = metadata_item_knowledge(cfg, task)
     vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
-    rewards = []
-    for i in range(seeds):
-        model, _ = train_model(task, knowledge, cfg.seed + i)
+    by_user: dict[str, list[int]] = {}
+    for row, u in enumerate(users):
+        by_user.setdefault(u, []).append(row)
+    fold_of = {u: stable_seed(cfg.seed, "reliability-fold", u) % folds for u in by_user}
+
+    def score(model: torch.nn.Module, rows: list[int]) -> np.ndarray:
         rm = RewardModel(
             task,
             model,
@@ -412,22 +455,25 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2) ->
             item_knowledge=knowledge.get("item"),
             user_segments=cfg.knowledge.user_segments,
         )
-        rewards.append(rm.score(users, vectors))
-    by_user: dict[str, list[int]] = {}
-    for row, u in enumerate(users):
-        by_user.setdefault(u, []).append(row)
-    tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
-    rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if seeds > 1 else []
-    defined = [r for r in rhos if r is not None]
-    spread = [float(np.ptp(rewards[0][rows])) for rows in by_user.values()]
+        return rm.score([users[r] for r in rows], vectors[rows])
+
+    in_sample, cross_fit = [], []
+    for i in range(seeds):
+        seed = cfg.seed + i
+        in_sample.append(score(train_model(task, knowledge, seed)[0], list(range(len(users)))))
+        out = np.zeros(len(users))
+        for f in range(folds):
+            held = {u for u, k in fold_of.items() if k == f}
+            rows = [r for r, u in enumerate(users) if u in held]
+            out[rows] = score(train_model(holding_out(task, held), knowledge, seed)[0], rows)
+        cross_fit.append(out)
     return {
         "train_users": len(by_user),
         "texts": len(users),
-        "tied_share": float(np.mean(tied)),
-        "spearman_mean": float(np.mean(defined)) if defined else None,
-        "spearman_defined_users": len(defined),
-        "within_user_range_mean": float(np.mean(spread)),
+        "in_sample": _order_stats(in_sample, by_user, first),
+        "cross_fit": {**_order_stats(cross_fit, by_user, first), "folds": folds},
         "settings": {
+            "trained_on": cfg.knowledge.user,
             "interaction": spec.interaction,
             "item": cfg.knowledge.item,
             "user_segments": cfg.knowledge.user_segments,
@@ -446,5 +492,7 @@ def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int 
         stats,
     ):
         write_json(result, tmp / "reliability.json")
-        stats.update({k: v for k, v in result.items() if k != "settings"})
+        stats.update({k: v for k, v in result.items() if k not in ("settings", "in_sample", "cross_fit")})
+        for way in ("in_sample", "cross_fit"):
+            stats.update({f"{way}/{k}": v for k, v in result[way].items()})
     return cfg.run_path / "controls" / f"reliability-{name}"

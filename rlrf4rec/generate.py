@@ -203,6 +203,12 @@ class VLLMEngine:
         if current_platform.is_cpu():
             # Per-request seeds crash the CPU engine when a prefill is chunked ("CPU Generator does not use offset").
             options["enable_chunked_prefill"] = False
+            # In-process, the engine computes on torch's threads: as many as this replica's CPUs (Ray sets
+            # OMP_NUM_THREADS to an actor's num_cpus), set before vLLM's worker starts and fixes them.
+            import torch
+
+            torch.set_num_threads(_replica_threads())
+            log.info("vLLM CPU replica: %d threads", torch.get_num_threads())
         self.llm = LLM(
             model=model,
             dtype=cfg.dtype,
@@ -252,6 +258,24 @@ def _vllm_environment(cpu_replicas: int = 0) -> None:
     for key, value in settings.items():
         os.environ.setdefault(key, value)
     log.info("vLLM CPU settings: %s", {k: os.environ.get(k) for k in sorted(_cpu_engine_settings())})
+
+
+def _replica_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, int(os.environ.get("OMP_NUM_THREADS") or cores)))
+
+
+def replica_cpus(cfg: GenerateConfig) -> int:
+    """Ray CPUs per engine replica: generate.cpus_per_replica, else 1 beside a GPU, else the largest node's CPUs
+    shared among the CPU replicas (a CPU replica computes on as many threads as it is given)."""
+    import ray
+
+    if cfg.cpus_per_replica is not None:
+        return cfg.cpus_per_replica
+    if cfg.num_gpus_per_replica:
+        return 1
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return max(1, int(node_cpus) // cfg.concurrency)
 
 
 def _cpu_engine_settings() -> dict[str, str]:
@@ -328,7 +352,7 @@ def generate_dataset(ds: Dataset, make_engine: Callable[[], Engine], cfg: Genera
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=1,
+        num_cpus=replica_cpus(cfg),
         num_gpus=cfg.num_gpus_per_replica,
         udf_modifying_row_count=False,
     )

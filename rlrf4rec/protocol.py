@@ -83,6 +83,13 @@ def build_protocol(interactions: pa.Table, items: pa.Table, cfg: DataConfig, see
             continue
         per_user[str(users[lo])] = (item_col[lo:hi], rating_col[lo:hi], ts_col[lo:hi])
     splits = split_users(list(per_user), cfg.split_ratios, seed)
+    dropped_train = 0
+    if cfg.max_train_users is not None:  # after the split: valid and test users are those of the full data
+        train = sorted(u for u, s in splits.items() if s == "train")
+        rng = np.random.default_rng(stable_seed(seed, "max_train_users"))
+        kept = set(rng.choice(train, size=min(cfg.max_train_users, len(train)), replace=False).tolist())
+        dropped_train = len(train) - len(kept)
+        per_user = {u: v for u, v in per_user.items() if splits[u] != "train" or u in kept}
 
     # Negatives come from items present in the (filtered) log: an item nobody interacted with has no learned embedding.
     pool_all = np.unique(np.fromiter((to_idx[i] for i in item_col), dtype=np.int64, count=len(item_col)))
@@ -133,6 +140,7 @@ def build_protocol(interactions: pa.Table, items: pa.Table, cfg: DataConfig, see
     rerank_lists = pa.Table.from_pydict(list_rows, schema=S.RERANK_LISTS)
     leave_one_out = pa.Table.from_pydict(loo_rows, schema=S.LEAVE_ONE_OUT)
     stats = _stats(sequences, rerank_lists, dropped_short)
+    stats["train_users_left_out"] = dropped_train  # data.max_train_users
     return ProtocolTables(item_index, sequences, rerank_lists, leave_one_out, stats)
 
 

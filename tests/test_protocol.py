@@ -114,3 +114,17 @@ def test_leave_one_out_holds_out_the_last_two():
 def test_item_index_is_dense_and_one_based():
     tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
     assert tables.item_index.column(S.ITEM_IDX).to_pylist() == list(range(1, NUM_ITEMS + 1))
+
+
+def test_max_train_users_leaves_valid_and_test_lists_untouched():
+    data = _tables({f"u{k}": 12 + k % 7 for k in range(40)})
+    full = build_protocol(*data, CFG, seed=3)
+    few = build_protocol(*data, DataConfig(history_max=5, min_user_interactions=10, max_train_users=5), seed=3)
+    assert few.stats["train/users"] == 5 and few.stats["train_users_left_out"] == full.stats["train/users"] - 5
+    for split in ("valid", "test"):
+        rows = [r for r in full.rerank_lists.to_pylist() if r[S.SPLIT] == split]
+        assert rows and rows == [r for r in few.rerank_lists.to_pylist() if r[S.SPLIT] == split]
+    kept = {r[S.USER_ID] for r in few.sequences.to_pylist() if r[S.SPLIT] == "train"}
+    assert [r for r in few.rerank_lists.to_pylist() if r[S.SPLIT] == "train"] == [
+        r for r in full.rerank_lists.to_pylist() if r[S.USER_ID] in kept
+    ]
