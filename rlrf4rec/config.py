@@ -377,6 +377,10 @@ class RewardConfig:
     engine: str = "local"  # "local": in process, with the embedding cache; "ray": Ray Data actors (scale-out)
     concurrency: int = 1  # Ray Data actors, each holding the encoder and the recommender
     batch_size: int = 256  # texts per actor call
+    # Train users' texts are rewarded by a model that never trained on their lists: the rewarded train users are
+    # split into this many folds and fold k's by a recommender trained without fold k (valid users: the recommender
+    # itself, which never trains on them). 0: the recommender itself for everyone, in-sample.
+    cross_fit_folds: int = 2
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
@@ -388,6 +392,8 @@ class RewardConfig:
             _fail("reward.engine", self.engine, "use local or ray")
         if self.concurrency < 1 or self.batch_size < 1:
             _fail("reward.concurrency/batch_size", (self.concurrency, self.batch_size), "use positive integers")
+        if not 0 <= self.cross_fit_folds <= 16:
+            _fail("reward.cross_fit_folds", self.cross_fit_folds, "use 0 (in-sample) or 1-16 folds")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ intervals of each variant's difference to the baselines. Training is in process 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -376,15 +375,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def holding_out(task: RerankTask, users: set[str]) -> RerankTask:
-    """A shallow copy of `task` whose train split lacks the lists of `users` (cross-fitting)."""
-    out = copy.copy(task)
-    keep = [i for i, u in enumerate(task.list_users["train"]) if u not in users]
-    out.splits = {**task.splits, "train": task.splits["train"].take(torch.tensor(keep, dtype=torch.long))}
-    out.list_users = {**task.list_users, "train": [task.list_users["train"][i] for i in keep]}
-    return out
-
-
 def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first: np.ndarray) -> dict:
     """Ties, seed agreement and how often the text the model was trained with (sample 0) wins, over users."""
     tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
@@ -465,7 +455,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         for f in range(folds):
             held = {u for u, k in fold_of.items() if k == f}
             rows = [r for r, u in enumerate(users) if u in held]
-            out[rows] = score(train_model(holding_out(task, held), knowledge, seed)[0], rows)
+            out[rows] = score(train_model(task.without_train_users(held), knowledge, seed)[0], rows)
         cross_fit.append(out)
     return {
         "train_users": len(by_user),

@@ -2,7 +2,8 @@
 
 Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the base-knowledge re-ranker):
   1. generate N texts per user with policy_t for `loop.train_users` train users and the valid users,
-  2. reward every text with recommender_t (frozen),
+  2. reward every text with recommender_t (frozen); train users' texts cross-fitted (reward.cross_fit_folds): by
+     recommender_t retrained without their fold's lists, since a user's own lists were fitted with one of its texts,
   3. pairs: best vs worst per user (train pairs feed DPO, valid pairs measure reward accuracy),
   4. DPO from policy_t (also the reference) -> policy_{t+1},
   5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -39,9 +41,9 @@ from rlrf4rec.artifacts import (
 from rlrf4rec.config import RunConfig, dump_config
 from rlrf4rec.data import prompt_history_texts, user_history_texts
 from rlrf4rec.encode import (
-    TextEncoder,
     embedding_cache,
     generate_policy_texts,
+    make_encoder,
     policy_knowledge_texts,
     user_knowledge_text,
     write_user_knowledge,
@@ -54,12 +56,20 @@ from rlrf4rec.reward import RewardModel, rewards_table, score_on_ray
 log = logging.getLogger(__name__)
 
 
-def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, stage: str) -> Path:
-    """Reward every generation with the frozen recommender: `<run>/<stage>/rewards.parquet` (schema.REWARDS)."""
+def run_reward(
+    cfg: RunConfig,
+    generations_dir: Path,
+    recommender_dir: Path,
+    stage: str,
+    folds: Sequence[tuple[Path, Sequence[str]]] = (),
+) -> Path:
+    """Reward every generation with the frozen recommender: `<run>/<stage>/rewards.parquet` (schema.REWARDS).
+    `folds`: (recommender dir, users) whose texts that recommender rewards instead (cross-fitting, `reward_folds`)."""
     stage_dir = cfg.run_path / stage
     upstream = [
         require_marker(generations_dir, "generate")["fingerprint"],
         require_marker(recommender_dir, "train-recommender")["fingerprint"],
+        *(require_marker(d, "train-recommender")["fingerprint"] for d, _ in folds),
     ]
     fingerprint = f"{cfg.section_hash('reward', 'encode', 'knowledge', 'models')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
@@ -72,28 +82,32 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
         log.warning("%s: %d texts of users without re-rank lists are not rewarded", stage, unscorable)
         gens = gens.filter(has_lists)
     histories = user_history_texts(cfg)
-    texts = [
-        user_knowledge_text(histories[u], t)
-        for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
-    ]
-    home = assets.asset_home(cfg.assets.home)
-    make_encoder = partial(
-        TextEncoder, assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size
-    )
     users = gens.column(S.USER_ID).to_pylist()
-    if cfg.reward.engine == "ray":
-        rows = pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: texts})
-        rewards = score_on_ray(
-            rows,
-            make_encoder,
-            recommender_dir,
-            cfg.run_path / "data",
-            cfg.reward.metric,
-            batch_size=cfg.reward.batch_size,
-            concurrency=cfg.reward.concurrency,
-        )
-    else:
-        rewards = reward_model.score(users, reward_model.encode(make_encoder(), texts, embedding_cache(cfg)))
+    texts = [user_knowledge_text(histories[u], t) for u, t in zip(users, gens.column(S.PREFERENCE_TEXT).to_pylist())]
+    scorer_of = {u: d for d, fold in folds for u in fold}
+    scorers = {recommender_dir: reward_model} | {d: None for d, _ in folds}
+    rewards = np.zeros(len(users))
+    encoder = None
+    for model_dir, loaded in scorers.items():
+        rows = [i for i, u in enumerate(users) if scorer_of.get(u, recommender_dir) == model_dir]
+        if not rows:
+            continue
+        if cfg.reward.engine == "ray":
+            table = pa.table({S.USER_ID: [users[i] for i in rows], S.KNOWLEDGE_TEXT: [texts[i] for i in rows]})
+            rewards[rows] = score_on_ray(
+                table,
+                partial(make_encoder, cfg),
+                model_dir,
+                cfg.run_path / "data",
+                cfg.reward.metric,
+                batch_size=cfg.reward.batch_size,
+                concurrency=cfg.reward.concurrency,
+            )
+            continue
+        model = loaded or RewardModel.load(model_dir, cfg.run_path / "data", metric=cfg.reward.metric)
+        encoder = encoder or make_encoder(cfg)
+        vectors = model.encode(encoder, [texts[i] for i in rows], embedding_cache(cfg))
+        rewards[rows] = model.score([users[i] for i in rows], vectors)
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / "rewards.parquet", S.REWARDS)
@@ -104,10 +118,35 @@ def run_reward(cfg: RunConfig, generations_dir: Path, recommender_dir: Path, sta
                 "reward/mean": float(rewards.mean()),
                 "reward/std": float(rewards.std()),
                 "reward/within_user_range_mean": spread,
+                "cross_fitted_rows": sum(u in scorer_of for u in users),
             }
         )
     log.info("%s: mean reward %.4f over %d texts", stage, rewards.mean(), len(rewards))
     return stage_dir
+
+
+def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list[str]]]:
+    """The cross-fitted reward models of `recommender_dir` (reward.cross_fit_folds): the train users whose texts the
+    loop rewards (loop.train_users) split into folds by a seeded hash, and per fold the same recommender (its
+    knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists. [] when cross_fit_folds = 0."""
+    from rlrf4rec.generate import select_users
+    from rlrf4rec.protocol import stable_seed
+    from rlrf4rec.train import run_recommender
+
+    k = cfg.reward.cross_fit_folds
+    if not k:
+        return []
+    data_dir = cfg.run_path / "data"
+    sequences = read_parquet(data_dir / "sequences.parquet", S.SEQUENCES)
+    rewarded = select_users(sequences, ("train",), cfg.loop.train_users).column(S.USER_ID).to_pylist()
+    knowledge = cfg.run_path / "knowledge" / recommender_dir.name / "user_knowledge.parquet"
+    out = []
+    for f in range(k):
+        fold = [u for u in rewarded if stable_seed(cfg.seed, "reward-fold", u) % k == f]
+        if fold:
+            name = f"{recommender_dir.name}-fold{f}"
+            out.append((run_recommender(cfg, name, data_dir, knowledge, held_out=fold), fold))
+    return out
 
 
 def _rewards_by_user(rewards: pa.Table) -> dict[str, list[float]]:
@@ -225,7 +264,8 @@ def run_loop(cfg: RunConfig) -> Path:
         policy_path = assets.resolve(policy, home)
         gen_train = generate("train", cfg.loop.train_users, policy_path, version)
         gen_valid = generate("valid", cfg.loop.eval_users, policy_path, version)
-        rew_train = run_reward(cfg, gen_train, recommender_dir, f"{rd}/reward-train")
+        folds = reward_folds(cfg, recommender_dir)
+        rew_train = run_reward(cfg, gen_train, recommender_dir, f"{rd}/reward-train", folds)
         rew_valid = run_reward(cfg, gen_valid, recommender_dir, f"{rd}/reward-valid")
         pairs_dir = run_pairs(cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], f"{rd}/pairs", version, t)
         if not read_marker(pairs_dir)["stats"].get("train/pairs"):
@@ -266,6 +306,7 @@ def run_loop(cfg: RunConfig) -> Path:
                 "policy_in": policy,
                 "policy_out": new_policy,
                 "recommender_in": str(recommender_dir),
+                "reward_folds": [str(d) for d, _ in folds],
                 "recommender_out": str(new_recommender),
                 "stages": {
                     name: str(d)

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,15 @@ class RerankTask:
                 user_row=torch.tensor([row_of[r[S.USER_ID]] for r in rows], dtype=torch.long),
             )
             self.list_users[split] = [r[S.USER_ID] for r in rows]
+
+    def without_train_users(self, users: Iterable[str]) -> RerankTask:
+        """A shallow copy whose train split lacks the lists of `users` (a reward model cross-fitted over them)."""
+        users = set(users)
+        out = copy.copy(self)
+        keep = [i for i, u in enumerate(self.list_users["train"]) if u not in users]
+        out.splits = {**self.splits, "train": self.splits["train"].take(torch.tensor(keep, dtype=torch.long))}
+        out.list_users = {**self.list_users, "train": [self.list_users["train"][i] for i in keep]}
+        return out
 
     def build_model(self, dims: dict[str, int | None] | int | None) -> PRM:
         """dims: knowledge type -> dim (`knowledge_dims`), or the user knowledge dim alone (None: ID-only)."""

@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +103,20 @@ def item_knowledge_matrix(path: Path | None, task: RerankTask) -> torch.Tensor |
     return out
 
 
-def build(data_dir: Path, knowledge_path: Path | None, spec: ModelSpec, seed: int, item_path: Path | None = None):
+def build(
+    data_dir: Path,
+    knowledge_path: Path | None,
+    spec: ModelSpec,
+    seed: int,
+    item_path: Path | None = None,
+    held_out: Sequence[str] = (),
+):
     """The task, the knowledge it trains with ({"user": ..., "item": ...} or None) and a freshly initialised model
-    whose adaptor is standardised on the train users' segments / vectors and on the items."""
+    whose adaptor is standardised on the train users' segments / vectors and on the items. `held_out`: train users
+    whose lists the task leaves out (a cross-fitted reward model)."""
     task = RerankTask(load_tables(data_dir), spec)
+    if held_out:
+        task = task.without_train_users(held_out)
     knowledge = {}
     user = knowledge_matrix(knowledge_path, task.users)
     if user is not None:
@@ -152,7 +163,8 @@ def train_loop_per_worker(config: dict) -> None:
     spec = ModelSpec(**config["spec"])
     knowledge_path = Path(config["knowledge_path"]) if config["knowledge_path"] else None
     item_path = Path(config["item_knowledge_path"]) if config.get("item_knowledge_path") else None
-    task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"], item_path)
+    held_out = config.get("held_out_users") or ()
+    task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"], item_path, held_out)
     state, optimizer_state = FitState(history=[]), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -293,19 +305,23 @@ def run_recommender(
     knowledge_path: Path | None,
     *,
     use_history: bool | None = None,
+    held_out: Sequence[str] = (),
     force: bool = False,
     **loop_extra,
 ) -> Path:
     """Train one variant ("id", "id-kar" or a knowledge name) and write its stage directory; skip when complete.
 
     A knowledge variant reads the user knowledge at `knowledge_path` and the run's item knowledge (knowledge.item);
-    an ID-only one reads neither. `use_history` overrides recommender.use_history (KAR's ID-only: False)."""
+    an ID-only one reads neither. `use_history` overrides recommender.use_history (KAR's ID-only: False).
+    `held_out`: train users whose lists it does not train on (a cross-fold reward model for them)."""
     spec = model_spec(cfg.recommender)
     if use_history is not None:
         spec = dataclasses.replace(spec, use_history=use_history)
     item_path = item_knowledge_path(cfg) if knowledge_path is not None else None
     stage_dir = cfg.run_path / "recommender" / variant
     upstream = [require_marker(data_dir, "data")["fingerprint"], f"history={spec.use_history}"]
+    if held_out:
+        upstream.append("held-out=" + hashlib.sha256("\x1f".join(sorted(held_out)).encode()).hexdigest()[:16])
     for path in (knowledge_path, item_path):
         if path is not None:
             upstream.append(require_marker(path.parent, "encode")["fingerprint"])
@@ -318,8 +334,10 @@ def run_recommender(
     storage = cfg.run_path / "ray_train" / f"{variant}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     if force:
         shutil.rmtree(storage, ignore_errors=True)
+    if held_out:
+        loop_extra["held_out_users"] = sorted(held_out)
     state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, **loop_extra)
-    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path)
+    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path, held_out)
     model.load_state_dict(state.best_model)
     valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
     segments = cfg.knowledge.user_segments if knowledge and knowledge.get("user", torch.zeros(0)).dim() == 3 else 0
@@ -332,6 +350,7 @@ def run_recommender(
                 "use_history": spec.use_history,
                 "knowledge": sorted(knowledge or {}),
                 "user_segments": segments,
+                "held_out_users": len(held_out),
                 "best_epoch": state.best_epoch,
                 "epochs_run": len(state.history),
                 "resumed_after": state.resumed_after or [],

@@ -105,6 +105,7 @@ def test_history_from_log_namespaces_by_split():
         ({"beta": 0}, r"dpo\.beta=0\.0: use a positive value"),
         ({"lr": -1e-5}, r"dpo\.lr=-1e-05: use a positive learning rate"),
         ({"grad_accum": 0}, r"dpo\.grad_accum=0: use a positive integer"),
+        ({"cpus_per_worker": 0}, r"dpo\.cpus_per_worker=0: use a positive integer"),
         ({"max_steps": 0}, r"dpo\.max_steps=0: use a positive number of optimizer steps, or null"),
         ({"max_prompt_length": 1024}, r"dpo\.max_prompt_length=1024: use a positive value below max_length=1024"),
         ({"deepspeed": "zero1"}, r"dpo\.deepspeed='zero1': use null \(plain DDP\) or one of \['zero2', 'zero3'\]"),

@@ -331,3 +331,15 @@ def test_base_knowledge_is_the_base_policys_first_sample_for_train_and_valid_use
         else:  # the same text as the loop's sample 0 of that user: one seed, one prompt
             assert text.startswith(f"Preferences: {first[row[S.USER_ID]]}\nHistory: ")
     assert len(first) == sum(r[S.SPLIT] != "test" for r in sequences)
+
+
+def test_a_cross_fitted_task_leaves_out_exactly_the_held_out_users_train_lists(synthetic_lists):
+    task = RerankTask(synthetic_lists, ModelSpec())
+    held = set(task.list_users["train"][:3]) | {"not-a-user"}
+    fold = task.without_train_users(held)
+    assert held.isdisjoint(fold.list_users["train"])
+    assert len(fold.splits["train"]) == len(task.splits["train"]) - sum(u in held for u in task.list_users["train"])
+    assert fold.splits["valid"] is task.splits["valid"] and fold.list_users["valid"] == task.list_users["valid"]
+    rows = [i for i, u in enumerate(task.list_users["train"]) if u not in held]
+    assert torch.equal(fold.splits["train"].candidates, task.splits["train"].candidates[rows])
+    assert len(task.splits["train"]) == len(task.list_users["train"])  # the original is untouched
