@@ -18,7 +18,7 @@ from test_dpo import make_pairs
 from rlrf4rec import schema as S
 from rlrf4rec.artifacts import write_parquet
 from rlrf4rec.config import DPOConfig, from_dict
-from rlrf4rec.dpo import pack_shared_prompt, segment_attention
+from rlrf4rec.dpo_trainer import pack_shared_prompt, segment_attention
 
 # --------------------------------------------------------------------------------------------------- packing (pure)
 

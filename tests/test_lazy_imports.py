@@ -16,6 +16,7 @@ PURE = [
     "rlrf4rec.prompts",
     "rlrf4rec.generate",
     "rlrf4rec.dpo",
+    "rlrf4rec.dpo_trainer",
 ]
 HEAVY = ["ray", "vllm", "trl", "deepspeed", "transformers", "peft"]
 
