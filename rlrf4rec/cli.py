@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         ("pairs", "best vs worst text per user -> DPO pairs in TRL's conversational format"),
         ("dpo", "align the policy with DPO on a pairs file (TRL in Ray Train workers); writes an HF model dir"),
         ("loop", "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender"),
-        ("evaluate", "test users, once: ID-only, history knowledge, base LLM and every DPO round"),
+        ("evaluate", "test users, once: popularity, ID-only, base LLM and every DPO round"),
         ("report", "write report.html and report.md from the run directory"),
         ("controls", "baselines, knowledge variants and positive/negative knowledge controls on valid users"),
         ("run", "run every stage in order"),

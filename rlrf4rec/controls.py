@@ -210,13 +210,14 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
 
 
 def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
-    """[num_items + 1, D] metadata item knowledge: the encode stage's artifact (written if missing), whatever the
-    run's knowledge.item says, so the controls measure exactly what the pipeline feeds its re-rankers."""
+    """[num_items + 1, D] metadata item knowledge, written as the encode stage writes it (to its own directory when
+    the run's knowledge.item is another kind, whose artifact the pipeline's re-rankers read)."""
     from rlrf4rec.encode import write_item_knowledge
     from rlrf4rec.train import item_knowledge_matrix
 
     meta_cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, item="metadata"))
-    return item_knowledge_matrix(write_item_knowledge(meta_cfg) / "item_knowledge.parquet", task)
+    stage = "items" if cfg.knowledge.item == "metadata" else "items-metadata"
+    return item_knowledge_matrix(write_item_knowledge(meta_cfg, stage=stage) / "item_knowledge.parquet", task)
 
 
 def write_llm_texts(cfg: RunConfig) -> Path:
@@ -378,6 +379,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first: np.ndarray) -> dict:
     """Ties, seed agreement and how often the text the model was trained with (sample 0) wins, over users."""
     tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
+    tops = [rewards[0][rows] for rows in by_user.values()]
+    wins = [float(np.mean(first[rows][r == r.max()])) for rows, r in zip(by_user.values(), tops) if np.ptp(r)]
     rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if len(rewards) > 1 else []
     defined = [r for r in rhos if r is not None]
     return {
@@ -386,16 +389,15 @@ def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first
         "spearman_defined_users": len(defined),
         "within_user_range_mean": float(np.mean([np.ptp(rewards[0][rows]) for rows in by_user.values()])),
         # Sample 0 is each user's knowledge text in training (knowledge.user = llm): a fitted user's lists make it
-        # win more often than 1/N. Measured on texts of untied users.
-        "first_sample_best_share": float(
-            np.mean([first[rows][np.argmax(rewards[0][rows])] for rows in by_user.values() if np.ptp(rewards[0][rows])])
-        ),
+        # win more often than 1/N. Texts tied at the top share the win.
+        "first_sample_best_share": float(np.mean(wins)) if wins else None,
     }
 
 
 def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, folds: int = 2) -> dict:
     """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (the
-    pipeline's base knowledge, the run's architecture), `seeds` of them, score every generated text of train users.
+    pipeline's base user and item knowledge, the run's architecture), `seeds` of them, score every generated text
+    of train users.
 
     Two ways, side by side: in-sample (models trained on every train user, as the base recommender is), and
     cross-fitted (users split into `folds`; each user's texts scored by a model trained without that user's lists).
@@ -403,10 +405,16 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     between two seeds on the order of each user's texts (the order is what the pairs use), and how often sample 0
     (the text the in-sample model was trained with) is the best."""
     from rlrf4rec.data import user_history_texts
-    from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
+    from rlrf4rec.encode import (
+        embedding_cache,
+        encode_user_texts,
+        make_encoder,
+        user_knowledge_text,
+        write_item_knowledge,
+    )
     from rlrf4rec.protocol import stable_seed
     from rlrf4rec.reward import RewardModel
-    from rlrf4rec.train import model_spec
+    from rlrf4rec.train import item_knowledge_matrix, model_spec
 
     data_dir = cfg.run_path / "data"
     gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
@@ -429,8 +437,8 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         trained_on = histories
     user_texts = [trained_on[u] for u in task.users]
     knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
-    if cfg.knowledge.item != "none":
-        knowledge["item"] = metadata_item_knowledge(cfg, task)
+    if cfg.knowledge.item != "none":  # the run's own item knowledge, as its recommenders train with
+        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / "item_knowledge.parquet", task)
     vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
     by_user: dict[str, list[int]] = {}
     for row, u in enumerate(users):

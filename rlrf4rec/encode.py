@@ -208,13 +208,13 @@ def item_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
     return texts
 
 
-def write_item_knowledge(cfg: RunConfig, *, force: bool = False) -> Path | None:
+def write_item_knowledge(cfg: RunConfig, *, stage: str = "items", force: bool = False) -> Path | None:
     """Item knowledge (knowledge.item = metadata | llm): one text per item (item_knowledge_texts), encoded by the
-    frozen encoder into `<run>/knowledge/items/item_knowledge.parquet`. None when knowledge.item = none."""
+    frozen encoder into `<run>/knowledge/<stage>/item_knowledge.parquet`. None when knowledge.item = none."""
     if cfg.knowledge.item == "none":
         return None
     marker = require_marker(cfg.run_path / "data", "data")
-    stage_dir = cfg.run_path / "knowledge" / "items"
+    stage_dir = cfg.run_path / "knowledge" / stage
     texts = item_knowledge_texts(cfg)
     digest = hashlib.sha256("\x1e".join(f"{i}\x1f{t}" for i, t in sorted(texts.items())).encode()).hexdigest()
     fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}-{digest[:16]}"

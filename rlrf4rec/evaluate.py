@@ -1,6 +1,6 @@
 """Final evaluation on test users (METHOD.md section 9), read once at the end of a run.
 
-Consumes the recommender stages (ID-only, history knowledge, one per round) and, for each policy, one greedy text
+Consumes the recommender stages (ID-only, the base one, one per round) and, for each policy, one greedy text
 per test user; produces `<run>/evaluate/` with per-user NDCG@{1,3,5,7} / MAP@{1,3,5,7} for every variant and their
 means with bootstrap 95% intervals over test users (`table.json`). Each LLM row pairs policy_t with the recommender
 retrained in that round: the combination a deployment would serve. Knows nothing about how the report looks.

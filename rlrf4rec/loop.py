@@ -138,11 +138,17 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list
         return []
     data_dir = cfg.run_path / "data"
     sequences = read_parquet(data_dir / "sequences.parquet", S.SEQUENCES)
-    rewarded = select_users(sequences, ("train",), cfg.loop.train_users).column(S.USER_ID).to_pylist()
+    train = select_users(sequences, ("train",), None).column(S.USER_ID).to_pylist()
+    rewarded = train[: cfg.loop.train_users]  # the users the round's train generation picks (sorted by id)
     knowledge = cfg.run_path / "knowledge" / recommender_dir.name / "user_knowledge.parquet"
     out = []
     for f in range(k):
         fold = [u for u in rewarded if stable_seed(cfg.seed, "reward-fold", u) % k == f]
+        if len(fold) > len(train) - 2:
+            raise ValueError(
+                f"reward.cross_fit_folds={k}: fold {f} holds out {len(fold)} of {len(train)} train users, leaving "
+                "too few to train on; use more folds or fewer loop.train_users"
+            )
         if fold:
             name = f"{recommender_dir.name}-fold{f}"
             out.append((run_recommender(cfg, name, data_dir, knowledge, held_out=fold), fold))

@@ -5,9 +5,10 @@ stage per version (`recommender/<version>/model.pt`; `recommender/id` is the ID-
 knowledge of that version (`knowledge/<version>/user_knowledge.parquet`). Produces scores for candidate lists.
 A version's model and its precomputed knowledge are loaded, swapped and read together, so a score never mixes them.
 
-Versions: "base" (knowledge from history texts), "round<t>" (after DPO round t-1), or "latest" (the last version
-whose recommender and knowledge are both complete). Lists longer than the re-ranker's trained list length are scored
-in consecutive windows of that length, each window one list-wise forward pass.
+Versions: "base" (the base policy's knowledge, or history texts with knowledge.user = history), "round<t>" (after
+DPO round t-1), or "latest" (the last version whose recommender and knowledge are both complete). Lists longer
+than the re-ranker's trained list length are scored in consecutive windows of that length, each window one
+list-wise forward pass.
 Knows nothing about HTTP, deployments or how the knowledge was produced.
 """
 

@@ -32,7 +32,8 @@ def run_data(cfg: RunConfig) -> Path:
 
 
 def run_encode(cfg: RunConfig) -> Path:
-    """Base knowledge: each user's history text, encoded (trainable before any LLM text exists)."""
+    """Base knowledge: one base-policy text per train and valid user + its history text (knowledge.user = llm; the
+    history text alone with `history`), and the items' knowledge, encoded by the frozen encoder."""
     from rlrf4rec.encode import run_encode as stage
 
     return stage(cfg)
@@ -64,7 +65,7 @@ def run_loop(cfg: RunConfig) -> Path:
 
 
 def run_evaluate(cfg: RunConfig) -> Path:
-    """Test users, read once: ID-only, history knowledge, and each (policy, recommender) of the rounds."""
+    """Test users, read once: popularity and the ID-only re-rankers, and each (policy, recommender) of the rounds."""
     import json
 
     from rlrf4rec.evaluate import run_evaluate as stage

@@ -1,7 +1,7 @@
 """Factorization prompts (METHOD.md section 2) from a user's history window.
 
 Consumes the history window of one user (item titles, years, ratings) and optional user attributes; produces the
-history text (also the "base knowledge" user text) and the chat messages that ask an instruct LLM to analyse the
+history text (the tail of every user knowledge text) and the chat messages that ask an instruct LLM to analyse the
 user's preferences along domain factors. Titles and attributes are data: they are sanitised so that no title can
 open a chat turn or change a role. Knows nothing about tokenizers, engines or files.
 """

@@ -1,7 +1,7 @@
 """The run report: a self-contained HTML page and a markdown summary in `<run>/report/`.
 
 Consumes what the stages left in the run directory (evaluate/table.json, rounds/manifest.json, rewards, pairs,
-DPO histories, completion markers); produces the method's table (ID-only vs history knowledge vs base LLM vs each
+DPO histories, completion markers); produces the method's table (popularity and ID-only baselines vs base LLM vs each
 DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over test users), reward distributions per round, DPO
 curves, example chosen/rejected texts, time per stage and lineage. Inline SVG, no scripts, no external assets.
 Knows nothing about how any number was computed.

@@ -216,6 +216,7 @@ class OnlineKnowledge:
         self.pending: dict[str, asyncio.Task] = {}
         cfg = online.run_config(self.run_dir)
         self.catalog = online.ItemCatalog(self.run_dir)
+        self.prompt_history = cfg.generate.prompt_history  # the policy was tuned on prompts cut to this many items
         encoder = assets.resolve(cfg.models.encoder, assets.asset_home(cfg.assets.home))
         self.encoder = TextEncoder(encoder, max_length=cfg.encode.max_length)
 
@@ -251,8 +252,10 @@ class OnlineKnowledge:
         from rlrf4rec.prompts import HistoryItem, history_text
 
         try:
-            hist = history_text([HistoryItem(*self.catalog.meta[i], r) for i, r in history], attributes)
-            call = self.generator.generate.remote(hist)
+            items = [HistoryItem(*self.catalog.meta[i], r) for i, r in history]
+            hist = history_text(items, attributes)
+            cut = items if self.prompt_history is None else items[-self.prompt_history :]
+            call = self.generator.generate.remote(history_text(cut, attributes))
             try:
                 preference, version = await asyncio.wait_for(call, self.GENERATION_TIMEOUT_S)
             except asyncio.TimeoutError:
