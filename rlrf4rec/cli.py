@@ -417,10 +417,25 @@ def _ray_if_needed(cfg: RunConfig, needed: bool) -> Iterator[None]:
         ray.init()
     else:
         ray.init(include_dashboard=False)  # no dashboard: fewer processes and ports on a laptop
+    if logging.getLogger().level > logging.DEBUG:
+        _quiet_ray()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _quiet_ray() -> None:
+    """Ray's own INFO lines (Ray Data's execution plans and progress, Train's reports) only with --verbose: each
+    stage logs its own progress. Ray's loggers print through their own console handlers, which get the level; the
+    session log files under /tmp/ray keep everything."""
+    import ray.data  # sets up Ray Data's loggers
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.WARNING)
 
 
 def _print_stats(stage_dir: Path, stats: dict) -> None:
