@@ -188,9 +188,7 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     if "history" in needed:
         texts["history"] = user_history_texts(cfg)
     if "llm" in needed:
-        llm_dir = cfg.run_path / LLM_TEXTS
-        require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
-        texts["llm"] = policy_knowledge_texts(cfg, llm_dir)
+        texts["llm"] = base_llm_knowledge_texts(cfg)
     if needed & {"leak", "leak_permuted"}:
         texts["leak"] = leaked_texts(tables)
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
@@ -218,6 +216,13 @@ def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
     meta_cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, item="metadata"))
     stage = "items" if cfg.knowledge.item == "metadata" else "items-metadata"
     return item_knowledge_matrix(write_item_knowledge(meta_cfg, stage=stage) / "item_knowledge.parquet", task)
+
+
+def base_llm_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
+    """user -> the base policy's text + history text, from the encode stage's LLM_TEXTS (which must be complete)."""
+    llm_dir = cfg.run_path / LLM_TEXTS
+    require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
+    return policy_knowledge_texts(cfg, llm_dir)
 
 
 def write_llm_texts(cfg: RunConfig) -> Path:
@@ -430,9 +435,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     texts = [user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py()) for i, u in zip(keep, users)]
     first = np.array([gens.column(S.SAMPLE_IDX)[i].as_py() == 0 for i in keep])
     if cfg.knowledge.user == "llm":
-        llm_dir = cfg.run_path / LLM_TEXTS
-        require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
-        trained_on = policy_knowledge_texts(cfg, llm_dir)
+        trained_on = base_llm_knowledge_texts(cfg)
     else:
         trained_on = histories
     user_texts = [trained_on[u] for u in task.users]
