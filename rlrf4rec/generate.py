@@ -280,8 +280,11 @@ def replica_cpus(cfg: GenerateConfig) -> int:
 
 def _cpu_engine_settings() -> dict[str, str]:
     """A single CPU replica owns the machine: by default vLLM-CPU reserves a core, runs one OpenMP thread and
-    busy-polls a separate engine-core process on another, so one core of two does the model's work. One thread
-    per core, bound, with the engine in this process measured 51.9 -> 56.0 vs 31.9 tokens/s on 2 cores."""
+    busy-polls a separate engine-core process on another, so one core of two does the model's work. Here the engine
+    runs in this process (start-up 16 s instead of 34 s) on torch's threads, which VLLMEngine sets to the replica's
+    CPUs; the binding and the reservation below take effect only where vLLM launches an engine-core process, i.e.
+    if VLLM_ENABLE_V1_MULTIPROCESSING is set back to 1 (benchmarks/vllm_settings.py: 84.7 tokens/s in process vs
+    46.5 with vLLM's defaults on 2 cores)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     return {
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
