@@ -173,11 +173,14 @@ class EncodeConfig:
             _fail("encode.max_length/batch_size", (self.max_length, self.batch_size), "use max_length >= 8, batch >= 1")
 
 
+BACKBONES = ("prm", "setrank", "dlcm", "sasrec")  # the re-rankers that can be the reward model
+
+
 @dataclass(frozen=True)
 class RecommenderConfig:
     """The knowledge-augmented re-ranker (the reward model) and its ID-only twin, trained under Ray Train."""
 
-    backbone: str = "prm"  # list-wise re-ranker on the KAR lists; SASRec is trained on leave-one-out by the benchmark
+    backbone: str = "prm"  # prm | setrank | dlcm (list-wise re-rankers) | sasrec (the history as a sequence)
     hidden_dim: int = 64
     item_dim: int = 32
     num_layers: int = 2
@@ -210,8 +213,14 @@ class RecommenderConfig:
                 "use null (plain DDP) or zero2 (ZeRO-3 would partition the weights that every worker's valid "
                 "evaluation reads whole; the re-ranker is small enough to replicate)",
             )
-        if self.backbone != "prm":
-            _fail("recommender.backbone", self.backbone, "use prm (SASRec runs in benchmarks/sasrec_vs_recbole.py)")
+        if self.backbone not in BACKBONES:
+            _fail("recommender.backbone", self.backbone, f"use one of {', '.join(BACKBONES)}")
+        if self.backbone == "sasrec" and not self.use_history:
+            _fail(
+                "recommender.use_history",
+                self.use_history,
+                "use true with backbone sasrec: its user vector is read from the history window",
+            )
         for name in (
             "hidden_dim",
             "item_dim",

@@ -1,4 +1,5 @@
-"""Recommender backbones with KAR knowledge augmentation: a hybrid-expert KnowledgeAdaptor, SASRec and PRM.
+"""Recommender backbones with KAR knowledge augmentation: a hybrid-expert KnowledgeAdaptor, SASRec, and the
+re-rankers PRM, SetRank, DLCM and SASRecRanker (one contract: a candidate list in, one logit per candidate out).
 
 Consumes item indices (1-based, 0 = padding, as rlrf4rec.schema.ITEM_IDX), optional attribute indices and optional
 knowledge vectors (frozen sentence-encoder embeddings of user / item texts) as tensors; produces hidden states,
@@ -295,12 +296,13 @@ def _masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (emb * valid).sum(-2) / valid.sum(-2).clamp(min=1.0)
 
 
-class PRM(nn.Module):
-    """Personalized Re-ranking Model: self-attention over a candidate list, one score logit per candidate.
+class ListReranker(nn.Module):
+    """What every list-wise re-ranker shares: each candidate's input features, one score logit per candidate.
 
     Each candidate's input is [item embedding ; attribute bag (if num_attributes) ; user history summary
     (if use_history) ; augmented knowledge (if adaptor) ; user x item match features (if interaction)] -> linear to
-    d_model + list-position embedding.
+    d_model, normalised. Subclasses say how a list of those vectors becomes scores (`_scores`): PRM and SetRank by
+    self-attention over the list, with and without list positions, DLCM by a GRU over the list in its initial order.
 
     Knowledge types (the adaptor's): "user" is user level, [B, D] (one vector) or [B, S, D] (S segment vectors,
     all-zero rows = padding); every other type ("item") is per candidate, [B, C, D].
@@ -314,17 +316,14 @@ class PRM(nn.Module):
     def __init__(
         self,
         num_items: int,
-        item_dim: int = 32,
-        num_attributes: int = 0,
-        attribute_dim: int = 16,
-        use_history: bool = False,
-        adaptor: KnowledgeAdaptor | None = None,
-        d_model: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        max_list_len: int = 10,
-        dropout: float = 0.1,
-        interaction: bool = False,
+        item_dim: int,
+        num_attributes: int,
+        attribute_dim: int,
+        use_history: bool,
+        adaptor: KnowledgeAdaptor | None,
+        d_model: int,
+        max_list_len: int,
+        interaction: bool,
     ):
         super().__init__()
         if interaction and (adaptor is None or "user" not in adaptor.types):
@@ -355,13 +354,12 @@ class PRM(nn.Module):
         # them smaller still; normalising restores unit scale, without which training sat at the base rate for
         # dozens of epochs before the knowledge signal took hold.
         self.input_ln = nn.LayerNorm(d_model)
-        self.pos_emb = nn.Embedding(max_list_len, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
-        self.final_ln = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, 1)
+
+    def _finish_init(self, adaptor: KnowledgeAdaptor | None) -> None:
+        """Called by each subclass once its own layers exist, so every layer (the adaptor aside) gets the same init
+        in the order the layers were made."""
         self.apply(_init_weights)
-        if interaction:  # unit-scale bilinear term from the start: N(0, 0.02) would hide it for many epochs
+        if self.interaction:  # unit-scale bilinear term from the start: N(0, 0.02) would hide it for many epochs
             nn.init.xavier_uniform_(self.match_query.weight)
             nn.init.xavier_uniform_(self.match_user.weight)
             if self.raw_similarity:
@@ -419,22 +417,10 @@ class PRM(nn.Module):
         features = [u_c, partner * query, *items]
         if self.raw_similarity:
             # The encoder's dtype (fp16 on some GPUs) for the cosine, the model's for what follows.
-            similarity = self._raw_similarity(knowledge["user"], knowledge["item"], segments).to(u.dtype)  # [B,C,2]
+            similarity = raw_similarity(knowledge["user"], knowledge["item"], segments).to(u.dtype)  # [B, C, 2]
             features.append(similarity)
             match = match + self.similarity_head(similarity).squeeze(-1)
         return torch.cat(features, dim=-1), match
-
-    @staticmethod
-    def _raw_similarity(user: torch.Tensor, item: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        """user [B, D] or [B, S, D], item [B, C, D] (encoder outputs, L2-normalised) -> [B, C, 2]: the cosine
-        with the closest and the mean over the user's real segments."""
-        if user.dim() == 2:
-            user, segments = user.unsqueeze(1), torch.ones(user.shape[0], 1, dtype=torch.bool, device=user.device)
-        cos = torch.einsum("bcd,bsd->bcs", item.to(user.dtype), user)  # [B, C, S]
-        real = segments.unsqueeze(1)  # [B, 1, S]
-        closest = cos.masked_fill(~real, float("-inf")).amax(-1)  # [B, C]
-        mean = (cos * real).sum(-1) / real.sum(-1).clamp(min=1)  # [B, C]
-        return torch.stack([closest, mean], dim=-1)
 
     def forward(
         self,
@@ -449,7 +435,7 @@ class PRM(nn.Module):
         """
         self._check_inputs(candidates, attributes, history)
         _check_knowledge(self.adaptor, knowledge)
-        B, C = candidates.shape
+        C = candidates.shape[1]
         item_vectors = self.item_emb(candidates)  # [B, C, item_dim]
         parts = [item_vectors]
         if attributes is not None:
@@ -462,16 +448,243 @@ class PRM(nn.Module):
             features, match = self._knowledge_features(knowledge, item_vectors, C)
             parts.append(features)  # [B, C, F]
         valid = candidates != 0  # [B, C]
-        positions = torch.arange(C, device=candidates.device)
-        x = self.input_ln(self.input_proj(torch.cat(parts, dim=-1))) + self.pos_emb(positions)  # [B, C, d_model]
+        logits = self._scores(self.input_ln(self.input_proj(torch.cat(parts, dim=-1))), valid)  # [B, C]
+        if match is not None:
+            logits = logits + match
+        return logits.masked_fill(~valid, float("-inf"))
+
+    def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Candidate vectors x [B, C, d_model] of lists with real candidates `valid` [B, C] -> logits [B, C]."""
+        raise NotImplementedError
+
+
+def raw_similarity(user: torch.Tensor, item: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """user [B, D] or [B, S, D], item [B, C, D] (encoder outputs, L2-normalised) -> [B, C, 2]: the cosine with the
+    closest and the mean over the user's real segments."""
+    if user.dim() == 2:
+        user, segments = user.unsqueeze(1), torch.ones(user.shape[0], 1, dtype=torch.bool, device=user.device)
+    cos = torch.einsum("bcd,bsd->bcs", item.to(user.dtype), user)  # [B, C, S]
+    real = segments.unsqueeze(1)  # [B, 1, S]
+    closest = cos.masked_fill(~real, float("-inf")).amax(-1)  # [B, C]
+    mean = (cos * real).sum(-1) / real.sum(-1).clamp(min=1)  # [B, C]
+    return torch.stack([closest, mean], dim=-1)
+
+
+class PRM(ListReranker):
+    """Personalized Re-ranking Model (Pei et al., RecSys'19): self-attention over the list with its positions."""
+
+    def __init__(
+        self,
+        num_items: int,
+        item_dim: int = 32,
+        num_attributes: int = 0,
+        attribute_dim: int = 16,
+        use_history: bool = False,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        max_list_len: int = 10,
+        dropout: float = 0.1,
+        interaction: bool = False,
+    ):
+        super().__init__(
+            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
+            interaction,
+        )  # fmt: skip
+        self.pos_emb = nn.Embedding(max_list_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.final_ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 1)
+        self._finish_init(adaptor)
+
+    def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        x = self.dropout(x + self.pos_emb(positions)) * valid.unsqueeze(-1)  # [B, C, d_model]
+        allowed = _attention_mask(valid, causal=False)  # [B, C, C]
+        for block in self.blocks:
+            x = block(x, allowed) * valid.unsqueeze(-1)
+        return self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
+
+
+class SetRank(ListReranker):
+    """SetRank (Pang et al., SIGIR'20): stacked multi-head self-attention blocks over the candidates as a set.
+
+    No position embedding, so a candidate's score does not depend on where the list put it (permutation
+    equivariant; a test checks it). SetRank's attention-rank loss, cross-entropy between softmax(scores) and the
+    labels normalised over each list, is `loss: listnet` for binary labels; BCE stays the default as for PRM.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        item_dim: int = 32,
+        num_attributes: int = 0,
+        attribute_dim: int = 16,
+        use_history: bool = False,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        max_list_len: int = 10,
+        dropout: float = 0.1,
+        interaction: bool = False,
+    ):
+        super().__init__(
+            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
+            interaction,
+        )  # fmt: skip
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.final_ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 1)
+        self._finish_init(adaptor)
+
+    def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x) * valid.unsqueeze(-1)
         allowed = _attention_mask(valid, causal=False)  # [B, C, C]
         for block in self.blocks:
             x = block(x, allowed) * valid.unsqueeze(-1)
-        logits = self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
-        if match is not None:
-            logits = logits + match
-        return logits.masked_fill(~valid, float("-inf"))
+        return self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
+
+
+class DLCM(ListReranker):
+    """Deep Listwise Context Model (Ai et al., SIGIR'18): a GRU reads the list in its initial order and each
+    candidate is scored against the list's context.
+
+    As in DLCM, the GRU reads from the bottom of the list to the top, so its final state s_n is nearest to the top
+    candidates; each output o_i is scored by the local ranking function phi(o_i, s_n) = V (o_i * tanh(W s_n + b)).
+    Padding (left of the list) is skipped with a packed sequence, so it never enters s_n.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        item_dim: int = 32,
+        num_attributes: int = 0,
+        attribute_dim: int = 16,
+        use_history: bool = False,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        num_layers: int = 1,
+        max_list_len: int = 10,
+        dropout: float = 0.1,
+        interaction: bool = False,
+    ):
+        super().__init__(
+            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
+            interaction,
+        )  # fmt: skip
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(d_model, d_model, num_layers=num_layers, batch_first=True)
+        self.context = nn.Linear(d_model, d_model)  # W, b
+        self.head = nn.Linear(d_model, 1, bias=False)  # V
+        self._finish_init(adaptor)  # the GRU keeps PyTorch's uniform init: _init_weights touches Linear/Embedding
+        # phi is a product of two N(0, 0.02)-small factors at init, a saddle where training sat at the base rate for
+        # dozens of epochs on the synthetic lists; unit-scale factors start it learning at once.
+        nn.init.xavier_uniform_(self.context.weight)
+        nn.init.xavier_uniform_(self.head.weight)
+
+    def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        B, C, D = x.shape
+        x = self.dropout(x) * valid.unsqueeze(-1)
+        lengths = valid.sum(-1)  # [B]
+        # Candidates are left-padded: flipped, the list runs bottom-to-top with its padding at the end.
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x.flip(1), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, last = self.gru(packed)  # last [layers, B, D]
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=C)  # [B, C, D] flipped
+        context = torch.tanh(self.context(last[-1]))  # [B, D]
+        return self.head(out.flip(1) * context.unsqueeze(1)).squeeze(-1)  # [B, C]
+
+
+class SASRecRanker(nn.Module):
+    """SASRec as a re-ranker and reward model: the user's history window is the sequence, its last hidden state
+    (plus the augmented user knowledge) is the user vector, and each candidate's score is its dot product with the
+    candidate vector (item embedding, attribute bag and item knowledge). Same inputs and outputs as the list
+    re-rankers, so the same lists, losses, metrics and rewards apply: a text's reward is how well the user's later
+    items, among the list's candidates, are ranked from the history plus the text.
+
+    User knowledge is pooled over its real segments (SASRec has one user vector); with `interaction` and item
+    knowledge in the user's encoder space, the raw cosine match of the list re-rankers is added to the logit too.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_attributes: int = 0,
+        use_history: bool = True,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        history_len: int = 30,
+        max_list_len: int = 10,
+        dropout: float = 0.1,
+        interaction: bool = False,
+    ):
+        super().__init__()
+        if not use_history:
+            raise ValueError(
+                "backbone sasrec reads the user's history window as its sequence; set recommender.use_history: true"
+            )
+        self.max_list_len, self.use_history = max_list_len, use_history
+        self.encoder = SASRec(num_items, d_model, num_layers, num_heads, max(history_len, 1), dropout)
+        self.attr_emb = nn.Embedding(num_attributes + 1, d_model, padding_idx=0) if num_attributes else None
+        self.bias = nn.Embedding(num_items + 1, 1, padding_idx=0)  # per-item prior (popularity)
+        self.apply(_init_weights)
+        self.adaptor = adaptor
+        self.user_proj = self.item_proj = self.similarity_head = None
+        if adaptor is not None:
+            if "user" in adaptor.types:
+                self.user_proj = nn.Linear(adaptor.out_dim, d_model)
+            if len(adaptor.types) > ("user" in adaptor.types):
+                self.item_proj = nn.Linear(adaptor.out_dim * (len(adaptor.types) - ("user" in adaptor.types)), d_model)
+            if interaction and "item" in adaptor.types and "user" in adaptor.types:
+                self.similarity_head = nn.Linear(2, 1)
+                nn.init.constant_(self.similarity_head.weight, 1.0)
+
+    def forward(
+        self,
+        candidates: torch.Tensor,
+        attributes: torch.Tensor | None = None,
+        knowledge: Knowledge | None = None,
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Same contract as ListReranker.forward; history [B, H] is required (left-padded, >= 1 item a row)."""
+        if history is None:
+            raise ValueError("SASRecRanker needs history [B, H]: the sequence its user vector is read from")
+        if candidates.dim() != 2 or candidates.shape[1] > self.max_list_len:
+            raise ValueError(f"candidates must be [B, C] with C <= {self.max_list_len}, got {tuple(candidates.shape)}")
+        if (self.attr_emb is None) != (attributes is None):
+            raise ValueError("pass attributes [B, C, A] iff the model was built with num_attributes > 0")
+        _check_knowledge(self.adaptor, knowledge)
+        user = self.encoder(history)[:, -1]  # [B, D]
+        items = self.encoder.item_emb(candidates)  # [B, C, D]
+        if attributes is not None:
+            items = items + _masked_mean(self.attr_emb(attributes), attributes)
+        extra = 0.0
+        if knowledge is not None:
+            outputs = self.adaptor(knowledge)
+            segments = None
+            if "user" in outputs:
+                u = outputs["user"]  # [B, D_k] or [B, S, D_k]
+                if u.dim() == 3:
+                    segments = knowledge["user"].abs().sum(-1) > 0  # [B, S]
+                    segments[:, 0] |= ~segments.any(-1)
+                    w = segments.unsqueeze(-1).to(u.dtype)
+                    u = (u * w).sum(1) / w.sum(1)
+                user = user + self.user_proj(u)
+            per_item = [outputs[t] for t in self.adaptor.types if t != "user"]
+            if per_item:
+                items = items + self.item_proj(torch.cat(per_item, dim=-1))
+            if self.similarity_head is not None:
+                sim = raw_similarity(knowledge["user"], knowledge["item"], segments).to(user.dtype)  # [B, C, 2]
+                extra = self.similarity_head(sim).squeeze(-1)
+        logits = (items * user.unsqueeze(1)).sum(-1) + self.bias(candidates).squeeze(-1) + extra  # [B, C]
+        return logits.masked_fill(candidates == 0, float("-inf"))
 
 
 def listwise_bce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Training and evaluating the recommenders on the data stage's tables (pure torch, no Ray).
 
 Two tasks share one training loop (`fit`):
-- RerankTask: the list-wise re-ranker (PRM) on KAR re-rank lists, BCE loss, NDCG@K/MAP@K per list. Knowledge-
-  augmented when given a user knowledge matrix; this is the reward model of the RL loop.
+- RerankTask: a re-ranker (PRM, SetRank, DLCM or SASRec) on KAR re-rank lists, BCE loss, NDCG@K/MAP@K per list.
+  Knowledge-augmented when given a user knowledge matrix; this is the reward model of the RL loop.
 - NextItemTask: SASRec on the leave-one-out split, full-softmax CE at every position, full-sort HR@10/NDCG@10
   (RecBole's protocol), for comparison with sequential-recommendation work.
 Consumes Arrow tables and numpy knowledge vectors; produces trained modules, metric dicts and per-list values.
@@ -29,11 +29,12 @@ import torch
 
 from rlrf4rec import schema as S
 from rlrf4rec.metrics import full_sort_metrics, mean_metrics, rank_metrics
-from rlrf4rec.models import LOSSES, PRM, KnowledgeAdaptor, SASRec
+from rlrf4rec.models import DLCM, LOSSES, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank
 
 log = logging.getLogger(__name__)
 
 RERANK_KS = (1, 3, 5, 7)
+RERANKERS = {"prm": PRM, "setrank": SetRank, "dlcm": DLCM}  # list-wise; "sasrec" builds a SASRecRanker
 
 # Knowledge as the tasks take it: None (ID-only), a user matrix [U, D] / [U, S, D] (rows in the task's user order),
 # or {"user": that, "item": [num_items + 1, D] (row = item idx, row 0 = padding)}; either key may be left out.
@@ -44,7 +45,7 @@ KnowledgeInput = torch.Tensor | dict[str, torch.Tensor] | None
 class ModelSpec:
     """Sizes and training settings; built from RecommenderConfig by the stage, plain values here."""
 
-    backbone: str = "prm"  # "prm" | "sasrec"
+    backbone: str = "prm"  # "prm" | "setrank" | "dlcm" | "sasrec" (re-ranking); "sasrec" for NextItemTask
     hidden_dim: int = 64
     item_dim: int = 32
     num_layers: int = 2
@@ -189,23 +190,43 @@ class RerankTask:
         out.list_users = {**self.list_users, "train": [self.list_users["train"][i] for i in keep]}
         return out
 
-    def build_model(self, dims: dict[str, int | None] | int | None) -> PRM:
-        """dims: knowledge type -> dim (`knowledge_dims`), or the user knowledge dim alone (None: ID-only)."""
+    def build_model(self, dims: dict[str, int | None] | int | None) -> torch.nn.Module:
+        """dims: knowledge type -> dim (`knowledge_dims`), or the user knowledge dim alone (None: ID-only).
+        The backbone is `spec.backbone`: prm | setrank | dlcm (list-wise re-rankers) | sasrec (SASRecRanker)."""
         s = self.spec
         adaptor = _adaptor(s, dims if isinstance(dims, dict) else {"user": dims})
-        return PRM(
-            self.num_items,
+        interaction = s.interaction and adaptor is not None and "user" in adaptor.types
+        max_list_len = self.splits["train"].candidates.shape[1]
+        if s.backbone == "sasrec":
+            return SASRecRanker(
+                self.num_items,
+                num_attributes=len(self.genre_vocab),
+                use_history=s.use_history,
+                adaptor=adaptor,
+                d_model=s.hidden_dim,
+                num_layers=s.num_layers,
+                num_heads=s.num_heads,
+                history_len=s.history_len,
+                max_list_len=max_list_len,
+                dropout=s.dropout,
+                interaction=interaction,
+            )
+        if s.backbone not in RERANKERS:
+            raise ValueError(f"backbone {s.backbone!r} is not one of {sorted([*RERANKERS, 'sasrec'])}")
+        shared = dict(
             item_dim=s.item_dim,
             num_attributes=len(self.genre_vocab),
             use_history=s.use_history,
             adaptor=adaptor,
             d_model=s.hidden_dim,
             num_layers=s.num_layers,
-            num_heads=s.num_heads,
-            max_list_len=self.splits["train"].candidates.shape[1],
+            max_list_len=max_list_len,
             dropout=s.dropout,
-            interaction=s.interaction and adaptor is not None and "user" in adaptor.types,
+            interaction=interaction,
         )
+        if s.backbone != "dlcm":
+            shared["num_heads"] = s.num_heads
+        return RERANKERS[s.backbone](self.num_items, **shared)
 
     def logits(self, model: torch.nn.Module, batch: RerankBatch, knowledge: KnowledgeInput) -> torch.Tensor:
         device = next(model.parameters()).device  # the lists live on the CPU; a GPU model gets its batch moved

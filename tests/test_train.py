@@ -105,3 +105,25 @@ def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_
     stats = read_marker(stage)["stats"]
     assert len(stats["resumed_after"]) == 1 and stats["resumed_after"][0] in (0, 1)
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("backbone,deepspeed", [("setrank", None), ("dlcm", "zero2"), ("sasrec", None)])
+def test_every_backbone_trains_under_ray_train(ray_cluster, tmp_path, backbone, deepspeed):
+    """SetRank, DLCM and SASRec train like PRM on 2 workers (DDP or ZeRO-2; under ZeRO-2 a worker killed after
+    epoch 1 resumes from the last checkpoint), and the saved model reloads as the same backbone with the valid
+    metric it reported."""
+    from rlrf4rec.recommender import load_checkpoint, load_tables
+
+    cfg = _cfg(tmp_path, backbone=backbone, deepspeed=deepspeed, max_epochs=3)
+    data_dir = run_data(cfg)
+    killed = tmp_path / "killed"
+    fault = {"fail_at_epoch": 1, "fail_marker": str(killed)} if deepspeed else {}
+    stage = run_recommender(cfg, "id", data_dir, None, **fault)
+    stats = read_marker(stage)["stats"]
+    assert killed.exists() == bool(deepspeed) and len(stats["resumed_after"]) == int(bool(deepspeed))
+    assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2]
+    loaded = load_checkpoint(stage / "model.pt", load_tables(data_dir))
+    assert loaded.task.spec.backbone == backbone
+    assert type(loaded.model).__name__ == {"setrank": "SetRank", "dlcm": "DLCM", "sasrec": "SASRecRanker"}[backbone]
+    valid = loaded.task.evaluate(loaded.model, "valid", loaded.knowledge(None))["valid/ndcg@5"]
+    assert valid == pytest.approx(stats["valid/ndcg@5"], abs=1e-6)
