@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--variants", help="variant names separated by ; (default: all; see rlrf4rec.controls)")
             p.add_argument("--name", default="main", help="output directory <run>/controls/<name>/")
             p.add_argument(
+                "--backbones",
+                help="re-ranker backbones separated by , (e.g. prm,setrank,dlcm,sasrec): one table per backbone in "
+                "<run>/controls/<name>-<backbone>/ and a side-by-side table (default: recommender.backbone)",
+            )
+            p.add_argument(
                 "--reliability",
                 type=Path,
                 help="a generate stage dir: measure reward ties and seed agreement on its texts instead",
@@ -125,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                 "HAProxy on 8404 and 9101 for its stats and metrics, all on --host)",
             )
             p.add_argument("--generation", action="store_true", help="generate knowledge for users without it")
+            p.add_argument("--reranker-gpus", type=float, default=0.0, help="GPU share per re-ranker replica (0: CPU)")
             p.add_argument(
                 "--generation-deadline-ms", type=float, default=2000.0, help="how long a request waits for a new text"
             )
@@ -307,8 +313,23 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")
         if args.seeds < 1:
             raise ConfigError(f"--seeds={args.seeds}: use at least 1 seed (3 for intervals worth reading)")
-        stage_dir = run_controls(cfg, seeds=args.seeds, only=only, name=args.name)
-        _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+        if args.backbones is None:
+            stage_dir = run_controls(cfg, seeds=args.seeds, only=only, name=args.name)
+            _print_stats(stage_dir, read_marker(stage_dir)["stats"])
+            return 0
+        from rlrf4rec.config import BACKBONES
+        from rlrf4rec.controls import backbone_table
+
+        backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+        unknown = sorted(set(backbones) - set(BACKBONES))
+        if unknown or not backbones:
+            raise ConfigError(f"--backbones: unknown {unknown or args.backbones!r}; choose from {list(BACKBONES)}")
+        tables = []
+        for backbone in backbones:
+            bcfg = dataclasses.replace(cfg, recommender=dataclasses.replace(cfg.recommender, backbone=backbone))
+            stage_dir = run_controls(bcfg, seeds=args.seeds, only=only, name=f"{args.name}-{backbone}")
+            tables.append(json.loads((stage_dir / "table.json").read_text()))
+        print(backbone_table(tables))
         return 0
     if args.command == "run":
         with _ray_if_needed(cfg, True):
@@ -336,6 +357,7 @@ def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
                 "version": args.version,
                 "generation": args.generation,
                 "generation_deadline_ms": args.generation_deadline_ms,
+                "reranker_gpus": args.reranker_gpus,
             }
         )
         try:  # Ctrl-C at any point, even while the application is still starting: the local cluster goes down

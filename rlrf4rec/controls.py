@@ -241,6 +241,11 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     variants = [
         v for v in VARIANTS if (only is None or v.name in only or v.trained_as in only) and (has_llm or v.user != "llm")
     ]
+    if cfg.recommender.backbone == "sasrec":  # its user vector is read from the history: no history-free rows
+        left_out = [v.name for v in variants if not v.use_history and v.name != "popularity"]
+        if left_out:
+            log.info("controls: backbone sasrec reads the ID history; left out %s", left_out)
+        variants = [v for v in variants if v.use_history or v.name == "popularity"]
     needed = {v.trained_as for v in variants} - {v.name for v in variants} - {None}
     variants = [v for v in VARIANTS if v in variants or v.name in needed]  # a perturbed row needs its models
     tables = load_tables(data_dir)
@@ -253,18 +258,21 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     encode_seconds = time.perf_counter() - started
     seed_list = [cfg.seed + i for i in range(seeds)]
     values: dict[str, list[np.ndarray]] = {}  # variant -> per seed, per-user valid NDCG@5
+    all_metrics: dict[str, dict[str, list[float]]] = {}  # variant -> metric -> per seed list mean (NDCG/MAP@k)
     info: dict[str, dict] = {}
     models: dict[tuple[str, int], torch.nn.Module] = {}
     users = None
     for v in variants:
         if v.name == "popularity":
-            per_list = _metric(task, task.popularity_scores("valid"))
-            users, u = per_user(task, per_list)
+            per_list = _metrics(task, task.popularity_scores("valid"))
+            users, u = per_user(task, per_list[METRIC])
             values[v.name], info[v.name] = [u], {"seeds": 0, "seconds": 0.0}
+            all_metrics[v.name] = {m: [float(x.mean())] for m, x in per_list.items()}
             continue
         task.spec = dataclasses.replace(base_spec, use_history=v.use_history)
         knowledge = sources.for_variant(v)
         values[v.name], epochs, seconds = [], [], []
+        all_metrics[v.name] = {}
         for seed in seed_list:
             t0 = time.perf_counter()
             if v.trained_as is None:
@@ -274,13 +282,18 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
             else:
                 model = models[(v.trained_as, seed)]
             k = knowledge if v.perturb is None else perturb_user_knowledge(knowledge, task, v.perturb, seed)
-            per_list = task.per_list_metrics(model, "valid", k)[METRIC]
-            users, u = per_user(task, per_list)
+            per_list = task.per_list_metrics(model, "valid", k)
+            users, u = per_user(task, per_list[METRIC])
             values[v.name].append(u)
+            for m, x in per_list.items():
+                all_metrics[v.name].setdefault(m, []).append(float(x.mean()))
             seconds.append(time.perf_counter() - t0)
             log.info("controls: %-45s seed %d valid %s %.4f", v.name, seed, METRIC, list_mean(u))
         info[v.name] = {"seeds": len(seed_list), "best_epochs": epochs, "seconds": float(np.sum(seconds))}
     rows = summarize(values, info, cfg.loop.bootstrap_samples, cfg.seed)
+    for row in rows:
+        row["backbone"] = cfg.recommender.backbone
+        row["metrics"] = {m: float(np.mean(x)) for m, x in all_metrics[row["variant"]].items()}
     fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'seed')}-{marker['fingerprint']}"
     stage_dir = cfg.run_path / "controls" / name
     with stage_output(stage_dir, fingerprint + f"-{seeds}", dump_config(cfg)) as (tmp, stats):
@@ -299,11 +312,12 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     return stage_dir
 
 
-def _metric(task: RerankTask, scores: np.ndarray, split: str = "valid") -> np.ndarray:
+def _metrics(task: RerankTask, scores: np.ndarray, split: str = "valid") -> dict[str, np.ndarray]:
     from rlrf4rec.metrics import rank_metrics
+    from rlrf4rec.recommender import RERANK_KS
 
     data = task.splits[split]
-    return rank_metrics(scores, data.labels.numpy(), ks=(5,), mask=(data.candidates != 0).numpy())[METRIC]
+    return rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
 
 
 BASELINES = ("KAR ID-only", "ID + history")
@@ -333,7 +347,8 @@ def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_sa
 def settings_line(cfg: RunConfig, seeds: list[int]) -> str:
     rc, k = cfg.recommender, cfg.knowledge
     return (
-        f"Settings: seeds {seeds}; knowledge.user_segments={k.user_segments}; recommender.interaction="
+        f"Settings: recommender.backbone={rc.backbone}; seeds {seeds}; knowledge.user_segments={k.user_segments}; "
+        f"recommender.interaction="
         f"{rc.interaction}, loss={rc.loss}, hidden_dim={rc.hidden_dim}, lr={rc.lr}, patience={rc.patience}. "
         "Valid users only (test unread); each trained row's epoch is selected on these same valid lists, "
         "so trained rows carry a small optimistic bias that popularity does not."
@@ -356,6 +371,31 @@ def markdown_table(rows: list[dict]) -> str:
             + " | ".join(ci(r.get(f"vs {b}")) for b in BASELINES)
             + " |"
         )
+    return "\n".join(lines) + "\n"
+
+
+BACKBONE_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7))
+
+
+def backbone_table(tables: list[list[dict]]) -> str:
+    """Controls tables of several runs of `rlrf4rec controls` (rows carrying "backbone" and "metrics"), side by side:
+    one line per backbone and variant, every NDCG/MAP@k (mean of seeds), the NDCG@5 seed spread and its paired
+    difference to ID + history."""
+
+    def ci(x):
+        return "" if x is None else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
+
+    head = "| backbone | variant | " + " | ".join(BACKBONE_METRICS) + f" | {METRIC} sd | {METRIC} vs ID + history |"
+    lines = [head, "|" + "---|" * (len(BACKBONE_METRICS) + 4)]
+    for rows in tables:
+        for r in rows:
+            if "metrics" not in r:  # written before every metric was kept
+                continue
+            values = " | ".join(f"{r['metrics'][m]:.4f}" for m in BACKBONE_METRICS)
+            lines.append(
+                f"| {r.get('backbone', 'prm')} | {r['variant']} | {values} | {r['seed_spread']:.4f} | "
+                f"{ci(r.get('vs ID + history'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 

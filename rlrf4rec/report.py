@@ -159,15 +159,29 @@ def build_report(run: Path) -> Path:
             "<pre>" + html.escape("\n".join(lines)) + "</pre>"
         )
 
-    controls = run / "controls" / "main" / "table.md"
-    if controls.is_file():  # written by `rlrf4rec controls`: valid users only, several seeds, paired intervals
-        text = controls.read_text()
-        md += ["## Knowledge controls (valid users; list-mean NDCG@5, seeds, paired user-resampled 95% CI)", "", text]
+    # Written by `rlrf4rec controls`: valid users only, several seeds, paired intervals; one block per table (with
+    # --backbones, one per backbone) and, when several backbones were measured, their table side by side.
+    controls = sorted(p.parent for p in (run / "controls").glob("*/table.md") if (p.parent / "table.json").is_file())
+    tables = {d.name: json.loads((d / "table.json").read_text()) for d in controls}
+    for d in controls:
+        text = (d / "table.md").read_text()
+        backbone = next((r["backbone"] for r in tables[d.name] if "backbone" in r), "prm")
+        if not any("ndcg@5" in r for r in tables[d.name]):  # a reward-reliability table, reported elsewhere
+            continue
+        title = f"Knowledge controls: {d.name} (backbone {backbone})"
+        md += [f"## {title} (valid users; list-mean NDCG@5, seeds, paired user-resampled 95% CI)", "", text]
         body.append(
-            "<h2>Knowledge controls</h2><p>Valid users only. Positive control: a user text that names the "
+            f"<h2>{html.escape(title)}</h2><p>Valid users only. Positive control: a user text that names the "
             "user's own positives (leaked on purpose); negative controls: another user's or the mean knowledge, and "
             "texts permuted across users.</p><pre>" + html.escape(text) + "</pre>"
         )
+    backbones = {r.get("backbone") for rows in tables.values() for r in rows if "metrics" in r}
+    if len(backbones) > 1:
+        from rlrf4rec.controls import backbone_table
+
+        text = backbone_table([rows for rows in tables.values() if any("metrics" in r for r in rows)])
+        md += ["## Re-ranker backbones side by side (valid users, mean of seeds)", "", text]
+        body.append("<h2>Re-ranker backbones side by side</h2><pre>" + html.escape(text) + "</pre>")
 
     manifest_path = run / "rounds" / "manifest.json"
     if manifest_path.is_file():

@@ -343,3 +343,40 @@ def test_a_cross_fitted_task_leaves_out_exactly_the_held_out_users_train_lists(s
     rows = [i for i, u in enumerate(task.list_users["train"]) if u not in held]
     assert torch.equal(fold.splits["train"].candidates, task.splits["train"].candidates[rows])
     assert len(task.splits["train"]) == len(task.list_users["train"])  # the original is untouched
+
+
+def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_path, asset_home, capsys):
+    """`rlrf4rec controls --backbones prm,sasrec`: one table per backbone with every NDCG/MAP@k, SASRec without the
+    history-free rows, a side-by-side table on stdout, and one report block per backbone plus the joint table."""
+    import json
+
+    from rlrf4rec.cli import main
+    from rlrf4rec.report import build_report
+
+    write_dataset(tmp_path / "raw", num_users=40, length=24)
+    encoder = str(assets.resolve("embedded:all-minilm-l6-v2", asset_home))
+    common = [
+        "--config", "configs/ml100k-cpu.yaml", f"--run_dir={tmp_path}/run", "--data.format=parquet",
+        f"--data.path={tmp_path}/raw", "--data.max_train_users=null", f"--models.encoder={encoder}",
+        "--knowledge.user=history", "--recommender.max_epochs=2", "--encode.max_length=64",
+    ]  # fmt: skip
+    assert main(["data", *common]) == 0
+    variants = "KAR ID-only;ID + history;history text + ID history"
+    rc = main(["controls", *common, "--seeds=2", f"--variants={variants}", "--backbones=prm,sasrec", "--name=bb"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tables = {b: json.loads((tmp_path / f"run/controls/bb-{b}/table.json").read_text()) for b in ("prm", "sasrec")}
+    assert [r["variant"] for r in tables["prm"]] == ["KAR ID-only", "ID + history", "history text + ID history"]
+    assert [r["variant"] for r in tables["sasrec"]] == ["ID + history", "history text + ID history"]
+    for b, rows in tables.items():
+        for r in rows:
+            assert r["backbone"] == b and len(r["seed_means"]) == 2
+            assert set(r["metrics"]) >= {f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)}
+            assert r["metrics"]["ndcg@5"] == pytest.approx(r["ndcg@5"])  # the same list means, two ways
+            assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+    side_by_side = [line for line in out.splitlines() if line.startswith("| prm |") or line.startswith("| sasrec |")]
+    assert len(side_by_side) == 5
+    md = (build_report(tmp_path / "run") / "report.md").read_text()
+    for b in ("prm", "sasrec"):
+        assert f"## Knowledge controls: bb-{b} (backbone {b})" in md
+    assert "## Re-ranker backbones side by side" in md and md.count("| sasrec | ") == 2
