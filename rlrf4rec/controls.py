@@ -233,8 +233,10 @@ def write_llm_texts(cfg: RunConfig) -> Path:
 def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:
     """Train every variant (or those named in `only`) `seeds` times and write `<run>/controls/<name>/`
     (table.json, table.md, per_user.json)."""
+    from rlrf4rec.data import require_data
+
     data_dir = cfg.run_path / "data"
-    marker = require_marker(data_dir, "data")
+    marker = require_data(cfg, "controls")
     has_llm = (cfg.run_path / LLM_TEXTS / "_COMPLETE.json").is_file()
     if not has_llm:
         log.info("controls: no %s (run `rlrf4rec controls --llm-texts`): base LLM rows left out", LLM_TEXTS)
@@ -449,7 +451,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     Each reports the share of users whose N rewards all tie (no pair can be formed), the mean Spearman agreement
     between two seeds on the order of each user's texts (the order is what the pairs use), and how often sample 0
     (the text the in-sample model was trained with) is the best."""
-    from rlrf4rec.data import user_history_texts
+    from rlrf4rec.data import require_data, user_history_texts
     from rlrf4rec.encode import (
         embedding_cache,
         encode_user_texts,
@@ -461,6 +463,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     from rlrf4rec.reward import RewardModel
     from rlrf4rec.train import item_knowledge_matrix, model_spec
 
+    require_data(cfg, "controls --reliability")
     data_dir = cfg.run_path / "data"
     gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
     spec = model_spec(cfg.recommender)

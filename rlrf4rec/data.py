@@ -56,6 +56,22 @@ def fingerprint(cfg: RunConfig, path: Path) -> str:
     return f"{cfg.section_hash('data', 'seed')}-{_files_identity(path)}"
 
 
+def require_data(cfg: RunConfig, command: str) -> dict:
+    """The data stage's marker, if it was built with this config's data section, seed and dataset files; else an
+    error saying so (a stage reading lists of other data settings would report numbers for the wrong users)."""
+    stage_dir = cfg.run_path / "data"
+    marker = require_marker(stage_dir, "data")
+    expected = fingerprint(cfg, dataset_path(cfg, fetch=False))
+    if marker["fingerprint"] != expected:
+        raise ValueError(
+            f"{stage_dir} was built with other data settings or files than this config (fingerprint "
+            f"{marker['fingerprint']}, this config {expected}; compare its config.yaml's data section, e.g. "
+            f"data.max_train_users); run `rlrf4rec data` with the same config and overrides before `rlrf4rec "
+            f"{command}`, or use another run_dir"
+        )
+    return marker
+
+
 def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
     """Write the data stage's artifacts (or find them complete) and return the stage directory."""
     path = dataset_path(cfg)

@@ -380,3 +380,6 @@ def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_p
     for b in ("prm", "sasrec"):
         assert f"## Knowledge controls: bb-{b} (backbone {b})" in md
     assert "## Re-ranker backbones side by side" in md and md.count("| sasrec | ") == 2
+    # Lists of other data settings than the config's are refused, not silently used.
+    assert main(["controls", *common, "--data.max_train_users=10", "--seeds=1", "--name=stale"]) == 2
+    assert not (tmp_path / "run/controls/stale").exists()
