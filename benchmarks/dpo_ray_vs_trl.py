@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from common import load, machine
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S
@@ -117,20 +117,6 @@ def run_variant(label: str, name: str, cfg: RunConfig, pairs: Path, policy: Path
     }
     log.info("%s", row)
     return row
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in line), platform.processor())
-    cores = len(os.sched_getaffinity(0))  # not `nproc`: it reports OMP_NUM_THREADS, which is 1 here
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_gib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))) // 2**20
-    python = platform.python_version()
-    return f"{cores} cores available (sched_getaffinity), {cpu}, {mem_gib} GiB RAM, no GPU, Python {python}"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from dpo_ray_vs_trl import build_pairs, load, machine
+from common import load, machine
+from dpo_ray_vs_trl import build_pairs
 
 from rlrf4rec import assets
 from rlrf4rec import schema as S

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from generation import TimedEngine, _run, _summary, load, machine
+from common import load, machine
+from generation import TimedEngine, _run, _summary
 
 from rlrf4rec import assets
 from rlrf4rec import generate as G

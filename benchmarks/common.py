@@ -1,0 +1,42 @@
+"""What every benchmark script shares: the machine line and the dated section appended to RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """Cores this process may use, CPU model, RAM, GPU (if torch sees one), Python."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    names = (line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
+    cpu = next(names, platform.processor() or platform.machine())
+    cores = len(os.sched_getaffinity(0))  # not `nproc`: it reports OMP_NUM_THREADS when that is set
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_gib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))) // 2**20
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:
+        gpu = "no GPU"
+    return f"{cores} cores available, {cpu}, {mem_gib} GiB RAM, {gpu}, Python {platform.python_version()}"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def append_section(title: str, lines: list[str], path: Path = RESULTS) -> None:
+    """Append `## <UTC time> <title>` and `lines` to RESULTS.md (created if missing), and print them."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([f"\n## {stamp} {title}\n", *lines]) + "\n"
+    if not path.exists():
+        path.write_text("# Benchmark results\n")
+    with open(path, "a") as fh:
+        fh.write(text)
+    print(text)
