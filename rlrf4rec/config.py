@@ -381,7 +381,9 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    metric: str = "ndcg@5"  # reward = mean of this metric over the user's own re-rank lists (ndcg@K or map@K)
+    # reward = mean of this metric over the user's own re-rank lists: ndcg@K or map@K (the method's), or pairwise
+    # (mean log sigmoid(s_pos - s_neg) over each list's positive-negative pairs; smooth)
+    metric: str = "ndcg@5"
     min_margin: float = 0.01  # a pair whose best-worst reward gap is smaller carries no preference: dropped
     engine: str = "local"  # "local": in process, with the embedding cache; "ray": Ray Data actors (scale-out)
     concurrency: int = 1  # Ray Data actors, each holding the encoder and the recommender
@@ -393,8 +395,9 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
-        if metric not in ("ndcg", "map") or not k.isdigit() or int(k) not in (1, 3, 5, 7):
-            _fail("reward.metric", self.metric, "use ndcg@K or map@K with K in 1, 3, 5, 7")
+        ranked = metric in ("ndcg", "map") and k.isdigit() and int(k) in (1, 3, 5, 7)
+        if self.metric != "pairwise" and not ranked:
+            _fail("reward.metric", self.metric, "use ndcg@K or map@K with K in 1, 3, 5, 7, or pairwise")
         if not 0 <= self.min_margin < 1:
             _fail("reward.min_margin", self.min_margin, "use a margin in [0, 1)")
         if self.engine not in ("local", "ray"):

@@ -491,31 +491,49 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         by_user.setdefault(u, []).append(row)
     fold_of = {u: stable_seed(cfg.seed, "reliability-fold", u) % folds for u in by_user}
 
-    def score(model: torch.nn.Module, rows: list[int]) -> np.ndarray:
-        rm = RewardModel(
-            task,
-            model,
-            cfg.reward.metric,
-            item_knowledge=knowledge.get("item"),
-            user_segments=cfg.knowledge.user_segments,
-        )
-        return rm.score([users[r] for r in rows], vectors[rows])
+    metrics = [cfg.reward.metric, *(["pairwise"] if cfg.reward.metric != "pairwise" else [])]
 
-    in_sample, cross_fit = [], []
+    def score(model: torch.nn.Module, rows: list[int]) -> dict[str, np.ndarray]:
+        """metric -> rewards of `rows`: the same model's scores read as each reward definition."""
+        out = {}
+        for metric in metrics:
+            rm = RewardModel(
+                task, model, metric, item_knowledge=knowledge.get("item"), user_segments=cfg.knowledge.user_segments
+            )
+            out[metric] = rm.score([users[r] for r in rows], vectors[rows])
+        return out
+
+    in_sample: dict[str, list[np.ndarray]] = {m: [] for m in metrics}  # metric -> per seed, rewards of every text
+    cross_fit: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     for i in range(seeds):
         seed = cfg.seed + i
-        in_sample.append(score(train_model(task, knowledge, seed)[0], list(range(len(users)))))
-        out = np.zeros(len(users))
+        for m, r in score(train_model(task, knowledge, seed)[0], list(range(len(users)))).items():
+            in_sample[m].append(r)
+        out = {m: np.zeros(len(users)) for m in metrics}
         for f in range(folds):
             held = {u for u, k in fold_of.items() if k == f}
             rows = [r for r, u in enumerate(users) if u in held]
-            out[rows] = score(train_model(task.without_train_users(held), knowledge, seed)[0], rows)
-        cross_fit.append(out)
+            for m, r in score(train_model(task.without_train_users(held), knowledge, seed)[0], rows).items():
+                out[m][rows] = r
+        for m in metrics:
+            cross_fit[m].append(out[m])
+
+    def ways(m: str) -> dict:
+        result = {"in_sample": _order_stats(in_sample[m], by_user, first)}
+        result["cross_fit"] = {**_order_stats(cross_fit[m], by_user, first), "folds": folds}
+        if seeds >= 4:  # two ensembles of seeds // 2 models each: does averaging seeds make the order reproducible?
+            half = seeds // 2
+            for way, per_seed in (("in_sample", in_sample[m]), ("cross_fit", cross_fit[m])):
+                pair = [np.mean(per_seed[:half], axis=0), np.mean(per_seed[half : 2 * half], axis=0)]
+                result[f"{way}_ensemble{half}"] = _order_stats(pair, by_user, first)
+        return result
+
+    by_metric = {m: ways(m) for m in metrics}
     return {
         "train_users": len(by_user),
         "texts": len(users),
-        "in_sample": _order_stats(in_sample, by_user, first),
-        "cross_fit": {**_order_stats(cross_fit, by_user, first), "folds": folds},
+        **by_metric[cfg.reward.metric],
+        "metrics": by_metric,
         "settings": {
             "trained_on": cfg.knowledge.user,
             "interaction": spec.interaction,
@@ -536,7 +554,9 @@ def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int 
         stats,
     ):
         write_json(result, tmp / "reliability.json")
-        stats.update({k: v for k, v in result.items() if k not in ("settings", "in_sample", "cross_fit")})
-        for way in ("in_sample", "cross_fit"):
-            stats.update({f"{way}/{k}": v for k, v in result[way].items()})
+        stats.update({k: v for k, v in result.items() if not isinstance(v, dict)})
+        for metric, by_way in result["metrics"].items():
+            for way, values in by_way.items():
+                prefix = way if metric == cfg.reward.metric else f"{metric}/{way}"
+                stats.update({f"{prefix}/{k}": v for k, v in values.items()})
     return cfg.run_path / "controls" / f"reliability-{name}"

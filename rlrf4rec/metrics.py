@@ -110,6 +110,23 @@ def rank_metrics(
     return out
 
 
+def pairwise_log_likelihood(scores: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
+    """Per-list mean of log sigmoid(s_pos - s_neg) over the list's (positive, negative) pairs of real candidates [B].
+
+    A smooth companion of NDCG (the BPR / RankNet log-likelihood that each positive outranks each negative): it rises
+    with every positive's score and falls with every negative's, also when no order flips, where NDCG moves only at
+    a flip. Lists without a positive or without a negative get 0 (they hold no preference to express).
+    """
+    scores, labels, mask = _check_rank_inputs(scores, labels, mask)
+    positive, negative = (labels > 0) & mask, (labels <= 0) & mask  # [B, L]
+    diff = scores[:, :, None] - scores[:, None, :]  # [B, L, L]: row candidate minus column candidate
+    pairs = positive[:, :, None] & negative[:, None, :]
+    log_sig = -np.logaddexp(0.0, -np.where(pairs, diff, 0.0))  # log sigmoid, stable for large |diff|
+    count = pairs.sum(axis=(1, 2))
+    total = np.where(pairs, log_sig, 0.0).sum(axis=(1, 2))
+    return np.divide(total, count, out=np.zeros(len(scores)), where=count > 0)
+
+
 def _exclusion_mask(exclude, shape: tuple[int, int]) -> np.ndarray:
     if exclude is None:
         return np.zeros(shape, dtype=bool)

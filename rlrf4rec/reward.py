@@ -21,7 +21,7 @@ import torch
 
 from rlrf4rec import schema as S
 from rlrf4rec.encode import encode_user_texts
-from rlrf4rec.metrics import rank_metrics
+from rlrf4rec.metrics import pairwise_log_likelihood, rank_metrics
 from rlrf4rec.recommender import RerankBatch, RerankTask, load_checkpoint, load_tables
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class RewardModel:
                     batch.candidates, batch.attributes, batch.history, batch.labels, torch.arange(len(list_idx))
                 )
                 logits = self.task.logits(self.model, batch, self.knowledge(knowledge[owner]))  # [n, C]
-                values = rank_metrics(logits, batch.labels, ks=(k,), mask=batch.candidates != 0)[name]  # [n]
+                values = list_rewards(logits, batch.labels, batch.candidates != 0, name, k)  # [n]
                 parts.append((owner.numpy(), values))
             for owner, values in parts:
                 sums = np.bincount(owner, weights=values, minlength=len(user_ids))
@@ -115,6 +115,14 @@ class RewardModel:
                 hit = counts > 0
                 rewards[hit] += sums[hit] / counts[hit]
         return rewards
+
+
+def list_rewards(logits, labels, mask, name: str, k: int) -> np.ndarray:
+    """Per-list reward [n]: ndcg@K / map@K, or "pairwise" (mean log sigmoid(s_pos - s_neg) over the list's
+    positive-negative pairs: smooth, where NDCG moves only when an order flips)."""
+    if name == "pairwise":
+        return pairwise_log_likelihood(logits, labels, mask)
+    return rank_metrics(logits, labels, ks=(k,), mask=mask)[name]
 
 
 def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:

@@ -383,3 +383,70 @@ def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_p
     # Lists of other data settings than the config's are refused, not silently used.
     assert main(["controls", *common, "--data.max_train_users=10", "--seeds=1", "--name=stale"]) == 2
     assert not (tmp_path / "run/controls/stale").exists()
+
+
+def test_pairwise_log_likelihood_by_hand():
+    from rlrf4rec.metrics import pairwise_log_likelihood
+
+    scores = np.array([[2.0, 1.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    labels = np.array([[1, 0, 1, 0], [0, 0, 0, 0]])
+    mask = np.array([[True, True, True, False], [True, True, True, True]])  # the 5.0 is padding: in no pair
+
+    def log_sigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    got = pairwise_log_likelihood(scores, labels, mask)
+    assert got == pytest.approx([(log_sigmoid(2 - 1) + log_sigmoid(0 - 1)) / 2, 0.0])  # pairs (0,1), (2,1); none
+    # Smooth where NDCG is not: raising either positive, without changing the order, raises it.
+    for i in (0, 2):
+        raised = scores.copy()
+        raised[0, i] += 0.3
+        assert pairwise_log_likelihood(raised, labels, mask)[0] > got[0]
+    assert np.isfinite(pairwise_log_likelihood(np.array([[1e4, -1e4]]), np.array([[0, 1]]))).all()
+
+
+def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tmp_path, asset_home):
+    """`controls --reliability` on tiny synthetic data, 4 seeds: the configured NDCG reward and the smooth pairwise one
+    read from the same models, in-sample and cross-fitted, and two 2-seed ensembles compared."""
+    import json
+
+    from rlrf4rec.artifacts import read_marker, stage_output, write_parquet
+    from rlrf4rec.cli import main
+
+    write_dataset(tmp_path / "raw", num_users=40, length=24)
+    encoder = str(assets.resolve("embedded:all-minilm-l6-v2", asset_home))
+    common = [
+        "--config", "configs/ml100k-cpu.yaml", f"--run_dir={tmp_path}/run", "--data.format=parquet",
+        f"--data.path={tmp_path}/raw", "--data.max_train_users=null", f"--models.encoder={encoder}",
+        "--knowledge.user=history", "--knowledge.item=none", "--recommender.max_epochs=1", "--encode.max_length=64",
+    ]  # fmt: skip
+    assert main(["data", *common]) == 0
+    lists = read_parquet(tmp_path / "run/data/rerank_lists.parquet")
+    train_users = sorted({u for u, s in zip(lists["user_id"].to_pylist(), lists["split"].to_pylist()) if s == "train"})
+    texts = ["I like calm dramas.", "Loud action films.", "Anything with music.", "Genre A, never genre B."]
+    rows = [
+        {
+            S.USER_ID: u, S.SAMPLE_IDX: i, S.SPLIT: "train", S.PROMPT: "p", S.PREFERENCE_TEXT: t, S.PROMPT_TOKENS: 1,
+            S.COMPLETION_TOKENS: 5, S.FINISH_REASON: "stop", S.SEED: i, S.TEMPERATURE: 1.0, S.TOP_P: 1.0,
+            S.MAX_NEW_TOKENS: 8, S.MODEL: "m", S.POLICY_VERSION: "base", S.FLAGS: [],
+        }
+        for u in train_users[:8]
+        for i, t in enumerate(texts)
+    ]  # fmt: skip
+    gen_dir = tmp_path / "run/generate"
+    with stage_output(gen_dir, "hand-written", "") as (tmp, _):
+        write_parquet(pa.Table.from_pylist(rows, schema=S.GENERATIONS), tmp / "generations.parquet", S.GENERATIONS)
+    assert main(["controls", *common, f"--reliability={gen_dir}", "--seeds=4", "--name=r"]) == 0
+    result = json.loads((tmp_path / "run/controls/reliability-r/reliability.json").read_text())
+    assert result["train_users"] == 8 and result["texts"] == 32
+    assert set(result["metrics"]) == {"ndcg@5", "pairwise"}
+    assert result["in_sample"] == result["metrics"]["ndcg@5"]["in_sample"]  # the configured reward up front
+    for ways in result["metrics"].values():
+        assert set(ways) == {"in_sample", "cross_fit", "in_sample_ensemble2", "cross_fit_ensemble2"}
+        for stats in ways.values():
+            assert 0.0 <= stats["tied_share"] <= 1.0
+            assert stats["spearman_mean"] is None or -1.0 <= stats["spearman_mean"] <= 1.0
+    # The smooth reward cannot tie more users than NDCG does on the same models.
+    assert result["metrics"]["pairwise"]["in_sample"]["tied_share"] <= result["in_sample"]["tied_share"]
+    stats = read_marker(tmp_path / "run/controls/reliability-r")["stats"]
+    assert "pairwise/cross_fit_ensemble2/spearman_mean" in stats and "in_sample/tied_share" in stats
