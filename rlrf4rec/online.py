@@ -183,15 +183,21 @@ class Reranker:
     score batches of queries. `load_version` swaps model and knowledge in place, together (what a Serve user_config
     update calls); a batch reads them once, so it never mixes two versions."""
 
-    def __init__(self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None):
+    def __init__(
+        self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None, device: str | torch.device = "cpu"
+    ):
+        self.device = torch.device(device)  # where the models run; the lookups and the windows stay on the CPU
         self.catalog = catalog or ItemCatalog(run_dir)
         self.task = RerankTask(self.catalog.tables, ModelSpec())  # items, genres, lists; each model brings its spec
         self.list_len = self.task.splits["train"].candidates.shape[1]
-        self.id_model = _Loaded(_checkpoint(Path(run_dir) / "recommender" / "id", self.task, knowledge=False), "id")
+        id_ckpt = _checkpoint(Path(run_dir) / "recommender" / "id", self.task, knowledge=False)
+        id_ckpt.model.to(self.device)
+        self.id_model = _Loaded(id_ckpt, "id")
         self.load_version(version)
 
     def load_version(self, version: Version) -> None:
         ckpt = _checkpoint(version.recommender_dir, self.task, knowledge=True)
+        ckpt.model.to(self.device)  # before the swap below: a batch never sees a half-moved model
         self.knowledge_model = _Loaded(ckpt, version.name, KnowledgeStore(version))
 
     @property
@@ -247,7 +253,12 @@ class Reranker:
             if k is not None and "item" in k:
                 k["item"] = k["item"][candidates]  # [W, L, D]
             genres = self.task.item_genres[candidates]
-            logits = model.ckpt.model(candidates, genres, knowledge=k, history=history).numpy()
+            # Gathered on the CPU (the item tables live there), then one copy of each batch tensor to the device.
+            if self.device.type != "cpu":
+                candidates, genres = candidates.to(self.device), genres.to(self.device)
+                history = None if history is None else history.to(self.device)
+                k = None if k is None else {name: v.to(self.device) for name, v in k.items()}
+            logits = model.ckpt.model(candidates, genres, knowledge=k, history=history).float().cpu().numpy()
             parts: dict[int, list[np.ndarray]] = {}
             for row, owner in enumerate(owners):
                 parts.setdefault(owner, []).append(logits[row][cands[row].count(0) :])

@@ -7,7 +7,8 @@ Deployments, composed through DeploymentHandles:
   `OnlineKnowledge` for a text under a deadline and re-ranks with it.
 - `Reranker` (`@serve.batch`): the knowledge-augmented PRM of a version with that version's precomputed knowledge
   (text + vector per user), and the ID-only PRM (the fallback). The lookup lives with the model it must match: one
-  hop on the main path, and a version swap changes model and knowledge in one step.
+  hop on the main path, and a version swap changes model and knowledge in one step. A replica given a GPU
+  (`reranker_gpus`, or `num_gpus` in its ray_actor_options) scores on it.
 - `OnlineKnowledge` (with generation): asks `PreferenceGenerator` for a user's text, encodes and caches it; a text
   later than the deadline still lands in the cache for the user's next request.
 - `PreferenceGenerator` (with generation): the version's policy LLM (vLLM or transformers), greedy, `@serve.batch`.
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import ray
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -118,6 +120,9 @@ class ServeArgs(BaseModel):
         2000.0, gt=0, description="how long a request waits for a new text before the ID-only fallback answers"
     )
     threads: int = Field(1, ge=1, description="torch threads per Reranker replica")
+    reranker_gpus: float = Field(
+        0.0, ge=0, le=1, description="GPU share per Reranker replica (e.g. 0.25: four replicas on one GPU); 0: CPU"
+    )
 
 
 def _version_from(user_config: dict | None, default: str) -> str:
@@ -138,7 +143,10 @@ class Reranker:
 
         torch.set_num_threads(threads)
         self.run_dir = Path(run_dir)
-        self.core = online.Reranker(self.run_dir, online.resolve_version(self.run_dir, version))
+        # The replica's resources decide: Ray makes only the GPU it assigned visible, as cuda:0.
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.core = online.Reranker(self.run_dir, online.resolve_version(self.run_dir, version), device=device)
+        log.info("re-ranker replica scores on %s", device)
 
     async def reconfigure(self, user_config: dict) -> None:
         version = online.resolve_version(self.run_dir, _version_from(user_config, self.core.version))
@@ -429,7 +437,10 @@ def build_app(args: ServeArgs) -> serve.Application:
     # Resolved once, here: every replica starts on the same version even if a round finishes meanwhile (and it
     # fails here, with the fix, rather than inside a replica).
     version = online.resolve_version(Path(run_dir), args.version).name
-    reranker = Reranker.bind(run_dir, version, args.threads)
+    deployment = Reranker
+    if args.reranker_gpus:
+        deployment = Reranker.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": args.reranker_gpus})
+    reranker = deployment.bind(run_dir, version, args.threads)
     knowledge = None
     if args.generation:
         generator = PreferenceGenerator.bind(run_dir, version)

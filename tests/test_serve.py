@@ -391,6 +391,8 @@ def test_application_arguments_are_checked_before_any_replica_starts(serving_run
     run, _ = serving_run
     with pytest.raises(pydantic.ValidationError, match="generation_deadline"):
         build_app({"run_dir": str(run), "generation_deadline": 5})
+    with pytest.raises(pydantic.ValidationError, match="reranker_gpus"):  # a share of one GPU: the model is small
+        build_app({"run_dir": str(run), "reranker_gpus": 2})
     with pytest.raises(FileNotFoundError, match="round7.*choose another version"):
         build_app({"run_dir": str(run), "version": "round7"})
     with pytest.raises(FileNotFoundError, match="finish the run"):
