@@ -20,14 +20,13 @@ import datetime
 import json
 import logging
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
+from common import load, machine
 
 from rlrf4rec import assets
 from rlrf4rec import generate as G
@@ -88,29 +87,6 @@ def _texts(table: pa.Table) -> dict[tuple[str, int], str]:
 def _same(a: dict, b: dict) -> str:
     shared = sorted(set(a) & set(b))
     return f"{sum(a[k] == b[k] for k in shared)}/{len(shared)} identical"
-
-
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{nproc} cores available (nproc), {model}, Python {platform.python_version()}"
-
-
-def gpu_name() -> str:
-    import torch
-
-    return f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -229,7 +205,7 @@ def _append(
     vllm, hf = rows
     lines = [
         f"\n## {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} generation: vLLM on Ray Data vs transformers\n",
-        f"- Machine: {machine()}{gpu_name()}; load average before {load_before}, after {load()}.",
+        f"- Machine: {machine()}; load average before {load_before}, after {load()}.",
         f"- Work: {args.users} train users of ML-100k x N={cfg.num_samples} = {requests.num_rows} requests, "
         f"prompts {prompt_tokens}, temperature {cfg.temperature}, top-p {cfg.top_p}, "
         f"{cfg.max_new_tokens} new tokens max, {cfg.dtype}, batch size {cfg.batch_size}; "

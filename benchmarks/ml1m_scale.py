@@ -1,7 +1,7 @@
 """ML-1M scale on this box: the data stage and every re-ranker backbone, timed against ML-100k in the same run.
 
 ML-1M cannot be fetched here, so the script writes a dataset with ML-1M's shape and format (6,040 users, 3,706
-movies, 1,000,209 ratings in ratings.dat / movies.dat / users.dat, '::'-separated, latin-1; at least 20 ratings per
+movies, 1,000,209 ratings in ratings.dat / movies.dat / users.dat, '::'-separated, latin-1; 20 to 2,314 ratings per
 user, heavy-tailed activity and Zipf-like item popularity, ML-1M's rating distribution), seeded. Its ratings are
 random, so its ranking metrics mean nothing; only time and memory are measured. The baseline is real ML-100k
 (943 users), through the same code in the same run; each ratio is ML-1M-shaped / ML-100k.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, append_section, load, machine
 
-ML1M = {"users": 6040, "items": 3706, "ratings": 1_000_209, "max_item_id": 3952}
+ML1M = {"users": 6040, "items": 3706, "ratings": 1_000_209, "max_item_id": 3952, "max_user_ratings": 2314}
 GENRES = (
     "Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy Film-Noir Horror Musical Mystery "
     "Romance Sci-Fi Thriller War Western"
@@ -45,8 +45,10 @@ def write_ml1m_shaped(out: Path, seed: int = 2024) -> dict:
     # Activity: 20 + a lognormal tail, scaled so the total is exactly ML-1M's 1,000,209 ratings.
     extra = rng.lognormal(mean=4.3, sigma=1.1, size=ML1M["users"])
     counts = 20 + np.floor(extra / extra.sum() * (ML1M["ratings"] - 20 * ML1M["users"])).astype(int)
-    counts[: ML1M["ratings"] - counts.sum()] += 1
-    counts = np.minimum(counts, ML1M["items"])
+    counts = np.minimum(counts, ML1M["max_user_ratings"])  # and nobody rates (nearly) every movie
+    while (deficit := ML1M["ratings"] - counts.sum()) > 0:
+        room = np.flatnonzero(counts < ML1M["max_user_ratings"])
+        counts[rng.choice(room, size=min(deficit, len(room)), replace=False)] += 1
     popularity = 1.0 / np.arange(1, ML1M["items"] + 1) ** 0.9
     popularity = rng.permutation(popularity / popularity.sum())
     stars = np.array([1, 2, 3, 4, 5])
