@@ -115,6 +115,9 @@ class GenerateConfig:
     enable_prefix_caching: bool = True  # the N samples of one user share their prompt
     enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
     max_model_len: int = 2048  # prompt + completion tokens per request
+    # Share of a GPU's memory a vLLM replica claims (vLLM's own default 0.9); lower it where the GPU also holds
+    # the driver's encoder or a replica that is still shutting down. Ignored on CPU.
+    gpu_memory_utilization: float = 0.9
     domain: str = "movies"  # which factor list the prompt asks about (rlrf4rec.prompts.FACTORS)
     prompt_history: int | None = None  # the prompt names the last K items of the history window; null: all of it
 
@@ -161,6 +164,8 @@ class GenerateConfig:
             _fail("generate.domain", self.domain, f"choose one of {sorted(FACTORS)}")
         if self.prompt_history is not None and self.prompt_history < 1:
             _fail("generate.prompt_history", self.prompt_history, "use a positive number of items, or null for all")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            _fail("generate.gpu_memory_utilization", self.gpu_memory_utilization, "use a share in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,8 @@ class VLLMEngine:
 
             torch.set_num_threads(_replica_threads())
             log.info("vLLM CPU replica: %d threads", torch.get_num_threads())
+        else:
+            options["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(
             model=model,
             dtype=cfg.dtype,
