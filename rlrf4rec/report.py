@@ -1,65 +1,55 @@
 """The run report: a self-contained HTML page and a markdown summary in `<run>/report/`.
 
-Consumes what the stages left in the run directory (evaluate/table.json, rounds/manifest.json, rewards, pairs,
-DPO histories, completion markers); produces the method's table (popularity and ID-only baselines vs base LLM vs each
-DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over test users), reward distributions per round, DPO
-curves, example chosen/rejected texts, time per stage and lineage. Inline SVG, no scripts, no external assets.
-Knows nothing about how any number was computed.
+Consumes what the stages left in the run directory (evaluate/table.json and paired.json, rounds/manifest.json,
+rewards, pairs, DPO histories, completion markers); produces a short summary in words, the method's table
+(popularity and ID-only baselines vs base LLM vs each DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over
+test users) drawn as forest plots with each variant's paired difference to the baselines, reward distributions before
+and after each round, DPO curves, example chosen/rejected texts, time per stage, and the lineage folded under its
+summary. Inline SVG (rlrf4rec.charts), no scripts, no external assets. Knows nothing about how any number was computed.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from pathlib import Path
 
-import numpy as np
-
+from rlrf4rec import charts
 from rlrf4rec import schema as S
-from rlrf4rec.artifacts import MARKER, read_parquet, stage_output
+from rlrf4rec.artifacts import MARKER, read_marker, read_parquet, stage_output
 
 METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
+FOREST_METRICS = ("ndcg@5", "map@5")
+BASELINE_ORDER = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM"]
+# Paired differences drawn against these rows, in this order (evaluate.PAIRED_BASELINES, most telling first).
+PAIRED_ORDER = ["base LLM", "ID only", "KAR ID-only"]
 
 
-def _svg_histograms(series: dict[str, list[float]], bins: int = 20, width: int = 560, height: int = 180) -> str:
-    """Overlaid step histograms of values in [0, 1], one colour per series."""
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    edges = np.linspace(0, 1, bins + 1)
-    counts = {name: np.histogram(np.clip(v, 0, 1), bins=edges)[0] / max(len(v), 1) for name, v in series.items()}
-    top = max((c.max() for c in counts.values()), default=1) or 1
-    parts = [
-        f'<svg width="{width}" height="{height + 30}" xmlns="http://www.w3.org/2000/svg">',
-        f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#888"/>',
-    ]
-    for i, (name, c) in enumerate(counts.items()):
-        pts = []
-        for b, value in enumerate(c):
-            x0, x1 = b * width / bins, (b + 1) * width / bins
-            y = height - value / top * (height - 10)
-            pts += [f"{x0:.1f},{y:.1f}", f"{x1:.1f},{y:.1f}"]
-        colour = colours[i % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(pts)}"/>')
-        parts.append(
-            f'<text x="{8 + 150 * i}" y="{height + 22}" fill="{colour}" font-size="12">{html.escape(name)}</text>'
-        )
-    parts.append(f'<text x="{width - 60}" y="{height - 4}" font-size="10" fill="#666">reward 0..1</text></svg>')
-    return "".join(parts)
+def _ordered(names) -> list[str]:
+    """Baselines in the method's order, then the rest (DPO rounds) by name, round numbers compared as numbers."""
+
+    def key(name: str):
+        natural = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+        return (BASELINE_ORDER.index(name) if name in BASELINE_ORDER else len(BASELINE_ORDER), natural)
+
+    return sorted(names, key=key)
 
 
-def _svg_curve(values: list[float], label: str, width: int = 560, height: int = 160) -> str:
-    if not values:
-        return "<p>(no points logged)</p>"
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    step = width / max(len(values) - 1, 1)
-    pts = " ".join(f"{i * step:.1f},{height - 10 - (v - lo) / span * (height - 20):.1f}" for i, v in enumerate(values))
-    return (
-        f'<svg width="{width}" height="{height + 20}" xmlns="http://www.w3.org/2000/svg">'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>'
-        f'<text x="4" y="{height + 14}" font-size="11">{html.escape(label)}: {values[0]:.4f} → {values[-1]:.4f}'
-        f" (min {lo:.4f}, max {hi:.4f}, {len(values)} points)</text></svg>"
-    )
+def _html_table(head: list[str], rows: list[list]) -> str:
+    cells = lambda tag, row: "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row) + "</tr>"
+    return "<table>" + cells("th", head) + "".join(cells("td", row) for row in rows) + "</table>"
+
+
+def _details(summary: str, inner_html: str) -> str:
+    return f"<details><summary>{html.escape(summary)}</summary>{inner_html}</details>"
+
+
+def _verdict(diff: list) -> str:
+    """'resolved (better)' / 'resolved (worse)' when the paired interval excludes 0, else 'within noise'."""
+    d, _, _, resolved = diff
+    return f"resolved ({'better' if d > 0 else 'worse'})" if resolved else "within noise"
 
 
 def _stage_times(run: Path) -> list[tuple[str, float]]:
@@ -67,9 +57,12 @@ def _stage_times(run: Path) -> list[tuple[str, float]]:
     publishes, so the gap between consecutive completions is its time when the run went stage after stage."""
     finished = []
     for marker in run.rglob(MARKER):
+        name = str(marker.parent.relative_to(run))
+        if name == "report":  # a previous report, not part of the run
+            continue
         m = json.loads(marker.read_text())
         if "finished" in m:
-            finished.append((m["finished"], m.get("started", m["finished"]), str(marker.parent.relative_to(run))))
+            finished.append((m["finished"], m.get("started", m["finished"]), name))
     finished.sort()
     rows, previous = [], None
     for end, start, name in finished:
@@ -78,60 +71,87 @@ def _stage_times(run: Path) -> list[tuple[str, float]]:
     return rows
 
 
-def _dpo_curves(run: Path) -> dict[str, dict[str, list[float]]]:
+DPO_PANELS = {  # y axis label -> history keys drawn in that panel
+    "DPO loss": ("train/dpo_loss", "eval/dpo_loss"),
+    "reward accuracy": ("train/rewards/accuracies", "eval/rewards/accuracies"),
+    "reward margin (chosen - rejected)": ("train/rewards/margins", "eval/rewards/margins"),
+}
+
+
+def _dpo_curves(run: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """DPO stage name -> history key -> [(step, value)] for the keys in DPO_PANELS that were logged."""
     curves = {}
     for path in sorted((run / "dpo").glob("*/history.json")):
         history = json.loads(path.read_text())
-        keys = ("train/dpo_loss", "train/rewards/margins", "train/rewards/accuracies", "eval/rewards/accuracies")
-        curves[path.parent.name] = {k: [h[k] for h in history if k in h] for k in keys}
+        keys = [k for ks in DPO_PANELS.values() for k in ks]
+        curves[path.parent.name] = {
+            k: [(h.get("step", i + 1), h[k]) for i, h in enumerate(history) if k in h] for k in keys
+        }
     return curves
 
 
-def build_report(run: Path) -> Path:
-    """Write report.html and report.md into `<run>/report/` (published whole, with a marker); every section
-    appears when its inputs exist. Re-run freely: it only reads."""
-    md, body = ["# rlrf4rec run report", f"Run directory: `{run}`", ""], []
-
-    table_path = run / "evaluate" / "table.json"
-    if table_path.is_file():
-        table = json.loads(table_path.read_text())
-        head = "| variant | " + " | ".join(METRICS) + " |"
-        md += [
-            "## Re-ranking on test users (mean [95% bootstrap CI over users])",
-            "",
-            head,
-            "|---|" + "---|" * len(METRICS),
-        ]
-        rows_html = []
-        order = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM"]
-        rank = {name: (order.index(name) if name in order else len(order), name) for name in table}
-        for name, metrics in sorted(table.items(), key=lambda kv: rank[kv[0]]):
-            cells = [f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS]
-            md.append(f"| {name} | " + " | ".join(cells) + " |")
-            rows_html.append(
-                "<tr><th>"
-                + html.escape(name)
-                + "</th>"
-                + "".join(
-                    f"<td>{metrics[m][0]:.4f}<br><small>[{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]</small></td>"
-                    for m in METRICS
-                )
-                + "</tr>"
-            )
-        body.append(
-            "<h2>Re-ranking on test users</h2><p>Mean over test users with bootstrap 95% intervals.</p>"
-            "<table><tr><th>variant</th>"
-            + "".join(f"<th>{m}</th>" for m in METRICS)
-            + "</tr>"
-            + "".join(rows_html)
-            + "</table>"
+def _evaluation(table: dict, paired: dict, md: list[str], body: list[str]) -> None:
+    """The method's table as two forest plots (each variant's interval; its paired difference to each baseline),
+    the full table and every paired difference folded beneath them."""
+    names = _ordered(table)
+    md += [
+        "## Re-ranking on test users (mean [95% bootstrap CI over users])",
+        "",
+        "| variant | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    rows_html = []
+    for name in names:
+        metrics = table[name]
+        md.append(
+            f"| {name} | "
+            + " | ".join(f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS)
+            + " |"
         )
-        md.append("")
-
-    paired_path = run / "evaluate" / "paired.json"
-    if paired_path.is_file():  # each row minus a baseline over the same test users, in words
-        paired = json.loads(paired_path.read_text())
-        lines = []
+        rows_html.append(
+            f"<tr><th>{html.escape(name)}</th>"
+            + "".join(
+                f"<td>{metrics[m][0]:.4f}<br><small>[{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]</small></td>"
+                for m in METRICS
+            )
+            + "</tr>"
+        )
+    md.append("")
+    forest = charts.forest(
+        "forest-metrics",
+        "Re-ranking quality per variant (test users)",
+        "Mean " + " and ".join(m.upper() for m in FOREST_METRICS) + " of each variant with its bootstrap 95% interval "
+        "over test users: " + "; ".join(f"{n} {table[n]['ndcg@5'][0]:.4f}" for n in names if "ndcg@5" in table[n]),
+        names,
+        [(f"{m.upper()} (mean, 95% CI)", [table[n].get(m) for n in names]) for m in FOREST_METRICS],
+    )
+    body.append(
+        "<h2>Re-ranking on test users</h2><p>Each point is a variant's mean over test users, the bar its bootstrap "
+        "95% interval.</p>" + forest
+    )
+    if paired:
+        labels, panels, lines = [], {m: [] for m in FOREST_METRICS}, []
+        for base in [b for b in PAIRED_ORDER if any(b in by_base for by_base in paired.values())]:
+            labels.append(f"minus {base}")
+            for m in FOREST_METRICS:
+                panels[m].append(None)
+            for name in _ordered(n for n in paired if base in paired[n]):
+                labels.append(name)
+                for m in FOREST_METRICS:
+                    panels[m].append(paired[name][base][m][:3] if m in paired[name][base] else None)
+        body.append(
+            "<p>Paired differences: each variant minus a baseline, per test user, with a bootstrap 95% interval over "
+            "the same users. Green: better, resolved; red: worse, resolved; grey: the interval contains 0 (within "
+            "noise).</p>"
+            + charts.forest(
+                "forest-paired",
+                "Paired difference to each baseline (test users)",
+                "Per-user difference of each variant to each baseline, mean and 95% interval; dashed line at 0.",
+                labels,
+                [(f"{m.upper()} difference (95% CI)", panels[m]) for m in FOREST_METRICS],
+                zero_line=True,
+            )
+        )
         for name, by_base in paired.items():
             for base, diffs in by_base.items():
                 d, low, high, resolved = diffs["ndcg@5"]
@@ -139,11 +159,209 @@ def build_report(run: Path) -> Path:
                 lines.append(f"- {name} is {verdict} {base}: NDCG@5 {d:+.4f} [{low:+.4f}, {high:+.4f}]")
         md += ["## Paired differences on test users (NDCG@5, 95% bootstrap CI over the same users)", "", *lines, ""]
         body.append(
-            "<h2>Paired differences on test users</h2><p>NDCG@5 of each row minus the baseline, per user; an "
-            "interval that contains 0 is noise.</p><ul>"
-            + "".join(f"<li>{html.escape(line[2:])}</li>" for line in lines)
-            + "</ul>"
+            _details(
+                f"Every paired difference in words ({len(lines)})",
+                "<ul>" + "".join(f"<li>{html.escape(line[2:])}</li>" for line in lines) + "</ul>",
+            )
         )
+    body.append(
+        _details(
+            "All metrics as a table (NDCG and MAP at 1, 3, 5, 7)",
+            "<table><tr><th>variant</th>"
+            + "".join(f"<th>{m}</th>" for m in METRICS)
+            + "</tr>"
+            + "".join(rows_html)
+            + "</table>",
+        )
+    )
+
+
+def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> list[str]:
+    """A few sentences: what was run, which variants, which rounds, the headline differences in words."""
+    sentences = []
+    if manifest is not None:
+        rounds = manifest["rounds"]
+        pairs = ", ".join(str(r["pairs"].get("train/pairs", 0)) for r in rounds)
+        sentences.append(f"{len(rounds)} round(s) of reward-guided DPO (train pairs per round: {pairs}).")
+    if table:
+        users = (read_marker(run / "evaluate") or {}).get("stats", {}).get("test_users")
+        on = f" on {users} test users" if users else " on test users"
+        sentences.append(f"Evaluated {len(table)} variants{on}: {', '.join(_ordered(table))}.")
+    dpo_rows = [n for n in _ordered(paired) if n.startswith("DPO")]
+    for name, base in ([(dpo_rows[-1], "base LLM")] if dpo_rows else []) + [("base LLM", "ID only")]:
+        diff = paired.get(name, {}).get(base, {}).get("ndcg@5")
+        if diff is not None:
+            d, low, high, _ = diff
+            sentences.append(
+                f"NDCG@5 of {name} minus {base}: {d:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]), {_verdict(diff)}."
+            )
+    return sentences
+
+
+def _rewards(path: Path) -> tuple[str, list[float]] | None:
+    """(policy version, rewards) of a reward stage's rows, None when the stage has not finished."""
+    if read_marker(path.parent) is None:
+        return None
+    table = read_parquet(path, S.REWARDS)
+    versions = sorted(set(table.column(S.POLICY_VERSION).to_pylist()))
+    return ", ".join(versions), table.column(S.REWARD).to_pylist()
+
+
+def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
+    """Per round: pairs and valid reward gain in words, the valid rewards of the policy before and after the round
+    (same users, same scoring recommender), example pairs folded; then the train rewards that made each round's
+    pairs."""
+    md += ["## Rounds", ""]
+    body.append("<h2>Rounds</h2>")
+    train = {}
+    for r in manifest["rounds"]:
+        t, rd = r["round"], run / "rounds" / f"round{r['round']}"
+        v = r["valid_reward"]
+        line = (
+            f"Round {t}: {r['pairs'].get('train/pairs', 0)} train pairs; valid reward "
+            f"{v['before/mean']:.4f} → {v['after/mean']:.4f}, gain {v['gain/mean']:+.4f} "
+            f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
+        )
+        line += ": resolved" if v["gain/ci_low"] > 0 or v["gain/ci_high"] < 0 else ": within noise"
+        md.append(f"- {line}")
+        body.append(f"<h3>Round {t}</h3><p>{html.escape(line.split(': ', 1)[1])}.</p>")
+        series = {}
+        for when, stage in (("before", "reward-valid"), ("after", "reward-valid-tuned")):
+            found = _rewards(rd / stage / "rewards.parquet")
+            if found is not None:
+                series[f"{when}: policy {found[0]}"] = found[1]
+        if series:
+            body.append(
+                charts.histogram(
+                    f"rewards-round{t}",
+                    f"Round {t}: reward of sampled valid texts, before and after DPO",
+                    f"Histogram of the rewards of the valid users' texts sampled from the policy before round {t} and "
+                    "from the DPO-tuned policy after it, scored by the same recommender; dashed lines are the means.",
+                    series,
+                    "reward",
+                )
+            )
+        found = _rewards(rd / "reward-train" / "rewards.parquet")
+        if found is not None:
+            train[f"round {t}: policy {found[0]}"] = found[1]
+        body.append(_examples(rd / "pairs" / "pairs_train.parquet", md))
+    if train:
+        body.append(
+            "<h3>Rewards that made the pairs</h3><p>Train users' sampled texts per round, each round scored "
+            "by its own cross-fitted recommenders.</p>"
+            + charts.histogram(
+                "rewards-train",
+                "Reward of sampled train texts per round",
+                "Histogram of the cross-fitted rewards of the train users' sampled texts, one series per "
+                "round's policy; dashed lines are the means.",
+                train,
+                "reward",
+            )
+        )
+    md.append("")
+
+
+def _dpo(run: Path, md: list[str], body: list[str]) -> None:
+    curves = _dpo_curves(run)
+    if curves:
+        body.append("<h2>DPO training</h2>")
+    for name, curve in curves.items():
+        panels = [
+            (ylabel, {k.split("/")[0]: curve[k] for k in keys if curve[k]}) for ylabel, keys in DPO_PANELS.items()
+        ]
+        panels = [(ylabel, series) for ylabel, series in panels if series]
+        if panels:
+            body.append(
+                charts.lines(
+                    f"dpo-{name}",
+                    f"DPO {name}",
+                    f"DPO {name}: " + ", ".join(label for label, _ in panels) + " against the optimizer step, train "
+                    "(per logged step) and eval (held-out pairs).",
+                    panels,
+                    "optimizer step",
+                )
+            )
+        loss = curve["train/dpo_loss"]
+        if loss:
+            md.append(f"- DPO {name}: loss {loss[0][1]:.4f} → {loss[-1][1]:.4f} over {len(loss)} logged steps")
+
+
+def _times(run: Path, md: list[str], body: list[str]) -> None:
+    times = _stage_times(run)
+    md += [
+        "",
+        "## Time per stage (wall seconds since the previous stage finished)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    md += [f"| {name} | {seconds:.1f} |" for name, seconds in times]
+    if not times:
+        return
+    total = sum(s for _, s in times)
+    body.append(
+        f"<h2>Time per stage</h2><p>{len(times)} stages, {total / 60:.1f} minutes of wall time in all (each stage: "
+        "the time since the previous one finished).</p>"
+        + charts.bars(
+            "stage-times",
+            "Wall time per stage",
+            f"Seconds per stage in finishing order, {total:.0f} s in all.",
+            [(n, round(s, 1)) for n, s in times],
+            "wall seconds",
+            unit=" s",
+        )
+        + _details(
+            "Time per stage as a table",
+            _html_table(["stage", "wall seconds"], [[n, f"{s:.1f}"] for n, s in times]),
+        )
+    )
+
+
+def _lineage(manifest: dict, md: list[str], body: list[str]) -> None:
+    """Which policy and recommender each round read and wrote, in words, with the raw manifest folded beneath."""
+    words = [
+        f"Round {r['round']}: policy {r['policy_in']} → {r['policy_out']}; recommender {r['recommender_in']} → "
+        f"{r['recommender_out']}; rewards cross-fitted over {len(r.get('reward_folds', []))} folds."
+        for r in manifest["rounds"]
+    ]
+    head = {k: v for k, v in manifest.items() if k != "rounds"}
+    raw = json.dumps(manifest, indent=1)
+    md += ["", "## Lineage", "", "```json", raw[:4000], "```", ""]
+    body.append(
+        "<h2>Lineage</h2><p>"
+        + html.escape(", ".join(f"{k} {v}" for k, v in head.items()))
+        + "</p><ul>"
+        + "".join(f"<li>{html.escape(w)}</li>" for w in words)
+        + "</ul>"
+        + _details(f"Rounds manifest (rounds/manifest.json, {len(raw)} characters)", f"<pre>{html.escape(raw)}</pre>")
+    )
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}pre{background:#f6f6f6;padding:8px;"
+    "overflow:auto;font-size:11px}blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}"
+    "svg.chart{display:block;max-width:100%;height:auto;margin:8px 0}details{margin:6px 0}"
+    "summary{cursor:pointer;color:#1f4e79}.summary{font-size:15px;background:#f3f7fb;padding:8px 12px}"
+)
+
+
+def build_report(run: Path) -> Path:
+    """Write report.html and report.md into `<run>/report/` (published whole, with a marker); every section
+    appears when its inputs exist. Re-run freely: it only reads."""
+    md, body = ["# rlrf4rec run report", f"Run directory: `{run}`", ""], []
+    evaluate = run / "evaluate"
+    table = json.loads((evaluate / "table.json").read_text()) if (evaluate / "table.json").is_file() else {}
+    paired = json.loads((evaluate / "paired.json").read_text()) if (evaluate / "paired.json").is_file() else {}
+    manifest_path = run / "rounds" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+
+    summary = _summary(run, table, paired, manifest)
+    if summary:
+        md += ["## Summary", "", " ".join(summary), ""]
+        body.append('<p class="summary">' + html.escape(" ".join(summary)) + "</p>")
+    if table:
+        _evaluation(table, paired, md, body)
 
     quality = text_quality(run)
     if quality:  # how much of what the policies wrote is usable text at all, per generation stage
@@ -156,7 +374,10 @@ def build_report(run: Path) -> Path:
         body.append(
             "<h2>Text quality</h2><p>Share of generated texts flagged empty, truncated (hit the token limit), "
             "degenerate (under 5 words or mostly repeated 3-grams) or off topic (no factor or genre named).</p>"
-            "<pre>" + html.escape("\n".join(lines)) + "</pre>"
+            + _html_table(
+                ["texts of", "policy", "rows", *S.QUALITY_FLAGS],
+                [[r["stage"], r["policy"], r["rows"], *(f"{r[f]:.0%}" for f in S.QUALITY_FLAGS)] for r in quality],
+            )
         )
 
     # Written by `rlrf4rec controls`: valid users only, several seeds, paired intervals; one block per table (with
@@ -183,52 +404,20 @@ def build_report(run: Path) -> Path:
         md += ["## Re-ranker backbones side by side (valid users, mean of seeds)", "", text]
         body.append("<h2>Re-ranker backbones side by side</h2><pre>" + html.escape(text) + "</pre>")
 
-    manifest_path = run / "rounds" / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        md += ["## Rounds", ""]
-        body.append("<h2>Rounds</h2>")
-        series = {}
-        for r in manifest["rounds"]:
-            rd = run / "rounds" / f"round{r['round']}"
-            rewards = read_parquet(rd / "reward-train" / "rewards.parquet", S.REWARDS)
-            series[f"round {r['round']} policy"] = rewards.column(S.REWARD).to_pylist()
-            v = r["valid_reward"]
-            line = (
-                f"Round {r['round']}: {r['pairs'].get('train/pairs', 0)} train pairs; valid reward "
-                f"{v['before/mean']:.4f} → {v['after/mean']:.4f}, gain {v['gain/mean']:+.4f} "
-                f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
-            )
-            md.append(f"- {line}")
-            body.append(f"<p>{html.escape(line)}</p>")
-            body.append(_examples(rd / "pairs" / "pairs_train.parquet", md))
-        body.append("<h3>Reward distribution of sampled texts (train users)</h3>" + _svg_histograms(series))
-        md += ["", "## Lineage", "", "```json", json.dumps(manifest, indent=1)[:4000], "```", ""]
-        body.append("<h2>Lineage</h2><pre>" + html.escape(json.dumps(manifest, indent=1)) + "</pre>")
+    if manifest is not None:
+        _rounds(run, manifest, md, body)
+    _dpo(run, md, body)
+    _times(run, md, body)
+    if manifest is not None:
+        _lineage(manifest, md, body)
+    config = evaluate / "config.yaml"
+    if config.is_file():
+        body.append(
+            _details("Resolved configuration (evaluate/config.yaml)", f"<pre>{html.escape(config.read_text())}</pre>")
+        )
 
-    for name, curve in _dpo_curves(run).items():
-        body.append(f"<h3>DPO {html.escape(name)}</h3>" + "".join(_svg_curve(v, k) for k, v in curve.items()))
-        loss = curve["train/dpo_loss"]
-        if loss:
-            md.append(f"- DPO {name}: loss {loss[0]:.4f} → {loss[-1]:.4f} over {len(loss)} logged steps")
-
-    times = _stage_times(run)
-    md += ["", "## Time per stage (wall seconds since the previous stage finished)", "", "| stage | seconds |",
-           "|---|---|"]
-    md += [f"| {name} | {seconds:.1f} |" for name, seconds in times]
-    body.append(
-        "<h2>Time per stage</h2><table>"
-        + "".join(f"<tr><td>{html.escape(n)}</td><td>{s:.1f} s</td></tr>" for n, s in times)
-        + "</table>"
-    )
-
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}pre{background:#f6f6f6;padding:8px;"
-        "overflow:auto;font-size:11px}blockquote{border-left:3px solid #ccc;margin:4px 0;padding-left:8px}"
-    )
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>rlrf4rec report</title><style>{style}"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>rlrf4rec report</title><style>{STYLE}"
         f"</style></head><body><h1>rlrf4rec run report</h1><p><code>{html.escape(str(run))}</code></p>"
         + "".join(body)
         + "</body></html>"
@@ -238,13 +427,12 @@ def build_report(run: Path) -> Path:
         (tmp / "report.html").write_text(page)
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         stats["sections"] = len(body)
+        stats["charts"] = page.count('<svg id="')
     return out
 
 
 def text_quality(run: Path) -> list[dict]:
     """Per complete generation stage under `run`: policy, rows and the share of each quality flag."""
-    from rlrf4rec.artifacts import read_marker
-
     rows = []
     for path in sorted(run.rglob("generations.parquet")):
         marker = read_marker(path.parent)
@@ -268,7 +456,7 @@ def _examples(pairs_path: Path, md: list[str], limit: int = 2) -> str:
         return ""
     rows = read_parquet(pairs_path, S.PAIRS).to_pylist()
     rows.sort(key=lambda r: -r[S.REWARD_MARGIN])
-    parts = ["<h4>Example pairs (largest margins)</h4>"]
+    parts = []
     for r in rows[:limit]:
         chosen, rejected = r[S.CHOSEN][0]["content"], r[S.REJECTED][0]["content"]
         parts.append(
@@ -280,4 +468,4 @@ def _examples(pairs_path: Path, md: list[str], limit: int = 2) -> str:
             f"  - user {r[S.USER_ID]} (margin {r[S.REWARD_MARGIN]:.3f}) chosen: "
             f"{chosen[:200]!r} / rejected: {rejected[:200]!r}"
         )
-    return "".join(parts)
+    return _details(f"Example pairs (the {len(parts)} largest margins)", "".join(parts)) if parts else ""

@@ -17,6 +17,8 @@ PURE = [
     "rlrf4rec.generate",
     "rlrf4rec.dpo",
     "rlrf4rec.dpo_trainer",
+    "rlrf4rec.charts",
+    "rlrf4rec.report",
 ]
 HEAVY = ["ray", "vllm", "trl", "deepspeed", "transformers", "peft"]
 
