@@ -127,3 +127,12 @@ def test_every_backbone_trains_under_ray_train(ray_cluster, tmp_path, backbone, 
     assert type(loaded.model).__name__ == {"setrank": "SetRank", "dlcm": "DLCM", "sasrec": "SASRecRanker"}[backbone]
     valid = loaded.task.evaluate(loaded.model, "valid", loaded.knowledge(None))["valid/ndcg@5"]
     assert valid == pytest.approx(stats["valid/ndcg@5"], abs=1e-6)
+    if backbone == "setrank":  # reproducible: the same config, seed and threads in another run directory
+        again = _cfg(tmp_path / "again", backbone=backbone, deepspeed=deepspeed, max_epochs=3)
+        repeat = run_recommender(again, "id", run_data(again), None)
+
+        def untimed(stage_dir):
+            history = json.loads((stage_dir / "history.json").read_text())
+            return [{k: v for k, v in h.items() if "seconds" not in k} for h in history]
+
+        assert untimed(repeat) == untimed(stage)  # exactly: every loss and metric of every epoch
