@@ -316,14 +316,15 @@ class ListReranker(nn.Module):
     def __init__(
         self,
         num_items: int,
-        item_dim: int,
-        num_attributes: int,
-        attribute_dim: int,
-        use_history: bool,
-        adaptor: KnowledgeAdaptor | None,
-        d_model: int,
-        max_list_len: int,
-        interaction: bool,
+        *,
+        item_dim: int = 32,
+        num_attributes: int = 0,
+        attribute_dim: int = 16,
+        use_history: bool = False,
+        adaptor: KnowledgeAdaptor | None = None,
+        d_model: int = 64,
+        max_list_len: int = 10,
+        interaction: bool = False,
     ):
         super().__init__()
         if interaction and (adaptor is None or "user" not in adaptor.types):
@@ -470,45 +471,41 @@ def raw_similarity(user: torch.Tensor, item: torch.Tensor, segments: torch.Tenso
     return torch.stack([closest, mean], dim=-1)
 
 
-class PRM(ListReranker):
-    """Personalized Re-ranking Model (Pei et al., RecSys'19): self-attention over the list with its positions."""
+class _SelfAttentionReranker(ListReranker):
+    """Stacked self-attention blocks over the candidates, with list positions (PRM) or without (SetRank)."""
+
+    positions: bool
 
     def __init__(
-        self,
-        num_items: int,
-        item_dim: int = 32,
-        num_attributes: int = 0,
-        attribute_dim: int = 16,
-        use_history: bool = False,
-        adaptor: KnowledgeAdaptor | None = None,
-        d_model: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        max_list_len: int = 10,
-        dropout: float = 0.1,
-        interaction: bool = False,
-    ):
-        super().__init__(
-            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
-            interaction,
-        )  # fmt: skip
-        self.pos_emb = nn.Embedding(max_list_len, d_model)
+        self, num_items: int, *, num_layers: int = 2, num_heads: int = 2, dropout: float = 0.1, **features
+    ):  # fmt: skip
+        super().__init__(num_items, **features)
+        d_model = self.input_proj.out_features
+        # Made in this order (position embedding first) so PRM's initial weights are those it always had.
+        self.pos_emb = nn.Embedding(self.max_list_len, d_model) if self.positions else None
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
         self.final_ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 1)
-        self._finish_init(adaptor)
+        self._finish_init(features.get("adaptor"))
 
     def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
-        x = self.dropout(x + self.pos_emb(positions)) * valid.unsqueeze(-1)  # [B, C, d_model]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+        x = self.dropout(x) * valid.unsqueeze(-1)  # [B, C, d_model]
         allowed = _attention_mask(valid, causal=False)  # [B, C, C]
         for block in self.blocks:
             x = block(x, allowed) * valid.unsqueeze(-1)
         return self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
 
 
-class SetRank(ListReranker):
+class PRM(_SelfAttentionReranker):
+    """Personalized Re-ranking Model (Pei et al., RecSys'19): self-attention over the list with its positions."""
+
+    positions = True
+
+
+class SetRank(_SelfAttentionReranker):
     """SetRank (Pang et al., SIGIR'20): stacked multi-head self-attention blocks over the candidates as a set.
 
     No position embedding, so a candidate's score does not depend on where the list put it (permutation
@@ -516,37 +513,7 @@ class SetRank(ListReranker):
     labels normalised over each list, is `loss: listnet` for binary labels; BCE stays the default as for PRM.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        item_dim: int = 32,
-        num_attributes: int = 0,
-        attribute_dim: int = 16,
-        use_history: bool = False,
-        adaptor: KnowledgeAdaptor | None = None,
-        d_model: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        max_list_len: int = 10,
-        dropout: float = 0.1,
-        interaction: bool = False,
-    ):
-        super().__init__(
-            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
-            interaction,
-        )  # fmt: skip
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(d_model, num_heads, dropout) for _ in range(num_layers))
-        self.final_ln = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, 1)
-        self._finish_init(adaptor)
-
-    def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x) * valid.unsqueeze(-1)
-        allowed = _attention_mask(valid, causal=False)  # [B, C, C]
-        for block in self.blocks:
-            x = block(x, allowed) * valid.unsqueeze(-1)
-        return self.head(self.final_ln(x)).squeeze(-1)  # [B, C]
+    positions = False
 
 
 class DLCM(ListReranker):
@@ -558,29 +525,14 @@ class DLCM(ListReranker):
     Padding (left of the list) is skipped with a packed sequence, so it never enters s_n.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        item_dim: int = 32,
-        num_attributes: int = 0,
-        attribute_dim: int = 16,
-        use_history: bool = False,
-        adaptor: KnowledgeAdaptor | None = None,
-        d_model: int = 64,
-        num_layers: int = 1,
-        max_list_len: int = 10,
-        dropout: float = 0.1,
-        interaction: bool = False,
-    ):
-        super().__init__(
-            num_items, item_dim, num_attributes, attribute_dim, use_history, adaptor, d_model, max_list_len,
-            interaction,
-        )  # fmt: skip
+    def __init__(self, num_items: int, *, num_layers: int = 1, dropout: float = 0.1, **features):
+        super().__init__(num_items, **features)
+        d_model = self.input_proj.out_features
         self.dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(d_model, d_model, num_layers=num_layers, batch_first=True)
         self.context = nn.Linear(d_model, d_model)  # W, b
         self.head = nn.Linear(d_model, 1, bias=False)  # V
-        self._finish_init(adaptor)  # the GRU keeps PyTorch's uniform init: _init_weights touches Linear/Embedding
+        self._finish_init(features.get("adaptor"))  # the GRU keeps PyTorch's init: _init_weights skips it
         # phi is a product of two N(0, 0.02)-small factors at init, a saddle where training sat at the base rate for
         # dozens of epochs on the synthetic lists; unit-scale factors start it learning at once.
         nn.init.xavier_uniform_(self.context.weight)
