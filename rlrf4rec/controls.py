@@ -430,9 +430,15 @@ def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first
     wins = [float(np.mean(first[rows][r == r.max()])) for rows, r in zip(by_user.values(), tops) if np.ptp(r)]
     rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if len(rewards) > 1 else []
     defined = [r for r in rhos if r is not None]
+    ci = None
+    if len(defined) > 1:  # users resampled: the mean's 95% percentile interval
+        idx = np.random.default_rng(0).integers(0, len(defined), size=(1000, len(defined)))
+        ci = [float(x) for x in np.quantile(np.asarray(defined)[idx].mean(1), [0.025, 0.975])]
     return {
         "tied_share": float(np.mean(tied)),
         "spearman_mean": float(np.mean(defined)) if defined else None,
+        "spearman_ci": ci,
+        "spearman_per_user": [None if r is None else round(r, 4) for r in rhos],
         "spearman_defined_users": len(defined),
         "within_user_range_mean": float(np.mean([np.ptp(rewards[0][rows]) for rows in by_user.values()])),
         # Sample 0 is each user's knowledge text in training (knowledge.user = llm): a fitted user's lists make it
@@ -558,5 +564,5 @@ def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int 
         for metric, by_way in result["metrics"].items():
             for way, values in by_way.items():
                 prefix = way if metric == cfg.reward.metric else f"{metric}/{way}"
-                stats.update({f"{prefix}/{k}": v for k, v in values.items()})
+                stats.update({f"{prefix}/{k}": v for k, v in values.items() if k != "spearman_per_user"})
     return cfg.run_path / "controls" / f"reliability-{name}"

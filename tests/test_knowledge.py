@@ -446,6 +446,10 @@ def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tm
         for stats in ways.values():
             assert 0.0 <= stats["tied_share"] <= 1.0
             assert stats["spearman_mean"] is None or -1.0 <= stats["spearman_mean"] <= 1.0
+            assert len(stats["spearman_per_user"]) == 8
+            if stats["spearman_defined_users"] > 1:
+                low, high = stats["spearman_ci"]
+                assert low <= stats["spearman_mean"] <= high
     # The smooth reward cannot tie more users than NDCG does on the same models.
     assert result["metrics"]["pairwise"]["in_sample"]["tied_share"] <= result["in_sample"]["tied_share"]
     stats = read_marker(tmp_path / "run/controls/reliability-r")["stats"]
