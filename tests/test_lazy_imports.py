@@ -13,6 +13,7 @@ PURE = [
     "rlrf4rec.pipeline",
     "rlrf4rec.cli",
     "rlrf4rec.metrics",
+    "rlrf4rec.cluster",
     "rlrf4rec.prompts",
     "rlrf4rec.generate",
     "rlrf4rec.dpo",

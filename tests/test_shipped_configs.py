@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from rlrf4rec.cluster import node_gpus
 from rlrf4rec.config import RunConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,6 @@ SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]  # name, run_dir, see
 NESTED = {name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)}
 # GPUs per instance of the AWS types cluster.yaml names. Ray's AWS provider asks the EC2 API; offline, this table
 # stands in for it, and a node type whose instance it lacks fails the test until the table learns it.
-AWS_GPUS = {"m6i.4xlarge": 0, "g5.12xlarge": 4, "p4d.24xlarge": 8}
 # A small dataset of each GPU config's format, for what `--dry-run` checks beyond the data path.
 FORMAT_FIXTURES = {"ml-1m": FIXTURES / "ml-1m", "amazon": FIXTURES / "amazon-2018"}
 
@@ -51,12 +51,7 @@ def worker_gpus() -> dict[str, tuple[int, int]]:
     for name, node in cluster["available_node_types"].items():
         if name == cluster["head_node_type"]:
             continue
-        gpus = node.get("resources", {}).get("GPU")
-        if gpus is None:
-            instance = node["node_config"]["InstanceType"]
-            assert instance in AWS_GPUS, f"cluster.yaml {name}: add {instance}'s GPU count to AWS_GPUS"
-            gpus = AWS_GPUS[instance]
-        out[name] = (int(gpus), min(node["max_workers"], cluster["max_workers"]))
+        out[name] = (node_gpus(name, node), min(node["max_workers"], cluster["max_workers"]))
     return out
 
 
