@@ -107,11 +107,12 @@ def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("backbone,deepspeed", [("setrank", None), ("dlcm", "zero2"), ("sasrec", None)])
-def test_every_backbone_trains_under_ray_train(ray_cluster, tmp_path, backbone, deepspeed):
-    """SetRank, DLCM and SASRec train like PRM on 2 workers (DDP or ZeRO-2; under ZeRO-2 a worker killed after
-    epoch 1 resumes from the last checkpoint), and the saved model reloads as the same backbone with the valid
-    metric it reported."""
+@pytest.mark.parametrize("backbone,deepspeed", [("dlcm", "zero2"), ("setrank", None)])
+def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone, deepspeed):
+    """DLCM and SetRank train like PRM on 2 workers (ZeRO-2, where a worker killed after epoch 1 resumes from the
+    last checkpoint, or DDP, where a second run reproduces the first exactly), and the saved model reloads as the
+    same backbone with the valid metric it reported. (SASRec's re-ranker shares this path: tests/test_recommender.py
+    trains and reloads every backbone in process.)"""
     from rlrf4rec.recommender import load_checkpoint, load_tables
 
     cfg = _cfg(tmp_path, backbone=backbone, deepspeed=deepspeed, max_epochs=3)
@@ -124,7 +125,7 @@ def test_every_backbone_trains_under_ray_train(ray_cluster, tmp_path, backbone, 
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2]
     loaded = load_checkpoint(stage / "model.pt", load_tables(data_dir))
     assert loaded.task.spec.backbone == backbone
-    assert type(loaded.model).__name__ == {"setrank": "SetRank", "dlcm": "DLCM", "sasrec": "SASRecRanker"}[backbone]
+    assert type(loaded.model).__name__ == {"setrank": "SetRank", "dlcm": "DLCM"}[backbone]
     valid = loaded.task.evaluate(loaded.model, "valid", loaded.knowledge(None))["valid/ndcg@5"]
     assert valid == pytest.approx(stats["valid/ndcg@5"], abs=1e-6)
     if backbone == "setrank":  # reproducible: the same config, seed and threads in another run directory
