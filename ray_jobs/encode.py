@@ -2,7 +2,7 @@
 
 import sys
 
-from rlrf4rec.cli import main
+from rlrf4rec.jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main(["encode", *sys.argv[1:]]))
+    sys.exit(run("encode"))

@@ -5,7 +5,7 @@ ray job submit --working-dir . -- python ray_jobs/generate_preferences.py --conf
 
 import sys
 
-from rlrf4rec.cli import main
+from rlrf4rec.jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    sys.exit(run("generate"))
