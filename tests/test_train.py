@@ -107,21 +107,19 @@ def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("backbone,deepspeed", [("dlcm", "zero2"), ("setrank", None)])
-def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone, deepspeed):
-    """DLCM and SetRank train like PRM on 2 workers (ZeRO-2, where a worker killed after epoch 1 resumes from the
-    last checkpoint, or DDP, where a second run reproduces the first exactly), and the saved model reloads as the
-    same backbone with the valid metric it reported. (SASRec's re-ranker shares this path: tests/test_recommender.py
-    trains and reloads every backbone in process.)"""
+@pytest.mark.parametrize("backbone", ["dlcm", "setrank"])
+def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
+    """DLCM and SetRank train like PRM on 2 DDP workers (a second SetRank run reproduces the first exactly), and the
+    saved model reloads as the same backbone with the valid metric it reported. ZeRO-2, killing and resuming are
+    backbone-agnostic and tested with PRM above (DLCM under ZeRO-2 with a kill passed by hand); SASRec's re-ranker
+    shares this path too (tests/test_recommender.py trains and reloads every backbone in process)."""
     from rlrf4rec.recommender import load_checkpoint, load_tables
 
-    cfg = _cfg(tmp_path, backbone=backbone, deepspeed=deepspeed, max_epochs=3)
+    cfg = _cfg(tmp_path, backbone=backbone, max_epochs=3)
     data_dir = run_data(cfg)
-    killed = tmp_path / "killed"
-    fault = {"fail_at_epoch": 1, "fail_marker": str(killed)} if deepspeed else {}
-    stage = run_recommender(cfg, "id", data_dir, None, **fault)
+    stage = run_recommender(cfg, "id", data_dir, None)
     stats = read_marker(stage)["stats"]
-    assert killed.exists() == bool(deepspeed) and len(stats["resumed_after"]) == int(bool(deepspeed))
+    assert stats["resumed_after"] == [] and stats["epochs_run"] == 3
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2]
     loaded = load_checkpoint(stage / "model.pt", load_tables(data_dir))
     assert loaded.task.spec.backbone == backbone
@@ -129,7 +127,7 @@ def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone, 
     valid = loaded.task.evaluate(loaded.model, "valid", loaded.knowledge(None))["valid/ndcg@5"]
     assert valid == pytest.approx(stats["valid/ndcg@5"], abs=1e-6)
     if backbone == "setrank":  # reproducible: the same config, seed and threads in another run directory
-        again = _cfg(tmp_path / "again", backbone=backbone, deepspeed=deepspeed, max_epochs=3)
+        again = _cfg(tmp_path / "again", backbone=backbone, max_epochs=3)
         repeat = run_recommender(again, "id", run_data(again), None)
 
         def untimed(stage_dir):
