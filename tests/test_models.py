@@ -178,11 +178,19 @@ def test_prm_short_lists_attributes_history_give_finite_loss_and_grads():
         model(candidates, None, _knowledge(3, seed=4), history)
 
 
-def test_prm_id_only_is_deterministic_in_eval():
+def test_prm_id_only_scores_follow_the_items_and_eval_turns_dropout_off():
     torch.manual_seed(0)
-    model = PRM(NUM_ITEMS, item_dim=8, d_model=16).eval()
+    model = PRM(NUM_ITEMS, item_dim=8, d_model=16, dropout=0.5)
     candidates = torch.tensor([[4, 8, 15, 16, 0]])
-    assert torch.equal(model(candidates), model(candidates))
+    model.train()
+    assert not torch.equal(model(candidates), model(candidates))  # dropout draws differ between calls
+    model.eval()
+    scores = model(candidates)
+    assert torch.equal(scores, model(candidates))
+    with torch.no_grad():
+        model.item_emb.weight[15] += 1.0  # another item 15: only through its embedding can the score know it
+    changed = model(candidates)
+    assert changed[0, 2] != scores[0, 2] and torch.isneginf(changed[0, 4])
     with pytest.raises(ValueError, match="no KnowledgeAdaptor"):
         model(candidates, knowledge=_knowledge(1, seed=0))
 
