@@ -8,14 +8,11 @@ Run as a script, this file is that job's entry point: `python tests/test_autosca
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from raytools import free_port, head_command, stop_group, wait
 
 from rlrf4rec.cluster import FAKE_HEAD_TYPE, FAKE_OBJECT_STORE_BYTES, fake_cluster_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 IDLE_TIMEOUT_MINUTES = 0.1  # an idle worker goes after 6 s (cluster.yaml: 10 minutes)
 # configs/ml1m-gpu.yaml's generate section, shrunk to two greedy requests on one replica; its GPUs per replica stay.
 STAGE_OVERRIDES = [
@@ -97,24 +94,6 @@ def run_stage(model: str, stage_dir: str) -> None:
 # --------------------------------------------------------------------------------------------------- the cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except httpx.HTTPError:  # a busy dashboard; ask again
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not within {timeout:.0f} s")
-
-
 def test_fake_node_types_are_cluster_yamls():
     from ray.autoscaler._private.util import validate_config
 
@@ -153,7 +132,7 @@ def test_fake_node_types_are_cluster_yamls():
 def fake_cluster():
     """A head like cluster.yaml's (no CPUs, no GPUs) whose autoscaler launches cluster.yaml's worker types as local
     raylets; the whole process group is stopped afterwards, whatever happened."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rlfake-", dir="/tmp")
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config = fake_cluster_config(cluster, f"127.0.0.1:{gcs}", idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
@@ -172,28 +151,15 @@ def fake_cluster():
         OMP_NUM_THREADS="1",
     )
     proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
+        head_command(
+            gcs,
+            dashboard,
+            temp_dir,
             f"--autoscaling-config={config_path}",
             f"--num-cpus={head_resources.get('CPU', 0)}",
             f"--num-gpus={head_resources.get('GPU', 0)}",
             f"--object-store-memory={FAKE_OBJECT_STORE_BYTES}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
+        ),
         env=env,
         start_new_session=True,  # the fake nodes' raylets join this process group
         stdout=subprocess.DEVNULL,
@@ -214,18 +180,11 @@ def fake_cluster():
 
     started = time.monotonic()
     try:
-        _wait(up, 120, "the dashboard")
+        wait(up, 120, "the dashboard")
         head["start_s"] = time.monotonic() - started
         yield head
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of it is left, fake worker nodes included
-        proc.wait()
+        stop_group(proc, grace=10)  # the fake worker nodes are in the head's process group
     if head["passed"]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -262,10 +221,10 @@ def test_a_gpu_stage_scales_a_worker_type_up_from_zero_and_back(fake_cluster, as
     g = _stage_config().generate
     assert (g.engine, g.num_gpus_per_replica, g.concurrency) == ("vllm", 1, 1)  # Ray Data, one replica of 1 GPU
     t0 = time.monotonic()
-    nodes = _wait(lambda: _state(head, "nodes"), 60, "the head node")
+    nodes = wait(lambda: _state(head, "nodes"), 60, "the head node")
     assert [(n["state"], n["is_head_node"]) for n in nodes] == [("ALIVE", True)], "a worker before the stage"
     (head_id,) = [n["node_id"] for n in nodes]
-    assert _wait(lambda: _active_node_types(head) is not None, 60, "the autoscaler's first report")
+    assert wait(lambda: _active_node_types(head) is not None, 60, "the autoscaler's first report")
     assert _active_node_types(head) == {}
 
     model = str(assets.asset_dir("smollm2-135m-instruct", asset_home))
@@ -286,7 +245,7 @@ def test_a_gpu_stage_scales_a_worker_type_up_from_zero_and_back(fake_cluster, as
                 raise
             return None
 
-    job = _wait(submitted, 60, "a job agent")
+    job = wait(submitted, 60, "a job agent")
     submitted_at = time.monotonic() - t0
     workers_up: dict[str, float] = {}  # node id -> seconds from t0 when first listed
     most_active: dict[str, int] = {}  # worker type -> most nodes of it the autoscaler counted at once
@@ -299,7 +258,7 @@ def test_a_gpu_stage_scales_a_worker_type_up_from_zero_and_back(fake_cluster, as
             most_active[name] = max(count, most_active.get(name, 0))
         return client.get_job_status(job) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
-    _wait(finished, 240, f"the stage (autoscaler logs in {head['logs']})")
+    wait(finished, 240, f"the stage (autoscaler logs in {head['logs']})")
     done_at = time.monotonic() - t0
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-5000:]
 
@@ -327,7 +286,7 @@ def test_a_gpu_stage_scales_a_worker_type_up_from_zero_and_back(fake_cluster, as
         (node,) = [n for n in _state(head, "nodes") if n["node_id"] == worker_id]
         return node["state"] == "DEAD" and _active_node_types(head) == {}
 
-    _wait(removed, 90, f"the idle node's removal (autoscaler logs in {head['logs']})")
+    wait(removed, 90, f"the idle node's removal (autoscaler logs in {head['logs']})")
     head["passed"] = True
     print(
         f"\nfake cluster: head up in {head['start_s']:.1f} s; from then, job submitted {submitted_at:.1f} s, "

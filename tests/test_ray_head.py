@@ -4,48 +4,27 @@ application deployed from serve_config.yaml, hot-swapped by a user_config change
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from raytools import BIN, free_port, head_command, stop_group, wait
 from synthetic import write_dataset
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{what} not within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
 def head(asset_home):
     """A head node started the way a cluster starts one; stopped through its own process group."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rlray-", dir="/tmp")
     token = secrets.token_hex(32)  # token authentication on, as on a real cluster; the CLIs read it from the env
     env = {
@@ -57,26 +36,7 @@ def head(asset_home):
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            # Free ports for the per-node agents too: their defaults (52365, ...) clash with any other Ray here.
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            "--num-cpus=4",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
+        head_command(gcs, dashboard, temp_dir, "--num-cpus=4"),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -85,16 +45,10 @@ def head(asset_home):
     url = f"http://127.0.0.1:{dashboard}"
     try:
         auth = {"Authorization": f"Bearer {token}"}
-        _wait(lambda: httpx.get(f"{url}/api/version", headers=auth, timeout=5).status_code == 200, 180, "the dashboard")
+        wait(lambda: httpx.get(f"{url}/api/version", headers=auth, timeout=5).status_code == 200, 180, "the dashboard")
         yield {"url": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the head's process group is left
-        proc.wait()
+        stop_group(proc, grace=15)
 
 
 def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
@@ -140,7 +94,7 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
         assert out.returncode == 0 or "No available agent" in out.stderr, out.stderr[-3000:]
         return out.returncode == 0
 
-    _wait(submitted, 120, "a job agent")
+    wait(submitted, 120, "a job agent")
     logs = ray_job("logs", "--address", head["url"], "--follow", job_id, timeout=1500)
     status = ray_job("status", "--address", head["url"], job_id)
     assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-6000:]
@@ -179,7 +133,7 @@ def _replica_names(head, app: str) -> list[str]:
 
 def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_place(head, serving_run, tmp_path):
     run, tastes = serving_run
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     (app,) = config["applications"]
@@ -207,11 +161,11 @@ def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_plac
 
     try:
         deploy("round1")
-        body = _wait(lambda: answer("round1"), 180, "the round1 application")
+        body = wait(lambda: answer("round1"), 180, "the round1 application")
         replicas = _replica_names(head, "rlrf4rec")
         assert len(replicas) == 2 and body["path"] == "knowledge"  # Ingress and Reranker
         deploy("base")
-        body = _wait(lambda: answer("base"), 120, "the swap to base")
+        body = wait(lambda: answer("base"), 120, "the swap to base")
         assert body["preference_text"].startswith("Loves genre")  # base wording (synthetic.preference)
         assert _replica_names(head, "rlrf4rec") == replicas  # reconfigured in place, not restarted
     finally:
