@@ -107,12 +107,12 @@ def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("backbone", ["dlcm", "setrank"])
+@pytest.mark.parametrize("backbone", ["setrank"])
 def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
-    """DLCM and SetRank train like PRM on 2 DDP workers (a second SetRank run reproduces the first exactly), and the
-    saved model reloads as the same backbone with the valid metric it reported. ZeRO-2, killing and resuming are
-    backbone-agnostic and tested with PRM above (DLCM under ZeRO-2 with a kill passed by hand); SASRec's re-ranker
-    shares this path too (tests/test_recommender.py trains and reloads every backbone in process)."""
+    """SetRank trains like PRM on 2 DDP workers, a second run reproduces the first exactly, and the saved model
+    reloads as the same backbone with the valid metric it reported. The stage does not depend on the backbone:
+    ZeRO-2, killing and resuming are tested with PRM above; DLCM (ZeRO-2, killed and resumed) and SASRec passed
+    the same by hand, and tests/test_recommender.py trains and reloads every backbone in process."""
     from rlrf4rec.recommender import load_checkpoint, load_tables
 
     cfg = _cfg(tmp_path, backbone=backbone, max_epochs=3)
