@@ -388,11 +388,9 @@ class ListReranker(nn.Module):
             raise ValueError(f"user knowledge must be [B, D] or [B, S, D], got {tuple(user.shape)}")
         segments = None
         if user is not None and user.dim() == 3:
-            segments = knowledge["user"].abs().sum(-1) > 0 if isinstance(knowledge, Mapping) else None
-            if segments is None:
+            if not isinstance(knowledge, Mapping):
                 raise ValueError('segmented user knowledge [B, S, D] must be passed as {"user": ..., ...}')
-            segments = segments.clone()
-            segments[:, 0] |= ~segments.any(-1)  # a user without text attends to its (zero) first segment
+            segments = real_segments(knowledge["user"])
         outputs = self.adaptor(knowledge)  # type -> [B, out] | [B, S, out] | [B, C, out]
         for t, v in outputs.items():
             if t != "user" and v.shape[:2] != item_vectors.shape[:2]:
@@ -403,8 +401,7 @@ class ListReranker(nn.Module):
         u = outputs["user"]
         if not self.interaction:
             if segments is not None:  # no candidate to query with: the plain mean of the user's segments
-                w = segments.unsqueeze(-1).to(u.dtype)
-                u = (u * w).sum(1) / w.sum(1)
+                u = pool_segments(u, segments)
             return torch.cat([u.unsqueeze(1).expand(-1, C, -1), *items], dim=-1), None
         query = self.match_query(torch.cat([item_vectors, *items], dim=-1))  # [B, C, K]
         if segments is None:
@@ -457,6 +454,20 @@ class ListReranker(nn.Module):
     def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Candidate vectors x [B, C, d_model] of lists with real candidates `valid` [B, C] -> logits [B, C]."""
         raise NotImplementedError
+
+
+def real_segments(user: torch.Tensor) -> torch.Tensor:
+    """Segmented user knowledge [B, S, D] (all-zero rows = padding) -> its real segments [B, S] bool; a user without
+    text keeps its (zero) first segment, so attention and means always have something to read."""
+    segments = user.abs().sum(-1) > 0
+    segments[:, 0] |= ~segments.any(-1)
+    return segments
+
+
+def pool_segments(u: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """[B, S, K] per-segment vectors -> [B, K], the mean over each user's real segments [B, S]."""
+    w = segments.unsqueeze(-1).to(u.dtype)
+    return (u * w).sum(1) / w.sum(1)
 
 
 def raw_similarity(user: torch.Tensor, item: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
@@ -624,10 +635,8 @@ class SASRecRanker(nn.Module):
             if "user" in outputs:
                 u = outputs["user"]  # [B, D_k] or [B, S, D_k]
                 if u.dim() == 3:
-                    segments = knowledge["user"].abs().sum(-1) > 0  # [B, S]
-                    segments[:, 0] |= ~segments.any(-1)
-                    w = segments.unsqueeze(-1).to(u.dtype)
-                    u = (u * w).sum(1) / w.sum(1)
+                    segments = real_segments(knowledge["user"])
+                    u = pool_segments(u, segments)
                 user = user + self.user_proj(u)
             per_item = [outputs[t] for t in self.adaptor.types if t != "user"]
             if per_item:
