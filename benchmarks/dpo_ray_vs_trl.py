@@ -2,11 +2,11 @@
 
     RLRF4REC_HOME=... OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dpo_ray_vs_trl.py [--pairs 16] [--steps 5]
 
-Pairs are realistic in shape: the factorization prompts (rlrf4rec.prompts) of the first `--pairs` train users of
+Pairs are realistic in shape: the factorization prompts (rlrf4rec.core.prompts) of the first `--pairs` train users of
 the config's dataset (its data stage rebuilt in a scratch folder), history capped at `--history-items` items so a
 CPU step stays short, with two of the user's generated texts as chosen and rejected when the config's run has
 generations (else two fixed texts). The same `dpo` settings (the config's, with `--steps` optimizer steps, batch
-`--batch` and no held-out set) then run through rlrf4rec.dpo.run_dpo:
+`--batch` and no held-out set) then run through rlrf4rec.stages.dpo.run_dpo:
 1. plain TRL in this process (`on_ray=False`),
 2. Ray Train with 1 worker: the same work per step, so the ratio is the cost of the Ray wrapper,
 3. Ray Train with 2 workers (DDP over gloo): twice the pairs per step,
@@ -33,12 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from common import load, machine
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, read_parquet, write_parquet
-from rlrf4rec.config import RunConfig, load_config
-from rlrf4rec.data import run_data
-from rlrf4rec.prompts import history_texts, preference_messages
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet, write_parquet
+from rlrf4rec.core.config import RunConfig, load_config
+from rlrf4rec.core.prompts import history_texts, preference_messages
+from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
@@ -93,7 +93,7 @@ def token_lengths(pairs: pa.Table, model: str) -> tuple[float, float]:
 
 
 def run_variant(label: str, name: str, cfg: RunConfig, pairs: Path, policy: Path, on_ray: bool) -> dict:
-    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.stages.dpo import run_dpo
 
     started = time.perf_counter()
     stage = run_dpo(cfg, pairs, policy, name, on_ray=on_ray, force=True)

@@ -4,7 +4,7 @@
 
 Pairs are dpo_ray_vs_trl.py's (`build_pairs`): the factorization prompts of the first `--pairs` train users, history
 capped at `--history-items` items (the CPU config's generate.prompt_history), two of each user's generated texts as
-chosen and rejected. Every variant runs rlrf4rec.dpo.run_dpo on Ray Train for exactly one epoch over the pairs,
+chosen and rejected. Every variant runs rlrf4rec.stages.dpo.run_dpo on Ray Train for exactly one epoch over the pairs,
 4 pairs per optimizer step, so nothing is amortized over epochs:
 1. before: the reference forward at every step, chosen and rejected as two rows that each carry the prompt, 2
    workers x 1 CPU (one torch thread each), grad_accum 2: the settings before dpo.precompute_ref_logps and
@@ -34,10 +34,10 @@ import pyarrow as pa
 from common import load, machine
 from dpo_ray_vs_trl import build_pairs
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, write_parquet
-from rlrf4rec.config import RunConfig, load_config
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, write_parquet
+from rlrf4rec.core.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
@@ -62,7 +62,7 @@ def pair_tokens(pairs: pa.Table, model: str) -> dict[str, float]:
 
 
 def run_variant(label: str, name: str, cfg: RunConfig, pairs: Path, policy: Path, n_pairs: int) -> dict:
-    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.stages.dpo import run_dpo
 
     started = time.perf_counter()
     stage = run_dpo(cfg, pairs, policy, name, on_ray=True, force=True)

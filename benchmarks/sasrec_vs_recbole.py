@@ -145,20 +145,21 @@ def run_recbole(args: argparse.Namespace, dataset_dir: Path, work: Path) -> dict
 def run_ours(args: argparse.Namespace, data_dir: Path) -> dict:
     import torch
 
-    from rlrf4rec.recommender import train_sasrec_loo
+    from rlrf4rec.core.recommender import train_sasrec_loo
+    from rlrf4rec.stages.data import read_tables
 
     torch.set_num_threads(args.threads)
     log(f"ours: train_sasrec_loo({data_dir}, max_epochs={args.ours_max_epochs}, patience={args.patience}, "
         f"seed={args.seed})")
     start = time.perf_counter()
-    out = dict(train_sasrec_loo(data_dir, max_epochs=args.ours_max_epochs, patience=args.patience, seed=args.seed))
+    out = dict(train_sasrec_loo(read_tables(data_dir), max_epochs=args.ours_max_epochs, patience=args.patience, seed=args.seed))
     out["wall_seconds"] = time.perf_counter() - start
     return out
 
 
 def make_data_stage(config: str, run_dir: Path) -> tuple[Path, float]:
-    from rlrf4rec.config import load_config
-    from rlrf4rec.data import run_data
+    from rlrf4rec.core.config import load_config
+    from rlrf4rec.stages.data import run_data
 
     start = time.perf_counter()
     cfg = load_config(config, [f"run_dir={run_dir}"])
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     import torch
 
-    from rlrf4rec import assets
+    from rlrf4rec.core import assets
 
     facts, load_before = machine_facts(), load_average()
     notes: list[str] = []
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_ours(args, data_dir)
                 log(f"ours done in {ours['wall_seconds']:.0f} s")
             except ImportError as exc:
-                notes.append(f"rlrf4rec side not run: `from rlrf4rec.recommender import train_sasrec_loo` failed "
+                notes.append(f"rlrf4rec side not run: `from rlrf4rec.core.recommender import train_sasrec_loo` failed "
                              f"({exc}); RecBole's side alone.")  # fmt: skip
                 log(notes[-1])
             except Exception as exc:  # the RecBole numbers are still worth recording

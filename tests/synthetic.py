@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlrf4rec import schema as S
+from rlrf4rec.core import schema as S
 
 NUM_ITEMS = 80
 
@@ -100,12 +100,12 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
     """
     import torch
 
-    from rlrf4rec.artifacts import stage_output, write_parquet
-    from rlrf4rec.config import RunConfig, dump_config, from_dict
-    from rlrf4rec.data import run_data
-    from rlrf4rec.encode import TextEncoder, user_knowledge_text
-    from rlrf4rec.recommender import ModelSpec, fit, save_checkpoint
-    from rlrf4rec.train import build
+    from rlrf4rec.core.artifacts import stage_output, write_parquet
+    from rlrf4rec.core.config import RunConfig, dump_config, from_dict
+    from rlrf4rec.core.recommender import ModelSpec, fit, save_checkpoint
+    from rlrf4rec.stages.data import run_data
+    from rlrf4rec.stages.encode import TextEncoder, user_knowledge_text
+    from rlrf4rec.stages.train import build
 
     tastes = write_dataset(root / "raw", num_users=400, length=40, liked_fraction=0.5)
     cfg = from_dict(
@@ -141,6 +141,6 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
         task, knowledge, model = build(data_dir, path, spec, seed=0)
         state = fit(task, model, knowledge, seed=0)
         with stage_output(run / "recommender" / variant, variant, dump_config(cfg)) as (tmp, _):
-            save_checkpoint(tmp / "model.pt", state.best_model, spec, knowledge)
+            save_checkpoint(tmp, state.best_model, spec, knowledge)
     torch.set_num_threads(1)
     return run, tastes

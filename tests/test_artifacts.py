@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_parquet
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import is_complete, read_marker, read_parquet, stage_output, write_parquet
 
 
 def _table(n: int) -> pa.Table:

@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 
-from rlrf4rec import assets
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.data import data_stats, run_data
+from rlrf4rec.core import assets
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.stages.data import data_stats, run_data
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """Autoscaling with cluster.yaml's worker types, on this machine: Ray's fake multi-node provider (each node the
-autoscaler launches is one more raylet here; rlrf4rec.cluster maps cluster.yaml to its config, GPUs declared, not
+autoscaler launches is one more raylet here; rlrf4rec.core.cluster maps cluster.yaml to its config, GPUs declared, not
 detected). From zero workers, a submitted job runs the generate stage's Ray Data path with configs/ml1m-gpu.yaml's GPU
 request per replica; the autoscaler adds one gpu_a10g_x4 node, the replica runs there and its texts equal in-process
 generation, and the idle node is removed.
@@ -27,7 +27,7 @@ import pytest
 import yaml
 from raytools import free_port, head_command, stop_group, wait
 
-from rlrf4rec.cluster import FAKE_HEAD_TYPE, FAKE_OBJECT_STORE_BYTES, fake_cluster_config
+from rlrf4rec.core.cluster import FAKE_HEAD_TYPE, FAKE_OBJECT_STORE_BYTES, fake_cluster_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_MINUTES = 0.1  # an idle worker goes after 6 s (cluster.yaml: 10 minutes)
@@ -50,15 +50,16 @@ HISTORIES = {
 
 
 def _stage_config():
-    from rlrf4rec.config import load_config
+    from rlrf4rec.core.config import load_config
 
     return load_config(ROOT / "configs" / "ml1m-gpu.yaml", STAGE_OVERRIDES)
 
 
 def _requests(model: str, g) -> pa.Table:
     """One request per user of HISTORIES, rendered as the stage renders its prompts (REQUEST_COLUMNS rows)."""
-    from rlrf4rec.generate import REQUEST_COLUMNS, REQUESTS, chat_renderer, request_seed
-    from rlrf4rec.prompts import HistoryItem, history_text, preference_messages
+    from rlrf4rec.core.engines import chat_renderer
+    from rlrf4rec.core.prompts import HistoryItem, history_text, preference_messages
+    from rlrf4rec.stages.generate import REQUEST_COLUMNS, REQUESTS, request_seed
 
     render = chat_renderer(model)
     rows = []
@@ -73,8 +74,9 @@ def run_stage(model: str, stage_dir: str) -> None:
     transformers one (vLLM-CPU cannot take a GPU request), writing `stage_dir` as the stage does."""
     import ray
 
-    from rlrf4rec.config import dump_config
-    from rlrf4rec.generate import TransformersEngine, generate_requests
+    from rlrf4rec.core.config import dump_config
+    from rlrf4rec.core.engines import TransformersEngine
+    from rlrf4rec.stages.generate import generate_requests
 
     cfg = _stage_config()
     g = cfg.generate
@@ -213,9 +215,10 @@ def test_a_gpu_stage_scales_a_worker_type_up_from_zero_and_back(fake_cluster, as
     import torch
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from rlrf4rec import assets
-    from rlrf4rec.artifacts import read_marker
-    from rlrf4rec.generate import TransformersEngine, run_local
+    from rlrf4rec.core import assets
+    from rlrf4rec.core.artifacts import read_marker
+    from rlrf4rec.core.engines import TransformersEngine
+    from rlrf4rec.stages.generate import run_local
 
     head = fake_cluster
     g = _stage_config().generate

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from rlrf4rec import charts
+from rlrf4rec.core import charts
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from rlrf4rec.config import ConfigError, DataConfig, RunConfig, apply_overrides, from_dict, load_config
+from rlrf4rec.core.config import ConfigError, DataConfig, RunConfig, apply_overrides, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import MARKER
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.data import TABLES, run_data
-from rlrf4rec.formats import MalformedRowError
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import MARKER
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.formats import MalformedRowError
+from rlrf4rec.stages.data import TABLES, run_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "recbole"
 

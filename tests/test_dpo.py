@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, write_parquet
-from rlrf4rec.config import ConfigError, RunConfig, from_dict
-from rlrf4rec.dpo import drop_long_prompts, history_from_log, split_pairs, summarize
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, write_parquet
+from rlrf4rec.core.config import ConfigError, RunConfig, from_dict
+from rlrf4rec.stages.dpo import drop_long_prompts, history_from_log, split_pairs, summarize
 
 LIKED = ["Casablanca (1942)", "Vertigo (1958)", "Chinatown (1974)", "Heat (1995)"]
 CHOSEN_TEXT = "They favour tense, character-driven classics with morally grey leads and sharp dialogue."
@@ -131,7 +131,7 @@ def test_bf16_is_accepted_on_gpus_and_defaults_are_the_reported_ones():
 
 
 def test_shipped_deepspeed_configs_leave_batch_sizes_to_the_trainer():
-    from rlrf4rec.config import deepspeed_config
+    from rlrf4rec.core.config import deepspeed_config
 
     for stage, number in (("zero2", 2), ("zero3", 3)):
         ds = deepspeed_config(stage)
@@ -172,7 +172,7 @@ def _cfg(tmp_path: Path, **dpo) -> RunConfig:
 
 
 def _policy(asset_home: Path) -> Path:
-    from rlrf4rec import assets
+    from rlrf4rec.core import assets
 
     return assets.asset_dir("smollm2-135m-instruct", asset_home)
 
@@ -199,7 +199,7 @@ def test_in_process_dpo_changes_the_policy_and_exports_a_loadable_model(asset_ho
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.stages.dpo import run_dpo
 
     cfg = _cfg(tmp_path)
     pairs = tmp_path / "pairs.parquet"
@@ -250,7 +250,7 @@ def ray_cluster():
 
 @pytest.mark.slow
 def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_cluster, tmp_path):
-    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.stages.dpo import run_dpo
 
     cfg = _cfg(tmp_path, deepspeed="zero2", num_workers=2, per_device_batch_size=1, max_steps=3, save_steps=1)
     pairs = tmp_path / "pairs.parquet"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from test_dpo import make_pairs
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import write_parquet
-from rlrf4rec.config import DPOConfig, from_dict
-from rlrf4rec.dpo_trainer import pack_shared_prompt, segment_attention
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import write_parquet
+from rlrf4rec.core.config import DPOConfig, from_dict
+from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, segment_attention
 
 # --------------------------------------------------------------------------------------------------- packing (pure)
 
@@ -77,7 +77,7 @@ def tiny_policy(asset_home, tmp_path_factory) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rlrf4rec import assets
+    from rlrf4rec.core import assets
 
     source = assets.asset_dir("smollm2-135m-instruct", asset_home)
     config = AutoConfig.from_pretrained(source)
@@ -94,7 +94,7 @@ def _loss(policy: Path, pairs: Path, out: Path, max_length: int, **dpo):
     """Loss, gradients and logged reward margin of one batch of all pairs, the policy moved the same way each time."""
     import torch
 
-    from rlrf4rec.dpo import build_trainer
+    from rlrf4rec.stages.dpo import build_trainer
 
     dc = from_dict(DPOConfig, {
         "beta": 0.5, "per_device_batch_size": 8, "grad_accum": 1, "max_length": max_length,

@@ -1,4 +1,4 @@
-"""rlrf4rec.formats on the hand-written fixtures: exact counts, rejection reasons, parsed rows and strict mode.
+"""rlrf4rec.core.formats on the hand-written fixtures: exact counts, rejection reasons, parsed rows and strict mode.
 
 Every fixture holds 18 items and 3 users x 12 valid interactions (user u rates 12 consecutive items starting at
 3u-2), plus deliberately malformed rows; the protocol tests reuse them.
@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.formats import FORMATS, MalformedRowError, load_dataset
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.formats import FORMATS, MalformedRowError, load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPEATED = "repeated (user, item) interaction (latest kept)"

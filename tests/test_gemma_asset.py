@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlrf4rec import assets
+from rlrf4rec.core import assets
 
 CHUNKS = [b"GGUF\x03 first chunk|", b"second chunk|", b"third, shorter"]
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import MARKER, read_marker, read_parquet
 from rlrf4rec.cli import main
-from rlrf4rec.config import ConfigError, GenerateConfig, RunConfig, from_dict
-from rlrf4rec.data import run_data
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import MARKER, read_marker, read_parquet
+from rlrf4rec.core.config import ConfigError, GenerateConfig, RunConfig, from_dict
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "recbole"
@@ -68,7 +69,7 @@ class FakeEngine:
             raise KeyboardInterrupt
         if self.bad_seed in seeds:
             raise ValueError(f"cannot sample seed {self.bad_seed}")
-        return [G.Completion(f"the user likes films number {s} with calm moods", 10, 9, "stop") for s in seeds]
+        return [E.Completion(f"the user likes films number {s} with calm moods", 10, 9, "stop") for s in seeds]
 
 
 META = {S.TEMPERATURE: 1.0, S.TOP_P: 0.95, S.MAX_NEW_TOKENS: 16, S.MODEL: "fake", S.POLICY_VERSION: "base"}
@@ -251,14 +252,14 @@ def model_requests(asset_home, tmp_path_factory):
     model = str(asset_home / "models" / "smollm2-135m-instruct")
     sequences = read_parquet(data / "sequences.parquet", S.SEQUENCES)
     gen_cfg = GenerateConfig(engine="transformers", num_samples=1, max_users=2, temperature=0.0, max_new_tokens=24)
-    reqs = G.build_requests(sequences, read_parquet(data / "items.parquet"), None, G.chat_renderer(model), gen_cfg, 1)
+    reqs = G.build_requests(sequences, read_parquet(data / "items.parquet"), None, E.chat_renderer(model), gen_cfg, 1)
     return model, gen_cfg, reqs
 
 
 @pytest.mark.slow
 def test_transformers_greedy_is_identical_twice(model_requests):
     model, gen_cfg, reqs = model_requests
-    generate = G.GenerateBatch(partial(G.TransformersEngine, model, gen_cfg))
+    generate = G.GenerateBatch(partial(E.TransformersEngine, model, gen_cfg))
     first, second = generate(reqs), generate(reqs)
     assert first.column(S.ERROR).null_count == reqs.num_rows
     assert first.column(S.PREFERENCE_TEXT).to_pylist() == second.column(S.PREFERENCE_TEXT).to_pylist()

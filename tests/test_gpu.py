@@ -25,11 +25,13 @@ import yaml
 from synthetic import NUM_ITEMS, write_dataset
 from test_dpo import _pair_logratio, make_pairs
 
-from rlrf4rec import assets, online
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, read_parquet, write_parquet
-from rlrf4rec.config import RunConfig, from_dict
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet, write_parquet
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.serving import online
+from rlrf4rec.stages import generate as G
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -112,7 +114,7 @@ def test_serve_answers_with_its_reranker_on_the_gpu(gpu_ray, serving_run):
     import torch
     from ray import serve
 
-    from rlrf4rec.serve import build_app
+    from rlrf4rec.serving.serve import build_app
 
     run, tastes = serving_run
     free_before, _ = torch.cuda.mem_get_info()
@@ -158,7 +160,7 @@ class ProbedVLLM:
         from vllm.platforms import current_platform
 
         probe = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        self.engine = G.VLLMEngine(model, cfg)
+        self.engine = E.VLLMEngine(model, cfg)
         probe.update(cuda=current_platform.is_cuda(), dtype=str(self.engine.llm.llm_engine.model_config.dtype))
         Path(record).write_text(json.dumps(probe))
 
@@ -170,7 +172,7 @@ def test_vllm_replica_generates_on_its_own_gpu_in_bf16(gpu_ray, asset_home, tmp_
     import ray
     from ray import cloudpickle
 
-    from rlrf4rec.data import run_data
+    from rlrf4rec.stages.data import run_data
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor cannot import this test module
     cfg = tiny_gpu_config(tmp_path, asset_home)
@@ -198,9 +200,9 @@ def test_vllm_replica_generates_on_its_own_gpu_in_bf16(gpu_ray, asset_home, tmp_
 def test_recommender_trains_on_the_gpu_as_on_the_cpu(gpu_ray, asset_home, tmp_path):
     import torch
 
-    from rlrf4rec.data import run_data
-    from rlrf4rec.recommender import fit
-    from rlrf4rec.train import build, model_spec, run_recommender
+    from rlrf4rec.core.recommender import fit
+    from rlrf4rec.stages.data import run_data
+    from rlrf4rec.stages.train import build, model_spec, run_recommender
 
     # No dropout: CPU and GPU draw different masks; everything else is the same arithmetic up to rounding.
     cfg = tiny_gpu_config(
@@ -236,7 +238,7 @@ def test_dpo_zero3_bf16_full_fine_tune_under_ray_train(gpu_ray, asset_home, tmp_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlrf4rec.dpo import run_dpo
+    from rlrf4rec.stages.dpo import run_dpo
 
     dpo = {
         "beta": 0.1, "lr": 2e-4, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
@@ -278,7 +280,7 @@ def test_dpo_zero3_bf16_full_fine_tune_under_ray_train(gpu_ray, asset_home, tmp_
 
 def test_one_round_of_the_loop_on_one_gpu(gpu_ray, asset_home, tmp_path):
     from rlrf4rec import pipeline
-    from rlrf4rec.train import run_recommender
+    from rlrf4rec.stages.train import run_recommender
 
     # In-sample rewards: cross-fitting trains more re-rankers on the same GPU path the recommender test covers.
     cfg = tiny_gpu_config(tmp_path, asset_home, reward={"cross_fit_folds": 0})

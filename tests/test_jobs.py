@@ -10,16 +10,21 @@ from pathlib import Path
 import pytest
 
 from rlrf4rec.cli import _parser
+from rlrf4rec.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "ray_jobs").glob("*.py"))
 
 
-def test_every_entry_point_runs_a_subcommand_of_the_cli():
-    subcommands = set(_parser()._subparsers._group_actions[0].choices)
+def test_entry_points_match_the_stage_table():
+    """ray_jobs/<name>.py runs subcommand <name> (dashes as underscores), and every stage but `serve` (which runs as
+    `serve run serve_config.yaml`) has one; the CLI's subcommands are the table's."""
+    assert set(_parser()._subparsers._group_actions[0].choices) == {s.name for s in STAGES}
     called = {p.name: re.search(r'run\("([a-z-]+)"\)', p.read_text()) for p in SCRIPTS}
-    assert len(called) >= 12 and all(called.values()), called
-    assert {m.group(1) for m in called.values()} <= subcommands
+    assert all(called.values()), called
+    assert {name: m.group(1) for name, m in called.items()} == {
+        s.job_script: s.name for s in STAGES if s.name != "serve"
+    }
 
 
 def test_entry_point_without_the_environment_names_the_fix():

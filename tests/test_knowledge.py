@@ -9,12 +9,20 @@ import pytest
 import torch
 from synthetic import write_dataset
 
-from rlrf4rec import assets
-from rlrf4rec import generate as G
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_parquet
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.controls import (
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_parquet
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.models import PRM, KnowledgeAdaptor, listnet_loss
+from rlrf4rec.core.recommender import (
+    ModelSpec,
+    RerankTask,
+    load_checkpoint,
+    save_checkpoint,
+)
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.controls import (
     leaked_texts,
     list_mean,
     paired_bootstrap,
@@ -22,17 +30,9 @@ from rlrf4rec.controls import (
     perturb_user_knowledge,
     train_model,
 )
-from rlrf4rec.data import run_data
-from rlrf4rec.encode import pad_segments, run_encode, text_segments, write_item_knowledge
-from rlrf4rec.models import PRM, KnowledgeAdaptor, listnet_loss
-from rlrf4rec.recommender import (
-    ModelSpec,
-    RerankTask,
-    load_checkpoint,
-    load_tables,
-    save_checkpoint,
-)
-from rlrf4rec.train import item_knowledge_matrix
+from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.encode import pad_segments, run_encode, text_segments, write_item_knowledge
+from rlrf4rec.stages.train import item_knowledge_matrix
 
 
 def test_listnet_loss_by_hand():
@@ -113,7 +113,7 @@ def synthetic_lists(tmp_path_factory):
     cfg = from_dict(
         RunConfig, {"name": "k", "run_dir": str(root / "run"), "data": {"format": "parquet", "path": str(root / "raw")}}
     )
-    return load_tables(run_data(cfg))
+    return read_tables(run_data(cfg))
 
 
 def _leak_knowledge(task: RerankTask, tables) -> dict[str, torch.Tensor]:
@@ -163,8 +163,8 @@ def test_item_knowledge_travels_with_the_checkpoint(synthetic_lists, tmp_path):
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
     model, state = train_model(task, knowledge, seed=0)
-    save_checkpoint(tmp_path / "model.pt", state.best_model, spec, knowledge, user_segments=16)
-    ckpt = load_checkpoint(tmp_path / "model.pt", synthetic_lists)
+    save_checkpoint(tmp_path, state.best_model, spec, knowledge, user_segments=16)
+    ckpt = load_checkpoint(tmp_path, synthetic_lists)
     assert ckpt.user_segments == 16 and ckpt.user_knowledge_dim == task.num_items + 1
     assert torch.equal(ckpt.item_knowledge, knowledge["item"])
     reloaded = ckpt.knowledge(knowledge["user"])
@@ -214,7 +214,7 @@ def test_shuffled_knowledge_is_a_derangement_of_valid_users(synthetic_lists):
 
 
 def test_spearman_with_ties_and_constant_scores():
-    from rlrf4rec.controls import spearman
+    from rlrf4rec.stages.controls import spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -224,7 +224,7 @@ def test_spearman_with_ties_and_constant_scores():
 
 
 def test_paired_differences_resolve_a_shift_and_not_noise():
-    from rlrf4rec.evaluate import METRICS, paired_differences
+    from rlrf4rec.stages.evaluate import METRICS, paired_differences
 
     rng = np.random.default_rng(0)
     base = {m: rng.uniform(0.3, 0.9, 200) for m in METRICS}
@@ -266,7 +266,7 @@ class SeedEngine:
         out = []
         for p, s in zip(prompts, seeds):
             subject = p.split('Introduce the movie "')[1].split('"')[0] if "Introduce the movie" in p else "a user"
-            out.append(G.Completion(f"About {subject}: a calm drama, seed {s}.", 30, 9, "stop"))
+            out.append(E.Completion(f"About {subject}: a calm drama, seed {s}.", 30, 9, "stop"))
         return out
 
 
@@ -293,7 +293,7 @@ def _llm_cfg(tmp_path, asset_home, **knowledge) -> RunConfig:
 @pytest.fixture
 def stand_in_llm(monkeypatch):
     monkeypatch.setattr(G, "chat_renderer", lambda model_path: lambda messages: messages[-1]["content"])
-    monkeypatch.setitem(G.ENGINE_CLASSES, "transformers", SeedEngine)
+    monkeypatch.setitem(E.ENGINE_CLASSES, "transformers", SeedEngine)
     SeedEngine.calls = []
 
 
@@ -311,7 +311,7 @@ def test_llm_item_knowledge_is_generated_once_cached_and_fed_per_item(tmp_path, 
     run_data(other)
     assert write_item_knowledge(other) and SeedEngine.calls == []
     assert len(list((tmp_path / "home" / "cache" / "item-texts").iterdir())) == 1
-    task = RerankTask(load_tables(data_dir), ModelSpec())
+    task = RerankTask(read_tables(data_dir), ModelSpec())
     matrix = item_knowledge_matrix(stage / "item_knowledge.parquet", task)
     assert matrix.shape[0] == task.num_items + 1 and matrix[0].abs().sum() == 0 and (matrix[1:].norm(dim=1) > 0.9).all()
 
@@ -351,7 +351,7 @@ def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_p
     import json
 
     from rlrf4rec.cli import main
-    from rlrf4rec.report import build_report
+    from rlrf4rec.stages.report import build_report
 
     write_dataset(tmp_path / "raw", num_users=40, length=24)
     encoder = str(assets.resolve("embedded:all-minilm-l6-v2", asset_home))
@@ -386,7 +386,7 @@ def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_p
 
 
 def test_pairwise_log_likelihood_by_hand():
-    from rlrf4rec.metrics import pairwise_log_likelihood
+    from rlrf4rec.core.metrics import pairwise_log_likelihood
 
     scores = np.array([[2.0, 1.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
     labels = np.array([[1, 0, 1, 0], [0, 0, 0, 0]])
@@ -410,8 +410,8 @@ def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tm
     read from the same models, in-sample and cross-fitted, and two 2-seed ensembles compared."""
     import json
 
-    from rlrf4rec.artifacts import read_marker, stage_output, write_parquet
     from rlrf4rec.cli import main
+    from rlrf4rec.core.artifacts import read_marker, stage_output, write_parquet
 
     write_dataset(tmp_path / "raw", num_users=40, length=24)
     encoder = str(assets.resolve("embedded:all-minilm-l6-v2", asset_home))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlrf4rec.metrics import (
+from rlrf4rec.core.metrics import (
     bootstrap_ci,
     full_sort_metrics,
     mean_metrics,

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlrf4rec.metrics import rank_metrics
-from rlrf4rec.models import DLCM, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank, listwise_bce_loss
+from rlrf4rec.core.metrics import rank_metrics
+from rlrf4rec.core.models import DLCM, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank, listwise_bce_loss
 
 torch.set_num_threads(1)
 

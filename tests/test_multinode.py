@@ -19,10 +19,10 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
     import ray
     from ray.cluster_utils import Cluster
 
-    from rlrf4rec import assets
-    from rlrf4rec import schema as S
-    from rlrf4rec.encode import TextEncoder
-    from rlrf4rec.reward import RewardModel, score_on_ray
+    from rlrf4rec.core import assets
+    from rlrf4rec.core import schema as S
+    from rlrf4rec.stages.encode import TextEncoder
+    from rlrf4rec.stages.reward import RewardModel, score_on_ray
 
     class NodeRecordingEncoder:  # local: shipped to the actors by value
         """The real sentence encoder; each actor notes the node it runs on (a file per actor) before loading it."""
@@ -30,7 +30,7 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
         def __init__(self, encoder_dir: str, marks: str):
             import ray
 
-            from rlrf4rec.encode import TextEncoder
+            from rlrf4rec.stages.encode import TextEncoder
 
             node = ray.get_runtime_context().get_node_id()
             (Path(marks) / f"{node}-{os.getpid()}").touch()

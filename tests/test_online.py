@@ -5,8 +5,8 @@ import pytest
 import torch
 from synthetic import NUM_ITEMS, preference
 
-from rlrf4rec import online
-from rlrf4rec.artifacts import MARKER, write_json
+from rlrf4rec.core.artifacts import MARKER, write_json
+from rlrf4rec.serving import online
 
 GENRE_A = [str(i) for i in range(1, NUM_ITEMS // 2 + 1)]
 GENRE_B = [str(i) for i in range(NUM_ITEMS // 2 + 1, NUM_ITEMS + 1)]

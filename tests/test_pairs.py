@@ -2,8 +2,17 @@ import math
 
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.pairs import DROP_MARGIN, DROP_SINGLE, DROP_TIE, Candidate, Pair, pairs_table, select_pair, select_pairs
+from rlrf4rec.core import schema as S
+from rlrf4rec.stages.pairs import (
+    DROP_MARGIN,
+    DROP_SINGLE,
+    DROP_TIE,
+    Candidate,
+    Pair,
+    pairs_table,
+    select_pair,
+    select_pairs,
+)
 
 
 def C(idx: int, reward: float) -> Candidate:

@@ -3,7 +3,7 @@
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from rlrf4rec.prompts import FACTORS, HistoryItem, history_text, preference_messages, sanitize
+from rlrf4rec.core.prompts import FACTORS, HistoryItem, history_text, preference_messages, sanitize
 
 # SmolLM2-135M-Instruct's chat template (ChatML), as shipped with the model; rendered the way transformers does.
 SMOLLM2_TEMPLATE = (

@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlrf4rec import schema as S
-from rlrf4rec.config import DataConfig
-from rlrf4rec.protocol import build_protocol, history_window, split_users
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.config import DataConfig
+from rlrf4rec.core.protocol import build_protocol, history_window, split_users
 
 NUM_ITEMS = 40
 

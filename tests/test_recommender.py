@@ -7,10 +7,10 @@ import pytest
 import torch
 from synthetic import write_dataset, write_knowledge
 
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.data import run_data
-from rlrf4rec.recommender import ModelSpec, NextItemTask, RerankTask, fit, load_tables
-from rlrf4rec.train import knowledge_matrix
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.recommender import ModelSpec, NextItemTask, RerankTask, fit
+from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.train import knowledge_matrix
 
 # history_len=1: the ID-only model sees a single history item, so the user's taste is (almost) only in the knowledge.
 SPEC = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
@@ -31,7 +31,7 @@ def synthetic(tmp_path_factory):
 
 def test_rerank_task_tensors_match_the_tables(synthetic):
     data_dir, _ = synthetic
-    task = RerankTask(load_tables(data_dir), SPEC)
+    task = RerankTask(read_tables(data_dir), SPEC)
     train = task.splits["train"]
     assert train.candidates.shape[1] == 10 and train.attributes.shape == (len(train), 10, 1)
     assert (train.labels.sum(1) <= 4).all() and train.labels.sum() > 0
@@ -43,7 +43,7 @@ def test_rerank_task_tensors_match_the_tables(synthetic):
 
 def test_workers_take_equal_batches_covering_every_list_once(synthetic):
     data_dir, _ = synthetic
-    task = RerankTask(load_tables(data_dir), SPEC)
+    task = RerankTask(read_tables(data_dir), SPEC)
     n = len(task.splits["train"])
     for world in (1, 2, 3, 7):
         batches = [[len(b) for b in task.train_batches(epoch=1, seed=3, rank=r, world=world)] for r in range(world)]
@@ -59,7 +59,7 @@ def _fit_id_and_knowledge(data_dir, knowledge_path, spec: ModelSpec) -> tuple[di
     results = {}
     for name, path in [("id", None), ("knowledge", knowledge_path)]:
         torch.manual_seed(0)
-        task = RerankTask(load_tables(data_dir), spec)
+        task = RerankTask(read_tables(data_dir), spec)
         knowledge = knowledge_matrix(path, task.users)
         model = task.build_model(None if knowledge is None else knowledge.shape[1])
         state = fit(task, model, knowledge, seed=0)
@@ -76,7 +76,7 @@ def test_knowledge_augmented_reranker_beats_id_only_on_unseen_users(synthetic):
 
 def test_scores_depend_on_knowledge_and_are_deterministic(synthetic):
     data_dir, knowledge_path = synthetic
-    task = RerankTask(load_tables(data_dir), SPEC)
+    task = RerankTask(read_tables(data_dir), SPEC)
     knowledge = knowledge_matrix(knowledge_path, task.users)
     torch.manual_seed(0)
     model = task.build_model(knowledge.shape[1])
@@ -91,7 +91,7 @@ def test_scores_depend_on_knowledge_and_are_deterministic(synthetic):
 def test_next_item_task_learns_and_excludes_history(synthetic):
     data_dir, _ = synthetic
     spec = ModelSpec(backbone="sasrec", max_epochs=3, patience=3, batch_size=32, select_metric="ndcg@10")
-    task = NextItemTask(load_tables(data_dir), spec)
+    task = NextItemTask(read_tables(data_dir), spec)
     real = task.train_targets[:, :-1] != 0
     assert (task.train_targets[:, :-1] == task.train_inputs[:, 1:])[real].all()  # targets: the inputs shifted by one
     torch.manual_seed(0)
@@ -106,13 +106,13 @@ def test_next_item_task_learns_and_excludes_history(synthetic):
 def test_every_backbone_uses_knowledge_and_reloads_from_its_checkpoint(synthetic, tmp_path, backbone):
     """Each re-ranker backbone learns the synthetic lists, does better with the taste knowledge than without on
     unseen users, and comes back from `save_checkpoint` as the same class giving the same scores."""
-    from rlrf4rec.recommender import load_checkpoint, save_checkpoint
+    from rlrf4rec.core.recommender import load_checkpoint, save_checkpoint
 
     spec = dataclasses.replace(SPEC, backbone=backbone)
     results, (task, model, knowledge, weights) = _fit_id_and_knowledge(*synthetic, spec)
     assert results["knowledge"] > results["id"] + 0.05, results
-    save_checkpoint(tmp_path / "model.pt", weights, spec, knowledge)
-    loaded = load_checkpoint(tmp_path / "model.pt", task)
+    save_checkpoint(tmp_path, weights, spec, knowledge)
+    loaded = load_checkpoint(tmp_path, task)
     assert type(loaded.model) is type(model)
     np.testing.assert_array_equal(
         loaded.task.scores(loaded.model, "valid", loaded.knowledge(knowledge)), task.scores(model, "valid", knowledge)

@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 import pyarrow as pa
 import pytest
 
-from rlrf4rec import charts
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, stage_output, write_json, write_parquet
-from rlrf4rec.report import METRICS, build_report
+from rlrf4rec.core import charts
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, stage_output, write_json, write_parquet
+from rlrf4rec.stages.report import METRICS, build_report
 
 CHARTS = ["forest-metrics", "forest-paired", "rewards-round0", "rewards-train", "dpo-round0", "stage-times"]
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "embed", "source", "track", "wbr"}

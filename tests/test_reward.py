@@ -5,11 +5,11 @@ import pytest
 import torch
 from synthetic import write_dataset, write_knowledge
 
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.data import run_data
-from rlrf4rec.recommender import ModelSpec, RerankTask, fit, load_tables, save_checkpoint
-from rlrf4rec.reward import RewardModel, rewards_table
-from rlrf4rec.train import knowledge_matrix
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.recommender import ModelSpec, RerankTask, fit, save_checkpoint
+from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.reward import RewardModel, rewards_table
+from rlrf4rec.stages.train import knowledge_matrix
 
 SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
 
@@ -23,12 +23,12 @@ def reward_model(tmp_path_factory):
     )
     data_dir = run_data(cfg)
     write_knowledge(root / "knowledge.parquet", tastes, noise=0.0)
-    task = RerankTask(load_tables(data_dir), SPEC)
+    task = RerankTask(read_tables(data_dir), SPEC)
     knowledge = knowledge_matrix(root / "knowledge.parquet", task.users)
     torch.manual_seed(0)
     model = task.build_model(knowledge.shape[1])
     state = fit(task, model, knowledge, seed=0)
-    save_checkpoint(root / "model.pt", state.best_model, SPEC, knowledge)
+    save_checkpoint(root, state.best_model, SPEC, knowledge)
     return RewardModel.load(root, data_dir), tastes, root, data_dir
 
 
@@ -67,7 +67,7 @@ def test_unknown_user_and_id_only_model_are_refused(reward_model, tmp_path):
         rm.score(["nobody"], np.zeros((1, 8), np.float32))
     task = rm.task
     id_model = task.build_model(None)
-    save_checkpoint(tmp_path / "model.pt", id_model.state_dict(), task.spec, None)
+    save_checkpoint(tmp_path, id_model.state_dict(), task.spec, None)
     with pytest.raises(ValueError, match="ID-only recommender"):
         RewardModel.load(tmp_path, data_dir)
 
@@ -75,7 +75,7 @@ def test_unknown_user_and_id_only_model_are_refused(reward_model, tmp_path):
 def test_rewards_table_keeps_the_generation_keys():
     import pyarrow as pa
 
-    from rlrf4rec import schema as S
+    from rlrf4rec.core import schema as S
 
     gens = pa.table(
         {
@@ -97,8 +97,8 @@ def test_ray_data_scoring_matches_in_process(reward_model, tmp_path):
     import pyarrow as pa
     import ray
 
-    from rlrf4rec import schema as S
-    from rlrf4rec.reward import score_on_ray
+    from rlrf4rec.core import schema as S
+    from rlrf4rec.stages.reward import score_on_ray
 
     class TasteEncoder:  # texts that name a genre -> the synthetic knowledge vectors (local: shipped by value)
         def encode(self, texts):

@@ -27,7 +27,7 @@ def app(serving_run):
     import ray
     from ray import serve
 
-    from rlrf4rec.serve import build_app
+    from rlrf4rec.serving.serve import build_app
 
     run, tastes = serving_run
     port = _free_port()
@@ -94,7 +94,7 @@ NUMERIC_FIELDS = {
 
 
 def test_nan_and_infinity_get_422_naming_the_field_not_500(app):
-    from rlrf4rec.serve import RankRequest
+    from rlrf4rec.serving.serve import RankRequest
 
     schema = RankRequest.model_json_schema()
     numeric = {
@@ -153,7 +153,7 @@ def test_user_without_knowledge_falls_back_to_id_only_and_is_counted(app):
 def test_overload_is_shed_with_503_not_timeouts(app):
     from ray import serve
 
-    from rlrf4rec.serve import Ingress
+    from rlrf4rec.serving.serve import Ingress
 
     client, run, _, port = app
     tight = Ingress.options(max_ongoing_requests=1, max_queued_requests=1)
@@ -176,7 +176,7 @@ def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app)
     import ray
     from ray import serve
 
-    from rlrf4rec.serve import Ingress, Reranker
+    from rlrf4rec.serving.serve import Ingress, Reranker
 
     client, run, _, _ = app
     reranker = Reranker.options(num_replicas=2).bind(str(run), "latest")
@@ -207,7 +207,7 @@ def test_a_killed_reranker_replica_is_replaced_and_requests_keep_succeeding(app)
 def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
     from ray import serve
 
-    from rlrf4rec.serve import Ingress, OnlineKnowledge, PreferenceGenerator, Reranker
+    from rlrf4rec.serving.serve import Ingress, OnlineKnowledge, PreferenceGenerator, Reranker
 
     client, run, _, _ = app
     generator = PreferenceGenerator.bind(str(run), "base")  # the base LLM (the fixture run has no DPO model)
@@ -386,7 +386,7 @@ def _session(sid: int) -> dict[int, str]:
 def test_application_arguments_are_checked_before_any_replica_starts(serving_run, tmp_path):
     import pydantic
 
-    from rlrf4rec.serve import build_app
+    from rlrf4rec.serving.serve import build_app
 
     run, _ = serving_run
     with pytest.raises(pydantic.ValidationError, match="generation_deadline"):

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from rlrf4rec.cluster import node_gpus
-from rlrf4rec.config import RunConfig, dump_config, load_config
+from rlrf4rec.core.cluster import node_gpus
+from rlrf4rec.core.config import RunConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

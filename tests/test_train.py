@@ -6,10 +6,10 @@ import os
 import pytest
 from synthetic import write_dataset, write_knowledge
 
-from rlrf4rec.artifacts import read_marker
-from rlrf4rec.config import RunConfig, from_dict
-from rlrf4rec.data import run_data
-from rlrf4rec.train import run_recommender
+from rlrf4rec.core.artifacts import read_marker
+from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.stages.data import run_data
+from rlrf4rec.stages.train import run_recommender
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +60,15 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
 def test_knowledge_variant_trains_with_ddp_on_user_and_item_knowledge(ray_cluster, asset_home, tmp_path):
     import torch
 
-    from rlrf4rec import assets
-    from rlrf4rec.encode import write_item_knowledge
+    from rlrf4rec.core import assets
+    from rlrf4rec.stages.encode import write_item_knowledge
 
     encoder = str(assets.asset_dir("all-minilm-l6-v2", asset_home))
     # Synthetic user vectors (8-d) next to real encoder item vectors (384-d): no shared experts across the dims.
     cfg = _cfg(tmp_path, {"item": "metadata"}, {"encoder": encoder}, max_epochs=2, adaptor_shared_experts=0)
     data_dir = run_data(cfg)
     knowledge_dir = cfg.run_path / "knowledge" / "taste"
-    from rlrf4rec.artifacts import stage_output
+    from rlrf4rec.core.artifacts import stage_output
 
     # Give the hand-written knowledge file a completion marker, as the encode stage would.
     with stage_output(knowledge_dir, "synthetic", "") as (tmp, _):
@@ -113,7 +113,8 @@ def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
     reloads as the same backbone with the valid metric it reported. The stage does not depend on the backbone:
     ZeRO-2, killing and resuming are tested with PRM above; DLCM (ZeRO-2, killed and resumed) and SASRec passed
     the same by hand, and tests/test_recommender.py trains and reloads every backbone in process."""
-    from rlrf4rec.recommender import load_checkpoint, load_tables
+    from rlrf4rec.core.recommender import load_checkpoint
+    from rlrf4rec.stages.data import read_tables
 
     cfg = _cfg(tmp_path, backbone=backbone, max_epochs=3)
     data_dir = run_data(cfg)
@@ -121,7 +122,7 @@ def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
     stats = read_marker(stage)["stats"]
     assert stats["resumed_after"] == [] and stats["epochs_run"] == 3
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2]
-    loaded = load_checkpoint(stage / "model.pt", load_tables(data_dir))
+    loaded = load_checkpoint(stage, read_tables(data_dir))
     assert loaded.task.spec.backbone == backbone
     assert type(loaded.model).__name__ == {"setrank": "SetRank", "dlcm": "DLCM"}[backbone]
     valid = loaded.task.evaluate(loaded.model, "valid", loaded.knowledge(None))["valid/ndcg@5"]

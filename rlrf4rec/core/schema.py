@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Canonical tables (output of rlrf4rec.formats loaders).
+# Canonical tables (output of rlrf4rec.core.formats loaders).
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 RATING = "rating"
@@ -49,7 +49,7 @@ USERS = pa.schema(
     ]
 )
 
-# Protocol tables (output of rlrf4rec.protocol, METHOD.md section 1).
+# Protocol tables (output of rlrf4rec.core.protocol, METHOD.md section 1).
 SPLIT = "split"  # "train" | "valid" | "test", assigned per user
 ITEM_IDS = "item_ids"
 RATINGS = "ratings"
@@ -103,7 +103,7 @@ LEAVE_ONE_OUT = pa.schema(
     ]
 )
 
-# Knowledge (output of rlrf4rec.encode): one vector per user text.
+# Knowledge (output of rlrf4rec.stages.encode): one vector per user text.
 TEXT_HASH = "text_hash"
 VECTOR = "vector"
 KNOWLEDGE_TEXT = "knowledge_text"
@@ -127,7 +127,7 @@ ITEM_KNOWLEDGE = pa.schema(
     ]
 )
 
-# Generation tables (output of rlrf4rec.generate, METHOD.md section 3): one row per (user, sample_idx).
+# Generation tables (output of rlrf4rec.stages.generate, METHOD.md section 3): one row per (user, sample_idx).
 SAMPLE_IDX = "sample_idx"
 PROMPT = "prompt"  # the exact text the LLM saw, chat template applied
 PREFERENCE_TEXT = "preference_text"
@@ -140,7 +140,7 @@ TOP_P = "top_p"
 MAX_NEW_TOKENS = "max_new_tokens"
 MODEL = "model"  # the model reference the text came from (embedded name, HF id or checkpoint path)
 POLICY_VERSION = "policy_version"  # "base", then one version per DPO round
-FLAGS = "flags"  # quality flags, any of QUALITY_FLAGS (rlrf4rec.generate.quality_flags)
+FLAGS = "flags"  # quality flags, any of QUALITY_FLAGS (rlrf4rec.stages.generate.quality_flags)
 QUALITY_FLAGS = ("empty", "truncated", "degenerate", "off_topic")
 ERROR = "error"
 
@@ -172,7 +172,7 @@ GENERATION_ERRORS = pa.schema(
     ]
 )
 
-# Rewards (output of rlrf4rec.reward): one per generation key.
+# Rewards (output of rlrf4rec.stages.reward): one per generation key.
 REWARD = "reward"
 ROUND = "round"
 
@@ -186,7 +186,7 @@ REWARDS = pa.schema(
     ]
 )
 
-# DPO pairs (output of rlrf4rec.pairs) in TRL's conversational format: prompt, chosen and rejected are chat
+# DPO pairs (output of rlrf4rec.stages.pairs) in TRL's conversational format: prompt, chosen and rejected are chat
 # messages, so TRL applies the policy's own chat template. The rest is provenance.
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
 CHOSEN = "chosen"
@@ -213,3 +213,15 @@ PAIRS = pa.schema(
         pa.field(ROUND, pa.int32(), nullable=False),
     ]
 )
+
+
+# The data stage's protocol tables: name -> schema (each one `<run>/data/<name>.parquet`, layout.data_table).
+TABLES = {
+    "interactions": INTERACTIONS,
+    "items": ITEMS,
+    "users": USERS,
+    "item_index": ITEM_INDEX,
+    "sequences": SEQUENCES,
+    "rerank_lists": RERANK_LISTS,
+    "leave_one_out": LEAVE_ONE_OUT,
+}

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import (
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import (
     is_complete,
     model_identity,
     read_parquet,
@@ -27,11 +27,12 @@ from rlrf4rec.artifacts import (
     write_json,
     write_parquet,
 )
-from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.encode import TextEncoder, embedding_cache, user_knowledge_text
-from rlrf4rec.metrics import bootstrap_ci, rank_metrics
-from rlrf4rec.recommender import RERANK_KS, RerankBatch, RerankTask
-from rlrf4rec.reward import RewardModel
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, PAIRED, PER_USER_PARQUET, TABLE_JSON, TEST_TEXTS
+from rlrf4rec.core.metrics import bootstrap_ci, rank_metrics
+from rlrf4rec.core.recommender import RERANK_KS, RerankBatch, RerankTask
+from rlrf4rec.stages.encode import TextEncoder, embedding_cache, user_knowledge_text
+from rlrf4rec.stages.reward import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -96,32 +97,32 @@ def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int,
 
 def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
     """policies: [(row name, policy model path, recommender stage dir)] evaluated with greedy test texts."""
-    from rlrf4rec.data import user_history_texts
-    from rlrf4rec.generate import run_generate
+    from rlrf4rec.stages.data import user_history_texts
+    from rlrf4rec.stages.generate import run_generate
 
-    data_dir = cfg.run_path / "data"
-    rec_dir = cfg.run_path / "recommender"
-    baselines = [v for v in ("id-kar", "id", "base") if v != "id-kar" or (rec_dir / v).is_dir()]
-    upstream = [require_marker(rec_dir / v, "train-recommender")["fingerprint"] for v in baselines]
+    layout = cfg.layout
+    data_dir = layout.data
+    baselines = [v for v in ("id-kar", "id", "base") if v != "id-kar" or layout.recommender(v).is_dir()]
+    upstream = [require_marker(layout.recommender(v), "train-recommender")["fingerprint"] for v in baselines]
     upstream += [require_marker(r, "loop")["fingerprint"] + model_identity(str(p)) for _, p, r in policies]
     fingerprint = f"{cfg.section_hash('generate', 'encode', 'loop')}-" + "-".join(upstream)
-    stage_dir = cfg.run_path / "evaluate"
+    stage_dir = layout.evaluate
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
-    test_users = sorted(set(RewardModel.load(rec_dir / "base", data_dir).task.list_users["test"]))
+    test_users = sorted(set(RewardModel.load(layout.recommender("base"), data_dir).task.list_users["test"]))
     histories = user_history_texts(cfg)
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     cache = embedding_cache(cfg)
     rows: dict[str, dict[str, np.ndarray]] = {}
-    id_model = RewardModel.load(rec_dir / "id", data_dir, require_knowledge=False)
+    id_model = RewardModel.load(layout.recommender("id"), data_dir, require_knowledge=False)
     rows["popularity"] = popularity_metrics(id_model.task, test_users)
-    if (rec_dir / "id-kar" / "model.pt").is_file():
+    if layout.recommender_model("id-kar").is_file():
         rows["KAR ID-only"] = per_user_metrics(
-            RewardModel.load(rec_dir / "id-kar", data_dir, require_knowledge=False), test_users, None
+            RewardModel.load(layout.recommender("id-kar"), data_dir, require_knowledge=False), test_users, None
         )
     rows["ID only"] = per_user_metrics(id_model, test_users, None)
-    base = RewardModel.load(rec_dir / "base", data_dir, require_knowledge=False)
+    base = RewardModel.load(layout.recommender("base"), data_dir, require_knowledge=False)
     if cfg.knowledge.user == "history":  # else the base recommender never saw a history text alone
         history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
         rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
@@ -132,9 +133,9 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
             dataclasses.replace(cfg, generate=greedy),
             model=policy,
             policy_version=name,
-            stage=f"evaluate.texts/{name.replace(' ', '-')}",
+            out=layout.evaluate_texts(name),
         )
-        gens = read_parquet(gen_dir / "generations.parquet", S.GENERATIONS)
+        gens = read_parquet(gen_dir / GENERATIONS, S.GENERATIONS)
         text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
         texts[name] = [text_of.get(u, "") for u in test_users]
         model = RewardModel.load(recommender, data_dir, require_knowledge=False)
@@ -143,8 +144,8 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     paired = paired_differences(rows, cfg.loop.bootstrap_samples, cfg.seed)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        write_json(table, tmp / "table.json")
-        write_json(paired, tmp / "paired.json")
+        write_json(table, tmp / TABLE_JSON)
+        write_json(paired, tmp / PAIRED)
         per_user = pa.table(
             {
                 "variant": [n for n in rows for _ in test_users],
@@ -152,7 +153,7 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
                 **{m: np.concatenate([rows[n][m] for n in rows]) for m in METRICS},
             }
         )
-        write_parquet(per_user, tmp / "per_user.parquet")
-        write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / "test_texts.json")
+        write_parquet(per_user, tmp / PER_USER_PARQUET)
+        write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / TEST_TEXTS)
         stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
     return stage_dir

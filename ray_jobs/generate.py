@@ -1,6 +1,6 @@
 """`rlrf4rec generate` as a Ray job: N preference texts per user, on the cluster the job runs in.
 
-ray job submit --working-dir . -- python ray_jobs/generate_preferences.py --config configs/ml1m-gpu.yaml [--a.b=c ...]
+ray job submit --working-dir . -- python ray_jobs/generate.py --config configs/ml1m-gpu.yaml [--a.b=c ...]
 """
 
 import sys

@@ -12,7 +12,6 @@ so that truncation at `max_length` tokens cuts the tail of the history, never th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import re
 import time
@@ -22,16 +21,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_parquet
-from rlrf4rec.config import RunConfig, dump_config
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, require_marker, stage_output, write_parquet
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, USER_KNOWLEDGE
 
 log = logging.getLogger(__name__)
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return digest(text, 32)
 
 
 def user_knowledge_text(history: str, preference_text: str | None = None) -> str:
@@ -117,16 +117,15 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_path: Path |
 
 def embedding_cache(cfg: RunConfig) -> Path:
     """One cache per (encoder, max_length): a vector depends on both."""
-    key = f"{cfg.models.encoder}|{cfg.encode.max_length}"
-    return cfg.run_path / "cache" / f"embeddings-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
+    return cfg.layout.embedding_cache(digest(f"{cfg.models.encoder}|{cfg.encode.max_length}", 12))
 
 
 def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstream: str, *, force: bool = False):
     """Encode one knowledge text per user into `<run>/knowledge/<name>/user_knowledge.parquet` (skip if complete):
     the whole text's vector and, with knowledge.user_segments > 0, one vector per segment."""
-    stage_dir = cfg.run_path / "knowledge" / name
-    text_digest = hashlib.sha256("\x1e".join(f"{u}\x1f{t}" for u, t in sorted(texts.items())).encode()).hexdigest()
-    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{upstream}-{text_digest[:16]}"
+    stage_dir = cfg.layout.knowledge(name)
+    text_digest = digest("\x1e".join(f"{u}\x1f{t}" for u, t in sorted(texts.items())))
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{upstream}-{text_digest}"
     if not force and is_complete(stage_dir, fingerprint):
         log.info("knowledge/%s: complete output matches; nothing to do", name)
         return stage_dir
@@ -148,7 +147,7 @@ def write_user_knowledge(cfg: RunConfig, name: str, texts: dict[str, str], upstr
         schema=S.USER_KNOWLEDGE,
     )
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        write_parquet(table, tmp / "user_knowledge.parquet", S.USER_KNOWLEDGE)
+        write_parquet(table, tmp / USER_KNOWLEDGE, S.USER_KNOWLEDGE)
         stats.update(
             {
                 "users": len(users),
@@ -195,14 +194,14 @@ def encode_user_texts(encoder: TextEncoder, texts: Sequence[str], user_segments:
 def item_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
     """item_id -> item knowledge text: the metadata line (title, year, genres); with knowledge.item = llm, then the
     LLM's description of the item (KAR's item knowledge; the facts stay first so truncation cuts the description)."""
-    from rlrf4rec.data import TABLES
-    from rlrf4rec.prompts import item_metadata_texts
+    from rlrf4rec.core.prompts import item_metadata_texts
+    from rlrf4rec.stages.data import read_table
 
-    texts = item_metadata_texts(read_parquet(cfg.run_path / "data" / "items.parquet", TABLES["items"]))
+    texts = item_metadata_texts(read_table(cfg.layout.data, "items"))
     if cfg.knowledge.item == "llm":
-        from rlrf4rec.generate import run_item_generate
+        from rlrf4rec.stages.generate import run_item_generate
 
-        gens = read_parquet(run_item_generate(cfg) / "generations.parquet", S.GENERATIONS)
+        gens = read_parquet(run_item_generate(cfg) / GENERATIONS, S.GENERATIONS)
         described = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
         texts = {i: f"{t}\n{described[i].strip()}" if described.get(i, "").strip() else t for i, t in texts.items()}
     return texts
@@ -213,11 +212,11 @@ def write_item_knowledge(cfg: RunConfig, *, stage: str = "items", force: bool = 
     frozen encoder into `<run>/knowledge/<stage>/item_knowledge.parquet`. None when knowledge.item = none."""
     if cfg.knowledge.item == "none":
         return None
-    marker = require_marker(cfg.run_path / "data", "data")
-    stage_dir = cfg.run_path / "knowledge" / stage
+    marker = require_marker(cfg.layout.data, "data")
+    stage_dir = cfg.layout.knowledge(stage)
     texts = item_knowledge_texts(cfg)
-    digest = hashlib.sha256("\x1e".join(f"{i}\x1f{t}" for i, t in sorted(texts.items())).encode()).hexdigest()
-    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}-{digest[:16]}"
+    text_digest = digest("\x1e".join(f"{i}\x1f{t}" for i, t in sorted(texts.items())))
+    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge')}-{marker['fingerprint']}-{text_digest}"
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
     items = sorted(texts)
@@ -228,7 +227,7 @@ def write_item_knowledge(cfg: RunConfig, *, stage: str = "items", force: bool = 
         schema=S.ITEM_KNOWLEDGE,
     )
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        write_parquet(table, tmp / "item_knowledge.parquet", S.ITEM_KNOWLEDGE)
+        write_parquet(table, tmp / ITEM_KNOWLEDGE, S.ITEM_KNOWLEDGE)
         stats.update(
             {
                 "items": len(items),
@@ -240,28 +239,29 @@ def write_item_knowledge(cfg: RunConfig, *, stage: str = "items", force: bool = 
     return stage_dir
 
 
-def policy_texts_stage(version: str) -> str:
-    return f"generations/{version}-knowledge"
+def policy_texts_dir(cfg: RunConfig, version: str) -> Path:
+    """Where `version`'s one knowledge text per train and valid user is written."""
+    return cfg.layout.generations(f"{version}-knowledge")
 
 
 def generate_policy_texts(cfg: RunConfig, model: str, version: str) -> Path:
     """One text of `model` per train and valid user: the knowledge a recommender trains on. It is sample 0 of the
     generate stage's N (same seed), so a user's knowledge text is also the first of its best-of-N candidates.
     Written by the generate stage (Ray Data + vLLM, resumable) into `<run>/generations/<version>-knowledge/`."""
-    from rlrf4rec.generate import run_generate
+    from rlrf4rec.stages.generate import run_generate
 
     one = dataclasses.replace(cfg.generate, num_samples=1, splits=("train", "valid"), max_users=None)
     return run_generate(
-        dataclasses.replace(cfg, generate=one), model=model, policy_version=version, stage=policy_texts_stage(version)
+        dataclasses.replace(cfg, generate=one), model=model, policy_version=version, out=policy_texts_dir(cfg, version)
     )
 
 
 def policy_knowledge_texts(cfg: RunConfig, generations_dir: Path) -> dict[str, str]:
     """user -> knowledge text: the policy's text (generate_policy_texts) + the history text; users without a text
     (test users: theirs come at evaluation) keep the history text alone."""
-    from rlrf4rec.data import user_history_texts
+    from rlrf4rec.stages.data import user_history_texts
 
-    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
     written = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
     return {u: user_knowledge_text(h, written.get(u)) for u, h in user_history_texts(cfg).items()}
 
@@ -271,9 +271,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
 
     knowledge.user = llm: the base policy's text + history for train and valid users (the base reward model learns
     from the kind of text it will score, as in KAR); history: the history text alone, no generation."""
-    from rlrf4rec.data import user_history_texts
+    from rlrf4rec.stages.data import user_history_texts
 
-    upstream = require_marker(cfg.run_path / "data", "data")["fingerprint"]
+    upstream = require_marker(cfg.layout.data, "data")["fingerprint"]
     write_item_knowledge(cfg, force=force)
     if cfg.knowledge.user == "history":
         return write_user_knowledge(cfg, "base", user_history_texts(cfg), upstream, force=force)

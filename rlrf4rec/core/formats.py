@@ -1,8 +1,8 @@
-"""Raw dataset formats -> the canonical interactions / items / users tables of rlrf4rec.schema.
+"""Raw dataset formats -> the canonical interactions / items / users tables of rlrf4rec.core.schema.
 
 Consumes files on disk in one of the supported layouts (FORMATS below) and produces Arrow tables with validated rows.
 Every malformed row is counted under a reason with its file and line number; in strict mode the first one raises
-MalformedRowError instead. Knows nothing about sequences, splits or re-rank lists (rlrf4rec.protocol does that).
+MalformedRowError instead. Knows nothing about sequences, splits or re-rank lists (rlrf4rec.core.protocol does that).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlrf4rec import schema as S
+from rlrf4rec.core import schema as S
 
 
 class MalformedRowError(ValueError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import types
 import typing
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rlrf4rec.core.layout import RunLayout
 
 
 class ConfigError(ValueError):
@@ -48,7 +49,7 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # recbole | ml-100k | ml-1m | ml-latest | amazon | parquet (see rlrf4rec.formats.FORMATS)
+    # recbole | ml-100k | ml-1m | ml-latest | amazon | parquet (see rlrf4rec.core.formats.FORMATS)
     format: str = "recbole"
     # A dataset directory, or "embedded:ml-100k" for MovieLens-100k taken from the recbole wheel.
     path: str = "embedded:ml-100k"
@@ -65,7 +66,7 @@ class DataConfig:
     max_train_users: int | None = None
 
     def __post_init__(self) -> None:
-        from rlrf4rec.formats import FORMATS  # local: formats imports nothing from here, keep it that way
+        from rlrf4rec.core.formats import FORMATS  # local: formats imports nothing from here, keep it that way
 
         if self.format not in FORMATS:
             _fail("data.format", self.format, f"choose one of {sorted(FORMATS)}")
@@ -118,12 +119,12 @@ class GenerateConfig:
     # Share of a GPU's memory a vLLM replica claims (vLLM's own default 0.9); lower it where the GPU also holds
     # the driver's encoder or a replica that is still shutting down. Ignored on CPU.
     gpu_memory_utilization: float = 0.9
-    domain: str = "movies"  # which factor list the prompt asks about (rlrf4rec.prompts.FACTORS)
+    domain: str = "movies"  # which factor list the prompt asks about (rlrf4rec.core.prompts.FACTORS)
     prompt_history: int | None = None  # the prompt names the last K items of the history window; null: all of it
 
     def __post_init__(self) -> None:
-        from rlrf4rec.prompts import FACTORS  # local: prompts imports nothing from here, keep it that way
-        from rlrf4rec.schema import SPLITS
+        from rlrf4rec.core.prompts import FACTORS  # local: prompts imports nothing from here, keep it that way
+        from rlrf4rec.core.schema import SPLITS
 
         if self.engine not in ENGINES:
             _fail("generate.engine", self.engine, f"choose one of {list(ENGINES)}")
@@ -293,7 +294,7 @@ class KnowledgeConfig:
 
 
 DEEPSPEED_STAGES = ("zero2", "zero3")  # shipped as configs/deepspeed/<name>.json
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 def deepspeed_config(stage: str | None, field: str = "dpo.deepspeed") -> dict | None:
@@ -455,13 +456,19 @@ class RunConfig:
     def run_path(self) -> Path:
         return Path(self.run_dir.format(name=self.name))
 
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of the run directory (core/layout.py)."""
+        return RunLayout(self.run_path)
+
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections (or top-level fields): a stage's output depends on these alone."""
-        payload = {n: self.to_dict()[n] for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        from rlrf4rec.core.artifacts import digest
+
+        return digest({n: self.to_dict()[n] for n in names})
 
 
 def _plain(value: Any) -> Any:

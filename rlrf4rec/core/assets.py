@@ -63,10 +63,15 @@ def asset_home(configured: str | None = None) -> Path:
     return Path(home).expanduser().resolve()
 
 
+def cache_dir(name: str, configured: str | None = None) -> Path:
+    """`<asset home>/cache/<name>`: what is worth keeping across runs on this machine (not a run's artifact)."""
+    return asset_home(configured) / "cache" / name
+
+
 def torch_extensions_dir(configured: str | None = None) -> Path:
     """Where DeepSpeed's JIT-compiled ops are cached (~40 s to build a comm op on CPU): once per machine, shared by
     every stage and worker."""
-    return asset_home(configured) / "cache" / "torch_extensions"
+    return cache_dir("torch_extensions", configured)
 
 
 def sha256_file(path: Path) -> str:

@@ -4,9 +4,11 @@ launches as one more raylet on this machine. The worker types keep cluster.yaml'
 nothing is installed, copied or started over SSH. Knows nothing about AWS beyond how many GPUs each instance type has,
 and starts nothing itself.
 
+`ray_session` is how a command joins the cluster of a submitted job ($RAY_ADDRESS) or starts a local one.
+
 By hand, from the project's venv (a job runs the `python` that `ray start` finds):
 
-    python -m rlrf4rec.cluster cluster.yaml --gcs-port 6379 --idle-timeout-minutes 0.5 > /tmp/fake-cluster.yaml
+    python -m rlrf4rec.core.cluster cluster.yaml --gcs-port 6379 --idle-timeout-minutes 0.5 > /tmp/fake-cluster.yaml
     RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head \\
         --node-ip-address 127.0.0.1 --port 6379 --num-cpus 0 --num-gpus 0 --autoscaling-config /tmp/fake-cluster.yaml
 """
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import yaml
 
@@ -103,7 +109,7 @@ def fake_cluster_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlrf4rec.cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlrf4rec.core.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("cluster_yaml")
     parser.add_argument("--gcs-port", type=int, default=6379, help="the head's --port")
     parser.add_argument("--host", default="127.0.0.1", help="the head's --node-ip-address")
@@ -120,6 +126,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     yaml.safe_dump(config, sys.stdout, sort_keys=False)
     return 0
+
+
+
+
+@contextmanager
+def ray_session(needed: bool = True) -> Iterator[None]:
+    """Start Ray for the stages that run on it: join $RAY_ADDRESS (`ray job submit`) or start a local cluster."""
+    if not needed:
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(include_dashboard=False)  # no dashboard: fewer processes and ports on a laptop
+    if logging.getLogger().level > logging.DEBUG:
+        quiet_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def quiet_ray() -> None:
+    """Ray's own INFO lines (Ray Data's execution plans and progress, Train's reports) only with --verbose: each
+    stage logs its own progress. Ray's loggers print through their own console handlers, which get the level; the
+    session log files under /tmp/ray keep everything."""
+    import ray.data  # sets up Ray Data's loggers
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

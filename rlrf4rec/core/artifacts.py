@@ -9,6 +9,7 @@ Knows nothing about what the tables contain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,9 +22,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rlrf4rec.core.layout import CONFIG, MARKER
+
 log = logging.getLogger(__name__)
 
-MARKER = "_COMPLETE.json"
+
+def digest(payload: object, length: int | None = 16) -> str:
+    """The one fingerprint hash: sha256 of a string (or of a value's JSON, keys sorted), hex, cut to `length`.
+
+    Stages build their fingerprints from config section hashes, upstream fingerprints and digests of what they
+    read (texts, held-out users, dataset files); a different input gives a different fingerprint and a re-run."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
 def write_parquet(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> None:
@@ -100,7 +110,7 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
     try:
         yield tmp, stats
         if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / CONFIG).write_text(config_yaml)
         write_json(
             {
                 "fingerprint": fingerprint,

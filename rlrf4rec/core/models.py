@@ -1,7 +1,7 @@
 """Recommender backbones with KAR knowledge augmentation: a hybrid-expert KnowledgeAdaptor, SASRec, and the
 re-rankers PRM, SetRank, DLCM and SASRecRanker (one contract: a candidate list in, one logit per candidate out).
 
-Consumes item indices (1-based, 0 = padding, as rlrf4rec.schema.ITEM_IDX), optional attribute indices and optional
+Consumes item indices (1-based, 0 = padding, as rlrf4rec.core.schema.ITEM_IDX), optional attribute indices and optional
 knowledge vectors (frozen sentence-encoder embeddings of user / item texts) as tensors; produces hidden states,
 scores, logits and losses as tensors. Knows nothing about texts, encoders, files, metrics or how the lists were built.
 An ID-only baseline is the same class built with adaptor=None and called with knowledge=None (METHOD.md section 4).

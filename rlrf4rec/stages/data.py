@@ -2,19 +2,21 @@
 
 Consumes the `data` and `seed` config and the dataset files (the embedded ML-100k by default); produces
 interactions/items/users (canonical), item_index, sequences, rerank_lists and leave_one_out Parquet files with the
-schemas of rlrf4rec.schema, a load report of rejected rows with reasons, and stats in the completion marker.
+schemas of rlrf4rec.core.schema, a load report of rejected rows with reasons, and stats in the completion marker.
 Skips itself when a complete output with the same fingerprint exists.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import (
+import pyarrow as pa
+
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import (
+    digest,
     is_complete,
     read_marker,
     read_parquet,
@@ -23,21 +25,15 @@ from rlrf4rec.artifacts import (
     write_json,
     write_parquet,
 )
-from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.formats import load_dataset
-from rlrf4rec.protocol import build_protocol
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.formats import load_dataset
+from rlrf4rec.core.layout import LOAD_REPORT, data_table
+from rlrf4rec.core.protocol import build_protocol
 
 log = logging.getLogger(__name__)
 
-TABLES = {
-    "interactions": S.INTERACTIONS,
-    "items": S.ITEMS,
-    "users": S.USERS,
-    "item_index": S.ITEM_INDEX,
-    "sequences": S.SEQUENCES,
-    "rerank_lists": S.RERANK_LISTS,
-    "leave_one_out": S.LEAVE_ONE_OUT,
-}
+TABLES = S.TABLES  # name -> schema of the stage's tables
+RERANK_TABLES = ("item_index", "items", "sequences", "rerank_lists", "leave_one_out")  # what a re-ranker task reads
 
 
 def dataset_path(cfg: RunConfig, *, fetch: bool = True) -> Path:
@@ -49,7 +45,7 @@ def _files_identity(path: Path) -> str:
     """Names, sizes and mtimes of the dataset files: enough to notice a changed dataset without reading it."""
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
     text = "\n".join(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(text)
 
 
 def fingerprint(cfg: RunConfig, path: Path) -> str:
@@ -59,7 +55,7 @@ def fingerprint(cfg: RunConfig, path: Path) -> str:
 def require_data(cfg: RunConfig, command: str) -> dict:
     """The data stage's marker, if it was built with this config's data section, seed and dataset files; else an
     error saying so (a stage reading lists of other data settings would report numbers for the wrong users)."""
-    stage_dir = cfg.run_path / "data"
+    stage_dir = cfg.layout.data
     marker = require_marker(stage_dir, "data")
     expected = fingerprint(cfg, dataset_path(cfg, fetch=False))
     if marker["fingerprint"] != expected:
@@ -75,7 +71,7 @@ def require_data(cfg: RunConfig, command: str) -> dict:
 def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
     """Write the data stage's artifacts (or find them complete) and return the stage directory."""
     path = dataset_path(cfg)
-    stage_dir = cfg.run_path / "data"
+    stage_dir = cfg.layout.data
     fp = fingerprint(cfg, path)
     if not force and is_complete(stage_dir, fp):
         log.info("data: complete output in %s matches the config; nothing to do", stage_dir)
@@ -96,8 +92,8 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
             ("rerank_lists", tables.rerank_lists),
             ("leave_one_out", tables.leave_one_out),
         ]:
-            write_parquet(table, tmp / f"{name}.parquet", TABLES[name])
-        write_json(report.as_dict(), tmp / "load_report.json")
+            write_parquet(table, tmp / data_table(name), TABLES[name])
+        write_json(report.as_dict(), tmp / LOAD_REPORT)
         stats.update(
             {
                 "interactions": canonical.interactions.num_rows,
@@ -113,12 +109,20 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
 def user_history_texts(cfg: RunConfig, max_items: int | None = None) -> dict[str, str]:
     """user_id -> history text of its LLM window (its last `max_items` entries when given), from this run's data
     stage (every user of every split)."""
-    from rlrf4rec.prompts import history_texts
+    from rlrf4rec.core.prompts import history_texts
 
-    stage_dir = cfg.run_path / "data"
-    require_marker(stage_dir, "data")
-    tables = {n: read_parquet(stage_dir / f"{n}.parquet", TABLES[n]) for n in ("sequences", "items", "users")}
+    require_marker(cfg.layout.data, "data")
+    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
     return history_texts(tables["sequences"], tables["items"], tables["users"], max_items)
+
+
+def read_tables(data_dir: Path, names: tuple[str, ...] = RERANK_TABLES) -> dict[str, pa.Table]:
+    """The data stage's tables `names` from `data_dir` (`<run>/data`), each checked against its schema."""
+    return {name: read_parquet(Path(data_dir) / data_table(name), TABLES[name]) for name in names}
+
+
+def read_table(data_dir: Path, name: str) -> pa.Table:
+    return read_tables(data_dir, (name,))[name]
 
 
 def prompt_history_texts(cfg: RunConfig) -> dict[str, str]:

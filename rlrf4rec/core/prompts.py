@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from rlrf4rec import schema as S
+from rlrf4rec.core import schema as S
 
 # Factors per domain, as listed in METHOD.md section 2.
 FACTORS = {

@@ -2,7 +2,7 @@
 
 Consumes the data stage's tables and, for a knowledge-augmented variant, a user knowledge Parquet file; produces
 `<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid metrics and the per-epoch
-history (test users are scored once, by rlrf4rec.evaluate). DDP over `recommender.num_workers` workers (gloo on
+history (test users are scored once, by rlrf4rec.stages.evaluate). DDP over `recommender.num_workers` workers (gloo on
 CPU, NCCL on GPU), or DeepSpeed ZeRO-2 (`recommender.deepspeed: zero2`: optimizer state and gradients partitioned,
 each worker checkpointing its partition); a worker failure restarts the group from the last checkpoint
 (`recommender.max_failures`). The caller owns the Ray connection.
@@ -11,7 +11,6 @@ each worker checkpointing its partition); a worker failure restarts the group fr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,22 +24,23 @@ from typing import Any
 
 import torch
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_parquet, require_marker, stage_output, write_json
-from rlrf4rec.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
-from rlrf4rec.encode import user_vectors, vectors_of
-from rlrf4rec.recommender import (
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, require_marker, stage_output, write_json
+from rlrf4rec.core.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
+from rlrf4rec.core.layout import HISTORY, TRAIN_STATE
+from rlrf4rec.core.recommender import (
     FitState,
     ModelSpec,
     RerankTask,
     fit,
     knowledge_dims,
-    load_tables,
     make_optimizer,
     save_checkpoint,
     standardize_adaptor,
 )
+from rlrf4rec.stages.data import read_tables
+from rlrf4rec.stages.encode import user_vectors, vectors_of
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def build(
     """The task, the knowledge it trains with ({"user": ..., "item": ...} or None) and a freshly initialised model
     whose adaptor is standardised on the train users' segments / vectors and on the items. `held_out`: train users
     whose lists the task leaves out (a cross-fitted reward model)."""
-    task = RerankTask(load_tables(data_dir), spec)
+    task = RerankTask(read_tables(data_dir), spec)
     if held_out:
         task = task.without_train_users(held_out)
     knowledge = {}
@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
+            saved = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location="cpu")
         model.load_state_dict(saved["model"])
         optimizer_state, state = saved["optimizer"], FitState(**saved["fit"])
         state.resumed_after = [*(state.resumed_after or []), state.epoch]
@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "optimizer": None if engine is not None else trainer.state_dict(),
                         "fit": dataclasses.asdict(fit_state),
                     },
-                    Path(d) / "state.pt",
+                    Path(d) / TRAIN_STATE,
                 )
             has_files = any(Path(d).iterdir())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
@@ -289,13 +289,13 @@ def fit_on_ray(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
+        saved = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location="cpu")
     return FitState(**saved["fit"])
 
 
 def item_knowledge_path(cfg: RunConfig) -> Path | None:
     """The run's item knowledge file (knowledge.item), or None when the run has none."""
-    return None if cfg.knowledge.item == "none" else cfg.run_path / "knowledge" / "items" / "item_knowledge.parquet"
+    return None if cfg.knowledge.item == "none" else cfg.layout.item_knowledge()
 
 
 def run_recommender(
@@ -318,10 +318,10 @@ def run_recommender(
     if use_history is not None:
         spec = dataclasses.replace(spec, use_history=use_history)
     item_path = item_knowledge_path(cfg) if knowledge_path is not None else None
-    stage_dir = cfg.run_path / "recommender" / variant
+    stage_dir = cfg.layout.recommender(variant)
     upstream = [require_marker(data_dir, "data")["fingerprint"], f"history={spec.use_history}"]
     if held_out:
-        upstream.append("held-out=" + hashlib.sha256("\x1f".join(sorted(held_out)).encode()).hexdigest()[:16])
+        upstream.append("held-out=" + digest("\x1f".join(sorted(held_out))))
     for path in (knowledge_path, item_path):
         if path is not None:
             upstream.append(require_marker(path.parent, "encode")["fingerprint"])
@@ -331,7 +331,7 @@ def run_recommender(
         return stage_dir
     # Keyed on the whole fingerprint: Ray Train resumes whatever checkpoint it finds in storage, which must never
     # be one trained on other data or knowledge.
-    storage = cfg.run_path / "ray_train" / f"{variant}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    storage = cfg.layout.ray_train(f"{variant}-{digest(fingerprint)}")
     if force:
         shutil.rmtree(storage, ignore_errors=True)
     if held_out:
@@ -342,8 +342,8 @@ def run_recommender(
     valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
     segments = cfg.knowledge.user_segments if knowledge and knowledge.get("user", torch.zeros(0)).dim() == 3 else 0
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        save_checkpoint(tmp / "model.pt", state.best_model, spec, knowledge, segments)
-        write_json(state.history, tmp / "history.json")
+        save_checkpoint(tmp, state.best_model, spec, knowledge, segments)
+        write_json(state.history, tmp / HISTORY)
         stats.update(
             {
                 "variant": variant,

@@ -13,16 +13,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from rlrf4rec import schema as S
-from rlrf4rec.encode import encode_user_texts
-from rlrf4rec.metrics import pairwise_log_likelihood, rank_metrics
-from rlrf4rec.recommender import RerankBatch, RerankTask, load_checkpoint, load_tables
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import is_complete, read_parquet, require_marker, stage_output, write_parquet
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, REWARDS
+from rlrf4rec.core.metrics import bootstrap_ci, pairwise_log_likelihood, rank_metrics
+from rlrf4rec.core.recommender import RerankBatch, RerankTask, load_checkpoint
+from rlrf4rec.stages.data import read_tables, user_history_texts
+from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ class RewardModel:
         cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5", *, require_knowledge: bool = True
     ) -> RewardModel:
         """A recommender stage's model.pt around the data stage's lists (ID-only allowed for evaluation only)."""
-        ckpt = load_checkpoint(Path(recommender_dir) / "model.pt", load_tables(data_dir))
+        ckpt = load_checkpoint(recommender_dir, read_tables(data_dir))
         if require_knowledge and ckpt.user_knowledge_dim is None:
             raise ValueError(f"{recommender_dir} is an ID-only recommender; the reward needs a knowledge-augmented one")
         return cls(ckpt.task, ckpt.model, metric, item_knowledge=ckpt.item_knowledge, user_segments=ckpt.user_segments)
@@ -189,3 +195,138 @@ def score_on_ray(
     rewards = np.empty(rows.num_rows, dtype=np.float64)
     rewards[returned] = out.column(S.REWARD).to_numpy()
     return rewards
+
+
+# --------------------------------------------------------------------------------------------------- the stage
+
+
+def run_reward(
+    cfg: RunConfig,
+    generations_dir: Path,
+    recommender_dir: Path,
+    stage_dir: Path,
+    folds: Sequence[tuple[Path, Sequence[str]]] = (),
+) -> Path:
+    """The reward stage: every generation rewarded by the frozen recommender, `<stage_dir>/rewards.parquet`
+    (schema.REWARDS). `folds`: (recommender dir, users) whose texts that recommender rewards instead (cross-fitting,
+    `reward_folds`)."""
+    stage = stage_dir.name
+    upstream = [
+        require_marker(generations_dir, "generate")["fingerprint"],
+        require_marker(recommender_dir, "train-recommender")["fingerprint"],
+        *(require_marker(d, "train-recommender")["fingerprint"] for d, _ in folds),
+    ]
+    fingerprint = f"{cfg.section_hash('reward', 'encode', 'knowledge', 'models')}-{'-'.join(upstream)}"
+    if is_complete(stage_dir, fingerprint):
+        return stage_dir
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
+    reward_model = RewardModel.load(recommender_dir, cfg.layout.data, metric=cfg.reward.metric)
+    has_lists = pc.is_in(gens.column(S.USER_ID), pa.array(sorted(reward_model.by_user)))
+    unscorable = gens.num_rows - pc.sum(has_lists).as_py()
+    if unscorable:  # a user whose sequence left no complete re-rank list cannot be rewarded
+        log.warning("%s: %d texts of users without re-rank lists are not rewarded", stage, unscorable)
+        gens = gens.filter(has_lists)
+    histories = user_history_texts(cfg)
+    users = gens.column(S.USER_ID).to_pylist()
+    texts = [user_knowledge_text(histories[u], t) for u, t in zip(users, gens.column(S.PREFERENCE_TEXT).to_pylist())]
+    scorer_of = {u: d for d, fold in folds for u in fold}
+    scorers = {recommender_dir: reward_model} | {d: None for d, _ in folds}
+    rewards = np.zeros(len(users))
+    encoder = None
+    for model_dir, loaded in scorers.items():
+        rows = [i for i, u in enumerate(users) if scorer_of.get(u, recommender_dir) == model_dir]
+        if not rows:
+            continue
+        if cfg.reward.engine == "ray":
+            table = pa.table({S.USER_ID: [users[i] for i in rows], S.KNOWLEDGE_TEXT: [texts[i] for i in rows]})
+            rewards[rows] = score_on_ray(
+                table,
+                partial(make_encoder, cfg),
+                model_dir,
+                cfg.layout.data,
+                cfg.reward.metric,
+                batch_size=cfg.reward.batch_size,
+                concurrency=cfg.reward.concurrency,
+            )
+            continue
+        model = loaded or RewardModel.load(model_dir, cfg.layout.data, metric=cfg.reward.metric)
+        encoder = encoder or make_encoder(cfg)
+        vectors = model.encode(encoder, [texts[i] for i in rows], embedding_cache(cfg))
+        rewards[rows] = model.score([users[i] for i in rows], vectors)
+    table = rewards_table(gens, rewards)
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_parquet(table, tmp / REWARDS, S.REWARDS)
+        spread = within_user_spread(table)
+        stats.update(
+            {
+                "rows": table.num_rows,
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()),
+                "reward/within_user_range_mean": spread,
+                "cross_fitted_rows": sum(u in scorer_of for u in users),
+            }
+        )
+    log.info("%s: mean reward %.4f over %d texts", stage, rewards.mean(), len(rewards))
+    return stage_dir
+
+
+def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list[str]]]:
+    """The cross-fitted reward models of `recommender_dir` (reward.cross_fit_folds): the train users whose texts the
+    loop rewards (loop.train_users) split into folds by a seeded hash, and per fold the same recommender (its
+    knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists. [] when cross_fit_folds = 0."""
+    from rlrf4rec.core.protocol import stable_seed
+    from rlrf4rec.stages.data import read_table
+    from rlrf4rec.stages.generate import select_users
+    from rlrf4rec.stages.train import run_recommender
+
+    k = cfg.reward.cross_fit_folds
+    if not k:
+        return []
+    data_dir = cfg.layout.data
+    sequences = read_table(data_dir, "sequences")
+    train = select_users(sequences, ("train",), None).column(S.USER_ID).to_pylist()
+    rewarded = train[: cfg.loop.train_users]  # the users the round's train generation picks (sorted by id)
+    knowledge = cfg.layout.user_knowledge(recommender_dir.name)
+    out = []
+    for f in range(k):
+        fold = [u for u in rewarded if stable_seed(cfg.seed, "reward-fold", u) % k == f]
+        if len(fold) > len(train) - 2:
+            raise ValueError(
+                f"reward.cross_fit_folds={k}: fold {f} holds out {len(fold)} of {len(train)} train users, leaving "
+                "too few to train on; use more folds or fewer loop.train_users"
+            )
+        if fold:
+            name = f"{recommender_dir.name}-fold{f}"
+            out.append((run_recommender(cfg, name, data_dir, knowledge, held_out=fold), fold))
+    return out
+
+
+def rewards_by_user(rewards: pa.Table) -> dict[str, list[float]]:
+    by_user: dict[str, list[float]] = {}
+    for u, r in zip(rewards.column(S.USER_ID).to_pylist(), rewards.column(S.REWARD).to_pylist()):
+        by_user.setdefault(u, []).append(r)
+    return by_user
+
+
+def within_user_spread(rewards: pa.Table) -> float:
+    by_user = rewards_by_user(rewards)
+    return float(np.mean([max(v) - min(v) for v in by_user.values()])) if by_user else 0.0
+
+
+def compare_policies(before: Path, after: Path, num_samples: int, seed: int) -> dict:
+    """Per-user mean reward of two policies on the same users: means and a paired bootstrap CI of the gain."""
+
+    def per_user(rewards_dir: Path) -> dict[str, float]:
+        by_user = rewards_by_user(read_parquet(rewards_dir / REWARDS, S.REWARDS))
+        return {u: float(np.mean(v)) for u, v in by_user.items()}
+
+    a, b = per_user(before), per_user(after)
+    users = sorted(set(a) & set(b))
+    if not users:
+        raise ValueError(f"{before} and {after} share no user; compare policies on the same users")
+    x, y = np.array([a[u] for u in users]), np.array([b[u] for u in users])
+    out = {"users": len(users)}
+    for name, values in (("before", x), ("after", y), ("gain", y - x)):
+        mean, low, high = bootstrap_ci(values, num_samples=num_samples, seed=seed)
+        out.update({f"{name}/mean": mean, f"{name}/ci_low": low, f"{name}/ci_high": high})
+    return out

@@ -14,7 +14,7 @@ Deployments, composed through DeploymentHandles:
 - `PreferenceGenerator` (with generation): the version's policy LLM (vLLM or transformers), greedy, `@serve.batch`.
 `user_config: {version: ...}` on Reranker (and OnlineKnowledge, PreferenceGenerator) swaps the version in place.
 Overload: each deployment's `max_queued_requests` sheds load with 503 instead of letting requests time out.
-The pure scoring and lookup code is rlrf4rec.online; this module only wires it into Serve.
+The pure scoring and lookup code is rlrf4rec.serving.online; this module only wires it into Serve.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from rlrf4rec import online
+from rlrf4rec.serving import online
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ class PreferenceGenerator:
     def _load(self, name: str) -> None:
         import dataclasses
 
-        from rlrf4rec import assets
-        from rlrf4rec.generate import TransformersEngine, VLLMEngine, chat_renderer
+        from rlrf4rec.core import assets
+        from rlrf4rec.core.engines import TransformersEngine, VLLMEngine, chat_renderer
 
         version = online.resolve_version(self.run_dir, name)
         if self.policy and version.name == self.policy[-1]:
@@ -193,7 +193,7 @@ class PreferenceGenerator:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate(self, history_texts: list[str]) -> list[tuple[str, str]]:
         """(preference text, version of the policy that wrote it) per history text."""
-        from rlrf4rec.prompts import preference_messages
+        from rlrf4rec.core.prompts import preference_messages
 
         engine, render, domain, version = self.policy
         prompts = [render(preference_messages(h, domain)) for h in history_texts]
@@ -212,8 +212,8 @@ class OnlineKnowledge:
     GENERATION_TIMEOUT_S = 120.0  # a generation still running after this is abandoned (the next request retries)
 
     def __init__(self, run_dir: str, version: str, generator: DeploymentHandle, deadline_ms: float = 2000.0):
-        from rlrf4rec import assets
-        from rlrf4rec.encode import TextEncoder
+        from rlrf4rec.core import assets
+        from rlrf4rec.stages.encode import TextEncoder
 
         self.run_dir = Path(run_dir)
         resolved = online.resolve_version(self.run_dir, version)
@@ -256,8 +256,8 @@ class OnlineKnowledge:
 
     async def _generate(self, key: str, history: list[tuple[str, float | None]], attributes: dict | None) -> Generated:
         """Generate, encode and cache one user's knowledge; never raises (a failure is a fallback reason)."""
-        from rlrf4rec.encode import encode_user_texts, user_knowledge_text
-        from rlrf4rec.prompts import HistoryItem, history_text
+        from rlrf4rec.core.prompts import HistoryItem, history_text
+        from rlrf4rec.stages.encode import encode_user_texts, user_knowledge_text
 
         try:
             items = [HistoryItem(*self.catalog.meta[i], r) for i, r in history]
@@ -324,12 +324,12 @@ class Ingress:
     ):
         from ray.serve.metrics import Counter, Histogram
 
-        from rlrf4rec import schema as S
-        from rlrf4rec.artifacts import read_parquet
-        from rlrf4rec.data import TABLES
+        from rlrf4rec.core import schema as S
+        from rlrf4rec.core.layout import RunLayout
+        from rlrf4rec.stages.data import read_table
 
         self.reranker, self.knowledge = reranker, knowledge
-        index = read_parquet(Path(run_dir) / "data" / "item_index.parquet", TABLES["item_index"])
+        index = read_table(RunLayout(run_dir).data, "item_index")
         self.items = frozenset(index.column(S.ITEM_ID).to_pylist())
         self.timeout_s = knowledge_timeout_ms / 1000
         self.counts: collections.Counter[str] = collections.Counter()
@@ -430,7 +430,7 @@ class Ingress:
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """The application builder named by serve_config.yaml (`import_path: rlrf4rec.serve:build_app`)."""
+    """The application builder named by serve_config.yaml (`import_path: rlrf4rec.serving.serve:build_app`)."""
     if isinstance(args, dict):
         args = ServeArgs(**args)
     run_dir = str(Path(args.run_dir).resolve())

@@ -6,7 +6,7 @@ their prompt (the prompt is most of a pair's tokens; TRL's own layout runs it tw
 with `segment_attention` as that row's attention mask; and `trainer_class`, TRL's DPOTrainer that scores such rows
 (answer-only log-probs, DPO's sigmoid loss, TRL's metric names) and computes the reference log-probs once, before
 the first step, on every worker's share of the pairs, keeping them in memory. Loss, gradients and reward metrics
-stay TRL's (tests/test_dpo_speed.py). Knows nothing about files, Ray or how pairs were chosen: rlrf4rec.dpo maps
+stay TRL's (tests/test_dpo_speed.py). Knows nothing about files, Ray or how pairs were chosen: rlrf4rec.stages.dpo maps
 the `dpo` config onto it and runs it.
 """
 

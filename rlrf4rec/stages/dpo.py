@@ -18,7 +18,7 @@ DDP or DeepSpeed ZeRO-2/3), checkpointing through RayTrainReportCallback into Ra
 directory; a failed worker restarts the group from the last checkpoint (`dpo.max_failures`). `on_ray=False` runs
 the same trainer in this process (the plain-TRL baseline). The caller owns the Ray connection.
 
-Two speed-ups leave the loss as it is (rlrf4rec.dpo_trainer, tests/test_dpo_speed.py): the reference log-probs are
+Two speed-ups leave the loss as it is (rlrf4rec.stages.dpo_trainer, tests/test_dpo_speed.py): the reference log-probs are
 computed once, before the first step, on every worker's share of the pairs (`dpo.precompute_ref_logps`), and each
 pair runs as one row in which chosen and rejected both continue a single pass over their prompt (`dpo.share_prompt`):
 the prompt is most of a pair's tokens, TRL's own layout runs it twice, for policy and reference alike.
@@ -28,7 +28,6 @@ Knows nothing about how pairs were chosen, rewards or recommenders.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -39,12 +38,30 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import is_complete, read_marker, read_parquet, stage_output, write_json, write_parquet
-from rlrf4rec.config import DPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
-from rlrf4rec.dpo_trainer import pack_shared_prompt, trainer_class
-from rlrf4rec.protocol import stable_seed
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import (
+    digest,
+    is_complete,
+    read_marker,
+    read_parquet,
+    stage_output,
+    write_json,
+    write_parquet,
+)
+from rlrf4rec.core.config import DPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
+from rlrf4rec.core.layout import (
+    DPO_EVAL_PAIRS,
+    DPO_HF,
+    DPO_PAIRS,
+    DPO_RESUMES,
+    DPO_TRAIN_PAIRS,
+    HISTORY,
+    METRICS,
+    POLICY_MODEL,
+)
+from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, trainer_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -52,7 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MESSAGE_COLUMNS = [S.PROMPT, S.CHOSEN, S.REJECTED]
-RESUMES = "resumed_after.json"  # in the Ray storage folder: the steps worker groups resumed after
 MESSAGES_ONLY = pa.schema([S.PAIRS.field(name) for name in MESSAGE_COLUMNS])
 # TRL log keys -> our names; everything else TRL logs keeps its own name under the split prefix.
 RENAMES = {"loss": "dpo_loss"}
@@ -317,7 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
         step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
         log.info("rank %d resumes after step %d from %s", ctx.get_world_rank(), step, resume)
         if ctx.get_world_rank() == 0:
-            _record_resume(Path(config["output_dir"]).parent / RESUMES, step)
+            _record_resume(Path(config["output_dir"]).parent / DPO_RESUMES, step)
         trainer.train(resume_from_checkpoint=str(resume))
 
 
@@ -416,13 +432,13 @@ def policy_fingerprint(policy_dir: Path) -> str:
     if manifest.is_file():
         return _fingerprint_file(manifest)
     listing = sorted((p.name, p.stat().st_size) for p in policy_dir.iterdir() if p.is_file())
-    return hashlib.sha256(json.dumps([str(policy_dir.resolve()), listing]).encode()).hexdigest()[:16]
+    return digest([str(policy_dir.resolve()), listing])
 
 
 def prepare_pairs(
     cfg: RunConfig, pairs_path: Path, eval_pairs_path: Path | None, policy_dir: Path, work: Path
 ) -> tuple[Path, Path | None, dict]:
-    """Split and length-filter the pairs into `work/train.parquet` (and `eval.parquet`); returns paths and counts.
+    """Split and length-filter the pairs into `work/` (layout.DPO_TRAIN_PAIRS, DPO_EVAL_PAIRS); returns paths and counts.
 
     Held out: `split_pairs` of the main file, plus every pair of `eval_pairs_path` (e.g. the valid users' pairs).
     """
@@ -448,17 +464,17 @@ def prepare_pairs(
     if not train.num_rows:
         raise ValueError(f"{pairs_path}: no train-split pair left to train on ({pairs.num_rows} pairs in the file)")
     work.mkdir(parents=True, exist_ok=True)
-    write_parquet(train, work / "train.parquet", S.PAIRS)
+    write_parquet(train, work / DPO_TRAIN_PAIRS, S.PAIRS)
     eval_path = None
     if held_out.num_rows:
-        eval_path = work / "eval.parquet"
+        eval_path = work / DPO_EVAL_PAIRS
         write_parquet(held_out, eval_path, S.PAIRS)
     counts = {
         "pairs/train": train.num_rows,
         "pairs/eval": held_out.num_rows,
         "pairs/dropped_long_prompt": dropped_train + dropped_eval,
     }
-    return work / "train.parquet", eval_path, counts
+    return work / DPO_TRAIN_PAIRS, eval_path, counts
 
 
 def run_dpo(
@@ -484,7 +500,7 @@ def run_dpo(
     eval_pairs_path = Path(eval_pairs_path).resolve() if eval_pairs_path is not None else None
     if not (policy_dir / "config.json").is_file():
         raise FileNotFoundError(f"{policy_dir} is not a Hugging Face model directory (no config.json)")
-    stage_dir = cfg.run_path / "dpo" / out_name
+    stage_dir = cfg.layout.dpo(out_name)
     inputs = [pairs_path] + ([eval_pairs_path] if eval_pairs_path else [])
     fingerprint = "-".join(
         [cfg.section_hash("dpo", "seed"), *map(_fingerprint_file, inputs), policy_fingerprint(policy_dir)]
@@ -492,10 +508,10 @@ def run_dpo(
     if not force and is_complete(stage_dir, fingerprint):
         log.info("dpo/%s: complete output matches the config and inputs; nothing to do", out_name)
         return stage_dir
-    storage = cfg.run_path / "ray_train" / f"dpo-{out_name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    storage = cfg.layout.ray_train(f"dpo-{out_name}-{digest(fingerprint)}")
     if force and storage.exists():
         shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
-    train_path, eval_path, counts = prepare_pairs(cfg, pairs_path, eval_pairs_path, policy_dir, storage / "pairs")
+    train_path, eval_path, counts = prepare_pairs(cfg, pairs_path, eval_pairs_path, policy_dir, storage / DPO_PAIRS)
     dc = cfg.dpo
     deepspeed = deepspeed_config(dc.deepspeed)
     loop_config = {
@@ -503,7 +519,7 @@ def run_dpo(
         "policy_dir": str(policy_dir),
         "train_path": str(train_path.resolve()),
         "eval_path": str(eval_path.resolve()) if eval_path else None,
-        "output_dir": str((storage / "hf").resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards there
+        "output_dir": str((storage / DPO_HF).resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards there
         "seed": cfg.seed + dc.seed_offset,
         "deepspeed": deepspeed,
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
@@ -515,11 +531,11 @@ def run_dpo(
     else:
         checkpoint = fit_local(loop_config)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    resumes = storage / RESUMES
+    resumes = storage / DPO_RESUMES
     history = history_from_log(state["log_history"])
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        export_model(checkpoint, policy_dir, tmp / "model")
-        write_json(history, tmp / "history.json")
+        export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
+        write_json(history, tmp / HISTORY)
         stats.update(
             counts,
             **summarize(history),
@@ -531,7 +547,7 @@ def run_dpo(
             checkpoint_adapter=(checkpoint / "adapter_config.json").is_file(),
             checkpoint_deepspeed_shards=any(p.name.startswith("global_step") for p in checkpoint.iterdir()),
         )
-        write_json(stats, tmp / "metrics.json")
+        write_json(stats, tmp / METRICS)
     # Published: the checkpoints (full model states, ~0.5 GB each even with LoRA) are no longer needed to resume.
     shutil.rmtree(storage, ignore_errors=True)
     log.info("dpo/%s: %s", out_name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))

@@ -5,7 +5,7 @@ rewards, pairs, DPO histories, completion markers); produces a short summary in 
 (popularity and ID-only baselines vs base LLM vs each DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over
 test users) drawn as forest plots with each variant's paired difference to the baselines, reward distributions before
 and after each round, DPO curves, example chosen/rejected texts, time per stage, and the lineage folded under its
-summary. Inline SVG (rlrf4rec.charts), no scripts, no external assets. Knows nothing about how any number was computed.
+summary. Inline SVG (rlrf4rec.core.charts), no scripts, no external assets. Knows nothing about how any number was computed.
 """
 
 from __future__ import annotations
@@ -14,11 +14,26 @@ import html
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 
-from rlrf4rec import charts
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import MARKER, read_marker, read_parquet, stage_output
+from rlrf4rec.core import charts
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet, stage_output
+from rlrf4rec.core.layout import (
+    CONFIG,
+    GENERATIONS,
+    MARKER,
+    PAIRED,
+    REPORT_HTML,
+    REPORT_MD,
+    REWARDS,
+    TABLE_JSON,
+    TABLE_MD,
+    RunLayout,
+    pairs_file,
+)
+from rlrf4rec.stages.loop import read_manifest
 
 METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 FOREST_METRICS = ("ndcg@5", "map@5")
@@ -58,7 +73,7 @@ def _stage_times(run: Path) -> list[tuple[str, float]]:
     finished = []
     for marker in run.rglob(MARKER):
         name = str(marker.parent.relative_to(run))
-        if name == "report":  # a previous report, not part of the run
+        if marker.parent == RunLayout(run).report:  # a previous report, not part of the run
             continue
         m = json.loads(marker.read_text())
         if "finished" in m:
@@ -81,7 +96,7 @@ DPO_PANELS = {  # y axis label -> history keys drawn in that panel
 def _dpo_curves(run: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """DPO stage name -> history key -> [(step, value)] for the keys in DPO_PANELS that were logged."""
     curves = {}
-    for path in sorted((run / "dpo").glob("*/history.json")):
+    for path in RunLayout(run).dpo_histories():
         history = json.loads(path.read_text())
         keys = [k for ks in DPO_PANELS.values() for k in ks]
         curves[path.parent.name] = {
@@ -184,7 +199,7 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
         pairs = ", ".join(str(r["pairs"].get("train/pairs", 0)) for r in rounds)
         sentences.append(f"{len(rounds)} round(s) of reward-guided DPO (train pairs per round: {pairs}).")
     if table:
-        users = (read_marker(run / "evaluate") or {}).get("stats", {}).get("test_users")
+        users = (read_marker(RunLayout(run).evaluate) or {}).get("stats", {}).get("test_users")
         on = f" on {users} test users" if users else " on test users"
         sentences.append(f"Evaluated {len(table)} variants{on}: {', '.join(_ordered(table))}.")
     dpo_rows = [n for n in _ordered(paired) if n.startswith("DPO")]
@@ -215,7 +230,8 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
     body.append("<h2>Rounds</h2>")
     train = {}
     for r in manifest["rounds"]:
-        t, rd = r["round"], run / "rounds" / f"round{r['round']}"
+        t = r["round"]
+        step = partial(RunLayout(run).round_step, t)
         v = r["valid_reward"]
         line = (
             f"Round {t}: {r['pairs'].get('train/pairs', 0)} train pairs; valid reward "
@@ -227,7 +243,7 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
         body.append(f"<h3>Round {t}</h3><p>{html.escape(line.split(': ', 1)[1])}.</p>")
         series = {}
         for when, stage in (("before", "reward-valid"), ("after", "reward-valid-tuned")):
-            found = _rewards(rd / stage / "rewards.parquet")
+            found = _rewards(step(stage) / REWARDS)
             if found is not None:
                 series[f"{when}: policy {found[0]}"] = found[1]
         if series:
@@ -241,10 +257,10 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
                     "reward",
                 )
             )
-        found = _rewards(rd / "reward-train" / "rewards.parquet")
+        found = _rewards(step("reward-train") / REWARDS)
         if found is not None:
             train[f"round {t}: policy {found[0]}"] = found[1]
-        body.append(_examples(rd / "pairs" / "pairs_train.parquet", md))
+        body.append(_examples(step("pairs") / pairs_file("train"), md))
     if train:
         body.append(
             "<h3>Rewards that made the pairs</h3><p>Train users' sampled texts per round, each round scored "
@@ -350,11 +366,11 @@ def build_report(run: Path) -> Path:
     """Write report.html and report.md into `<run>/report/` (published whole, with a marker); every section
     appears when its inputs exist. Re-run freely: it only reads."""
     md, body = ["# rlrf4rec run report", f"Run directory: `{run}`", ""], []
-    evaluate = run / "evaluate"
-    table = json.loads((evaluate / "table.json").read_text()) if (evaluate / "table.json").is_file() else {}
-    paired = json.loads((evaluate / "paired.json").read_text()) if (evaluate / "paired.json").is_file() else {}
-    manifest_path = run / "rounds" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    layout = RunLayout(run)
+    evaluate = layout.evaluate
+    table = json.loads((evaluate / TABLE_JSON).read_text()) if (evaluate / TABLE_JSON).is_file() else {}
+    paired = json.loads((evaluate / PAIRED).read_text()) if (evaluate / PAIRED).is_file() else {}
+    manifest = read_manifest(layout)
 
     summary = _summary(run, table, paired, manifest)
     if summary:
@@ -382,10 +398,10 @@ def build_report(run: Path) -> Path:
 
     # Written by `rlrf4rec controls`: valid users only, several seeds, paired intervals; one block per table (with
     # --backbones, one per backbone) and, when several backbones were measured, their table side by side.
-    controls = sorted(p.parent for p in (run / "controls").glob("*/table.md") if (p.parent / "table.json").is_file())
-    tables = {d.name: json.loads((d / "table.json").read_text()) for d in controls}
+    controls = layout.control_tables()
+    tables = {d.name: json.loads((d / TABLE_JSON).read_text()) for d in controls}
     for d in controls:
-        text = (d / "table.md").read_text()
+        text = (d / TABLE_MD).read_text()
         backbone = next((r["backbone"] for r in tables[d.name] if "backbone" in r), "prm")
         if not any("ndcg@5" in r for r in tables[d.name]):  # a reward-reliability table, reported elsewhere
             continue
@@ -398,7 +414,7 @@ def build_report(run: Path) -> Path:
         )
     backbones = {r.get("backbone") for rows in tables.values() for r in rows if "metrics" in r}
     if len(backbones) > 1:
-        from rlrf4rec.controls import backbone_table
+        from rlrf4rec.stages.controls import backbone_table
 
         text = backbone_table([rows for rows in tables.values() if any("metrics" in r for r in rows)])
         md += ["## Re-ranker backbones side by side (valid users, mean of seeds)", "", text]
@@ -410,7 +426,7 @@ def build_report(run: Path) -> Path:
     _times(run, md, body)
     if manifest is not None:
         _lineage(manifest, md, body)
-    config = evaluate / "config.yaml"
+    config = evaluate / CONFIG
     if config.is_file():
         body.append(
             _details("Resolved configuration (evaluate/config.yaml)", f"<pre>{html.escape(config.read_text())}</pre>")
@@ -422,10 +438,10 @@ def build_report(run: Path) -> Path:
         + "".join(body)
         + "</body></html>"
     )
-    out = run / "report"
+    out = layout.report
     with stage_output(out, f"report-{time.time()}", None) as (tmp, stats):  # made from the run's artifacts only
-        (tmp / "report.html").write_text(page)
-        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        (tmp / REPORT_HTML).write_text(page)
+        (tmp / REPORT_MD).write_text("\n".join(md) + "\n")
         stats["sections"] = len(body)
         stats["charts"] = page.count('<svg id="')
     return out
@@ -434,7 +450,7 @@ def build_report(run: Path) -> Path:
 def text_quality(run: Path) -> list[dict]:
     """Per complete generation stage under `run`: policy, rows and the share of each quality flag."""
     rows = []
-    for path in sorted(run.rglob("generations.parquet")):
+    for path in sorted(run.rglob(GENERATIONS)):
         marker = read_marker(path.parent)
         if marker is None:
             continue

@@ -4,20 +4,31 @@ Consumes rewarded generations (user, sample, text, reward) and each user's promp
 conversational rows (prompt, chosen, rejected) with provenance (both sample ids and rewards, margin, policy
 version, round), and stats: pairs kept, users dropped per reason, margin distribution. Users with a single sample,
 with all rewards tied, or with a margin under `min_margin` give no pair. A NaN reward is a bug upstream and raises.
+The pure core (select_pairs, pairs_table) comes first; the stage (run_pairs) joins a generate stage's texts with
+its reward stage and writes `pairs_train.parquet` / `pairs_valid.parquet` (schema.PAIRS).
 Knows nothing about how rewards were computed or how DPO uses the pairs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from rlrf4rec import schema as S
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import is_complete, read_marker, read_parquet, require_marker, stage_output, write_parquet
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, REWARDS, pairs_file
+from rlrf4rec.core.prompts import preference_messages
+from rlrf4rec.stages.data import prompt_history_texts, read_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,3 +133,58 @@ def pairs_table(
         ],
         schema=S.PAIRS,
     )
+
+
+# --------------------------------------------------------------------------------------------------- the stage
+
+
+def rewarded_candidates(generations_dir: Path, rewards_dir: Path) -> dict[str, list[Candidate]]:
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
+    rewards = read_parquet(rewards_dir / REWARDS, S.REWARDS)
+    reward_of = {
+        (u, i): r
+        for u, i, r in zip(
+            rewards.column(S.USER_ID).to_pylist(),
+            rewards.column(S.SAMPLE_IDX).to_pylist(),
+            rewards.column(S.REWARD).to_pylist(),
+        )
+    }
+    """user -> its rewarded, non-empty texts as Candidates: a generate stage joined with its reward stage."""
+    out: dict[str, list[Candidate]] = {}
+    for row in gens.select([S.USER_ID, S.SAMPLE_IDX, S.PREFERENCE_TEXT, S.FLAGS]).to_pylist():
+        if "empty" in row[S.FLAGS]:
+            continue  # nothing to learn from an empty answer, as chosen or as rejected
+        key = (row[S.USER_ID], row[S.SAMPLE_IDX])
+        if key not in reward_of:
+            continue  # not rewarded: its user has no re-rank list
+        out.setdefault(key[0], []).append(Candidate(key[1], row[S.PREFERENCE_TEXT], reward_of[key]))
+    return out
+
+
+def run_pairs(
+    cfg: RunConfig, sources: list[tuple[Path, Path]], stage_dir: Path, policy_version: str, round_idx: int
+) -> Path:
+    """The pairs stage: best/worst pairs of every user in `sources` [(generations dir, rewards dir)], one file per
+    split in `stage_dir` (layout.pairs_file)."""
+    stage = stage_dir.name
+    upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
+    fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
+    if is_complete(stage_dir, fingerprint):
+        return stage_dir
+    candidates: dict[str, list[Candidate]] = {}
+    for gen_dir, rew_dir in sources:
+        candidates.update(rewarded_candidates(gen_dir, rew_dir))
+    seq = read_table(cfg.layout.data, "sequences")
+    splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
+    histories = prompt_history_texts(cfg)
+    prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        for split in ("train", "valid"):
+            users = {u: c for u, c in candidates.items() if splits[u] == split}
+            pairs, split_stats = select_pairs(users, cfg.reward.min_margin)
+            write_parquet(
+                pairs_table(pairs, prompts, splits, policy_version, round_idx), tmp / pairs_file(split), S.PAIRS
+            )
+            stats.update({f"{split}/{k}": v for k, v in split_stats.items()})
+    log.info("%s: %s", stage, read_marker(stage_dir)["stats"])
+    return stage_dir

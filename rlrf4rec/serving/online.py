@@ -22,13 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlrf4rec import schema as S
-from rlrf4rec.artifacts import read_marker, read_parquet
-from rlrf4rec.config import RunConfig, load_config
-from rlrf4rec.data import TABLES
-from rlrf4rec.encode import pad_segments, user_vectors
-from rlrf4rec.prompts import item_meta, user_attributes
-from rlrf4rec.recommender import Checkpoint, ModelSpec, RerankTask, item_lookup, load_checkpoint, load_tables
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet
+from rlrf4rec.core.config import RunConfig, load_config
+from rlrf4rec.core.layout import CONFIG, USER_KNOWLEDGE, RunLayout, data_table
+from rlrf4rec.core.prompts import item_meta, user_attributes
+from rlrf4rec.core.recommender import (
+    Checkpoint,
+    ModelSpec,
+    RerankTask,
+    checkpoint_header,
+    item_lookup,
+    load_checkpoint,
+)
+from rlrf4rec.stages.data import read_table, read_tables
+from rlrf4rec.stages.encode import pad_segments, user_vectors
 
 PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
 
@@ -43,7 +51,7 @@ class Version:
 
 def run_config(run_dir: Path) -> RunConfig:
     """The config a run was made with (the data stage's copy), for the model and generation settings."""
-    path = Path(run_dir) / "data" / "config.yaml"
+    path = RunLayout(run_dir).data / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no data stage; pass the run directory of a finished `rlrf4rec run`")
     return load_config(path)
@@ -52,15 +60,16 @@ def run_config(run_dir: Path) -> RunConfig:
 def resolve_version(run_dir: Path, name: str) -> Version:
     """A knowledge version of the run by name; 'latest' is the highest complete round, else base."""
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
 
     def complete(v: str) -> bool:
-        return all(read_marker(run_dir / d / v) is not None for d in ("recommender", "knowledge"))
+        return read_marker(layout.recommender(v)) is not None and read_marker(layout.knowledge(v)) is not None
 
     if name == "latest":
         rounds = sorted(
             (
                 int(m.group(1))
-                for p in (run_dir / "recommender").glob("round*")
+                for p in layout.recommender_versions()
                 if (m := re.fullmatch(r"round(\d+)", p.name))
             ),
             reverse=True,
@@ -70,14 +79,14 @@ def resolve_version(run_dir: Path, name: str) -> Version:
         raise ValueError(f"version {name!r} is not known; use 'latest', 'base' or 'round<t>' (e.g. round1)")
     if not complete(name):
         raise FileNotFoundError(
-            f"version {name!r}: {run_dir}/recommender/{name} or {run_dir}/knowledge/{name} is missing or incomplete; "
+            f"version {name!r}: {layout.recommender(name)} or {layout.knowledge(name)} is missing or incomplete; "
             f"finish the run (rlrf4rec run) or choose another version"
         )
     if name == "base":
         policy = run_config(run_dir).models.llm
     else:
-        policy = str(run_dir / "dpo" / f"round{int(name[5:]) - 1}" / "model")
-    return Version(name, run_dir / "recommender" / name, run_dir / "knowledge" / name, policy)
+        policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
+    return Version(name, layout.recommender(name), layout.knowledge(name), policy)
 
 
 def preference_of(knowledge_text: str) -> str | None:
@@ -104,7 +113,7 @@ class KnowledgeStore:
     """user_id -> the user's knowledge text and vector of one version."""
 
     def __init__(self, version: Version):
-        table = read_parquet(version.knowledge_dir / "user_knowledge.parquet", S.USER_KNOWLEDGE)
+        table = read_parquet(version.knowledge_dir / USER_KNOWLEDGE, S.USER_KNOWLEDGE)
         users = table.column(S.USER_ID).to_pylist()
         self.version = version.name
         self._rows = {u: i for i, u in enumerate(users)}
@@ -138,8 +147,8 @@ class ItemCatalog:
     """The run's items (ids, titles) and users (stored history window with ratings, attributes), from the data stage."""
 
     def __init__(self, run_dir: Path):
-        data_dir = Path(run_dir) / "data"
-        self.tables = load_tables(data_dir)
+        data_dir = RunLayout(run_dir).data
+        self.tables = read_tables(data_dir)
         self.index = item_lookup(self.tables["item_index"])
         self.meta = item_meta(self.tables["items"])
         cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
@@ -147,20 +156,19 @@ class ItemCatalog:
             r[S.USER_ID]: list(zip(r[S.ITEM_IDS], r[S.RATINGS]))[r[S.HISTORY_START] : r[S.HISTORY_END]]
             for r in self.tables["sequences"].select(cols).to_pylist()
         }
-        users_path = data_dir / "users.parquet"
-        self.attributes = user_attributes(read_parquet(users_path, TABLES["users"]) if users_path.is_file() else None)
+        has_users = (data_dir / data_table("users")).is_file()
+        self.attributes = user_attributes(read_table(data_dir, "users") if has_users else None)
 
 
 def user_segments_of(version: Version) -> int:
     """How the version's knowledge model reads a user text: 0 = one vector, k = up to k segment vectors."""
-    saved = torch.load(version.recommender_dir / "model.pt", weights_only=False, map_location="cpu")
-    return int(saved.get("user_segments", 0))
+    return checkpoint_header(version.recommender_dir)["user_segments"]
 
 
 def _checkpoint(recommender_dir: Path, task: RerankTask, *, knowledge: bool) -> Checkpoint:
     if read_marker(recommender_dir) is None:
         raise FileNotFoundError(f"{recommender_dir} holds no complete recommender stage")
-    ckpt = load_checkpoint(recommender_dir / "model.pt", task)
+    ckpt = load_checkpoint(recommender_dir, task)
     if knowledge != (ckpt.user_knowledge_dim is not None):
         kind = "a knowledge-augmented" if knowledge else "an ID-only"
         raise ValueError(f"{recommender_dir} does not hold {kind} recommender")
@@ -190,7 +198,7 @@ class Reranker:
         self.catalog = catalog or ItemCatalog(run_dir)
         self.task = RerankTask(self.catalog.tables, ModelSpec())  # items, genres, lists; each model brings its spec
         self.list_len = self.task.splits["train"].candidates.shape[1]
-        id_ckpt = _checkpoint(Path(run_dir) / "recommender" / "id", self.task, knowledge=False)
+        id_ckpt = _checkpoint(RunLayout(run_dir).recommender("id"), self.task, knowledge=False)
         id_ckpt.model.to(self.device)
         self.id_model = _Loaded(id_ckpt, "id")
         self.load_version(version)

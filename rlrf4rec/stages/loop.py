@@ -1,0 +1,154 @@
+"""The RLRF4Rec rounds (METHOD.md section 8): recommender feedback -> preference pairs -> DPO, `loop.rounds` times.
+
+Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the base-knowledge re-ranker):
+  1. generate N texts per user with policy_t for `loop.train_users` train users and the valid users,
+  2. reward every text with recommender_t (frozen); train users' texts cross-fitted (reward.cross_fit_folds): by
+     recommender_t retrained without their fold's lists, since a user's own lists were fitted with one of its texts,
+  3. pairs: best vs worst per user (train pairs feed DPO, valid pairs measure reward accuracy),
+  4. DPO from policy_t (also the reference) -> policy_{t+1},
+  5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
+     comparison (mean reward, paired bootstrap interval over users),
+  6. policy_{t+1} writes one text per train and valid user, and the recommender retrains on them -> recommender_{t+1}
+     (KAR's knowledge from the current policy for every user it trains on).
+Every step is a stage directory with a completion marker, so a killed loop resumes at the first incomplete step.
+`<run>/rounds/manifest.json` records each round's lineage (policy, recommender, encoder, data and config hashes)
+and results; `read_manifest` is how other stages read it. This module only sequences the rounds: each step is
+another stage module's function (generate, reward, pairs, dpo, encode, train). Knows nothing about engines or
+trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from rlrf4rec.core import assets
+from rlrf4rec.core.artifacts import read_marker, write_json
+from rlrf4rec.core.config import RunConfig
+from rlrf4rec.core.layout import RunLayout, pairs_file
+from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, write_user_knowledge
+from rlrf4rec.stages.pairs import run_pairs
+from rlrf4rec.stages.reward import compare_policies, reward_folds, run_reward
+
+log = logging.getLogger(__name__)
+
+
+def run_loop(cfg: RunConfig) -> Path:
+    """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
+    from rlrf4rec.stages.dpo import run_dpo
+    from rlrf4rec.stages.generate import run_generate
+    from rlrf4rec.stages.train import run_recommender
+
+    if cfg.generate.num_samples < 2:
+        raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: best-of-N pairs need at least 2 samples")
+    layout = cfg.layout
+    data_dir = layout.data
+    home = assets.asset_home(cfg.assets.home)
+    policy, recommender_dir = cfg.models.llm, layout.recommender("base")
+    manifest: dict = {
+        "config_hash": cfg.section_hash(*cfg.to_dict()),
+        "data": read_marker(data_dir)["fingerprint"],
+        "encoder": cfg.models.encoder,
+        "rounds": [],
+    }
+
+    def generate(split: str, max_users: int | None, model: str, version: str) -> Path:
+        # Named by policy, not round: round t+1 finds policy_{t+1}'s valid texts already written in round t.
+        g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
+        return run_generate(
+            dataclasses.replace(cfg, generate=g),
+            model=model,
+            policy_version=version,
+            out=layout.generations(f"{version}-{split}"),
+        )
+
+    for t in range(cfg.loop.rounds):
+        version, next_version = "base" if t == 0 else f"round{t}", f"round{t + 1}"
+        policy_path = assets.resolve(policy, home)
+        gen_train = generate("train", cfg.loop.train_users, policy_path, version)
+        gen_valid = generate("valid", cfg.loop.eval_users, policy_path, version)
+        folds = reward_folds(cfg, recommender_dir)
+        rew_train = run_reward(cfg, gen_train, recommender_dir, layout.round_step(t, "reward-train"), folds)
+        rew_valid = run_reward(cfg, gen_valid, recommender_dir, layout.round_step(t, "reward-valid"))
+        pairs_dir = run_pairs(
+            cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], layout.round_step(t, "pairs"), version, t
+        )
+        if not read_marker(pairs_dir)["stats"].get("train/pairs"):
+            raise ValueError(
+                f"round {t}: no train pair survived ({pairs_dir}); raise loop.train_users or generate.num_samples, "
+                "lower reward.min_margin, or raise generate.temperature so the N texts differ"
+            )
+        dpo_dir = run_dpo(
+            cfg,
+            pairs_dir / pairs_file("train"),
+            Path(policy_path),
+            f"round{t}",
+            eval_pairs_path=pairs_dir / pairs_file("valid"),
+        )
+        new_policy = str(layout.policy(dpo_dir.name))
+        gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
+        rew_tuned = run_reward(cfg, gen_tuned, recommender_dir, layout.round_step(t, "reward-valid-tuned"))
+        comparison = compare_policies(rew_valid, rew_tuned, cfg.loop.bootstrap_samples, cfg.seed)
+        log.info(
+            "round %d: valid reward %.4f -> %.4f (gain %.4f, 95%% CI [%.4f, %.4f])",
+            t,
+            comparison["before/mean"],
+            comparison["after/mean"],
+            comparison["gain/mean"],
+            comparison["gain/ci_low"],
+            comparison["gain/ci_high"],
+        )
+        # Bidirectional gain: the recommender retrains on the new policy's knowledge, one text per train and valid
+        # user (sample 0: no label read), like the base recommender on the base policy's.
+        gen_knowledge = generate_policy_texts(cfg, new_policy, next_version)
+        texts = policy_knowledge_texts(cfg, gen_knowledge)
+        upstream = f"{read_marker(pairs_dir)['fingerprint']}-{read_marker(gen_knowledge)['fingerprint']}"
+        knowledge_dir = write_user_knowledge(cfg, next_version, texts, upstream)
+        new_recommender = run_recommender(cfg, next_version, data_dir, layout.user_knowledge(knowledge_dir.name))
+        manifest["rounds"].append(
+            {
+                "round": t,
+                "policy_in": policy,
+                "policy_out": new_policy,
+                "recommender_in": str(recommender_dir),
+                "reward_folds": [str(d) for d, _ in folds],
+                "recommender_out": str(new_recommender),
+                "stages": {
+                    name: str(d)
+                    for name, d in [
+                        ("generate_train", gen_train),
+                        ("generate_valid", gen_valid),
+                        ("pairs", pairs_dir),
+                        ("dpo", dpo_dir),
+                        ("generate_valid_tuned", gen_tuned),
+                        ("generate_knowledge", gen_knowledge),
+                    ]
+                },
+                "pairs": read_marker(pairs_dir)["stats"],
+                "dpo": read_marker(dpo_dir)["stats"],
+                "valid_reward": comparison,
+                "recommender_metrics": read_marker(new_recommender)["stats"],
+            }
+        )
+        layout.rounds.mkdir(parents=True, exist_ok=True)
+        write_json(manifest, layout.manifest)
+        policy, recommender_dir = new_policy, new_recommender
+    return layout.rounds
+
+
+def read_manifest(layout: RunLayout, rounds: int | None = None) -> dict | None:
+    """The rounds manifest (None when no round finished yet); with `rounds`, an error unless that many are complete
+    (what a stage reading every round's policy and recommender needs)."""
+    if not layout.manifest.is_file():
+        if rounds:
+            raise FileNotFoundError(f"{layout.manifest} is missing: no round is complete; run `rlrf4rec loop` first")
+        return None
+    manifest = json.loads(layout.manifest.read_text())
+    if rounds is not None and len(manifest["rounds"]) != rounds:
+        raise ValueError(
+            f"{len(manifest['rounds'])} of loop.rounds={rounds} rounds are complete; run `rlrf4rec loop` to finish "
+            "them first"
+        )
+    return manifest
