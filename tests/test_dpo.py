@@ -6,6 +6,7 @@ LoRA) and on a local Ray cluster (2 workers, DeepSpeed ZeRO-2 + LoRA, gloo).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, write_parquet
-from rlrf4rec.core.config import ConfigError, RunConfig, from_dict
+from rlrf4rec.core.config import ConfigError, FaultConfig, RunConfig, from_dict
 from rlrf4rec.stages.dpo import drop_long_prompts, history_from_log, split_pairs, summarize
 
 LIKED = ["Casablanca (1942)", "Vertigo (1958)", "Chinatown (1974)", "Heat (1995)"]
@@ -255,12 +256,12 @@ def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_
     cfg = _cfg(tmp_path, deepspeed="zero2", num_workers=2, per_device_batch_size=1, max_steps=3, save_steps=1)
     pairs = tmp_path / "pairs.parquet"
     write_parquet(make_pairs(), pairs, S.PAIRS)
-    killed = tmp_path / "killed"
-    stage = run_dpo(cfg, pairs, _policy(asset_home), "round1", fail_at_step=2, fail_marker=str(killed))
+    cfg = dataclasses.replace(cfg, fault=FaultConfig(dpo_step=2))
+    stage = run_dpo(cfg, pairs, _policy(asset_home), "round1")
 
-    assert killed.exists()  # the last worker really SIGKILLed itself after saving step 2
     stats = read_marker(stage)["stats"]
-    # One restart, from a checkpoint: step 2's if Ray had registered it before the kill, else step 1's.
+    # The last worker SIGKILLed itself after saving step 2 (config fault.dpo_step) and the group restarted once, from
+    # a checkpoint: step 2's if Ray had registered it before the kill, else step 1's.
     assert len(stats["resumed_after"]) == 1 and stats["resumed_after"][0] in (1, 2)
     assert stats["on_ray"] and stats["steps"] == 3
     history = json.loads((stage / "history.json").read_text())

@@ -294,3 +294,28 @@ def test_vllm_on_ray_data_writes_rows_with_texts_and_token_counts(local_ray, mod
         assert row[S.PREFERENCE_TEXT] and row[S.PROMPT].endswith("<|im_start|>assistant\n")
         assert row[S.PROMPT_TOKENS] > 50 and 0 < row[S.COMPLETION_TOKENS] <= 24
         assert row[S.FINISH_REASON] in ("stop", "length") and row[S.MODEL] == model
+
+
+@pytest.mark.slow
+def test_vllm_request_seed_gives_the_same_text_in_any_batch(model_requests):
+    """One seed per request (SamplingParams.seed): a sampled text depends on its prompt and seed, not on its
+    batch-mates, its position in the batch or the prefix cache a previous batch left behind."""
+    import gc
+
+    model, _, reqs = model_requests
+    engine = E.VLLMEngine(model, GenerateConfig(temperature=1.0, top_p=0.95, max_new_tokens=16))
+    try:
+        p, q = reqs.column(S.PROMPT).to_pylist()  # the fixture's two users
+        seed, q_seed = reqs.column(S.SEED).to_pylist()
+        other = E.chat_renderer(model)([{"role": "user", "content": "Name three films set at sea."}])
+        in_batch = engine.generate([p, q], [seed, q_seed])[0]
+        alone = engine.generate([p], [seed])[0]
+        second = engine.generate([other, p], [7, seed])[1]
+        reseeded = engine.generate([p], [seed + 1])[0]
+    finally:
+        del engine
+        gc.collect()
+    assert in_batch.text and in_batch.completion_tokens > 0
+    assert alone.text == in_batch.text and second.text == in_batch.text
+    assert (alone.completion_tokens, second.completion_tokens) == (in_batch.completion_tokens,) * 2
+    assert reseeded.text != in_batch.text  # it samples: the seed, not greedy decoding, fixes the text

@@ -19,7 +19,9 @@ HF_FILES = {
     "trainer_state.json",
     "model.safetensors.index.json",
 }
-RUN_DIRS = "data|knowledge|cache|recommender|ray_train|generate|generations|rounds|rewards|pairs|dpo|evaluate|controls|report"
+RUN_DIRS = (
+    "data|knowledge|cache|recommender|ray_train|generate|generations|rounds|rewards|pairs|dpo|evaluate|controls|report"
+)
 JOINED_DIR = re.compile(rf'/ f?"({RUN_DIRS})(/[^"]*)?"')
 FILE_NAME = re.compile(r"^[\w{}:.-]+\.(parquet|json|pt|yaml|md|html)$")
 

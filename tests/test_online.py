@@ -33,14 +33,6 @@ def test_latest_version_is_the_highest_complete_round(tmp_path):
         online.resolve_version(tmp_path, "newest")
 
 
-def test_preference_part_of_a_knowledge_text():
-    assert online.preference_of("Preferences: likes noir.\nHas two lines.\nUser: age 3\nHistory: a; b;") == (
-        "likes noir.\nHas two lines."
-    )
-    assert online.preference_of("Preferences: likes noir.\nHistory: a;") == "likes noir."
-    assert online.preference_of("User: age 3\nHistory: a;") is None  # history-only knowledge
-
-
 @pytest.fixture(scope="module")
 def reranker(serving_run):
     run, tastes = serving_run

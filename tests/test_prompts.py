@@ -81,3 +81,17 @@ def test_hostile_titles_with_the_real_tokenizer(asset_home):
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == len(messages) + 1
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == len(messages)
+
+
+def test_knowledge_text_round_trip_gives_back_the_preference():
+    """user_knowledge_text writes the contract that preference_of (serving's explanation) reads back."""
+    from rlrf4rec.core.prompts import HistoryItem, history_text, preference_of, user_knowledge_text
+
+    history = history_text([HistoryItem("Heat", 1995, 5.0), HistoryItem("Up", None, None)], {"age": 30})
+    assert history == 'User: age 30\nHistory: "Heat" (1995), 5 stars; "Up";'
+    for preference in ("likes noir.", "likes noir.\nHas two lines.", "History: of noir is their taste."):
+        text = user_knowledge_text(history, preference)
+        assert text.startswith("Preferences: ") and text.endswith(history)
+        assert preference_of(text) == preference
+    assert preference_of(user_knowledge_text("History: a;", "likes noir.")) == "likes noir."
+    assert preference_of(user_knowledge_text(history)) is None  # history-only knowledge

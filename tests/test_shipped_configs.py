@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 GPU_CONFIGS = [p for p in CONFIGS if "-gpu" in p.stem]
-SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]  # name, run_dir, seed and the sections, in order
+# name, run_dir, seed and the sections, in order; `fault` (resilience tests' kill switch) stays off by default.
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "fault"]
 NESTED = {name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)}
 # GPUs per instance of the AWS types cluster.yaml names. Ray's AWS provider asks the EC2 API; offline, this table
 # stands in for it, and a node type whose instance it lacks fails the test until the table learns it.

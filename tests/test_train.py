@@ -1,5 +1,6 @@
 """The recommender stage on a local Ray cluster: DDP or ZeRO-2 over 2 workers; a killed worker resumes."""
 
+import dataclasses
 import json
 import os
 
@@ -7,8 +8,9 @@ import pytest
 from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.core.artifacts import read_marker
-from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.config import FaultConfig, RunConfig, from_dict
 from rlrf4rec.stages.data import run_data
+from rlrf4rec.stages.launcher import FAULT_MARKER
 from rlrf4rec.stages.train import run_recommender
 
 pytestmark = pytest.mark.slow
@@ -40,12 +42,20 @@ def _cfg(tmp_path, knowledge: dict | None = None, models: dict | None = None, **
     )
 
 
+def _with_fault(cfg: RunConfig, epoch: int) -> RunConfig:
+    return dataclasses.replace(cfg, fault=FaultConfig(recommender_epoch=epoch))
+
+
+def _fault_markers(cfg: RunConfig) -> list:
+    """The kill switch's marker in the fit's Ray Train storage: written by the worker just before it killed itself."""
+    return list(cfg.layout.ray_train("x").parent.glob(f"*/{FAULT_MARKER}"))
+
+
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _with_fault(_cfg(tmp_path), epoch=1)
     data_dir = run_data(cfg)
-    killed = tmp_path / "killed"
-    stage = run_recommender(cfg, "id", data_dir, None, fail_at_epoch=1, fail_marker=str(killed))
-    assert killed.exists()  # the last worker really SIGKILLed itself after epoch 1
+    stage = run_recommender(cfg, "id", data_dir, None)
+    assert _fault_markers(cfg)  # the last worker really SIGKILLed itself after epoch 1
     stats = read_marker(stage)["stats"]
     # One restart, from a checkpoint rather than from scratch: epoch 1's if Ray had registered it before the kill,
     # else epoch 0's (registration is asynchronous to the worker).
@@ -98,10 +108,9 @@ def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_
         assert zero["train/loss"] == pytest.approx(ddp["train/loss"], rel=1e-4)
         assert zero["valid/ndcg@5"] == pytest.approx(ddp["valid/ndcg@5"], abs=1e-3)
 
-    cfg = _cfg(tmp_path / "zero2-killed", deepspeed="zero2")
-    killed = tmp_path / "killed"
-    stage = run_recommender(cfg, "id", run_data(cfg), None, fail_at_epoch=1, fail_marker=str(killed))
-    assert killed.exists()
+    cfg = _with_fault(_cfg(tmp_path / "zero2-killed", deepspeed="zero2"), epoch=1)
+    stage = run_recommender(cfg, "id", run_data(cfg), None)
+    assert _fault_markers(cfg)
     stats = read_marker(stage)["stats"]
     assert len(stats["resumed_after"]) == 1 and stats["resumed_after"][0] in (0, 1)
     assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]

@@ -433,6 +433,21 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, for resilience tests only: the last Ray Train worker SIGKILLs itself once, and the fit must
+    resume from its last checkpoint. Off (null) by default; part of no stage's fingerprint."""
+
+    recommender_epoch: int | None = None  # after this epoch's checkpoint was reported
+    dpo_step: int | None = None  # after this step's checkpoint was saved
+
+    def __post_init__(self) -> None:
+        for name, low in (("recommender_epoch", 0), ("dpo_step", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                _fail(f"fault.{name}", value, f"use null (no fault) or at least {low}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     run_dir: str = "runs/{name}"  # {name} is replaced by the run name; relative paths are from the working dir
@@ -447,6 +462,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)  # tests only
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):

@@ -82,12 +82,20 @@ class HistoryItem:
     rating: float | None  # None: unknown (an on-line request may send item ids only)
 
 
+# A user's knowledge text, written here and read back here (preference_of): an optional preference line, an optional
+# user-attribute line, then the history line.
+PREFERENCES_PREFIX = "Preferences: "
+USER_PREFIX = "User: "
+HISTORY_PREFIX = "History: "
+
+
 def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object] | None = None) -> str:
     """`"<title>" (<year>), <r> stars;` per item, oldest first, preceded by the known user attributes."""
     parts = []
     attrs = {k: v for k, v in (user_attributes or {}).items() if v not in (None, "")}
     if attrs:
-        parts.append("User: " + ", ".join(f"{sanitize(str(k), 40)} {sanitize(str(v), 40)}" for k, v in attrs.items()))
+        pairs = (f"{sanitize(str(k), 40)} {sanitize(str(v), 40)}" for k, v in attrs.items())
+        parts.append(USER_PREFIX + ", ".join(pairs))
     entries = []
     for item in items:
         title = sanitize(item.title).replace('"', "'")
@@ -97,8 +105,27 @@ def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object
             continue
         stars = f"{item.rating:g} star" + ("" if item.rating == 1 else "s")
         entries.append(f'"{title}"{year}, {stars};')
-    parts.append("History: " + " ".join(entries))
+    parts.append(HISTORY_PREFIX + " ".join(entries))
     return "\n".join(parts)
+
+
+def user_knowledge_text(history: str, preference_text: str | None = None) -> str:
+    """What the encoder reads for a user: the preference text (when there is one) before the history text."""
+    if preference_text is None:
+        return history
+    return f"{PREFERENCES_PREFIX}{preference_text.strip()}\n{history}"
+
+
+def preference_of(knowledge_text: str) -> str | None:
+    """The preference part of a `user_knowledge_text`, None for a history-only one."""
+    if not knowledge_text.startswith(PREFERENCES_PREFIX):
+        return None
+    # The history text closes the knowledge text: an optional "User: ..." line, then the "History: ..." line.
+    end = knowledge_text.rfind("\n" + HISTORY_PREFIX)
+    user_line = knowledge_text.rfind("\n" + USER_PREFIX, 0, end)
+    if user_line != -1 and "\n" not in knowledge_text[user_line + 1 : end]:
+        end = user_line
+    return knowledge_text[len(PREFERENCES_PREFIX) : end if end != -1 else None].strip()
 
 
 def preference_messages(history: str, domain: str = "movies") -> list[dict[str, str]]:

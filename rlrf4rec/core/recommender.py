@@ -462,7 +462,7 @@ class FitState:
 
 
 def make_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optimizer:
-    """The recommenders' optimizer, in one place: plain training and the ZeRO engine (rlrf4rec.stages.train) both use it."""
+    """The recommenders' optimizer, in one place: plain training and the ZeRO engine (stages/train.py) use it."""
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 

@@ -38,8 +38,6 @@ from rlrf4rec.core.recommender import (
 from rlrf4rec.stages.data import read_table, read_tables
 from rlrf4rec.stages.encode import pad_segments, user_vectors
 
-PREFERENCES_PREFIX = "Preferences: "  # how encode.user_knowledge_text starts a text that carries a preference
-
 
 @dataclass(frozen=True)
 class Version:
@@ -87,18 +85,6 @@ def resolve_version(run_dir: Path, name: str) -> Version:
     else:
         policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
     return Version(name, layout.recommender(name), layout.knowledge(name), policy)
-
-
-def preference_of(knowledge_text: str) -> str | None:
-    """The preference part of a knowledge text (encode.user_knowledge_text), None for a history-only one."""
-    if not knowledge_text.startswith(PREFERENCES_PREFIX):
-        return None
-    # The history text closes the knowledge text: an optional "User: ..." line, then the "History: ..." line.
-    end = knowledge_text.rfind("\nHistory: ")
-    user_line = knowledge_text.rfind("\nUser: ", 0, end)
-    if user_line != -1 and "\n" not in knowledge_text[user_line + 1 : end]:
-        end = user_line
-    return knowledge_text[len(PREFERENCES_PREFIX) : end if end != -1 else None].strip()
 
 
 @dataclass(frozen=True)

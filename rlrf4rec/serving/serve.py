@@ -41,6 +41,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from rlrf4rec.core.prompts import preference_of, user_knowledge_text
 from rlrf4rec.serving import online
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class OnlineKnowledge:
     async def _generate(self, key: str, history: list[tuple[str, float | None]], attributes: dict | None) -> Generated:
         """Generate, encode and cache one user's knowledge; never raises (a failure is a fallback reason)."""
         from rlrf4rec.core.prompts import HistoryItem, history_text
-        from rlrf4rec.stages.encode import encode_user_texts, user_knowledge_text
+        from rlrf4rec.stages.encode import encode_user_texts
 
         try:
             items = [HistoryItem(*self.catalog.meta[i], r) for i, r in history]
@@ -411,7 +412,7 @@ class Ingress:
             items=[RankedItem(item_id=i, score=s) for i, s in ranked_items],
             path=path,
             fallback_reason=reason,
-            preference_text=online.preference_of(used.text) if path == "knowledge" else None,
+            preference_text=preference_of(used.text) if path == "knowledge" else None,
             knowledge_source=used.source if path == "knowledge" else None,
             knowledge_version=used.version if used is not None else None,
             model_version=ranked.model_version,

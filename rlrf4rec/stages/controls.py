@@ -24,6 +24,7 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, stage_output, write_json
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
+from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import (
     KnowledgeInput,
     RerankTask,
@@ -467,7 +468,6 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         embedding_cache,
         encode_user_texts,
         make_encoder,
-        user_knowledge_text,
         write_item_knowledge,
     )
     from rlrf4rec.stages.reward import RewardModel

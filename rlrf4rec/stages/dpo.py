@@ -18,7 +18,7 @@ DDP or DeepSpeed ZeRO-2/3), checkpointing through RayTrainReportCallback into Ra
 directory; a failed worker restarts the group from the last checkpoint (`dpo.max_failures`). `on_ray=False` runs
 the same trainer in this process (the plain-TRL baseline). The caller owns the Ray connection.
 
-Two speed-ups leave the loss as it is (rlrf4rec.stages.dpo_trainer, tests/test_dpo_speed.py): the reference log-probs are
+Two speed-ups leave the loss as it is (stages/dpo_trainer.py, tests/test_dpo_speed.py): the reference log-probs are
 computed once, before the first step, on every worker's share of the pairs (`dpo.precompute_ref_logps`), and each
 pair runs as one row in which chosen and rejected both continue a single pass over their prompt (`dpo.share_prompt`):
 the prompt is most of a pair's tokens, TRL's own layout runs it twice, for policy and reference alike.
@@ -30,9 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +59,9 @@ from rlrf4rec.core.layout import (
     POLICY_MODEL,
 )
 from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.stages import launcher
 from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, trainer_class
+from rlrf4rec.stages.launcher import Fit
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -274,46 +274,31 @@ def _step_clock():
     return StepClock()
 
 
-def _worker_environment(config: dict) -> None:
-    # DeepSpeed JIT-compiles a comm op on first init (~40 s on CPU); a shared cache makes that once per machine.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def _failure_callback(config: dict, rank: int, world: int):
-    """Fault injection for resilience tests: the last worker SIGKILLs itself once, after saving step `fail_at_step`."""
+    """Fault injection for resilience tests (config fault.dpo_step): the last worker dies once, after saving."""
     from transformers import TrainerCallback
-
-    marker = config.get("fail_marker")
 
     class KillAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if rank == world - 1 and state.global_step == config.get("fail_at_step") and not os.path.exists(marker):
-                Path(marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
+            launcher.inject_fault(config, rank, world, state.global_step)
 
-    return KillAfterSave() if marker else None
+    return KillAfterSave() if config.get("fault_at") is not None else None
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in each Ray Train worker: build the trainer, resume from Ray's last checkpoint if any, train."""
     import ray.train
     import ray.train.collective
-    import torch.distributed as dist
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    _worker_environment(config)
+    launcher.worker_environment(config)
     if not config["dpo"]["use_gpu"]:
         import torch
 
         torch.set_num_threads(config["dpo"]["cpus_per_worker"])  # the cores Ray reserved for this worker
     ctx = ray.train.get_context()
     if config["deepspeed"] is not None:
-        import deepspeed as ds
-
-        # Ray created the process group; DeepSpeed must adopt it before the trainer exists, or a ZeRO-3 full
-        # fine-tune sees world size 1 ("train_batch_size ... 4 != 2 * 1 * 1").
-        ds.init_distributed(dist_backend=dist.get_backend())
+        launcher.adopt_process_group()
     if ctx.get_local_rank() == 0:
         # The trainer's scratch from a dead attempt would confuse RayTrainReportCallback, which reports the newest
         # checkpoint-N there; Ray storage holds the checkpoint this attempt resumes from.
@@ -343,28 +328,10 @@ def _record_resume(path: Path, step: int) -> None:
 
 
 def fit_on_ray(cfg: RunConfig, loop_config: dict, storage: Path, name: str) -> Path:
-    """TorchTrainer over `dpo.num_workers` workers; returns the last HF checkpoint directory in Ray storage."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
+    """`train_loop_per_worker` over `dpo.num_workers` workers; returns the last HF checkpoint directory in storage."""
     dc = cfg.dpo
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=dc.num_workers,
-            use_gpu=dc.use_gpu,
-            resources_per_worker=None if dc.use_gpu else {"CPU": dc.cpus_per_worker},
-        ),
-        run_config=RayRunConfig(
-            name=name,
-            storage_path=str(storage.resolve()),
-            failure_config=FailureConfig(max_failures=dc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    fit = Fit(name, storage, dc.num_workers, dc.use_gpu, dc.max_failures, cpus_per_worker=dc.cpus_per_worker)
+    result = launcher.fit_on_ray(train_loop_per_worker, loop_config, fit)
     if result.checkpoint is None:
         raise RuntimeError(f"DPO on Ray finished without a checkpoint; see the worker logs under {storage}")
     return Path(result.checkpoint.path) / "checkpoint"
@@ -374,7 +341,7 @@ def fit_local(loop_config: dict) -> Path:
     """The same trainer in this process (plain TRL, no Ray); returns its last checkpoint directory."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    _worker_environment(loop_config)
+    launcher.worker_environment(loop_config)
     output_dir = Path(loop_config["output_dir"])
     trainer = trainer_from(loop_config)
     resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -438,7 +405,8 @@ def policy_fingerprint(policy_dir: Path) -> str:
 def prepare_pairs(
     cfg: RunConfig, pairs_path: Path, eval_pairs_path: Path | None, policy_dir: Path, work: Path
 ) -> tuple[Path, Path | None, dict]:
-    """Split and length-filter the pairs into `work/` (layout.DPO_TRAIN_PAIRS, DPO_EVAL_PAIRS); returns paths and counts.
+    """Split and length-filter the pairs into `work/` (layout.DPO_TRAIN_PAIRS, DPO_EVAL_PAIRS); returns the paths and
+    counts.
 
     Held out: `split_pairs` of the main file, plus every pair of `eval_pairs_path` (e.g. the valid users' pairs).
     """
@@ -486,16 +454,11 @@ def run_dpo(
     eval_pairs_path: Path | None = None,
     force: bool = False,
     on_ray: bool = True,
-    **fault,
 ) -> Path:
     """Train the policy on the pairs and write `<run>/dpo/<out_name>/` (model/ inside); skip when complete.
 
-    `eval_pairs_path` adds held-out pairs (never trained on); `on_ray=False` trains in this process (plain TRL);
-    `fault` (fail_at_step, fail_marker) injects one worker failure, for resilience tests.
+    `eval_pairs_path` adds held-out pairs (never trained on); `on_ray=False` trains in this process (plain TRL).
     """
-    unknown = sorted(set(fault) - {"fail_at_step", "fail_marker"})
-    if unknown:
-        raise TypeError(f"run_dpo() got unexpected keyword arguments {unknown}")
     pairs_path, policy_dir = Path(pairs_path).resolve(), Path(policy_dir).resolve()
     eval_pairs_path = Path(eval_pairs_path).resolve() if eval_pairs_path is not None else None
     if not (policy_dir / "config.json").is_file():
@@ -523,7 +486,7 @@ def run_dpo(
         "seed": cfg.seed + dc.seed_offset,
         "deepspeed": deepspeed,
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
-        **fault,
+        "fault_at": cfg.fault.dpo_step,
     }
     log.info("dpo/%s: %s", out_name, json.dumps(counts))
     if on_ray:

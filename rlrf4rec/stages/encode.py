@@ -26,18 +26,13 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, require_marker, stage_output, write_parquet
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, USER_KNOWLEDGE
+from rlrf4rec.core.prompts import user_knowledge_text
 
 log = logging.getLogger(__name__)
 
 
 def text_hash(text: str) -> str:
     return digest(text, 32)
-
-
-def user_knowledge_text(history: str, preference_text: str | None = None) -> str:
-    if preference_text is None:
-        return history
-    return f"Preferences: {preference_text.strip()}\n{history}"
 
 
 class TextEncoder:

@@ -30,8 +30,9 @@ from rlrf4rec.core.artifacts import (
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, PAIRED, PER_USER_PARQUET, TABLE_JSON, TEST_TEXTS
 from rlrf4rec.core.metrics import bootstrap_ci, rank_metrics
+from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import RERANK_KS, RerankBatch, RerankTask
-from rlrf4rec.stages.encode import TextEncoder, embedding_cache, user_knowledge_text
+from rlrf4rec.stages.encode import TextEncoder, embedding_cache
 from rlrf4rec.stages.reward import RewardModel
 
 log = logging.getLogger(__name__)

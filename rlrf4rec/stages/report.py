@@ -5,7 +5,7 @@ rewards, pairs, DPO histories, completion markers); produces a short summary in 
 (popularity and ID-only baselines vs base LLM vs each DPO round: NDCG/MAP@{1,3,5,7} with bootstrap 95% intervals over
 test users) drawn as forest plots with each variant's paired difference to the baselines, reward distributions before
 and after each round, DPO curves, example chosen/rejected texts, time per stage, and the lineage folded under its
-summary. Inline SVG (rlrf4rec.core.charts), no scripts, no external assets. Knows nothing about how any number was computed.
+summary. Inline SVG (core/charts.py), no scripts, no external assets. Knows nothing about how any number was computed.
 """
 
 from __future__ import annotations

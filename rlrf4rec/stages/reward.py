@@ -26,9 +26,10 @@ from rlrf4rec.core.artifacts import is_complete, read_parquet, require_marker, s
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
 from rlrf4rec.core.metrics import bootstrap_ci, pairwise_log_likelihood, rank_metrics
+from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import RerankBatch, RerankTask, load_checkpoint
 from rlrf4rec.stages.data import read_tables, user_history_texts
-from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder, user_knowledge_text
+from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import signal
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +36,10 @@ from rlrf4rec.core.recommender import (
     save_checkpoint,
     standardize_adaptor,
 )
+from rlrf4rec.stages import launcher
 from rlrf4rec.stages.data import read_tables
 from rlrf4rec.stages.encode import user_vectors, vectors_of
+from rlrf4rec.stages.launcher import Fit
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,10 @@ def train_loop_per_worker(config: dict) -> None:
                 )
             has_files = any(Path(d).iterdir())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
-        _maybe_inject_failure(config, rank, world, fit_state.epoch)
+        # Ray Train's controller registers reported checkpoints asynchronously; an epoch here takes about a second,
+        # and a kill right after the report barrier could beat the registration of every checkpoint so far, so the
+        # group would restart from scratch. A real failure comes later than that; so does this one.
+        launcher.inject_fault(config, rank, world, fit_state.epoch, wait_s=3.0)
 
     fit(
         task,
@@ -220,11 +222,9 @@ def _zero_engine(config: dict, model: torch.nn.Module, spec: ModelSpec, world: i
     """A DeepSpeed ZeRO engine around `model` on Ray's process group, with torch's AdamW; resumed from the
     checkpoint's per-worker optimizer partitions when there is one."""
     import deepspeed
-    import torch.distributed as dist
 
-    # DeepSpeed JIT-compiles a comm op on first init (~40 s on CPU); a shared cache makes that once per machine.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the group Ray Train created
+    launcher.worker_environment(config)
+    launcher.adopt_process_group()
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=make_optimizer(model, spec),
@@ -238,18 +238,6 @@ def _zero_engine(config: dict, model: torch.nn.Module, spec: ModelSpec, world: i
     return engine
 
 
-def _maybe_inject_failure(config: dict, rank: int, world: int, epoch: int) -> None:
-    """Fault injection for resilience tests: the last worker kills itself once, after `fail_at_epoch`."""
-    marker = config.get("fail_marker")
-    if marker and rank == world - 1 and epoch == config.get("fail_at_epoch") and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
-        # Ray Train's controller registers reported checkpoints asynchronously; an epoch here takes about a second,
-        # and a kill right after the report barrier could beat the registration of every checkpoint so far, so the
-        # group would restart from scratch. A real failure comes later than that; so does this one.
-        time.sleep(3.0)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def fit_on_ray(
     cfg: RunConfig,
     variant: str,
@@ -259,35 +247,23 @@ def fit_on_ray(
     *,
     spec: ModelSpec,
     item_path: Path | None = None,
-    **loop_extra,
+    held_out: Sequence[str] = (),
 ) -> FitState:
-    """TorchTrainer over `recommender.num_workers` workers; returns the final FitState from the last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
+    """`train_loop_per_worker` over `recommender.num_workers` workers; the final FitState from the last checkpoint."""
     rc = cfg.recommender
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": dataclasses.asdict(spec),
-            "seed": cfg.seed,
-            "data_dir": str(data_dir.resolve()),
-            "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
-            "item_knowledge_path": str(item_path.resolve()) if item_path else None,
-            "deepspeed": rc.deepspeed,
-            "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
-            **loop_extra,
-        },
-        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu),
-        run_config=RayRunConfig(
-            name=f"recommender-{variant}",
-            storage_path=str(storage.resolve()),
-            failure_config=FailureConfig(max_failures=rc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    loop_config = {
+        "spec": dataclasses.asdict(spec),
+        "seed": cfg.seed,
+        "data_dir": str(data_dir.resolve()),
+        "knowledge_path": str(knowledge_path.resolve()) if knowledge_path else None,
+        "item_knowledge_path": str(item_path.resolve()) if item_path else None,
+        "held_out_users": sorted(held_out),
+        "deepspeed": rc.deepspeed,
+        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
+        "fault_at": cfg.fault.recommender_epoch,
+    }
+    fit = Fit(f"recommender-{variant}", storage, rc.num_workers, rc.use_gpu, rc.max_failures)
+    result = launcher.fit_on_ray(train_loop_per_worker, loop_config, fit)
     with result.checkpoint.as_directory() as d:
         saved = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location="cpu")
     return FitState(**saved["fit"])
@@ -307,7 +283,6 @@ def run_recommender(
     use_history: bool | None = None,
     held_out: Sequence[str] = (),
     force: bool = False,
-    **loop_extra,
 ) -> Path:
     """Train one variant ("id", "id-kar" or a knowledge name) and write its stage directory; skip when complete.
 
@@ -334,9 +309,9 @@ def run_recommender(
     storage = cfg.layout.ray_train(f"{variant}-{digest(fingerprint)}")
     if force:
         shutil.rmtree(storage, ignore_errors=True)
-    if held_out:
-        loop_extra["held_out_users"] = sorted(held_out)
-    state = fit_on_ray(cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, **loop_extra)
+    state = fit_on_ray(
+        cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, held_out=held_out
+    )
     task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path, held_out)
     model.load_state_dict(state.best_model)
     valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
