@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import platform
 from pathlib import Path
@@ -35,8 +36,14 @@ def append_section(title: str, lines: list[str], path: Path = RESULTS) -> None:
     """Append `## <UTC time> <title>` and `lines` to RESULTS.md (created if missing), and print them."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([f"\n## {stamp} {title}\n", *lines]) + "\n"
-    if not path.exists():
-        path.write_text("# Benchmark results\n")
-    with open(path, "a") as fh:
-        fh.write(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another benchmark may append at the same time
+        try:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                fh.write("# Benchmark results\n")
+            fh.write(text)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
     print(text)

@@ -95,8 +95,8 @@ def stage_data(dataset: str, data_path: str, run_dir: str) -> dict:
 def stage_recommender(dataset: str, data_path: str, run_dir: str, backbone: str, history: bool, epochs: int) -> dict:
     import torch
 
+    from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.core.recommender import RerankTask, fit
-    from rlrf4rec.stages.data import read_tables
     from rlrf4rec.stages.train import model_spec
 
     torch.set_num_threads(1)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import append_section, load, machine
 
 from rlrf4rec.core import assets
 from rlrf4rec.core.config import load_config
@@ -61,10 +60,7 @@ def main() -> None:
         full.append(time.perf_counter() - start)
     bare_tps, full_tps = len(texts) / min(bare), len(texts) / min(full)
     lines = [
-        f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC reward scoring vs bare encoder",
-        "",
-        f"- Machine: {len(os.sched_getaffinity(0))} cores available, {platform.processor() or platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.2f}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+        f"- Machine: {machine()}; load average {load()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
         f"- Work: {len(texts)} user texts of ML-100k (history text + one preference sentence), encoder "
         f"{cfg.models.encoder} at max_length {cfg.encode.max_length}, batch {cfg.encode.batch_size}; reward = "
         f"encode + mean NDCG@5 over each user's lists ({sum(len(reward_model.by_user[u][1]) for u in users)} lists) "
@@ -78,9 +74,7 @@ def main() -> None:
         f"reward / encoder throughput: {full_tps / bare_tps:.2f}x (target >= 0.8); mean reward {rewards.mean():.4f}.",
         "",
     ]
-    print("\n".join(lines))
-    with open(args.results, "a") as fh:
-        fh.write("\n" + "\n".join(lines))
+    append_section("reward scoring vs bare encoder", lines, args.results)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,8 @@ Prints a side-by-side table and appends a dated section to benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
-import datetime
-import fcntl
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,8 +32,11 @@ import time
 import traceback
 from pathlib import Path
 
+from common import append_section, load, machine
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+TITLE = "SASRec: rlrf4rec vs RecBole 1.2.1 on ML-100k (leave-one-out, full sort)"
 VENV_PY = HERE / ".recbole-venv" / "bin" / "python"
 VENV_MARKER = HERE / ".recbole-venv" / ".installed"
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
@@ -145,8 +145,8 @@ def run_recbole(args: argparse.Namespace, dataset_dir: Path, work: Path) -> dict
 def run_ours(args: argparse.Namespace, data_dir: Path) -> dict:
     import torch
 
+    from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.core.recommender import train_sasrec_loo
-    from rlrf4rec.stages.data import read_tables
 
     torch.set_num_threads(args.threads)
     log(f"ours: train_sasrec_loo({data_dir}, max_epochs={args.ours_max_epochs}, patience={args.patience}, "
@@ -179,28 +179,6 @@ def compare_splits(recbole_splits: dict, data_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ report
-
-
-def machine_facts() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, IndexError, ValueError):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "memory": mem, "python": platform.python_version()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def git_state() -> str:
@@ -277,12 +255,9 @@ def _setup_text(args, setup_s: float) -> str:
 
 
 def report(args, facts, load_before, load_after, torch_version, setup_s, data_s, recbole, ours, notes) -> list[str]:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rb_set = (recbole or {}).get("settings", {})
     lines = [
-        f"\n## {now} SASRec: rlrf4rec vs RecBole 1.2.1 on ML-100k (leave-one-out, full sort)\n",
-        f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']} RAM, Python {facts['python']}; "
-        f"load average before {load_before}, after {load_after}.",
+        f"- Machine: {facts}; load average before {load_before}, after {load_after}.",
         f"- torch: project venv {torch_version}, RecBole venv {rb_set.get('torch', '-')}; RecBole "
         f"{rb_set.get('recbole', '-')}, numpy {rb_set.get('numpy', '-')} there. rlrf4rec at {git_state()}.",
         f"- Run: `{' '.join(['benchmarks/sasrec_vs_recbole.py', *sys.argv[1:]])}`; threads {args.threads} "
@@ -313,19 +288,6 @@ def report(args, facts, load_before, load_after, torch_version, setup_s, data_s,
     return lines
 
 
-def append_results(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # another benchmark may append at the same time
-        try:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() == 0:
-                fh.write("# Benchmark results\n")
-            fh.write("\n".join(lines) + "\n")
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 # -------------------------------------------------------------------------------------------------------------- main
 
 
@@ -338,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlrf4rec.core import assets
 
-    facts, load_before = machine_facts(), load_average()
+    facts, load_before = machine(), load()
     notes: list[str] = []
     recbole = ours = None
     failed = False
@@ -388,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         if side and side.get("best_epoch") is not None and int(side["best_epoch"]) + 1 == side.get("epochs_run"):
             stopped = "at the epoch cap" if side.get("epochs_run") == args.max_epochs else "early"
             notes.append(f"{name}: the best valid epoch is the last one run (stopped {stopped}): not converged.")
-    lines = report(args, facts, load_before, load_average(), torch.__version__, setup_s, data_s, recbole, ours, notes)
-    print("\n".join(lines))
-    if not args.no_results:
-        append_results(args.results, lines)
+    lines = report(args, facts, load_before, load(), torch.__version__, setup_s, data_s, recbole, ours, notes)
+    if args.no_results:
+        print("\n".join(lines))
+    else:
+        append_section(TITLE, lines, args.results)
         log(f"appended to {args.results}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"recbole": recbole, "ours": ours, "notes": notes}, indent=1, default=str))

@@ -19,20 +19,19 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
+from common import append_section, machine
 
 from rlrf4rec.serving.launch import SERVE_HAPROXY_ENV
 
@@ -251,13 +250,9 @@ def main() -> None:
             f"| {name} | {by} | {sent} | {errors} | {codes.get(200, 0) / seconds:.1f} | {p50:.1f} | {p90:.1f} | "
             f"{p99[name]:.1f} | {lat.max() if len(lat) else float('nan'):.1f} |"
         )
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = "\n".join(
+    lines = (
         [
-            f"## {when} Serve load: knowledge path vs ID-only fallback",
-            "",
-            f"- Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
-            f"{platform.python_version()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+            f"- Machine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
             f"{' '.join(f'{x:.2f}' for x in load_after)}.",
             f"- Server: serve_config.yaml as shipped (`serve run`), run {args.run_dir}; client on the same box "
             "(asyncio, raw HTTP/1.1 keep-alive connections); "
@@ -278,10 +273,10 @@ def main() -> None:
             "",
         ]
     )
-    print(report)
-    if not args.no_append:
-        with args.results.open("a") as f:
-            f.write("\n" + report)
+    if args.no_append:
+        print("\n".join(lines))
+    else:
+        append_section("Serve load: knowledge path vs ID-only fallback", lines, args.results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from synthetic import write_dataset
 from rlrf4rec.core import assets
 from rlrf4rec.core import engines as E
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_parquet
+from rlrf4rec.core.artifacts import read_parquet, read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.models import PRM, KnowledgeAdaptor, listnet_loss
 from rlrf4rec.core.recommender import (
@@ -30,7 +30,7 @@ from rlrf4rec.stages.controls import (
     perturb_user_knowledge,
     train_model,
 )
-from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.data import run_data
 from rlrf4rec.stages.encode import pad_segments, run_encode, text_segments, write_item_knowledge
 from rlrf4rec.stages.train import item_knowledge_matrix
 

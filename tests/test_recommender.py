@@ -7,9 +7,10 @@ import pytest
 import torch
 from synthetic import write_dataset, write_knowledge
 
+from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.recommender import ModelSpec, NextItemTask, RerankTask, fit
-from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.data import run_data
 from rlrf4rec.stages.train import knowledge_matrix
 
 # history_len=1: the ID-only model sees a single history item, so the user's taste is (almost) only in the knowledge.

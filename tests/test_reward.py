@@ -5,9 +5,10 @@ import pytest
 import torch
 from synthetic import write_dataset, write_knowledge
 
+from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.recommender import ModelSpec, RerankTask, fit, save_checkpoint
-from rlrf4rec.stages.data import read_tables, run_data
+from rlrf4rec.stages.data import run_data
 from rlrf4rec.stages.reward import RewardModel, rewards_table
 from rlrf4rec.stages.train import knowledge_matrix
 

@@ -122,8 +122,8 @@ def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
     reloads as the same backbone with the valid metric it reported. The stage does not depend on the backbone:
     ZeRO-2, killing and resuming are tested with PRM above; DLCM (ZeRO-2, killed and resumed) and SASRec passed
     the same by hand, and tests/test_recommender.py trains and reloads every backbone in process."""
+    from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.core.recommender import load_checkpoint
-    from rlrf4rec.stages.data import read_tables
 
     cfg = _cfg(tmp_path, backbone=backbone, max_epochs=3)
     data_dir = run_data(cfg)

@@ -4,7 +4,7 @@ A stage writes everything into `<run>/<stage>.tmp-<pid>/`; on success it adds th
 marker (written last), then swaps the directory into place. A crash leaves the previous complete output untouched
 and the temporary directory is discarded on the next attempt. The marker records the stage's fingerprint (a hash of
 the config sections and upstream fingerprints it depends on), so a re-run with the same inputs is skipped.
-Knows nothing about what the tables contain.
+Knows nothing about what the tables contain beyond their schemas (schema.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlrf4rec.core.layout import CONFIG, MARKER
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.layout import CONFIG, MARKER, data_table
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,15 @@ def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
             )
         table = table.select(schema.names).cast(schema)
     return table
+
+
+def read_tables(data_dir: Path, names: tuple[str, ...] = S.RERANK_TABLES) -> dict[str, pa.Table]:
+    """The data stage's tables `names` from `data_dir` (`<run>/data`), each checked against schema.TABLES."""
+    return {name: read_parquet(Path(data_dir) / data_table(name), S.TABLES[name]) for name in names}
+
+
+def read_table(data_dir: Path, name: str) -> pa.Table:
+    return read_tables(data_dir, (name,))[name]
 
 
 def write_json(obj: object, path: Path) -> None:

@@ -225,3 +225,4 @@ TABLES = {
     "rerank_lists": RERANK_LISTS,
     "leave_one_out": LEAVE_ONE_OUT,
 }
+RERANK_TABLES = ("item_index", "items", "sequences", "rerank_lists", "leave_one_out")  # what a re-ranker task reads

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet
+from rlrf4rec.core.artifacts import read_marker, read_parquet, read_table, read_tables
 from rlrf4rec.core.config import RunConfig, load_config
 from rlrf4rec.core.layout import CONFIG, USER_KNOWLEDGE, RunLayout, data_table
 from rlrf4rec.core.prompts import item_meta, user_attributes
@@ -35,7 +35,6 @@ from rlrf4rec.core.recommender import (
     item_lookup,
     load_checkpoint,
 )
-from rlrf4rec.stages.data import read_table, read_tables
 from rlrf4rec.stages.encode import pad_segments, user_vectors
 
 

@@ -326,8 +326,8 @@ class Ingress:
         from ray.serve.metrics import Counter, Histogram
 
         from rlrf4rec.core import schema as S
+        from rlrf4rec.core.artifacts import read_table
         from rlrf4rec.core.layout import RunLayout
-        from rlrf4rec.stages.data import read_table
 
         self.reranker, self.knowledge = reranker, knowledge
         index = read_table(RunLayout(run_dir).data, "item_index")

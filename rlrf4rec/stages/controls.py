@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, stage_output, write_json
+from rlrf4rec.core.artifacts import read_marker, read_parquet, read_tables, require_marker, stage_output, write_json
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
 from rlrf4rec.core.prompts import user_knowledge_text
@@ -32,7 +32,6 @@ from rlrf4rec.core.recommender import (
     knowledge_dims,
     standardize_adaptor,
 )
-from rlrf4rec.stages.data import read_tables
 from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_dir
 
 log = logging.getLogger(__name__)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pyarrow as pa
-
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
     digest,
     is_complete,
     read_marker,
-    read_parquet,
+    read_tables,
     require_marker,
     stage_output,
     write_json,
@@ -32,8 +30,7 @@ from rlrf4rec.core.protocol import build_protocol
 
 log = logging.getLogger(__name__)
 
-TABLES = S.TABLES  # name -> schema of the stage's tables
-RERANK_TABLES = ("item_index", "items", "sequences", "rerank_lists", "leave_one_out")  # what a re-ranker task reads
+TABLES = S.TABLES  # name -> schema of the stage's tables (read back with artifacts.read_tables)
 
 
 def dataset_path(cfg: RunConfig, *, fetch: bool = True) -> Path:
@@ -114,15 +111,6 @@ def user_history_texts(cfg: RunConfig, max_items: int | None = None) -> dict[str
     require_marker(cfg.layout.data, "data")
     tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
     return history_texts(tables["sequences"], tables["items"], tables["users"], max_items)
-
-
-def read_tables(data_dir: Path, names: tuple[str, ...] = RERANK_TABLES) -> dict[str, pa.Table]:
-    """The data stage's tables `names` from `data_dir` (`<run>/data`), each checked against its schema."""
-    return {name: read_parquet(Path(data_dir) / data_table(name), TABLES[name]) for name in names}
-
-
-def read_table(data_dir: Path, name: str) -> pa.Table:
-    return read_tables(data_dir, (name,))[name]
 
 
 def prompt_history_texts(cfg: RunConfig) -> dict[str, str]:

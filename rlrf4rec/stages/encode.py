@@ -189,8 +189,8 @@ def encode_user_texts(encoder: TextEncoder, texts: Sequence[str], user_segments:
 def item_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
     """item_id -> item knowledge text: the metadata line (title, year, genres); with knowledge.item = llm, then the
     LLM's description of the item (KAR's item knowledge; the facts stay first so truncation cuts the description)."""
+    from rlrf4rec.core.artifacts import read_table
     from rlrf4rec.core.prompts import item_metadata_texts
-    from rlrf4rec.stages.data import read_table
 
     texts = item_metadata_texts(read_table(cfg.layout.data, "items"))
     if cfg.knowledge.item == "llm":
@@ -261,6 +261,17 @@ def policy_knowledge_texts(cfg: RunConfig, generations_dir: Path) -> dict[str, s
     return {u: user_knowledge_text(h, written.get(u)) for u, h in user_history_texts(cfg).items()}
 
 
+def write_policy_knowledge(
+    cfg: RunConfig, model: str, version: str, upstream: str, *, force: bool = False
+) -> tuple[Path, Path]:
+    """A policy's knowledge for every user the recommender trains on: one text of `model` per train and valid user
+    (generate_policy_texts), with its history text, encoded into `<run>/knowledge/<version>/`. `upstream`: the
+    fingerprint the texts were made under (data stage, or the round's pairs). Returns (generations, knowledge)."""
+    gen_dir = generate_policy_texts(cfg, model, version)
+    upstream = f"{upstream}-{require_marker(gen_dir, 'generate')['fingerprint']}"
+    return gen_dir, write_user_knowledge(cfg, version, policy_knowledge_texts(cfg, gen_dir), upstream, force=force)
+
+
 def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     """Base knowledge for every user of every split, and the items' knowledge (knowledge.item).
 
@@ -272,9 +283,7 @@ def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     write_item_knowledge(cfg, force=force)
     if cfg.knowledge.user == "history":
         return write_user_knowledge(cfg, "base", user_history_texts(cfg), upstream, force=force)
-    gen_dir = generate_policy_texts(cfg, cfg.models.llm, "base")
-    upstream += "-" + require_marker(gen_dir, "generate")["fingerprint"]
-    return write_user_knowledge(cfg, "base", policy_knowledge_texts(cfg, gen_dir), upstream, force=force)
+    return write_policy_knowledge(cfg, cfg.models.llm, "base", upstream, force=force)[1]
 
 
 # --------------------------------------------------------------------------------------------------- segments

@@ -40,6 +40,8 @@ from rlrf4rec.core.artifacts import (
     model_identity,
     read_marker,
     read_parquet,
+    read_table,
+    read_tables,
     require_marker,
     stage_output,
     write_json,
@@ -60,7 +62,6 @@ from rlrf4rec.core.layout import (
 )
 from rlrf4rec.core.prompts import history_texts, preference_messages
 from rlrf4rec.core.protocol import stable_seed
-from rlrf4rec.stages.data import read_table, read_tables
 
 if TYPE_CHECKING:
     from ray.data import Dataset

@@ -28,7 +28,7 @@ from rlrf4rec.core import assets
 from rlrf4rec.core.artifacts import read_marker, write_json
 from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import RunLayout, pairs_file
-from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, write_user_knowledge
+from rlrf4rec.stages.encode import write_policy_knowledge
 from rlrf4rec.stages.pairs import run_pairs
 from rlrf4rec.stages.reward import compare_policies, reward_folds, run_reward
 
@@ -102,10 +102,8 @@ def run_loop(cfg: RunConfig) -> Path:
         )
         # Bidirectional gain: the recommender retrains on the new policy's knowledge, one text per train and valid
         # user (sample 0: no label read), like the base recommender on the base policy's.
-        gen_knowledge = generate_policy_texts(cfg, new_policy, next_version)
-        texts = policy_knowledge_texts(cfg, gen_knowledge)
-        upstream = f"{read_marker(pairs_dir)['fingerprint']}-{read_marker(gen_knowledge)['fingerprint']}"
-        knowledge_dir = write_user_knowledge(cfg, next_version, texts, upstream)
+        upstream = read_marker(pairs_dir)["fingerprint"]
+        gen_knowledge, knowledge_dir = write_policy_knowledge(cfg, new_policy, next_version, upstream)
         new_recommender = run_recommender(cfg, next_version, data_dir, layout.user_knowledge(knowledge_dir.name))
         manifest["rounds"].append(
             {

@@ -22,11 +22,19 @@ import numpy as np
 import pyarrow as pa
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import is_complete, read_marker, read_parquet, require_marker, stage_output, write_parquet
+from rlrf4rec.core.artifacts import (
+    is_complete,
+    read_marker,
+    read_parquet,
+    read_table,
+    require_marker,
+    stage_output,
+    write_parquet,
+)
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS, pairs_file
 from rlrf4rec.core.prompts import preference_messages
-from rlrf4rec.stages.data import prompt_history_texts, read_table
+from rlrf4rec.stages.data import prompt_history_texts
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,15 @@ import torch
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, require_marker, stage_output, write_json
+from rlrf4rec.core.artifacts import (
+    digest,
+    is_complete,
+    read_parquet,
+    read_tables,
+    require_marker,
+    stage_output,
+    write_json,
+)
 from rlrf4rec.core.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
 from rlrf4rec.core.layout import HISTORY, TRAIN_STATE
 from rlrf4rec.core.recommender import (
@@ -37,7 +45,6 @@ from rlrf4rec.core.recommender import (
     standardize_adaptor,
 )
 from rlrf4rec.stages import launcher
-from rlrf4rec.stages.data import read_tables
 from rlrf4rec.stages.encode import user_vectors, vectors_of
 from rlrf4rec.stages.launcher import Fit
 
