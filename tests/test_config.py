@@ -88,3 +88,28 @@ def test_section_hash_tracks_only_named_sections():
     c = from_dict(RunConfig, {"name": "a", "data": {"history_max": 10}})
     assert a.section_hash("data", "seed") == b.section_hash("data", "seed")
     assert a.section_hash("data", "seed") != c.section_hash("data", "seed")
+
+
+def test_model_spec_takes_every_model_setting_of_the_recommender_config():
+    """The checkpoint's ModelSpec carries each model/training field of recommender config by name; the cluster
+    settings (workers, GPUs, DeepSpeed, failures) stay out of it."""
+    import dataclasses
+
+    from rlrf4rec.core.config import RecommenderConfig
+    from rlrf4rec.core.recommender import ModelSpec
+    from rlrf4rec.stages.train import model_spec
+
+    changed = RecommenderConfig(
+        backbone="dlcm", hidden_dim=48, item_dim=24, num_layers=3, num_heads=4, dropout=0.2, adaptor_hidden=96,
+        adaptor_out=16, adaptor_shared_experts=3, adaptor_specific_experts=1, history_len=20, use_history=False,
+        interaction=False, loss="listnet", lr=2e-3, weight_decay=0.01, batch_size=64, max_epochs=7, patience=2,
+        select_metric="map@5", num_workers=4, deepspeed="zero2",
+    )  # fmt: skip
+    spec = model_spec(changed)
+    for f in dataclasses.fields(ModelSpec):
+        if f.name == "adaptor_experts":
+            assert spec.adaptor_experts == (3, 1)
+        elif f.name == "max_seq_len":  # the next-item task's setting; the re-rankers read history_len
+            assert spec.max_seq_len == ModelSpec().max_seq_len
+        else:
+            assert getattr(spec, f.name) == getattr(changed, f.name) != getattr(RecommenderConfig(), f.name), f.name

@@ -54,27 +54,10 @@ ID_ONLY = "id"
 
 
 def model_spec(rc: RecommenderConfig) -> ModelSpec:
-    return ModelSpec(
-        backbone=rc.backbone,
-        hidden_dim=rc.hidden_dim,
-        item_dim=rc.item_dim,
-        num_layers=rc.num_layers,
-        num_heads=rc.num_heads,
-        dropout=rc.dropout,
-        adaptor_hidden=rc.adaptor_hidden,
-        adaptor_out=rc.adaptor_out,
-        adaptor_experts=(rc.adaptor_shared_experts, rc.adaptor_specific_experts),
-        history_len=rc.history_len,
-        use_history=rc.use_history,
-        interaction=rc.interaction,
-        loss=rc.loss,
-        lr=rc.lr,
-        weight_decay=rc.weight_decay,
-        batch_size=rc.batch_size,
-        max_epochs=rc.max_epochs,
-        patience=rc.patience,
-        select_metric=rc.select_metric,
-    )
+    """The config's model and training settings as the checkpoint records them: every ModelSpec field the config
+    names, by name, and the adaptor's expert counts as one pair (the cluster settings stay in the config)."""
+    named = {f.name: getattr(rc, f.name) for f in dataclasses.fields(ModelSpec) if hasattr(rc, f.name)}
+    return ModelSpec(**named, adaptor_experts=(rc.adaptor_shared_experts, rc.adaptor_specific_experts))
 
 
 def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None:
