@@ -394,7 +394,7 @@ def report(
         current = E._cpu_engine_settings()
         new_env = next(s.env for s in all_settings() if s.name == "new")
         lines.append(
-            f"- Best bare setting: `{best}`. rlrf4rec.stages.generate._cpu_engine_settings() sets {current} "
+            f"- Best bare setting: `{best}`. rlrf4rec.core.engines._cpu_engine_settings() sets {current} "
             f"({'the same as' if current == new_env else 'NOT the same as'} `new`)."
         )
     if any(s.env.get(MULTIPROC) == "0" for s in chosen) or "ray" in ok:

@@ -71,8 +71,8 @@ def run_loop(cfg: RunConfig) -> Path:
 
 def run_evaluate(cfg: RunConfig) -> Path:
     """Test users, read once: popularity and the ID-only re-rankers, and each (policy, recommender) of the rounds."""
+    from rlrf4rec.core.artifacts import read_manifest
     from rlrf4rec.stages.evaluate import run_evaluate as stage
-    from rlrf4rec.stages.loop import read_manifest
 
     layout = cfg.layout
     manifest = read_manifest(layout, rounds=cfg.loop.rounds)
@@ -333,7 +333,7 @@ STAGES: Sequence[Stage] = (
             Option(("--policy",), {"help": "policy model directory (default: models.llm, the base policy)"}),
             Option(("--name",), {"help": "output name: <run>/dpo/<name>/ (default: the pairs file's name)"}),
         ),
-        on_ray=lambda cfg, args: True,
+        on_ray=lambda cfg, args: args.pairs is not None,  # without --pairs: the error, no cluster start-up
     ),
     Stage(
         "loop",

@@ -5,9 +5,8 @@ import pyarrow as pa
 import pytest
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import stage_output, write_parquet
+from rlrf4rec.core.artifacts import read_manifest, stage_output, write_parquet
 from rlrf4rec.core.layout import GENERATIONS, REWARDS, RunLayout
-from rlrf4rec.stages.loop import read_manifest
 from rlrf4rec.stages.pairs import rewarded_candidates
 from rlrf4rec.stages.reward import compare_policies
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.layout import CONFIG, MARKER, data_table
+from rlrf4rec.core.layout import CONFIG, MARKER, RunLayout, data_table
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,22 @@ def read_tables(data_dir: Path, names: tuple[str, ...] = S.RERANK_TABLES) -> dic
 
 def read_table(data_dir: Path, name: str) -> pa.Table:
     return read_tables(data_dir, (name,))[name]
+
+
+def read_manifest(layout: RunLayout, rounds: int | None = None) -> dict | None:
+    """The rounds manifest (None when no round finished yet); with `rounds`, an error unless that many are complete
+    (what a stage reading every round's policy and recommender needs)."""
+    if not layout.manifest.is_file():
+        if rounds:
+            raise FileNotFoundError(f"{layout.manifest} is missing: no round is complete; run `rlrf4rec loop` first")
+        return None
+    manifest = json.loads(layout.manifest.read_text())
+    if rounds is not None and len(manifest["rounds"]) != rounds:
+        raise ValueError(
+            f"{len(manifest['rounds'])} of loop.rounds={rounds} rounds are complete; run `rlrf4rec loop` to finish "
+            "them first"
+        )
+    return manifest
 
 
 def write_json(obj: object, path: Path) -> None:

@@ -478,7 +478,10 @@ class RunConfig:
         return RunLayout(self.run_path)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        if self.fault == FaultConfig():  # off: a run's config.yaml and hashes read as they do without the section
+            del out["fault"]
+        return out
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections (or top-level fields): a stage's output depends on these alone."""

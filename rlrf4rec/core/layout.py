@@ -95,6 +95,10 @@ class RunLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
+    def relative(self, path: Path) -> str:
+        """A stage directory as its run-relative name (what logs print), e.g. `rounds/round0/reward-train`."""
+        return str(Path(path).relative_to(self.root)) if Path(path).is_relative_to(self.root) else str(path)
+
     # data and knowledge
     @property
     def data(self) -> Path:

@@ -12,7 +12,7 @@ Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the bas
      (KAR's knowledge from the current policy for every user it trains on).
 Every step is a stage directory with a completion marker, so a killed loop resumes at the first incomplete step.
 `<run>/rounds/manifest.json` records each round's lineage (policy, recommender, encoder, data and config hashes)
-and results; `read_manifest` is how other stages read it. This module only sequences the rounds: each step is
+and results; artifacts.read_manifest is how other stages read it. This module only sequences the rounds: each step is
 another stage module's function (generate, reward, pairs, dpo, encode, train). Knows nothing about engines or
 trainers.
 """
@@ -20,14 +20,13 @@ trainers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 from rlrf4rec.core import assets
 from rlrf4rec.core.artifacts import read_marker, write_json
 from rlrf4rec.core.config import RunConfig
-from rlrf4rec.core.layout import RunLayout, pairs_file
+from rlrf4rec.core.layout import pairs_file
 from rlrf4rec.stages.encode import write_policy_knowledge
 from rlrf4rec.stages.pairs import run_pairs
 from rlrf4rec.stages.reward import compare_policies, reward_folds, run_reward
@@ -134,19 +133,3 @@ def run_loop(cfg: RunConfig) -> Path:
         write_json(manifest, layout.manifest)
         policy, recommender_dir = new_policy, new_recommender
     return layout.rounds
-
-
-def read_manifest(layout: RunLayout, rounds: int | None = None) -> dict | None:
-    """The rounds manifest (None when no round finished yet); with `rounds`, an error unless that many are complete
-    (what a stage reading every round's policy and recommender needs)."""
-    if not layout.manifest.is_file():
-        if rounds:
-            raise FileNotFoundError(f"{layout.manifest} is missing: no round is complete; run `rlrf4rec loop` first")
-        return None
-    manifest = json.loads(layout.manifest.read_text())
-    if rounds is not None and len(manifest["rounds"]) != rounds:
-        raise ValueError(
-            f"{len(manifest['rounds'])} of loop.rounds={rounds} rounds are complete; run `rlrf4rec loop` to finish "
-            "them first"
-        )
-    return manifest

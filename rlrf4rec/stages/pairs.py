@@ -147,6 +147,7 @@ def pairs_table(
 
 
 def rewarded_candidates(generations_dir: Path, rewards_dir: Path) -> dict[str, list[Candidate]]:
+    """user -> its rewarded, non-empty texts as Candidates: a generate stage joined with its reward stage."""
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
     rewards = read_parquet(rewards_dir / REWARDS, S.REWARDS)
     reward_of = {
@@ -157,7 +158,6 @@ def rewarded_candidates(generations_dir: Path, rewards_dir: Path) -> dict[str, l
             rewards.column(S.REWARD).to_pylist(),
         )
     }
-    """user -> its rewarded, non-empty texts as Candidates: a generate stage joined with its reward stage."""
     out: dict[str, list[Candidate]] = {}
     for row in gens.select([S.USER_ID, S.SAMPLE_IDX, S.PREFERENCE_TEXT, S.FLAGS]).to_pylist():
         if "empty" in row[S.FLAGS]:
@@ -174,7 +174,7 @@ def run_pairs(
 ) -> Path:
     """The pairs stage: best/worst pairs of every user in `sources` [(generations dir, rewards dir)], one file per
     split in `stage_dir` (layout.pairs_file)."""
-    stage = stage_dir.name
+    stage = cfg.layout.relative(stage_dir)
     upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
     fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):

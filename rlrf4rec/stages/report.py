@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rlrf4rec.core import charts
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet, stage_output
+from rlrf4rec.core.artifacts import read_manifest, read_marker, read_parquet, stage_output
 from rlrf4rec.core.layout import (
     CONFIG,
     GENERATIONS,
@@ -33,7 +33,6 @@ from rlrf4rec.core.layout import (
     RunLayout,
     pairs_file,
 )
-from rlrf4rec.stages.loop import read_manifest
 
 METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 FOREST_METRICS = ("ndcg@5", "map@5")

@@ -211,7 +211,7 @@ def run_reward(
     """The reward stage: every generation rewarded by the frozen recommender, `<stage_dir>/rewards.parquet`
     (schema.REWARDS). `folds`: (recommender dir, users) whose texts that recommender rewards instead (cross-fitting,
     `reward_folds`)."""
-    stage = stage_dir.name
+    stage = cfg.layout.relative(stage_dir)
     upstream = [
         require_marker(generations_dir, "generate")["fingerprint"],
         require_marker(recommender_dir, "train-recommender")["fingerprint"],
