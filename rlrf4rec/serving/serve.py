@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from rlrf4rec.core.artifacts import digest
 from rlrf4rec.core.prompts import preference_of, user_knowledge_text
 from rlrf4rec.serving import online
 
@@ -243,7 +243,7 @@ class OnlineKnowledge:
             history = self.catalog.windows[user_id]  # with ratings, as the offline prompts had them
         if not history:
             return None, "no_knowledge"
-        key = hashlib.sha256(repr((self.version, user_id, history)).encode()).hexdigest()
+        key = digest(repr((self.version, user_id, history)), None)
         if key in self.generated:
             self.generated.move_to_end(key)
             return self.generated[key], None
