@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/rlrf4rec run --config $(CONFIG)
 
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check rlrf4rec ray_jobs tests benchmarks

@@ -95,25 +95,29 @@ def test_knowledge_variant_trains_with_ddp_on_user_and_item_knowledge(ray_cluste
 
 
 def test_zero2_trains_like_ddp_and_resumes_from_its_partitions(ray_cluster, tmp_path):
+    """ZeRO-2 with its last worker killed after epoch 1 ends with the history of plain DDP never killed: the
+    optimizer partitions come back from the checkpoint, and the arithmetic differs only in rounding."""
     histories = {}
-    for name, extra in (("ddp", {}), ("zero2", {"deepspeed": "zero2"})):
-        cfg = _cfg(tmp_path / name, max_epochs=3, **extra)
+    for name, extra in (("ddp", {}), ("zero2-killed", {"deepspeed": "zero2"})):
+        cfg = _cfg(tmp_path / name, **extra)
+        if extra:
+            cfg = _with_fault(cfg, epoch=1)
         stage = run_recommender(cfg, "id", run_data(cfg), None)
         histories[name] = json.loads((stage / "history.json").read_text())
         partitions = {f.name for f in (cfg.run_path / "ray_train").rglob("zero_pp_rank_*_optim_states.pt")}
         # ZeRO-2 really ran: each of the 2 workers checkpointed its own optimizer partition (DDP: none).
         assert partitions == ({f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} if extra else set())
-    # Same seeds, same data order, same AdamW: partitioning the optimizer changes the arithmetic only in rounding.
-    for ddp, zero in zip(histories["ddp"], histories["zero2"], strict=True):
-        assert zero["train/loss"] == pytest.approx(ddp["train/loss"], rel=1e-4)
-        assert zero["valid/ndcg@5"] == pytest.approx(ddp["valid/ndcg@5"], abs=1e-3)
-
-    cfg = _with_fault(_cfg(tmp_path / "zero2-killed", deepspeed="zero2"), epoch=1)
-    stage = run_recommender(cfg, "id", run_data(cfg), None)
-    assert _fault_markers(cfg)
+    assert _fault_markers(cfg)  # the last ZeRO-2 worker really SIGKILLed itself
     stats = read_marker(stage)["stats"]
     assert len(stats["resumed_after"]) == 1 and stats["resumed_after"][0] in (0, 1)
-    assert [h["epoch"] for h in json.loads((stage / "history.json").read_text())] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in histories["zero2-killed"]] == [0, 1, 2, 3]
+    # Same seeds, same data order, same AdamW: until the kill, DDP's numbers up to rounding. After the restart the
+    # weights and optimizer partitions are the checkpoint's, but dropout's random state is not checkpointed, so the
+    # resumed epochs follow DDP closely, not exactly.
+    for ddp, zero in zip(histories["ddp"], histories["zero2-killed"], strict=True):
+        exact = zero["epoch"] <= stats["resumed_after"][0]
+        assert zero["train/loss"] == pytest.approx(ddp["train/loss"], rel=1e-4 if exact else 1e-2)
+        assert zero["valid/ndcg@5"] == pytest.approx(ddp["valid/ndcg@5"], abs=1e-3 if exact else 2e-2)
 
 
 @pytest.mark.parametrize("backbone", ["setrank"])
