@@ -38,6 +38,11 @@ USER_KNOWLEDGE = "user_knowledge.parquet"
 ITEM_KNOWLEDGE = "item_knowledge.parquet"
 RECOMMENDER_MODEL = "model.pt"
 TRAIN_STATE = "state.pt"  # a Ray Train checkpoint of the recommender fit
+
+
+def worker_rng(rank: int) -> str:
+    """A recommender fit checkpoint's random state of worker `rank` (each worker writes its own)."""
+    return f"rng-{rank}.pt"
 POLICY_MODEL = "model"  # the DPO stage's HF model directory
 HISTORY = "history.json"
 METRICS = "metrics.json"

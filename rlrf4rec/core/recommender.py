@@ -461,6 +461,11 @@ class FitState:
     resumed_after: list | None = None  # the last finished epoch at each restart from a checkpoint
 
 
+def rng_states() -> dict:
+    """This process's random state (dropout's stream), to be saved with a checkpoint and passed back to `fit`."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
 def make_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optimizer:
     """The recommenders' optimizer, in one place: plain training and the ZeRO engine (stages/train.py) use it."""
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -479,6 +484,7 @@ def fit(
     on_epoch: Callable[[dict, FitState, Any], None] | None = None,
     eval_model: torch.nn.Module | None = None,
     engine: Any | None = None,
+    rng_state: dict | None = None,
 ) -> FitState:
     """Train with early stopping on valid `spec.select_metric`; returns the state holding the best weights.
 
@@ -490,6 +496,10 @@ def fit(
     spec = task.spec
     eval_model = eval_model or model
     torch.manual_seed(seed + rank)
+    if rng_state is not None:  # resuming: dropout continues the stream this rank had drawn (rng_states)
+        torch.set_rng_state(rng_state["cpu"])
+        if rng_state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng_state["cuda"])
     if engine is None:
         optimizer = make_optimizer(model, spec)
         if optimizer_state is not None:

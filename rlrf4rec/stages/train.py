@@ -33,7 +33,7 @@ from rlrf4rec.core.artifacts import (
     write_json,
 )
 from rlrf4rec.core.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
-from rlrf4rec.core.layout import HISTORY, TRAIN_STATE
+from rlrf4rec.core.layout import HISTORY, TRAIN_STATE, worker_rng
 from rlrf4rec.core.recommender import (
     FitState,
     ModelSpec,
@@ -41,6 +41,7 @@ from rlrf4rec.core.recommender import (
     fit,
     knowledge_dims,
     make_optimizer,
+    rng_states,
     save_checkpoint,
     standardize_adaptor,
 )
@@ -154,11 +155,13 @@ def train_loop_per_worker(config: dict) -> None:
     item_path = Path(config["item_knowledge_path"]) if config.get("item_knowledge_path") else None
     held_out = config.get("held_out_users") or ()
     task, knowledge, model = build(Path(config["data_dir"]), knowledge_path, spec, config["seed"], item_path, held_out)
-    state, optimizer_state = FitState(history=[]), None
+    state, optimizer_state, rng_state = FitState(history=[]), None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location="cpu")
+            rng_path = Path(d) / worker_rng(rank)
+            rng_state = torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
         model.load_state_dict(saved["model"])
         optimizer_state, state = saved["optimizer"], FitState(**saved["fit"])
         state.resumed_after = [*(state.resumed_after or []), state.epoch]
@@ -177,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             if engine is not None:  # every worker writes its optimizer partition; Ray merges the directories
                 engine.save_checkpoint(d, tag="zero")
+            torch.save(rng_states(), Path(d) / worker_rng(rank))  # so is each worker's dropout stream
             if rank == 0:
                 torch.save(
                     {
@@ -186,8 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
                     },
                     Path(d) / TRAIN_STATE,
                 )
-            has_files = any(Path(d).iterdir())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         # Ray Train's controller registers reported checkpoints asynchronously; an epoch here takes about a second,
         # and a kill right after the report barrier could beat the registration of every checkpoint so far, so the
         # group would restart from scratch. A real failure comes later than that; so does this one.
@@ -205,6 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
         on_epoch=on_epoch,
         eval_model=model,
         engine=engine,
+        rng_state=rng_state,
     )
 
 
