@@ -149,7 +149,7 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     stage = stage_named(args.command)
     with ray_session(stage.on_ray(cfg, args)):
-        stage_dirs = stage.command(cfg, args)
+        stage_dirs = stage.run(cfg, args)
     for stage_dir in stage_dirs:
         for marker in sorted(stage_dir.glob(f"*/{MARKER}")) or [stage_dir / MARKER]:
             _print_stats(marker.parent, read_marker(marker.parent)["stats"])

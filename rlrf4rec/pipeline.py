@@ -59,7 +59,7 @@ def run_recommenders(cfg: RunConfig) -> Path:
     run_recommender(cfg, "id-kar", layout.data, None, use_history=False)
     run_recommender(cfg, "id", layout.data, None, use_history=True)
     run_recommender(cfg, "base", layout.data, layout.user_knowledge("base"))
-    return layout.recommender("base").parent
+    return layout.recommenders
 
 
 def run_loop(cfg: RunConfig) -> Path:
@@ -215,10 +215,6 @@ def _serve_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     return []
 
 
-def _stage_command(stage: Callable[[RunConfig], Path]) -> Callable[[RunConfig, argparse.Namespace], list[Path]]:
-    return lambda cfg, args: [stage(cfg)]
-
-
 def _llm_on_ray(cfg: RunConfig) -> bool:
     """The encode stage generates (the base policy's user texts, the items' descriptions) on Ray with vLLM."""
     return "llm" in (cfg.knowledge.user, cfg.knowledge.item) and cfg.generate.engine == "vllm"
@@ -239,11 +235,15 @@ class Option:
 class Stage:
     name: str  # the subcommand; ray_jobs/<name with _ for ->.py
     help: str
-    command: Callable[[RunConfig, argparse.Namespace], list[Path]]
+    command: Callable[[RunConfig, argparse.Namespace], list[Path]] | None  # None: run `in_run`, print its stats
     options: tuple[Option, ...] = ()
     on_ray: Callable[[RunConfig, argparse.Namespace], bool] = lambda cfg, args: False
     in_run: Callable[[RunConfig], Path] | None = None  # the stage's place in `rlrf4rec run` (None: not part of it)
     needs_config: bool = True
+
+    def run(self, cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+        """The subcommand: its command, or the stage itself; returns the stage directories whose stats to print."""
+        return self.command(cfg, args) if self.command is not None else [self.in_run(cfg)]
 
     @property
     def job_script(self) -> str:
@@ -279,14 +279,14 @@ STAGES: Sequence[Stage] = (
     Stage(
         "encode",
         "base knowledge: one base-policy text per train/valid user + history, and item texts, encoded",
-        _stage_command(run_encode),
+        None,
         on_ray=lambda cfg, args: _llm_on_ray(cfg),
         in_run=run_encode,
     ),
     Stage(
         "train-recommender",
         "train the ID-only and base-knowledge re-rankers on Ray Train",
-        _stage_command(run_recommenders),
+        None,
         on_ray=lambda cfg, args: True,
         in_run=run_recommenders,
     ),
@@ -338,21 +338,21 @@ STAGES: Sequence[Stage] = (
     Stage(
         "loop",
         "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender",
-        _stage_command(run_loop),
+        None,
         on_ray=lambda cfg, args: True,
         in_run=run_loop,
     ),
     Stage(
         "evaluate",
         "test users, once: popularity, ID-only, base LLM and every DPO round",
-        _stage_command(run_evaluate),
+        None,
         on_ray=lambda cfg, args: True,
         in_run=run_evaluate,
     ),
     Stage(
         "report",
         "write report.html and report.md from the run directory",
-        _stage_command(run_report),
+        None,
         in_run=run_report,
     ),
     Stage(

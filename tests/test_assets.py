@@ -7,8 +7,9 @@ import zipfile
 import pytest
 
 from rlrf4rec.core import assets
+from rlrf4rec.core.artifacts import require_marker
 from rlrf4rec.core.config import RunConfig, from_dict
-from rlrf4rec.stages.data import data_stats, run_data
+from rlrf4rec.stages.data import run_data
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_assets_are_verified_and_idempotent(asset_home):
 
 def test_real_ml100k_through_the_data_stage(asset_home, tmp_path):
     cfg = from_dict(RunConfig, {"name": "t", "run_dir": str(tmp_path / "{name}"), "assets": {"home": str(asset_home)}})
-    stats = data_stats(run_data(cfg))
+    stats = require_marker(run_data(cfg), "data")["stats"]
     assert (stats["users"], stats["items"], stats["interactions"], stats["rows_rejected"]) == (943, 1682, 100_000, 0)
     assert stats["users_with_attributes"] == 943
     assert (stats["train/users"], stats["valid/users"], stats["test/users"]) == (755, 94, 94)

@@ -37,12 +37,7 @@ REWARDS = "rewards.parquet"
 USER_KNOWLEDGE = "user_knowledge.parquet"
 ITEM_KNOWLEDGE = "item_knowledge.parquet"
 RECOMMENDER_MODEL = "model.pt"
-TRAIN_STATE = "state.pt"  # a Ray Train checkpoint of the recommender fit
-
-
-def worker_rng(rank: int) -> str:
-    """A recommender fit checkpoint's random state of worker `rank` (each worker writes its own)."""
-    return f"rng-{rank}.pt"
+TRAIN_STATE = "state.pt"  # a Ray Train checkpoint of the recommender fit (and worker_rng: each worker's RNG)
 POLICY_MODEL = "model"  # the DPO stage's HF model directory
 HISTORY = "history.json"
 METRICS = "metrics.json"
@@ -80,6 +75,11 @@ def shard(prefix: str, index: int) -> str:
 
 def shard_glob(prefix: str) -> str:
     return f"{prefix}-*.parquet"
+
+
+def worker_rng(rank: int) -> str:
+    """A recommender fit checkpoint's random state of worker `rank` (each worker writes its own)."""
+    return f"rng-{rank}.pt"
 
 
 def data_table(name: str) -> str:
@@ -125,15 +125,19 @@ class RunLayout:
         return self.root / "cache" / f"embeddings-{key}.parquet"
 
     # recommenders
+    @property
+    def recommenders(self) -> Path:
+        return self.root / "recommender"
+
     def recommender(self, variant: str) -> Path:
-        return self.root / "recommender" / variant
+        return self.recommenders / variant
 
     def recommender_model(self, variant: str) -> Path:
         return self.recommender(variant) / RECOMMENDER_MODEL
 
     def recommender_versions(self) -> list[Path]:
         """Every complete-or-not recommender stage directory, sorted by name."""
-        return sorted(p for p in (self.root / "recommender").glob("*") if p.is_dir())
+        return sorted(p for p in self.recommenders.glob("*") if p.is_dir())
 
     def ray_train(self, name: str) -> Path:
         return self.root / "ray_train" / name

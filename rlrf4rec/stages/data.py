@@ -16,7 +16,6 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
     digest,
     is_complete,
-    read_marker,
     read_tables,
     require_marker,
     stage_output,
@@ -116,10 +115,3 @@ def user_history_texts(cfg: RunConfig, max_items: int | None = None) -> dict[str
 def prompt_history_texts(cfg: RunConfig) -> dict[str, str]:
     """user_id -> the history text its generation prompt names (generate.prompt_history entries)."""
     return user_history_texts(cfg, cfg.generate.prompt_history)
-
-
-def data_stats(stage_dir: Path) -> dict:
-    marker = read_marker(stage_dir)
-    if marker is None:
-        raise FileNotFoundError(f"{stage_dir} holds no complete data stage; run `rlrf4rec data` first")
-    return marker["stats"]

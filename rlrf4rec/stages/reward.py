@@ -22,7 +22,15 @@ import pyarrow.compute as pc
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import is_complete, read_parquet, read_tables, require_marker, stage_output, write_parquet
+from rlrf4rec.core.artifacts import (
+    is_complete,
+    read_parquet,
+    read_table,
+    read_tables,
+    require_marker,
+    stage_output,
+    write_parquet,
+)
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
 from rlrf4rec.core.metrics import bootstrap_ci, pairwise_log_likelihood, rank_metrics
@@ -275,7 +283,6 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list
     """The cross-fitted reward models of `recommender_dir` (reward.cross_fit_folds): the train users whose texts the
     loop rewards (loop.train_users) split into folds by a seeded hash, and per fold the same recommender (its
     knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists. [] when cross_fit_folds = 0."""
-    from rlrf4rec.core.artifacts import read_table
     from rlrf4rec.core.protocol import stable_seed
     from rlrf4rec.stages.generate import select_users
     from rlrf4rec.stages.train import run_recommender
