@@ -200,6 +200,7 @@ def build_trainer(
 ) -> Trainer:
     """TRL's DPOTrainer on the pairs files; the model is loaded from `policy_dir` (reference: the same weights)."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
@@ -216,7 +217,9 @@ def build_trainer(
         )
 
     def dataset(path: Path):
-        return Dataset.from_list(read_parquet(path, MESSAGES_ONLY).to_pylist())
+        # Named by the file's digest: left to itself, datasets pickles the whole table with dill to fingerprint it,
+        # which is slow for many pairs and fails outright for pyarrow 26 on Python 3.12 (MonthDayNano).
+        return Dataset(InMemoryTable(read_parquet(path, MESSAGES_ONLY)), fingerprint=_fingerprint_file(path))
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     collator = None  # TRL's: chosen and rejected as two rows, each with its prompt
