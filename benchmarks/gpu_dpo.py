@@ -126,8 +126,8 @@ def table(results: list[dict], params: dict, args: argparse.Namespace) -> list[s
     pairs_per_step = args.batch * args.grad_accum
     plain = {r["variant"].split(":")[0]: r for r in results if r["variant"].endswith(":plain") and "error" not in r}
     lines = [
-        f"| variant | parameters | s/step | s/pair | vs plain bf16 | ref pre-pass s | stage wall s | peak GPU GiB "
-        f"| train loss first -> last | chosen-rejected margin last | held-out loss |",
+        "| variant | parameters | s/step | s/pair | vs plain bf16 | ref pre-pass s | stage wall s | peak GPU GiB "
+        "| train loss first -> last | chosen-rejected margin last | held-out loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -184,7 +184,14 @@ def main() -> None:
         command += ["--out", str(out)]
         print("running", variant, flush=True)
         try:
-            done = subprocess.run(command, timeout=args.limit_s, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+            done = subprocess.run(
+                command,
+                timeout=args.limit_s,
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                },
+            )
             failed = None if done.returncode == 0 else f"exit status {done.returncode}"
         except subprocess.TimeoutExpired:
             failed = f"killed after {args.limit_s} s"
@@ -215,8 +222,11 @@ def main() -> None:
         "",
         *table(results, params, args),
     ]
-    append_section("DPO stage on one GPU: DeepSpeed ZeRO-2 / ZeRO-3 vs plain bf16 (benchmarks/gpu_dpo.py)",
-                   lines, Path(args.results))
+    append_section(
+        "DPO stage on one GPU: DeepSpeed ZeRO-2 / ZeRO-3 vs plain bf16 (benchmarks/gpu_dpo.py)",
+        lines,
+        Path(args.results),
+    )
     if any("error" in r for r in results):
         sys.exit(1)
 

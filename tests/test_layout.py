@@ -78,6 +78,6 @@ def test_layout_paths_are_the_documented_tree(tmp_path):
         p.relative_to(tmp_path).parts[0]
         for p in [run.data, run.knowledge("x"), run.embedding_cache("k"), run.recommender("x"), run.ray_train("x"),
                   run.generate, run.generations("x"), run.rounds, run.dpo("x"), run.evaluate, run.evaluate_texts("x"),
-                  run.controls("x"), run.report, run.rewards("x"), run.pairs("x")]
+                  run.controls("x"), run.report, run.rewards("x"), run.pairs("x"), run.serving_index("x")]
     }  # fmt: skip
     assert documented == produced

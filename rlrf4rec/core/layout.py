@@ -19,6 +19,7 @@ a stage directory is published.
     <run>/evaluate.texts/<policy>/   the test users' greedy texts of each evaluated policy
     <run>/controls/<name>/           table.json, table.md, per_user.json | reliability.json
     <run>/report/                    report.html, report.md
+    <run>/serving/knowledge-<name>/  a knowledge version as memory-mapped files, read by every Serve replica
 """
 
 from __future__ import annotations
@@ -198,3 +199,6 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    def serving_index(self, name: str) -> Path:
+        return self.root / "serving" / f"knowledge-{name}"

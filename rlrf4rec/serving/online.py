@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet, read_table, read_tables
+from rlrf4rec.core.artifacts import read_marker, read_table, read_tables
 from rlrf4rec.core.config import RunConfig, load_config
-from rlrf4rec.core.layout import CONFIG, USER_KNOWLEDGE, RunLayout, data_table
+from rlrf4rec.core.layout import CONFIG, RunLayout, data_table
 from rlrf4rec.core.prompts import item_meta, user_attributes
 from rlrf4rec.core.recommender import (
     Checkpoint,
@@ -35,7 +35,8 @@ from rlrf4rec.core.recommender import (
     item_lookup,
     load_checkpoint,
 )
-from rlrf4rec.stages.encode import pad_segments, user_vectors
+from rlrf4rec.serving.store import KnowledgeIndex, open_index
+from rlrf4rec.stages.encode import pad_segments
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Version:
     name: str
     recommender_dir: Path
     knowledge_dir: Path
+    index_dir: Path  # where serving keeps the knowledge memory-mapped (store.py)
     policy: str  # the LLM that wrote this version's preference texts: models.llm or dpo/round<t-1>/model
 
 
@@ -83,7 +85,7 @@ def resolve_version(run_dir: Path, name: str) -> Version:
         policy = run_config(run_dir).models.llm
     else:
         policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
-    return Version(name, layout.recommender(name), layout.knowledge(name), policy)
+    return Version(name, layout.recommender(name), layout.knowledge(name), layout.serving_index(name), policy)
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,19 @@ class Knowledge:
 
 
 class KnowledgeStore:
-    """user_id -> the user's knowledge text and vector of one version."""
+    """user_id -> the user's knowledge text and vector of one version, read from the version's memory-mapped index
+    (store.py): every replica on a machine shares one copy in the page cache."""
 
     def __init__(self, version: Version):
-        table = read_parquet(version.knowledge_dir / USER_KNOWLEDGE, S.USER_KNOWLEDGE)
-        users = table.column(S.USER_ID).to_pylist()
         self.version = version.name
-        self._rows = {u: i for i, u in enumerate(users)}
-        self._texts = table.column(S.KNOWLEDGE_TEXT).to_pylist()
-        self._vectors = user_vectors(table)  # [U, D] or [U, S, D]
+        self._index = KnowledgeIndex(open_index(version.knowledge_dir, version.index_dir))
+
+    def __len__(self) -> int:
+        return len(self._index)
 
     def get(self, user_id: str | None) -> Knowledge | None:
-        row = self._rows.get(user_id) if user_id is not None else None
-        return None if row is None else Knowledge(self._texts[row], self._vectors[row], self.version)
+        found = self._index.get(user_id) if user_id is not None else None
+        return None if found is None else Knowledge(found[0], found[1], self.version)
 
 
 @dataclass(frozen=True)

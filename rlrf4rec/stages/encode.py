@@ -161,13 +161,26 @@ def make_encoder(cfg: RunConfig) -> TextEncoder:
 
 def user_vectors(table: pa.Table) -> np.ndarray:
     """A user knowledge table (schema.USER_KNOWLEDGE) -> [U, S, D] segments (zero rows = padding) when it holds
-    segments, else the whole texts' vectors [U, D]; rows in table order."""
+    segments, else the whole texts' vectors [U, D]; rows in table order. No Python loop over users or segments."""
     column = table.column(S.SEGMENTS)
     if table.num_rows == 0 or column.null_count == table.num_rows:
         return vectors_of(table)
     if column.null_count:
         raise ValueError("a user knowledge table holds segments for some users only; re-run its stage")
-    return pad_segments([np.asarray(s, dtype=np.float32) for s in column.to_pylist()])
+    return segments_of(column.combine_chunks())
+
+
+def segments_of(column: pa.ListArray) -> np.ndarray:
+    """list<list<float32>> (segments of equal-length vectors per row) -> [rows, max segments, D], zero padded."""
+    counts = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    inner = column.flatten()  # one list<float32> per segment, the rows' offsets applied
+    values = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    dim = values.size // len(inner) if len(inner) else 0
+    out = np.zeros((len(counts), max(int(counts.max(initial=0)), 1), dim), np.float32)
+    owners = np.repeat(np.arange(len(counts)), counts)
+    positions = np.arange(len(inner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[owners, positions] = values.reshape(len(inner), dim)
+    return out
 
 
 def pad_segments(segments: Sequence[np.ndarray]) -> np.ndarray:
