@@ -319,3 +319,26 @@ def test_vllm_request_seed_gives_the_same_text_in_any_batch(model_requests):
     assert alone.text == in_batch.text and second.text == in_batch.text
     assert (alone.completion_tokens, second.completion_tokens) == (in_batch.completion_tokens,) * 2
     assert reseeded.text != in_batch.text  # it samples: the seed, not greedy decoding, fixes the text
+
+
+def test_vllm_noise_is_dropped_unless_verbose(monkeypatch, caplog):
+    """The per-tensor dtype lines and the CPU worker's thread notice are dropped from vLLM's loggers; anything else
+    they say is kept, and `--verbose` (VLLM_LOGGING_LEVEL=INFO) keeps everything."""
+    import logging
+
+    worker = logging.getLogger("vllm.v1.worker.cpu_worker")
+    loader = logging.getLogger("vllm.model_executor.models.utils")
+    for logger in (worker, loader):
+        monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    E._drop_vllm_noise()
+    assert worker.filters == [] and loader.filters == []
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    E._drop_vllm_noise()
+    E._drop_vllm_noise()  # a second engine in the process adds no second filter
+    assert len(worker.filters) == len(loader.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        worker.warning("CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it.")
+        loader.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+        worker.warning("KV cache space is too small")
+    assert [r.getMessage() for r in caplog.records] == ["KV cache space is too small"]

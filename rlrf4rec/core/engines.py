@@ -95,6 +95,8 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        _drop_vllm_noise()
+
         self.cfg = cfg
         options = {}
         if current_platform.is_cpu():
@@ -137,6 +139,35 @@ class VLLMEngine:
             )
             for o in outputs
         ]
+
+
+# vLLM warnings that describe intended behaviour here, not problems, by the logger that emits them: a float32
+# checkpoint loaded in bfloat16 (one line per tensor, 122 for SmolLM2) and the CPU worker keeping the thread count
+# the replica already set.
+VLLM_NOISE = {
+    "vllm.model_executor.models.utils": "Attempted to load weight",
+    "vllm.model_executor.model_loader.weight_utils": "Attempted to load weight",
+    "vllm.v1.worker.cpu_worker": "doesn't allow to use `torch.set_num_threads`",
+}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
+def _drop_vllm_noise() -> None:
+    """Filter VLLM_NOISE out of vLLM's loggers, unless `--verbose` (VLLM_LOGGING_LEVEL=INFO or DEBUG)."""
+    if os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper() not in ("WARNING", "ERROR", "CRITICAL"):
+        return
+    for name, text in VLLM_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):  # once, however many engines start
+            logger.addFilter(_DropNoise(text))
 
 
 def _vllm_environment(cpu_replicas: int = 0) -> None:
