@@ -1,0 +1,129 @@
+"""Generation replicas: the same requests through `run_on_ray` with 1 and with 2 vLLM replicas (Ray Data actors).
+
+    .venv/bin/python benchmarks/replica_scaling.py [--users 16] [--samples 4] [--max-new-tokens 64]
+
+On a CPU box the replicas split its cores (1 replica x all cores vs 2 replicas x half each: what
+`generate.concurrency` does with `generate.cpus_per_replica: null`). Reports rows/s and completion tokens/s end to
+end (engine start included) and inside the engines, the ratio of 2 replicas to 1, and whether the texts are the same
+(each row has its own seed, so they must be, in float32). Appends a dated section to RESULTS.md with the
+projection for k GPU replicas and what bounds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+from common import RESULTS, append_section, load, machine
+from generation import ROOT, TimedEngine, _summary, _texts
+
+from rlrf4rec.core import assets
+from rlrf4rec.core import engines as E
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_parquet
+from rlrf4rec.core.config import load_config
+from rlrf4rec.stages import generate as G
+from rlrf4rec.stages.data import run_data
+
+log = logging.getLogger("benchmark")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/ml100k-cpu.yaml"))
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    run_cfg = load_config(args.config)
+    data = run_data(run_cfg)
+    model = assets.resolve(run_cfg.models.llm, assets.asset_home(run_cfg.assets.home))
+    base = dataclasses.replace(
+        run_cfg.generate,
+        engine="vllm",
+        num_samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        splits=("train",),
+        max_users=args.users,
+        batch_size=args.batch_size,
+    )
+    requests = G.build_requests(
+        read_parquet(data / "sequences.parquet", S.SEQUENCES),
+        read_parquet(data / "items.parquet", S.ITEMS),
+        read_parquet(data / "users.parquet", S.USERS),
+        E.chat_renderer(model),
+        base,
+        run_cfg.seed,
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="rlrf4rec-replicas-"))
+    before = load()
+    import ray
+
+    rows, texts = [], {}
+    for replicas in (1, 2):
+        cfg = dataclasses.replace(base, concurrency=replicas)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        timings = scratch / f"replicas-{replicas}.jsonl"
+        started = time.perf_counter()
+        out = pa.concat_tables(list(G.run_on_ray(requests, partial(TimedEngine, partial(E.VLLMEngine, model, cfg),
+                                                                   str(timings)), cfg)))  # fmt: skip
+        wall = time.perf_counter() - started
+        ray.shutdown()
+        summary = _summary(f"{replicas} replica(s)", timings, wall, out.num_rows)
+        # Engines run side by side: their generate seconds add up, so tokens/s inside them is per replica.
+        summary["rows_per_s"] = round(out.num_rows / wall, 2)
+        rows.append(summary)
+        texts[replicas] = _texts(out)
+        log.info("%s", summary)
+
+    shared = sorted(set(texts[1]) & set(texts[2]))
+    same = sum(texts[1][k] == texts[2][k] for k in shared)
+    one, two = rows
+    lines = [
+        f"- Machine: {machine()}; load average before {before}, after {load()}.",
+        f"- Work: {requests.num_rows} requests ({args.users} train users x {args.samples} samples, "
+        f"{args.max_new_tokens} new tokens, {base.dtype}), `generate.batch_size` {args.batch_size}, "
+        "`rlrf4rec.stages.generate.run_on_ray` with the config's vLLM-CPU settings; replicas split the cores "
+        f"({os.cpu_count()} here). Wall time includes each replica's engine start.",
+        "",
+        "| replicas | rows | wall s | rows/s end to end | engine load s (sum) | completion tokens/s per replica "
+        "| completion tokens/s end to end | vs 1 replica, end to end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["tokens_per_s_end_to_end"] / one["tokens_per_s_end_to_end"]
+        lines.append(
+            f"| {r['engine']} | {r['rows']} | {r['wall_s']} | {r['rows_per_s']} | {r['load_s']} | {r['tokens_per_s']} "
+            f"| {r['tokens_per_s_end_to_end']} | {ratio:.2f}x |"
+        )
+    lines += [
+        "",
+        f"- Texts equal between the two runs: {same}/{len(shared)} (seeded rows, independent of which replica and "
+        "batch they land in).",
+        "- Projection for k GPU replicas (arithmetic, not measured here): each replica holds its own GPU and engine, "
+        "and Ray Data hands batches to whichever is free, so rows/s scale with k until the users run out (the last "
+        "batches leave replicas idle: with U users x N samples and batch B, at most U*N/B replicas are ever busy) or "
+        "the driver's streaming executor and the Parquet writes become the limit; each replica's start (model load, "
+        "CUDA graphs) is paid once per replica.",
+    ]
+    append_section(
+        "generation replicas: 1 vs 2 vLLM replicas on Ray Data (benchmarks/replica_scaling.py)",
+        lines,
+        Path(args.results),
+    )
+
+
+if __name__ == "__main__":
+    main()
