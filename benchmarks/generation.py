@@ -60,6 +60,43 @@ class TimedEngine:
             fh.write(json.dumps(entry) + "\n")
 
 
+def add_request_arguments(parser: argparse.ArgumentParser, *, users: int, max_new_tokens: int, batch_size: int) -> None:
+    """The options every generation benchmark shares: which config, how many train users, samples and tokens."""
+    parser.add_argument("--config", default=str(ROOT / "configs/ml100k-cpu.yaml"))
+    parser.add_argument("--users", type=int, default=users)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def request_config(base: GenerateConfig, args: argparse.Namespace, **changes) -> GenerateConfig:
+    """`base` as a benchmark runs it: vLLM on the train split with add_request_arguments' options, then `changes`."""
+    fields = dict(
+        engine="vllm",
+        num_samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        splits=("train",),
+        max_users=args.users,
+        batch_size=args.batch_size,
+    )
+    return dataclasses.replace(base, **{**fields, **changes})
+
+
+def train_requests(run_cfg, cfg: GenerateConfig, model: Path, sequences=lambda table: table) -> pa.Table:
+    """The generate stage's requests for the config's data (its data stage built if missing) under `cfg`
+    (`max_users` train users, N samples each), rendered with `model`'s chat template; `sequences` may cut the
+    users' windows first."""
+    data = run_data(run_cfg)
+    return G.build_requests(
+        sequences(read_parquet(data / "sequences.parquet", S.SEQUENCES)),
+        read_parquet(data / "items.parquet", S.ITEMS),
+        read_parquet(data / "users.parquet", S.USERS),
+        E.chat_renderer(model),
+        cfg,
+        run_cfg.seed,
+    )
+
+
 def _summary(name: str, timings: Path, wall_s: float, rows: int) -> dict:
     entries = [json.loads(line) for line in timings.read_text().splitlines()]
     gen_s = sum(e.get("generate_s", 0.0) for e in entries)
@@ -92,11 +129,7 @@ def _same(a: dict, b: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs/ml100k-cpu.yaml"))
-    parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_request_arguments(parser, users=32, max_new_tokens=128, batch_size=32)
     parser.add_argument("--dtype", default="float32")
     # vLLM on CPU reserves one core and runs one OpenMP thread by default; one torch thread matches it (and more
     # threads on a busy 2-core box were far slower).
@@ -113,26 +146,9 @@ def main() -> None:
         os.environ.setdefault(key, value)
 
     run_cfg = load_config(args.config)
-    data = run_data(run_cfg)
     model = assets.resolve(run_cfg.models.llm, assets.asset_home(run_cfg.assets.home))
-    cfg = GenerateConfig(
-        engine="vllm",
-        num_samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        splits=("train",),
-        max_users=args.users,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        num_gpus_per_replica=args.gpus,
-    )
-    requests = G.build_requests(
-        read_parquet(data / "sequences.parquet", S.SEQUENCES),
-        read_parquet(data / "items.parquet", S.ITEMS),
-        read_parquet(data / "users.parquet", S.USERS),
-        E.chat_renderer(model),
-        cfg,
-        run_cfg.seed,
-    )
+    cfg = request_config(GenerateConfig(), args, dtype=args.dtype, num_gpus_per_replica=args.gpus)
+    requests = train_requests(run_cfg, cfg, model)
     scratch = Path(tempfile.mkdtemp(prefix="rlrf4rec-bench-"))
     load_before = load()
     log.info("%d requests; load average %s", requests.num_rows, load_before)

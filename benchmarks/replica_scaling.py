@@ -22,51 +22,28 @@ from pathlib import Path
 
 import pyarrow as pa
 from common import RESULTS, append_section, load, machine
-from generation import ROOT, TimedEngine, _summary, _texts
+from generation import TimedEngine, _summary, _texts, add_request_arguments, request_config, train_requests
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import engines as E
-from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_parquet
 from rlrf4rec.core.config import load_config
 from rlrf4rec.stages import generate as G
-from rlrf4rec.stages.data import run_data
 
 log = logging.getLogger("benchmark")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs/ml100k-cpu.yaml"))
-    parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_request_arguments(parser, users=16, max_new_tokens=64, batch_size=16)
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     run_cfg = load_config(args.config)
-    data = run_data(run_cfg)
     model = assets.resolve(run_cfg.models.llm, assets.asset_home(run_cfg.assets.home))
-    base = dataclasses.replace(
-        run_cfg.generate,
-        engine="vllm",
-        num_samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        splits=("train",),
-        max_users=args.users,
-        batch_size=args.batch_size,
-    )
-    requests = G.build_requests(
-        read_parquet(data / "sequences.parquet", S.SEQUENCES),
-        read_parquet(data / "items.parquet", S.ITEMS),
-        read_parquet(data / "users.parquet", S.USERS),
-        E.chat_renderer(model),
-        base,
-        run_cfg.seed,
-    )
+    base = request_config(run_cfg.generate, args)
+    requests = train_requests(run_cfg, base, model)
     scratch = Path(tempfile.mkdtemp(prefix="rlrf4rec-replicas-"))
     before = load()
     import ray

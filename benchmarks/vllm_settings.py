@@ -35,7 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from common import load, machine
-from generation import TimedEngine, _run, _summary
+from generation import TimedEngine, _run, _summary, request_config, train_requests
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import engines as E
@@ -43,7 +43,6 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_parquet, write_json, write_parquet
 from rlrf4rec.core.config import GenerateConfig, load_config
 from rlrf4rec.stages import generate as G
-from rlrf4rec.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
@@ -288,29 +287,17 @@ def main() -> None:
     history_items = args.history_items or run_cfg.generate.prompt_history or run_cfg.data.history_max
     if history_items < 1:
         parser.error("--history-items: use a positive number of entries")
-    data = run_data(run_cfg)
     model = assets.resolve(run_cfg.models.llm, assets.asset_home(run_cfg.assets.home))
-    cfg = dataclasses.replace(
+    cfg = request_config(
         run_cfg.generate,
-        engine="vllm",
-        num_samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        splits=("train",),
-        max_users=args.users,
+        args,
         batch_size=args.batch_size or run_cfg.generate.batch_size,
         concurrency=1,
         tensor_parallel_size=1,
         num_gpus_per_replica=0,
         prompt_history=None,  # the windows are cut to --history-items below
     )
-    requests = G.build_requests(
-        last_history(read_parquet(data / "sequences.parquet", S.SEQUENCES), history_items),
-        read_parquet(data / "items.parquet", S.ITEMS),
-        read_parquet(data / "users.parquet", S.USERS),
-        E.chat_renderer(model),
-        cfg,
-        run_cfg.seed,
-    )
+    requests = train_requests(run_cfg, cfg, model, partial(last_history, k=history_items))
     scratch = Path(tempfile.mkdtemp(prefix="rlrf4rec-vllm-settings-"))
     write_parquet(requests, scratch / "requests.parquet", G.REQUESTS)
     work = {"requests": str(scratch / "requests.parquet"), "model": model, "cfg": dataclasses.asdict(cfg)}
