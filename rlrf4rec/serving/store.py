@@ -52,9 +52,9 @@ def build_index(knowledge_file: Path, out: Path, batch_rows: int = BATCH_ROWS) -
     missing = set(S.USER_KNOWLEDGE.names) - set(parquet.schema_arrow.names)
     if missing:
         raise ValueError(f"{knowledge_file}: no column(s) {sorted(missing)}; re-run the knowledge stage")
-    # Pass 1: ids, and the vectors' shape (segments per user vary: the widest sets S).
-    ids, width, dim, segmented = [], 0, 0, None
-    for batch in parquet.iter_batches(batch_rows, columns=[S.USER_ID, S.VECTOR, S.SEGMENTS]):
+    # Pass 1: ids, and the widest user's segment count (segments per user vary). The vectors are read in pass 2 only.
+    ids, width, segmented = [], 0, None
+    for batch in parquet.iter_batches(batch_rows, columns=[S.USER_ID, S.SEGMENTS]):
         ids.extend(batch.column(S.USER_ID).to_pylist())
         segments = batch.column(S.SEGMENTS)
         has = segments.null_count < len(batch)
@@ -63,32 +63,39 @@ def build_index(knowledge_file: Path, out: Path, batch_rows: int = BATCH_ROWS) -
         segmented = has
         if has:
             width = max(width, int(pc.max(pc.list_value_length(segments)).as_py() or 0))
-        if len(batch) and not dim:
-            dim = len(batch.column(S.VECTOR)[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"{knowledge_file} lists a user twice; re-run the knowledge stage")
-    keys = np.array([u.encode() for u in ids], dtype=f"S{max((len(u.encode()) for u in ids), default=1)}")
+    encoded = [u.encode() for u in ids]
+    keys = np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}")
     order = np.argsort(keys, kind="stable")
     np.save(out / USERS, keys[order])
     np.save(out / ROWS, order.astype(np.int64))
-    shape = (len(ids), max(width, 1), dim) if segmented else (len(ids), dim)
-    vectors = np.lib.format.open_memmap(out / VECTORS, mode="w+", dtype=np.float32, shape=shape)
-    # Pass 2: vectors and texts, batch by batch, in table order.
-    row = 0
+
+    def vector_file(dim: int) -> np.memmap:
+        shape = (len(ids), max(width, 1), dim) if segmented else (len(ids), dim)
+        return np.lib.format.open_memmap(out / VECTORS, mode="w+", dtype=np.float32, shape=shape)
+
+    # Pass 2: vectors and texts, batch by batch, in table order; the vector file is sized by the first batch's D.
+    vectors, row = None, 0
     text_schema = pa.schema([S.USER_KNOWLEDGE.field(S.KNOWLEDGE_TEXT)])
     with pa.ipc.new_file(out / TEXTS, text_schema) as texts:
         for batch in parquet.iter_batches(batch_rows, columns=[S.KNOWLEDGE_TEXT, S.VECTOR, S.SEGMENTS]):
             n = len(batch)
+            block = segments_of(batch.column(S.SEGMENTS)) if segmented else vectors_of(pa.Table.from_batches([batch]))
+            if vectors is None:
+                vectors = vector_file(block.shape[-1])
             if segmented:
-                block = segments_of(batch.column(S.SEGMENTS))
-                vectors[row : row + n, : block.shape[1]] = block
+                vectors[row : row + n, : block.shape[1]] = block  # a batch's widest user may be narrower than S
             else:
-                vectors[row : row + n] = vectors_of(pa.Table.from_batches([batch]))
+                vectors[row : row + n] = block
             texts.write_batch(pa.record_batch([batch.column(S.KNOWLEDGE_TEXT)], schema=text_schema))
             row += n
+    if vectors is None:  # an empty table
+        vectors = vector_file(0)
+    shape = list(vectors.shape)
     vectors.flush()
     del vectors
-    return {"users": len(ids), "vector_shape": list(shape), "format": FORMAT}
+    return {"users": len(ids), "vector_shape": shape, "format": FORMAT}
 
 
 def _build_in_child(knowledge_file: Path, out: Path, batch_rows: int) -> dict:
