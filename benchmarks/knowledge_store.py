@@ -159,6 +159,9 @@ def main() -> None:
                                  args.seed, args.hold_s)))  # fmt: skip
         return
 
+    from rlrf4rec.core.artifacts import stage_output
+    from rlrf4rec.core.layout import USER_KNOWLEDGE
+
     before = load()
     rows = []
     for segments in map(int, args.segments.split(",")):
@@ -169,9 +172,6 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             (work / "knowledge").mkdir(parents=True)
             started = time.perf_counter()
-            from rlrf4rec.core.artifacts import stage_output
-            from rlrf4rec.core.layout import USER_KNOWLEDGE
-
             with stage_output(work / "knowledge", f"synthetic-{users}-{segments}", None) as (tmp, _):
                 write_table(tmp / USER_KNOWLEDGE, users, segments)
             written = time.perf_counter() - started

@@ -104,9 +104,6 @@ class KnowledgeStore:
         self.version = version.name
         self._index = KnowledgeIndex(open_index(version.knowledge_dir, version.index_dir))
 
-    def __len__(self) -> int:
-        return len(self._index)
-
     def get(self, user_id: str | None) -> Knowledge | None:
         found = self._index.get(user_id) if user_id is not None else None
         return None if found is None else Knowledge(found[0], found[1], self.version)
