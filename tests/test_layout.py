@@ -72,12 +72,14 @@ def test_layout_paths_are_the_documented_tree(tmp_path):
     assert run.evaluate_texts("DPO round 2") == tmp_path / "evaluate.texts" / "DPO-round-2"
     assert L.parts_dir(run.generations("base-train")) == tmp_path / "generations" / "base-train.parts"
     assert L.shard(L.GENERATION_SHARD, 7) == "gen-000007.parquet"
+    assert run.serving_users == tmp_path / "serving" / "users"
     # Every documented top-level directory is one the layout produces.
     documented = set(re.findall(r"<run>/([\w.]+)/", L.__doc__))
     produced = {
         p.relative_to(tmp_path).parts[0]
         for p in [run.data, run.knowledge("x"), run.embedding_cache("k"), run.recommender("x"), run.ray_train("x"),
                   run.generate, run.generations("x"), run.rounds, run.dpo("x"), run.evaluate, run.evaluate_texts("x"),
-                  run.controls("x"), run.report, run.rewards("x"), run.pairs("x"), run.serving_index("x")]
+                  run.controls("x"), run.report, run.rewards("x"), run.pairs("x"), run.serving_index("x"),
+                  run.serving_users]
     }  # fmt: skip
     assert documented == produced

@@ -67,7 +67,7 @@ def test_windows_are_independent_lists_and_batching_changes_nothing(reranker):
     for lo in (0, 10, 20):
         (alone,) = model.score([online.Query(candidates[lo : lo + 10], user)])
         np.testing.assert_allclose(whole.scores[lo : lo + 10], alone.scores, rtol=1e-5, atol=1e-6)
-    window = [item for item, _ in model.catalog.windows[user]]
+    window = [item for item, _ in model.catalog.window(user)]
     batched = model.score(
         [online.Query(GENRE_B[:7], "u5"), online.Query(candidates, user), online.Query(candidates, None, window)]
     )
@@ -80,7 +80,7 @@ def test_one_window_equals_the_model_on_the_list(reranker):
     user, candidates = "u7", GENRE_B[:10]
     (ranked,) = model.score([online.Query(candidates, user)])
     idx = torch.tensor([[model.catalog.index[c] for c in candidates]])
-    history = [model.catalog.index[i] for i, _ in model.catalog.windows[user]][-model.knowledge_model.history_len :]
+    history = [model.catalog.index[i] for i, _ in model.catalog.window(user)][-model.knowledge_model.history_len :]
     with torch.inference_mode():
         direct = model.knowledge_model.ckpt.model(
             idx,
@@ -94,7 +94,7 @@ def test_one_window_equals_the_model_on_the_list(reranker):
 def test_stored_history_window_is_the_default(reranker):
     model, _, _ = reranker
     user, candidates = "u11", GENRE_A[:5] + GENRE_B[:5]
-    window = [item for item, _ in model.catalog.windows[user]]
+    window = [item for item, _ in model.catalog.window(user)]
     a, b = model.score([online.Query(candidates, user, None), online.Query(candidates, user, window)])
     np.testing.assert_array_equal(a.scores, b.scores)
 
@@ -118,7 +118,7 @@ def test_load_version_swaps_model_and_knowledge_together(serving_run):
     # ... and never when it is another version's: the ID-only model answers.
     stale = online.Knowledge("old", before.knowledge.vector, "base", source="generated")
     (refused,) = model.score([online.Query(GENRE_A[:10], "u1", None, stale)])
-    (id_only,) = model.score([online.Query(GENRE_A[:10], None, [i for i, _ in model.catalog.windows["u1"]])])
+    (id_only,) = model.score([online.Query(GENRE_A[:10], None, [i for i, _ in model.catalog.window("u1")])])
     assert refused.model_version == "id" and refused.knowledge is None
     np.testing.assert_array_equal(refused.scores, id_only.scores)
 

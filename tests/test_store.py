@@ -8,8 +8,9 @@ import pyarrow as pa
 import pytest
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import MARKER, read_marker, stage_output, write_parquet
-from rlrf4rec.core.layout import USER_KNOWLEDGE
+from rlrf4rec.core.artifacts import MARKER, read_marker, read_table, stage_output, write_parquet
+from rlrf4rec.core.layout import USER_KNOWLEDGE, data_table
+from rlrf4rec.core.prompts import user_attributes
 from rlrf4rec.serving import store as ST
 from rlrf4rec.stages.encode import pad_segments, user_vectors
 
@@ -107,3 +108,93 @@ def test_bad_knowledge_is_refused_with_the_fix(tmp_path):
     with pytest.raises(RuntimeError, match="segments for some users only"):
         ST.open_index(tmp_path / "knowledge", tmp_path / "index")
     assert (tmp_path / "knowledge" / MARKER).is_file()  # the knowledge stage itself is untouched
+
+
+def publish_data(data_dir, num_users, *, seed=0, users_table=True, bad_window=False):
+    """A data stage by hand: sequences with windows of every length (0 included) inside longer item lists, ratings
+    with gaps, a users table that also names users without a sequence, and re-rank lists up to 12 long."""
+    rng = np.random.default_rng(seed)
+    items = [f"i{k}" for k in range(40)]
+    rows = []
+    for u in range(num_users):
+        n = int(rng.integers(1, 30))
+        start = int(rng.integers(0, n))
+        end = int(rng.integers(start, n + 1))
+        ids = [items[k] for k in rng.integers(0, 40, n)]
+        ratings = [None if rng.random() < 0.2 else float(rng.integers(1, 6)) for _ in range(n)]
+        rows.append((f"u{u}" if u % 4 else f"user-{u}-é", ids, ratings, start, end))
+    if bad_window:
+        rows[-1] = (*rows[-1][:3], 0, len(rows[-1][1]) + 1)
+    sequences = pa.table(
+        {
+            S.USER_ID: [r[0] for r in rows],
+            S.SPLIT: ["train"] * num_users,
+            S.ITEM_IDS: [r[1] for r in rows],
+            S.RATINGS: [r[2] for r in rows],
+            S.TIMESTAMPS: [list(range(len(r[1]))) for r in rows],
+            S.HISTORY_START: [r[3] for r in rows],
+            S.HISTORY_END: [r[4] for r in rows],
+        },
+        schema=S.SEQUENCES,
+    )
+    lists = pa.table(
+        {
+            S.USER_ID: ["u1", "u2"],
+            S.SPLIT: ["train", "valid"],
+            S.LIST_IDX: [0, 0],
+            S.CANDIDATE_ITEMS: [items[:10], items[:12]],
+            S.LABELS: [[1] * 10, [0] * 12],
+        },
+        schema=S.RERANK_LISTS,
+    )
+    index = pa.table({S.ITEM_ID: items[::-1], S.ITEM_IDX: list(range(1, 41))}, schema=S.ITEM_INDEX)
+    with stage_output(data_dir, f"d{seed}-{num_users}", None) as (tmp, _):
+        write_parquet(sequences, tmp / data_table("sequences"), S.SEQUENCES)
+        write_parquet(lists, tmp / data_table("rerank_lists"), S.RERANK_LISTS)
+        write_parquet(index, tmp / data_table("item_index"), S.ITEM_INDEX)
+        if users_table:
+            ids = [r[0] for r in rows[::2]] + ["no-sequence"]
+            users = pa.table(
+                {
+                    S.USER_ID: ids,
+                    S.AGE: [20 + k for k in range(len(ids))],
+                    S.GENDER: ["F", None] * (len(ids) // 2) + ["M"] * (len(ids) % 2),
+                    S.OCCUPATION: ["writer"] * len(ids),
+                },
+                schema=S.USERS,
+            )
+            write_parquet(users, tmp / data_table("users"), S.USERS)
+    return sequences, index
+
+
+@pytest.mark.parametrize("users_table", [True, False])
+def test_user_index_answers_what_the_data_stage_holds(tmp_path, users_table):
+    sequences, item_index = publish_data(tmp_path / "data", 60, users_table=users_table)
+    index = ST.UserIndex(ST.open_index(tmp_path / "data", tmp_path / "users", batch_rows=7, kind="users"))
+    to_idx = dict(zip(item_index[S.ITEM_ID].to_pylist(), item_index[S.ITEM_IDX].to_pylist()))
+    attributes = user_attributes(read_table(tmp_path / "data", "users")) if users_table else {}
+    assert index.list_len == 12
+    for r in sequences.to_pylist():
+        lo, hi = r[S.HISTORY_START], r[S.HISTORY_END]
+        items, ratings = index.window(r[S.USER_ID])
+        assert items.tolist() == [to_idx[i] for i in r[S.ITEM_IDS][lo:hi]]
+        expected = [np.nan if x is None else x for x in r[S.RATINGS][lo:hi]]
+        np.testing.assert_array_equal(ratings, np.array(expected, np.float32))
+        assert index.attributes(r[S.USER_ID]) == attributes.get(r[S.USER_ID])
+    if users_table:  # a user with attributes and no sequence: an empty window, the attributes
+        assert [len(a) for a in index.window("no-sequence")] == [0, 0]
+        assert index.attributes("no-sequence") == {"age": 50, "gender": "M", "occupation": "writer"}
+    for unknown in ("u", "u1000", "no-sequence-and-longer-than-any-id", ""):
+        assert index.attributes(unknown) is None
+        assert (index.window(unknown) is None) == (unknown != "no-sequence")
+
+
+def test_user_index_refuses_bad_data_and_is_rebuilt_with_the_data(tmp_path):
+    publish_data(tmp_path / "data", 10, bad_window=True)
+    with pytest.raises(RuntimeError, match="outside its item_ids .* re-run the data stage"):
+        ST.open_index(tmp_path / "data", tmp_path / "users", kind="users")
+    assert not (tmp_path / "users").exists()
+    publish_data(tmp_path / "data", 10, seed=1)
+    assert ST.UserIndex(ST.open_index(tmp_path / "data", tmp_path / "users", kind="users")).window("u9") is not None
+    publish_data(tmp_path / "data", 12, seed=2)  # a new data stage: a new index
+    assert ST.UserIndex(ST.open_index(tmp_path / "data", tmp_path / "users", kind="users")).window("u11") is not None

@@ -20,6 +20,7 @@ a stage directory is published.
     <run>/controls/<name>/           table.json, table.md, per_user.json | reliability.json
     <run>/report/                    report.html, report.md
     <run>/serving/knowledge-<name>/  a knowledge version as memory-mapped files, read by every Serve replica
+    <run>/serving/users/             the data stage's history windows and user attributes, memory-mapped likewise
 """
 
 from __future__ import annotations
@@ -202,3 +203,7 @@ class RunLayout:
 
     def serving_index(self, name: str) -> Path:
         return self.root / "serving" / f"knowledge-{name}"
+
+    @property
+    def serving_users(self) -> Path:
+        return self.root / "serving" / "users"

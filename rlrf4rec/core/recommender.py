@@ -148,17 +148,8 @@ class RerankTask:
 
     def __init__(self, tables: dict[str, pa.Table], spec: ModelSpec, users: list[str] | None = None):
         self.spec = spec
-        to_idx = item_lookup(tables["item_index"])
-        self.item_index = to_idx  # item_id -> item idx
-        self.num_items = len(to_idx)
-        genres = sorted({g for gs in tables["items"].column(S.GENRES).to_pylist() for g in gs})
-        self.genre_vocab = {g: i + 1 for i, g in enumerate(genres)}
-        item_genres = [[self.genre_vocab[g] for g in gs] for gs in tables["items"].column(S.GENRES).to_pylist()]
-        item_rows = [to_idx[i] for i in tables["items"].column(S.ITEM_ID).to_pylist()]
-        # item idx -> its genre ids, 0-padded: candidates' attributes become one gather instead of a Python loop.
-        self.item_genres = torch.zeros(self.num_items + 1, max(map(len, item_genres), default=1) or 1, dtype=torch.long)
-        for row, g in zip(item_rows, item_genres):
-            self.item_genres[row, : len(g)] = torch.tensor(g, dtype=torch.long)
+        self._set_items(tables)
+        to_idx = self.item_index
         seq = tables["sequences"].to_pylist()
         self.users = users or [r[S.USER_ID] for r in seq]  # knowledge matrix row order
         # Item popularity (the no-learning baseline): interactions among train users, by item idx.
@@ -181,6 +172,31 @@ class RerankTask:
                 user_row=torch.tensor([row_of[r[S.USER_ID]] for r in rows], dtype=torch.long),
             )
             self.list_users[split] = [r[S.USER_ID] for r in rows]
+        self.list_len = self.splits["train"].candidates.shape[1]  # the longest list a model built here scores at once
+
+    @classmethod
+    def of_items(cls, tables: dict[str, pa.Table], spec: ModelSpec, list_len: int) -> RerankTask:
+        """A task that knows only the items (`tables`: item_index and items) and the list length: what serving
+        builds its models around, without every user's sequence and lists. It has no splits to train or score."""
+        task = cls.__new__(cls)
+        task.spec = spec
+        task._set_items(tables)
+        task.users, task.splits, task.list_users, task.list_len = [], {}, {}, list_len
+        task.popularity = np.zeros(task.num_items + 1, dtype=np.int64)
+        return task
+
+    def _set_items(self, tables: dict[str, pa.Table]) -> None:
+        to_idx = item_lookup(tables["item_index"])
+        self.item_index = to_idx  # item_id -> item idx
+        self.num_items = len(to_idx)
+        genres = sorted({g for gs in tables["items"].column(S.GENRES).to_pylist() for g in gs})
+        self.genre_vocab = {g: i + 1 for i, g in enumerate(genres)}
+        item_genres = [[self.genre_vocab[g] for g in gs] for gs in tables["items"].column(S.GENRES).to_pylist()]
+        item_rows = [to_idx[i] for i in tables["items"].column(S.ITEM_ID).to_pylist()]
+        # item idx -> its genre ids, 0-padded: candidates' attributes become one gather instead of a Python loop.
+        self.item_genres = torch.zeros(self.num_items + 1, max(map(len, item_genres), default=1) or 1, dtype=torch.long)
+        for row, g in zip(item_rows, item_genres):
+            self.item_genres[row, : len(g)] = torch.tensor(g, dtype=torch.long)
 
     def without_train_users(self, users: Iterable[str]) -> RerankTask:
         """A shallow copy whose train split lacks the lists of `users` (a reward model cross-fitted over them)."""
@@ -197,7 +213,7 @@ class RerankTask:
         s = self.spec
         adaptor = _adaptor(s, dims if isinstance(dims, dict) else {"user": dims})
         interaction = s.interaction and adaptor is not None and "user" in adaptor.types
-        max_list_len = self.splits["train"].candidates.shape[1]
+        max_list_len = self.list_len
         if s.backbone == "sasrec":
             return SASRecRanker(
                 self.num_items,
@@ -442,7 +458,6 @@ def load_checkpoint(recommender_dir: Path, tables: dict[str, pa.Table] | RerankT
     for p in model.parameters():
         p.requires_grad_(False)
     return Checkpoint(task, model, saved["item_knowledge"], saved["user_segments"], dims.get("user"))
-
 
 
 # --------------------------------------------------------------------------------------------------- training loop

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_table, read_tables
+from rlrf4rec.core.artifacts import read_marker, read_tables
 from rlrf4rec.core.config import RunConfig, load_config
-from rlrf4rec.core.layout import CONFIG, RunLayout, data_table
-from rlrf4rec.core.prompts import item_meta, user_attributes
+from rlrf4rec.core.layout import CONFIG, RunLayout
+from rlrf4rec.core.prompts import item_meta
 from rlrf4rec.core.recommender import (
     Checkpoint,
     ModelSpec,
@@ -35,7 +34,7 @@ from rlrf4rec.core.recommender import (
     item_lookup,
     load_checkpoint,
 )
-from rlrf4rec.serving.store import KnowledgeIndex, open_index
+from rlrf4rec.serving.store import KnowledgeIndex, UserIndex, open_index
 from rlrf4rec.stages.encode import pad_segments
 
 
@@ -66,11 +65,7 @@ def resolve_version(run_dir: Path, name: str) -> Version:
 
     if name == "latest":
         rounds = sorted(
-            (
-                int(m.group(1))
-                for p in layout.recommender_versions()
-                if (m := re.fullmatch(r"round(\d+)", p.name))
-            ),
+            (int(m.group(1)) for p in layout.recommender_versions() if (m := re.fullmatch(r"round(\d+)", p.name))),
             reverse=True,
         )
         name = next((f"round{t}" for t in rounds if complete(f"round{t}")), "base")
@@ -128,20 +123,33 @@ class Ranked:
 
 
 class ItemCatalog:
-    """The run's items (ids, titles) and users (stored history window with ratings, attributes), from the data stage."""
+    """The run's items (ids, titles, genres) from the data stage, and its users (stored history window with ratings,
+    attributes) through the memory-mapped user index (store.py): every replica on a machine shares one copy."""
 
     def __init__(self, run_dir: Path):
-        data_dir = RunLayout(run_dir).data
-        self.tables = read_tables(data_dir)
-        self.index = item_lookup(self.tables["item_index"])
+        layout = RunLayout(run_dir)
+        self.tables = read_tables(layout.data, ("item_index", "items"))
+        self.index = item_lookup(self.tables["item_index"])  # item id -> item idx
+        self.ids = {idx: item for item, idx in self.index.items()}
         self.meta = item_meta(self.tables["items"])
-        cols = [S.USER_ID, S.ITEM_IDS, S.RATINGS, S.HISTORY_START, S.HISTORY_END]
-        self.windows: dict[str, list[tuple[str, float]]] = {
-            r[S.USER_ID]: list(zip(r[S.ITEM_IDS], r[S.RATINGS]))[r[S.HISTORY_START] : r[S.HISTORY_END]]
-            for r in self.tables["sequences"].select(cols).to_pylist()
-        }
-        has_users = (data_dir / data_table("users")).is_file()
-        self.attributes = user_attributes(read_table(data_dir, "users") if has_users else None)
+        self.users = UserIndex(open_index(layout.data, layout.serving_users, kind="users"))
+        self.list_len = self.users.list_len  # the longest re-rank list of the data: what a model scores at once
+
+    def window(self, user_id: str | None) -> list[tuple[str, float | None]] | None:
+        """The user's stored history window (item id, rating or None), oldest first; None for an unknown user."""
+        found = self.users.window(user_id) if user_id is not None else None
+        if found is None:
+            return None
+        items, ratings = found
+        return [(self.ids[int(i)], None if np.isnan(r) else float(r)) for i, r in zip(items, ratings)]
+
+    def window_idx(self, user_id: str | None) -> list[int]:
+        """The item indices of the user's stored window (empty for an unknown user)."""
+        found = self.users.window(user_id) if user_id is not None else None
+        return [] if found is None else found[0].tolist()
+
+    def attributes(self, user_id: str | None) -> dict[str, object] | None:
+        return self.users.attributes(user_id) if user_id is not None else None
 
 
 def user_segments_of(version: Version) -> int:
@@ -180,8 +188,9 @@ class Reranker:
     ):
         self.device = torch.device(device)  # where the models run; the lookups and the windows stay on the CPU
         self.catalog = catalog or ItemCatalog(run_dir)
-        self.task = RerankTask(self.catalog.tables, ModelSpec())  # items, genres, lists; each model brings its spec
-        self.list_len = self.task.splits["train"].candidates.shape[1]
+        # Items and genres only; each model brings its spec.
+        self.task = RerankTask.of_items(self.catalog.tables, ModelSpec(), self.catalog.list_len)
+        self.list_len = self.catalog.list_len
         id_ckpt = _checkpoint(RunLayout(run_dir).recommender("id"), self.task, knowledge=False)
         id_ckpt.model.to(self.device)
         self.id_model = _Loaded(id_ckpt, "id")
@@ -197,11 +206,11 @@ class Reranker:
         return self.knowledge_model.version
 
     def _history(self, q: Query, length: int) -> list[int]:
+        if not length:
+            return []
         if q.history is not None:
-            items = q.history
-        else:
-            items = [i for i, _ in self.catalog.windows.get(q.user_id, [])]
-        return [self.catalog.index[i] for i in items][-length:] if length else []
+            return [self.catalog.index[i] for i in q.history][-length:]
+        return self.catalog.window_idx(q.user_id)[-length:]
 
     @torch.inference_mode()
     def score(self, queries: Sequence[Query]) -> list[Ranked]:

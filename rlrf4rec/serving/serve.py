@@ -238,9 +238,9 @@ class OnlineKnowledge:
             log.info("on-line knowledge now follows version %s", version.name)
 
     async def knowledge(self, user_id: str | None, history: list[tuple[str, float | None]] | None) -> Generated:
-        attributes = self.catalog.attributes.get(user_id) if user_id is not None else None
-        if history is None and user_id in self.catalog.windows:
-            history = self.catalog.windows[user_id]  # with ratings, as the offline prompts had them
+        attributes = self.catalog.attributes(user_id)
+        if history is None:
+            history = self.catalog.window(user_id)  # with ratings, as the offline prompts had them
         if not history:
             return None, "no_knowledge"
         key = digest(repr((self.version, user_id, history)), None)
