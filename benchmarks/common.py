@@ -28,6 +28,17 @@ def machine() -> str:
     return f"{cores} cores available, {cpu}, {mem_gib} GiB RAM, {gpu}, Python {platform.python_version()}"
 
 
+def process_memory(pid: int | str = "self") -> tuple[float, float, float]:
+    """(anonymous memory, file pages mapped, PSS) of a process in MiB, from /proc/<pid>/smaps_rollup: what the
+    process owns, what it maps of the page cache (shared with every process mapping the same file, reclaimable),
+    and its proportional share (pages shared with n processes counted 1/n)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_ = line.split()
+        fields[name.rstrip(":")] = int(value) / 1024
+    return fields["Anonymous"], fields["Rss"] - fields["Anonymous"], fields["Pss"]
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_section, load, machine  # noqa: E402
+from common import RESULTS, append_section, load, machine, process_memory  # noqa: E402
 
 DIM = 384
 
@@ -63,16 +63,6 @@ def write_table(path: Path, users: int, segments: int, seed: int = 0) -> None:
             writer.write_table(pa.Table.from_arrays([ids, texts, vector, segs], schema=S.USER_KNOWLEDGE))
 
 
-def memory() -> tuple[float, float, float]:
-    """(anonymous memory, file pages mapped, PSS) of this process in MiB: what the process owns, what it maps of
-    the page cache (shared with every process mapping the same file, reclaimable), and its proportional share."""
-    fields = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        name, value, *_ = line.split()
-        fields[name.rstrip(":")] = int(value) / 1024
-    return fields["Anonymous"], fields["Rss"] - fields["Anonymous"], fields["Pss"]
-
-
 def replica(mode: str, knowledge_dir: Path, index_dir: Path, users: int, lookups: int, seed: int, hold_s: float):
     """One replica's life: load, look up random users, report; then hold its memory for `hold_s` (so that two
     replicas overlap while the other measures)."""
@@ -83,7 +73,7 @@ def replica(mode: str, knowledge_dir: Path, index_dir: Path, users: int, lookups
     from rlrf4rec.serving import store
     from rlrf4rec.stages.encode import user_vectors
 
-    anon0, file0, pss0 = memory()
+    anon0, file0, pss0 = process_memory()
     started = time.perf_counter()
     if mode == "heap":
         table = pq.read_table(knowledge_dir / USER_KNOWLEDGE)
@@ -99,7 +89,7 @@ def replica(mode: str, knowledge_dir: Path, index_dir: Path, users: int, lookups
         index = store.KnowledgeIndex(store.open_index(knowledge_dir, index_dir))
         get = index.get
     ready = time.perf_counter() - started
-    anon1, _, _ = memory()
+    anon1, _, _ = process_memory()
     rng = np.random.default_rng(seed)
     wanted = [f"user{u:08d}" for u in rng.integers(0, users, lookups)]
     times = np.empty(lookups)
@@ -108,7 +98,7 @@ def replica(mode: str, knowledge_dir: Path, index_dir: Path, users: int, lookups
         found = get(user)
         times[i] = time.perf_counter() - t
         assert found is not None and found[0].startswith("Preferences of user")
-    anon2, file2, pss2 = memory()
+    anon2, file2, pss2 = process_memory()
     time.sleep(hold_s)
     return {
         "ready_s": ready,

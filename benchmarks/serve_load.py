@@ -3,6 +3,13 @@
 
     .venv/bin/python benchmarks/serve_load.py [--run-dir runs/ml100k-cpu] [--rate 50] [--seconds 30]
                                               [--ingress haproxy|proxy [--throughput-optimized]]
+                                              [--synthetic-users 1000000 [--synthetic-dir DIR]]
+
+With --synthetic-users N, the same load runs twice, first on the run itself and then on a synthetic run of N users
+made from it (`synthetic_run`: user i is a copy of the run's user i mod U, with that user's history window,
+attributes and base knowledge text, and the first segment vector of its knowledge), and the table puts the two side
+by side, with each deployment's replica memory read from /proc (owned, mapped page cache, PSS) and the seconds until
+the first answer. That is what serving a million users costs a replica, next to the run's own few hundred.
 
 Deploys serve_config.yaml as shipped (`serve run`, its own local Ray on 127.0.0.1, only run_dir and port changed;
 by default with Serve's HAProxy ingress, as `rlrf4rec serve --ingress haproxy` starts it), then sends an
@@ -29,10 +36,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from common import append_section, machine
+from common import append_section, machine, process_memory
 
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, stage_output
+from rlrf4rec.core.layout import CONFIG, USER_KNOWLEDGE, RunLayout, data_table
 from rlrf4rec.serving.launch import SERVE_HAPROXY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +74,101 @@ def start_server(run_dir: Path, port: int, workdir: Path, ingress: str, throughp
         stdout=open(workdir / "serve.log", "w"),
         stderr=subprocess.STDOUT,
     )
+
+
+def synthetic_run(run_dir: Path, users: int, out: Path, batch: int = 50_000) -> Path:
+    """A run directory of `users` users made from `run_dir`'s base version (see the module docstring): the data
+    stage (sequences = history windows only, users, and the run's items and lists), knowledge/base, and the run's
+    recommender/id and recommender/base linked. Built once per (run, users); reused while its markers match."""
+    src, dst = RunLayout(run_dir), RunLayout(out)
+    fingerprint = (
+        f"synthetic-{users}-{read_marker(src.data)['fingerprint']}-{read_marker(src.knowledge('base'))['fingerprint']}"
+    )
+    if (read_marker(dst.knowledge("base")) or {}).get("fingerprint") == fingerprint:
+        return out
+    seq = pq.read_table(src.data / data_table("sequences"))
+    lo, hi = seq.column(S.HISTORY_START).to_numpy(), seq.column(S.HISTORY_END).to_numpy()
+
+    def window(column: str) -> pa.Array:
+        values = seq.column(column).to_pylist()
+        return pa.array([v[a:b] for v, a, b in zip(values, lo, hi)], S.SEQUENCES.field(column).type)
+
+    windows = pa.table(
+        {
+            S.ITEM_IDS: window(S.ITEM_IDS),
+            S.RATINGS: window(S.RATINGS),
+            S.TIMESTAMPS: window(S.TIMESTAMPS),
+            S.HISTORY_START: pa.array(np.zeros(len(lo), np.int32)),
+            S.HISTORY_END: pa.array((hi - lo).astype(np.int32)),
+        }
+    )
+    source_users = seq.column(S.USER_ID).to_pylist()
+    attributes = pq.read_table(src.data / data_table("users")) if (src.data / data_table("users")).is_file() else None
+    attribute_row = (
+        pc.index_in(pa.array(source_users), value_set=attributes.column(S.USER_ID)) if attributes is not None else None
+    )
+    knowledge = pq.read_table(src.knowledge("base") / USER_KNOWLEDGE)
+    knowledge_row = pc.index_in(pa.array(source_users), value_set=knowledge.column(S.USER_ID))
+    config = (src.data / CONFIG).read_text()
+    with stage_output(dst.data, fingerprint, config) as (tmp, stats):
+        for name in ("item_index", "items", "rerank_lists", "leave_one_out"):
+            (tmp / data_table(name)).write_bytes((src.data / data_table(name)).read_bytes())
+        seq_writer = pq.ParquetWriter(tmp / data_table("sequences"), S.SEQUENCES)
+        users_writer = pq.ParquetWriter(tmp / data_table("users"), S.USERS) if attributes is not None else None
+        for start in range(0, users, batch):
+            n = min(batch, users - start)
+            of = pa.array(np.arange(start, start + n) % len(source_users))
+            ids = pa.array([f"s{i:07d}" for i in range(start, start + n)])
+            rows = windows.take(of)
+            seq_writer.write_table(
+                pa.table(
+                    {
+                        S.USER_ID: ids,
+                        S.SPLIT: pa.array(["train"] * n),
+                        **{c: rows.column(c) for c in rows.column_names},
+                    },
+                    schema=S.SEQUENCES,
+                )
+            )
+            if users_writer is not None:
+                picked = attributes.take(attribute_row.take(of)).set_column(0, S.USER_ID, ids)
+                users_writer.write_table(picked.filter(pc.is_valid(attribute_row.take(of))).cast(S.USERS))
+        seq_writer.close()
+        if users_writer is not None:
+            users_writer.close()
+        stats["users"] = users
+    with stage_output(dst.knowledge("base"), fingerprint, None) as (tmp, stats):
+        with pq.ParquetWriter(tmp / USER_KNOWLEDGE, S.USER_KNOWLEDGE) as writer:
+            for start in range(0, users, batch):
+                n = min(batch, users - start)
+                of = knowledge_row.take(pa.array(np.arange(start, start + n) % len(source_users)))
+                rows = knowledge.take(of)
+                segments = rows.column(S.SEGMENTS)
+                if segments.null_count < len(rows):  # a segmented model: each user's first segment only
+                    first = pc.list_slice(segments, 0, 1)
+                    rows = rows.set_column(3, S.SEGMENTS, first).set_column(2, S.VECTOR, pc.list_flatten(first))
+                ids = pa.array([f"s{i:07d}" for i in range(start, start + n)])
+                writer.write_table(rows.set_column(0, S.USER_ID, ids).cast(S.USER_KNOWLEDGE))
+        stats["users"] = users
+    for version in ("id", "base"):
+        link = dst.recommender(version)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(src.recommender(version).resolve(), target_is_directory=True)
+    return out
+
+
+def replica_memory() -> dict[str, list[tuple[float, float, float]]]:
+    """deployment -> (owned, mapped file, PSS) MiB of each of its replica processes on this machine."""
+    out: dict[str, list] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            if title.startswith("ray::ServeReplica:"):
+                out.setdefault(title.split(":")[-1], []).append(process_memory(proc.name))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return out
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -168,6 +275,52 @@ async def _phase(port: int, payloads: list[bytes], rate: float, max_in_flight: i
     return {"latencies": latencies, "codes": codes, "paths": paths, "seconds": elapsed}
 
 
+def load_run(run_dir: Path, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+    """Start the application on `run_dir`, send the alternating phases, read the replicas' memory, stop it."""
+    items = pq.read_table(run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
+    users = pq.read_table(run_dir / "data" / "sequences.parquet", columns=["user_id"]).column("user_id").to_pylist()
+    per_round = int(args.rate * args.seconds / args.rounds)
+
+    def bodies(known: bool) -> list[dict]:
+        out = []
+        for _ in range(per_round):
+            body = {"candidates": [str(i) for i in rng.choice(items, args.candidates, replace=False)]}
+            if known:
+                body["user_id"] = users[int(rng.integers(len(users)))]
+            else:
+                body["history"] = [{"item_id": str(i)} for i in rng.choice(items, 20, replace=False)]
+            out.append(body)
+        return out
+
+    workdir = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    proc = start_server(run_dir, port, workdir, args.ingress, args.throughput_optimized)
+    results = {"knowledge": [], "ID-only fallback": []}  # by what was asked; the table also says what answered
+    try:
+        deadline = time.monotonic() + 900
+        probe = {"user_id": users[-1], "candidates": items[:10]}
+        while True:
+            try:
+                if httpx.post(f"{url}/rank", json=probe, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the application did not come up; see {workdir / 'serve.log'}")
+            time.sleep(1)
+        ready_s = time.monotonic() - started
+        asyncio.run(phase(port, bodies(True)[:100], args.rate, args.max_in_flight))  # warm-up, not counted
+        for _ in range(args.rounds):
+            for name, known in (("knowledge", True), ("ID-only fallback", False)):
+                results[name].append(asyncio.run(phase(port, bodies(known), args.rate, args.max_in_flight)))
+        memory = replica_memory()
+    finally:
+        stop_server(proc)
+    return {"users": len(users), "results": results, "memory": memory, "ready_s": ready_s, "per_round": per_round}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "ml100k-cpu")
@@ -187,92 +340,96 @@ def main() -> None:
     parser.add_argument(
         "--throughput-optimized", action="store_true", help="with --ingress proxy: RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
     )
+    parser.add_argument("--synthetic-users", type=int, default=0, help="also load a synthetic run of this many users")
+    parser.add_argument("--synthetic-dir", type=Path, help="where it is built (default runs/serve-synthetic-<N>)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    items = pq.read_table(args.run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
-    users = pq.read_table(args.run_dir / "data" / "sequences.parquet").column("user_id").to_pylist()
-    per_round = int(args.rate * args.seconds / args.rounds)
-
-    def bodies(known: bool) -> list[dict]:
-        out = []
-        for _ in range(per_round):
-            body = {"candidates": [str(i) for i in rng.choice(items, args.candidates, replace=False)]}
-            if known:
-                body["user_id"] = str(rng.choice(users))
-            else:
-                body["history"] = [{"item_id": str(i)} for i in rng.choice(items, 20, replace=False)]
-            out.append(body)
-        return out
-
+    runs = [args.run_dir]
+    synthetic_s = None
+    if args.synthetic_users:
+        t0 = time.monotonic()
+        out = args.synthetic_dir or ROOT / "runs" / f"serve-synthetic-{args.synthetic_users}"
+        runs.append(synthetic_run(args.run_dir, args.synthetic_users, out))
+        synthetic_s = time.monotonic() - t0
     load_before = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.run_dir, port, workdir, args.ingress, args.throughput_optimized)
-    results = {"knowledge": [], "ID-only fallback": []}  # by what was asked; the table also says what answered
-    try:
-        deadline = time.monotonic() + 300
-        probe = {"user_id": users[0], "candidates": items[:10]}
-        while True:
-            try:
-                if httpx.post(f"{url}/rank", json=probe, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the application did not come up; see {workdir / 'serve.log'}")
-            time.sleep(1)
-        asyncio.run(phase(port, bodies(True)[:100], args.rate, args.max_in_flight))  # warm-up, not counted
-        for _ in range(args.rounds):
-            for name, known in (("knowledge", True), ("ID-only fallback", False)):
-                results[name].append(asyncio.run(phase(port, bodies(known), args.rate, args.max_in_flight)))
-    finally:
-        stop_server(proc)
+    measured = [load_run(run, args, rng) for run in runs]
     load_after = os.getloadavg()
 
-    rows, p99 = [], {}
-    for name, runs in results.items():
-        lat = np.concatenate([r["latencies"] for r in runs]) if runs else np.zeros(0)
-        codes: dict = {}
-        served: dict = {}
-        for r in runs:
-            for k, v in r["codes"].items():
-                codes[k] = codes.get(k, 0) + v
-            for k, v in r["paths"].items():
-                served[k] = served.get(k, 0) + v
-        sent = sum(codes.values())
-        errors = sent - codes.get(200, 0)
-        seconds = sum(r["seconds"] for r in runs)
-        p50, p90, p99[name] = (float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 90, 99))
-        by = ", ".join(f"{k} {v}" for k, v in sorted(served.items()))
-        rows.append(
-            f"| {name} | {by} | {sent} | {errors} | {codes.get(200, 0) / seconds:.1f} | {p50:.1f} | {p90:.1f} | "
-            f"{p99[name]:.1f} | {lat.max() if len(lat) else float('nan'):.1f} |"
+    rows, memory_rows, p99 = [], [], {}
+    for m in measured:
+        for name, phases in m["results"].items():
+            lat = np.concatenate([r["latencies"] for r in phases]) if phases else np.zeros(0)
+            codes: dict = {}
+            served: dict = {}
+            for r in phases:
+                for k, v in r["codes"].items():
+                    codes[k] = codes.get(k, 0) + v
+                for k, v in r["paths"].items():
+                    served[k] = served.get(k, 0) + v
+            sent = sum(codes.values())
+            errors = sent - codes.get(200, 0)
+            seconds = sum(r["seconds"] for r in phases)
+            p50, p90, p99[m["users"], name] = (
+                float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 90, 99)
+            )
+            by = ", ".join(f"{k} {v}" for k, v in sorted(served.items()))
+            rows.append(
+                f"| {m['users']:,} | {name} | {by} | {sent} | {errors} | {codes.get(200, 0) / seconds:.1f} | "
+                f"{p50:.1f} | {p90:.1f} | {p99[m['users'], name]:.1f} | {lat.max() if len(lat) else float('nan'):.1f} |"
+            )
+        for deployment, replicas in sorted(m["memory"].items()):
+            owned, mapped, pss = (", ".join(f"{r[k]:,.0f}" for r in replicas) for k in range(3))
+            memory_rows.append(f"| {m['users']:,} | {deployment} | {len(replicas)} | {owned} | {mapped} | {pss} |")
+    lines = [
+        f"- Machine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{' '.join(f'{x:.2f}' for x in load_after)}.",
+        f"- Server: serve_config.yaml as shipped (`serve run`), run {args.run_dir}"
+        + (
+            f" and a synthetic run of {args.synthetic_users:,} users made from it ({runs[-1]}; built in "
+            f"{synthetic_s:.0f} s, or reused)"
+            if args.synthetic_users
+            else ""
         )
-    lines = (
-        [
-            f"- Machine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
-            f"{' '.join(f'{x:.2f}' for x in load_after)}.",
-            f"- Server: serve_config.yaml as shipped (`serve run`), run {args.run_dir}; client on the same box "
-            "(asyncio, raw HTTP/1.1 keep-alive connections); "
-            f"ingress {args.ingress}"
-            + (" (RAY_SERVE_ENABLE_HA_PROXY=1, RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if args.ingress == "haproxy" else "")
-            + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if args.ingress == "proxy" and args.throughput_optimized else "")
-            + ".",
-            f"- Load: open loop at {args.rate:g} requests/s, {args.candidates} candidates per request, "
-            f"{args.rounds} alternating rounds of {per_round} requests per path, max {args.max_in_flight} in flight; "
-            "the client's garbage collector off while it sends.",
-            "",
-            "| phase | served by (from each response) | requests | errors | achieved req/s | p50 ms | p90 ms | p99 ms "
-            "| max ms |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *rows,
-            "",
-            f"knowledge / ID-only p99: {p99['knowledge'] / p99['ID-only fallback']:.2f}x",
-            "",
-        ]
-    )
+        + "; client on the same box (asyncio, raw HTTP/1.1 keep-alive connections); "
+        f"ingress {args.ingress}"
+        + (" (RAY_SERVE_ENABLE_HA_PROXY=1, RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if args.ingress == "haproxy" else "")
+        + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if args.ingress == "proxy" and args.throughput_optimized else "")
+        + ".",
+        f"- Load: open loop at {args.rate:g} requests/s, {args.candidates} candidates per request, "
+        f"{args.rounds} alternating rounds of {measured[0]['per_round']} requests per path, max {args.max_in_flight} "
+        "in flight; known users drawn uniformly from all the run's users; the client's garbage collector off while "
+        "it sends.",
+        "",
+        "| users | phase | served by (from each response) | requests | errors | achieved req/s | p50 ms | p90 ms "
+        "| p99 ms | max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *(
+            f"{m['users']:,} users: knowledge / ID-only p99 "
+            f"{p99[m['users'], 'knowledge'] / p99[m['users'], 'ID-only fallback']:.2f}x; "
+            f"first answer {m['ready_s']:.0f} s after `serve run`"
+            for m in measured
+        ),
+        "",
+        "Replica memory after the load, MiB per replica process (owned = anonymous memory; mapped = page-cache pages "
+        "it maps, shared with every process mapping the same files; PSS = its proportional share):",
+        "",
+        "| users | deployment | replicas | owned | mapped | PSS |",
+        "|---|---|---|---|---|---|",
+        *memory_rows,
+        "",
+    ]
+    if len(measured) == 2:
+        a, b = measured
+        for deployment in sorted(set(a["memory"]) & set(b["memory"])):
+            owned = [np.mean([r[0] for r in m["memory"][deployment]]) for m in (a, b)]
+            lines.append(
+                f"{deployment}: owned memory per replica at {b['users']:,} users / at {a['users']:,}: "
+                f"{owned[1] / owned[0]:.2f}x ({owned[1]:,.0f} vs {owned[0]:,.0f} MiB)"
+            )
+        lines.append("")
     if args.no_append:
         print("\n".join(lines))
     else:
