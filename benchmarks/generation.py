@@ -40,6 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, every process; /proc/stat), for the share of the
+    cores an engine got and what other processes took meanwhile."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class TimedEngine:
     """Wraps an engine and appends its load and generate timings to a JSON-lines file (works inside Ray actors)."""
 
@@ -50,9 +58,16 @@ class TimedEngine:
         self._record({"load_s": time.perf_counter() - started})
 
     def generate(self, prompts, seeds):
-        started = time.perf_counter()
+        started, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
         out = self.engine.generate(prompts, seeds)
-        self._record({"generate_s": time.perf_counter() - started, "tokens": sum(c.completion_tokens for c in out)})
+        self._record(
+            {
+                "generate_s": time.perf_counter() - started,
+                "tokens": sum(c.completion_tokens for c in out),
+                "cpu_s": time.process_time() - cpu,  # every thread of the process holding the engine
+                "machine_busy_s": machine_busy_s() - busy,  # every process of the machine
+            }
+        )
         return out
 
     def _record(self, entry: dict) -> None:
@@ -110,6 +125,9 @@ def _summary(name: str, timings: Path, wall_s: float, rows: int) -> dict:
         "wall_s": round(wall_s, 1),
         "tokens_per_s": round(tokens / gen_s, 1),
         "tokens_per_s_end_to_end": round(tokens / wall_s, 1),
+        # Cores busy during the generate calls: the engine's own process, and every other process of the machine.
+        "engine_cores": round(sum(e.get("cpu_s", 0.0) for e in entries) / gen_s, 2),
+        "other_cores": round(sum(e.get("machine_busy_s", 0.0) - e.get("cpu_s", 0.0) for e in entries) / gen_s, 2),
     }
 
 

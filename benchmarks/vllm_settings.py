@@ -49,6 +49,7 @@ log = logging.getLogger("benchmark")
 
 BIND, RESERVED = "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"
 MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
+WAIT = "OMP_WAIT_POLICY"  # libgomp: ACTIVE spins at barriers, PASSIVE sleeps; unset spins a while, then sleeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,12 @@ def all_settings() -> list[Setting]:
         Setting("seqs8", "new, max_num_seqs=8", env=new, max_num_seqs=8),
         Setting("seqs64", "new, max_num_seqs=64", env=new, max_num_seqs=64),
         Setting("ray", "Ray Data path: run_on_ray + VLLMEngine (1 replica)", kind="ray"),
+        Setting(
+            "new_passive", "new, OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)", env={**new, WAIT: "PASSIVE"}
+        ),
+        Setting(
+            "ray_passive", "ray, OMP_WAIT_POLICY=PASSIVE in the cluster's processes", kind="ray", env={WAIT: "PASSIVE"}
+        ),
         Setting("hf", f"vs HF generate: TransformersEngine, {os.cpu_count()} torch threads", kind="hf"),
     ]
 
@@ -354,13 +361,13 @@ def report(
         "over the time inside generate (engine load excluded).",
         "",
         "| setting | completion tokens | generate s | completion tokens/s | load s | ratio to best bare "
-        "| texts identical to `new` | model ran on |",
-        "|---|---|---|---|---|---|---|---|",
+        "| texts identical to `new` | model ran on | cores busy: engine process / other processes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in chosen:
         r = results[s.name]
         if "error" in r:
-            lines.append(f"| `{s.name}`: {s.label} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| `{s.name}`: {s.label} | failed: {r['error']} | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / bare[best]:.2f}x" if best else ""
         same = ""
@@ -368,7 +375,8 @@ def report(
             same = f"{sum(reference.get(k) == t for k, t in r['texts'].items())}/{len(r['texts'])}"
         lines.append(
             f"| `{s.name}`: {s.label} | {r['completion_tokens']} | {r['generate_s']} | {r['tokens_per_s']} | "
-            f"{r['load_s']} | {ratio} | {same} | {model_threads(s, r)} |"
+            f"{r['load_s']} | {ratio} | {same} | {model_threads(s, r)} | {r.get('engine_cores', '?')} / "
+            f"{r.get('other_cores', '?')} |"
         )
     lines.append("")
     if best and "ray" in ok:
@@ -414,7 +422,9 @@ def report(
     for s in chosen:
         env = ", ".join(f"{k}={'unset' if v is None else v}" for k, v in s.env.items())
         if s.kind == "ray":
-            env = "its own: _vllm_environment() with _cpu_engine_settings() for one CPU replica"
+            env = "its own: _vllm_environment() with _cpu_engine_settings() for one CPU replica" + (
+                f"; {env} in the driver's environment, which the local cluster's processes inherit" if env else ""
+            )
         elif s.kind == "hf":
             env = f"torch.set_num_threads({os.cpu_count()})"
         knobs = [
