@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -171,6 +172,19 @@ def replica_memory() -> dict[str, list[tuple[float, float, float]]]:
     return out
 
 
+def _session(sid: int) -> list[int]:
+    """Every process of session `sid` (what `serve run` started, in whatever process group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # `serve run` shuts the application and its local Ray down
     try:
@@ -178,6 +192,13 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # `serve run` leaves Serve's HAProxy running (it has a process group of its own), holding its ports.
+    deadline = time.monotonic() + 30
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class _Client:
