@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -55,7 +56,7 @@ class TimedEngine:
         self.timings = timings
         started = time.perf_counter()
         self.engine = make_engine()
-        self._record({"load_s": time.perf_counter() - started})
+        self._record({"load_s": time.perf_counter() - started, "thread": threading.get_ident()})
 
     def generate(self, prompts, seeds):
         started, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
@@ -66,6 +67,7 @@ class TimedEngine:
                 "tokens": sum(c.completion_tokens for c in out),
                 "cpu_s": time.process_time() - cpu,  # every thread of the process holding the engine
                 "machine_busy_s": machine_busy_s() - busy,  # every process of the machine
+                "thread": threading.get_ident(),  # OpenMP keeps a thread team per calling OS thread
             }
         )
         return out

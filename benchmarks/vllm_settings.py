@@ -2,7 +2,7 @@
 `generate`, all on the same prompts.
 
     RLRF4REC_HOME=... .venv/bin/python benchmarks/vllm_settings.py [--users 16] [--samples 4] [--max-new-tokens 64]
-        [--history-items K] [--settings old,new,ray] [--results PATH | --no-append]
+        [--history-items K] [--settings old,new,ray] [--repeats K] [--results PATH | --no-append]
 
 Builds the factorization prompts of the first `--users` train users of the config's data stage once (history windows
 cut to their last `--history-items` entries), N seeded requests per prompt, and writes them to a scratch file. Every
@@ -85,8 +85,12 @@ def all_settings() -> list[Setting]:
         Setting("seqs8", "new, max_num_seqs=8", env=new, max_num_seqs=8),
         Setting("seqs64", "new, max_num_seqs=64", env=new, max_num_seqs=64),
         Setting("ray", "Ray Data path: run_on_ray + VLLMEngine (1 replica)", kind="ray"),
+        Setting("ray_bf16", "ray, bfloat16", kind="ray", dtype="bfloat16"),
         Setting(
             "new_passive", "new, OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)", env={**new, WAIT: "PASSIVE"}
+        ),
+        Setting(
+            "ray_active", "ray, OMP_WAIT_POLICY=ACTIVE in the cluster's processes", kind="ray", env={WAIT: "ACTIVE"}
         ),
         Setting(
             "ray_passive", "ray, OMP_WAIT_POLICY=PASSIVE in the cluster's processes", kind="ray", env={WAIT: "PASSIVE"}
@@ -183,6 +187,9 @@ def run_one(spec: dict) -> None:
     if setting.kind == "ray":
         import ray
 
+        if setting.dtype:
+            cfg = dataclasses.replace(cfg, dtype=setting.dtype)
+
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         started = time.perf_counter()
         make = partial(ThreadedTimedEngine, partial(E.VLLMEngine, model, cfg), str(timings))
@@ -243,11 +250,11 @@ def child_env(setting: Setting) -> dict[str, str]:
     return env
 
 
-def measure(setting: Setting, work: dict, scratch: Path) -> dict:
+def measure(setting: Setting, work: dict, scratch: Path, tag: str = "") -> dict:
     """Run one setting in a fresh process; its summary, or {"error": ...} when the process failed."""
-    work = {**work, "out": str(scratch / f"{setting.name}.json")}
+    work = {**work, "out": str(scratch / f"{setting.name}{tag}.json")}
     spec = json.dumps({"setting": dataclasses.asdict(setting), "work": work})
-    log_path = scratch / f"{setting.name}.log"
+    log_path = scratch / f"{setting.name}{tag}.log"
     log.info("%s: %s (log %s; load average %s)", setting.name, setting.label, log_path, load())
     with open(log_path, "w") as fh:
         command = [sys.executable, __file__, "--one", spec]
@@ -279,6 +286,13 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
     parser.add_argument("--no-append", action="store_true", help="print the section without appending it")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every setting this many times, interleaved (a fresh process each); the table shows the median "
+        "run and every run's tokens/s, and Ray-vs-bare ratios are paired by repeat",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -310,13 +324,26 @@ def main() -> None:
     work = {"requests": str(scratch / "requests.parquet"), "model": model, "cfg": dataclasses.asdict(cfg)}
     load_before = load()
     log.info("%d requests, %d settings; scratch %s", requests.num_rows, len(chosen), scratch)
-    results = {s.name: measure(s, work, scratch) for s in chosen}
+    runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
+    for repeat in range(args.repeats):  # interleaved: a slow spell of the machine hits every setting alike
+        for s in chosen:
+            runs[s.name].append(measure(s, work, scratch, f"-{repeat}" if args.repeats > 1 else ""))
+    results = {name: median_run(r) for name, r in runs.items()}
     section = report(chosen, results, cfg, requests.num_rows, history_items, load_before)
     print(section)
     if not args.no_append:
         with open(args.results, "a") as fh:
             fh.write(section + "\n")
         log.info("appended to %s", args.results)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median tokens/s (the first error if any run failed), with every run's tokens/s under "runs"."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [r["tokens_per_s"] for r in runs]}
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -374,13 +401,30 @@ def report(
         if reference and s.name != "new":
             same = f"{sum(reference.get(k) == t for k, t in r['texts'].items())}/{len(r['texts'])}"
         lines.append(
-            f"| `{s.name}`: {s.label} | {r['completion_tokens']} | {r['generate_s']} | {r['tokens_per_s']} | "
+            f"| `{s.name}`: {s.label} | {r['completion_tokens']} | {r['generate_s']} | {r['tokens_per_s']}"
+            + (f" (runs: {', '.join(map(str, r['runs']))})" if len(r.get("runs", [])) > 1 else "")
+            + " | "
             f"{r['load_s']} | {ratio} | {same} | {model_threads(s, r)} | {r.get('engine_cores', '?')} / "
             f"{r.get('other_cores', '?')} |"
         )
     lines.append("")
     if best and "ray" in ok:
         lines.append(f"- Ray Data path / best bare (`{best}`): {ok['ray']['tokens_per_s'] / bare[best]:.2f}x.")
+    for ray_row, bare_row in (
+        ("ray", "new"),
+        ("ray_active", "new"),
+        ("ray_bf16", "bf16"),
+        ("ray_passive", "new_passive"),
+    ):
+        if ray_row in ok and bare_row in ok:  # the same engine settings with and without Ray Data around them
+            pairs = [a / b for a, b in zip(ok[ray_row].get("runs", []), ok[bare_row].get("runs", []))]
+            ratio = (
+                sorted(pairs)[(len(pairs) - 1) // 2]
+                if pairs
+                else ok[ray_row]["tokens_per_s"] / ok[bare_row]["tokens_per_s"]
+            )
+            each = f" (per repeat: {', '.join(f'{x:.2f}' for x in pairs)})" if len(pairs) > 1 else ""
+            lines.append(f"- `{ray_row}` / bare `{bare_row}` (same dtype and threads): {ratio:.2f}x median{each}.")
     if "new" in ok and "old" in ok:
         gain = ok["new"]["tokens_per_s"] / ok["old"]["tokens_per_s"]
         verdict = "met" if gain >= 1.6 else "not met"
