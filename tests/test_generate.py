@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +72,33 @@ class FakeEngine:
         if self.bad_seed in seeds:
             raise ValueError(f"cannot sample seed {self.bad_seed}")
         return [E.Completion(f"the user likes films number {s} with calm moods", 10, 9, "stop") for s in seeds]
+
+
+class ThreadEngine(FakeEngine):
+    """Records the OS thread it is built on and each thread it generates on."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = [threading.get_ident()]
+
+    def generate(self, prompts, seeds):
+        self.threads.append(threading.get_ident())
+        return super().generate(prompts, seeds)
+
+
+def test_engine_is_built_and_called_on_one_thread_whatever_thread_calls():
+    """A Ray Data actor builds its UDF on one thread and calls it on another; OpenMP keeps a team of workers per
+    calling thread, so the engine's CPU work must stay on one thread (vllm_settings.py: 0.5x with two teams)."""
+    generate = G.GenerateBatch(ThreadEngine)
+    batch = requests(num_samples=2).slice(0, 4)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = [pool.submit(generate, batch).result() for _ in range(3)]
+    generate(batch)  # and from this thread
+    assert len(set(generate.engine.threads)) == 1 and len(generate.engine.threads) == 5
+    assert generate.engine.threads[0] != threading.get_ident()
+    assert all(o.column(S.ERROR).null_count == 4 for o in outs)
+    bad = G.GenerateBatch(partial(FakeEngine, bad_seed=batch.column(S.SEED)[1].as_py()))(batch)  # row by row too
+    assert bad.column(S.ERROR).null_count == 3
 
 
 META = {S.TEMPERATURE: 1.0, S.TOP_P: 0.95, S.MAX_NEW_TOKENS: 16, S.MODEL: "fake", S.POLICY_VERSION: "base"}

@@ -18,6 +18,7 @@ Knows nothing about rewards or encoders, nor how Ray was started (entry points s
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -153,15 +154,24 @@ class GenerateBatch:
 
     A callable class for `map_batches`: the engine loads once per actor. A batch that raises is retried row by row,
     so one bad request becomes one error row instead of failing its batch-mates or the run.
+
+    The engine is built and called on one thread of its own. A Ray Data actor constructs the UDF on one thread and
+    calls it on another, and OpenMP keeps a team of worker threads per calling thread: on a CPU the engine's work
+    then ran beside a second, idle team whose threads spin for a while after every use (0.8x the same engine in a
+    plain process; with OMP_WAIT_POLICY=ACTIVE 0.5x, benchmarks/vllm_settings.py).
     """
 
     def __init__(self, make_engine: Callable[[], Engine]):
-        self.engine = make_engine()
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.engine = self._thread.submit(make_engine).result()
+
+    def _generate(self, prompts: list[str], seeds: list[int]) -> list[Completion]:
+        return list(self._thread.submit(self.engine.generate, prompts, seeds).result())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts, seeds = batch.column(S.PROMPT).to_pylist(), batch.column(S.SEED).to_pylist()
         try:
-            results: list[Completion | str] = list(self.engine.generate(prompts, seeds))
+            results: list[Completion | str] = self._generate(prompts, seeds)
         except Exception as exc:  # isolate the failing rows; each failure is kept as an error row
             log.warning("generate: batch of %d failed (%s); retrying row by row", len(prompts), exc)
             results = [self._one(p, s) for p, s in zip(prompts, seeds)]
@@ -181,7 +191,7 @@ class GenerateBatch:
 
     def _one(self, prompt: str, seed: int) -> Completion | str:
         try:
-            (completion,) = self.engine.generate([prompt], [seed])
+            (completion,) = self._generate([prompt], [seed])
             return completion
         except Exception as exc:  # the reason goes to the errors table
             return f"{type(exc).__name__}: {exc}"
