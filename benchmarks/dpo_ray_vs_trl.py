@@ -71,22 +71,13 @@ def build_pairs(run_cfg: RunConfig, n: int, history_items: int, scratch: Path) -
     rows = []
     for u in users:
         chosen, rejected = texts[u][:2] if len(texts.get(u, [])) >= 2 else FALLBACK
-        rows.append(
-            {
-                S.USER_ID: u,
-                S.SPLIT: "train",
-                S.PROMPT: preference_messages(histories[u], run_cfg.generate.domain),
-                S.CHOSEN: [{"role": "assistant", "content": chosen}],
-                S.REJECTED: [{"role": "assistant", "content": rejected}],
-                S.CHOSEN_SAMPLE_IDX: 0,
-                S.REJECTED_SAMPLE_IDX: 1,
-                S.CHOSEN_REWARD: 1.0,
-                S.REJECTED_REWARD: 0.0,
-                S.REWARD_MARGIN: 1.0,
-                S.POLICY_VERSION: "base",
-                S.ROUND: 0,
-            }
-        )
+        rows.append({
+            S.USER_ID: u, S.SPLIT: "train", S.PROMPT: preference_messages(histories[u], run_cfg.generate.domain),
+            S.CHOSEN: [{"role": "assistant", "content": chosen}],
+            S.REJECTED: [{"role": "assistant", "content": rejected}],
+            S.CHOSEN_SAMPLE_IDX: 0, S.REJECTED_SAMPLE_IDX: 1, S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
+            S.REWARD_MARGIN: 1.0, S.POLICY_VERSION: "base", S.ROUND: 0,
+        })
     return pa.Table.from_pylist(rows, schema=S.PAIRS), source
 
 
@@ -94,15 +85,10 @@ def token_lengths(pairs: pa.Table, model: str) -> tuple[float, float]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = [
-        len(tok.apply_chat_template(m, add_generation_prompt=True, return_dict=False))
-        for m in pairs.column(S.PROMPT).to_pylist()
-    ]
-    completions = [
-        len(tok(m[0]["content"])["input_ids"])
-        for side in (S.CHOSEN, S.REJECTED)
-        for m in pairs.column(side).to_pylist()
-    ]
+    prompts = [len(tok.apply_chat_template(m, add_generation_prompt=True, return_dict=False))
+               for m in pairs.column(S.PROMPT).to_pylist()]
+    completions = [len(tok(m[0]["content"])["input_ids"]) for side in (S.CHOSEN, S.REJECTED)
+                   for m in pairs.column(side).to_pylist()]
     return statistics.mean(prompts), statistics.mean(completions)
 
 
@@ -164,25 +150,14 @@ def main() -> None:
     pairs_path = scratch / "pairs.parquet"
     write_parquet(pairs, pairs_path, S.PAIRS)
     dpo = dataclasses.replace(
-        run_cfg.dpo,
-        max_steps=args.steps,
-        save_steps=args.steps,
-        eval_fraction=0.0,
-        grad_accum=1,
-        per_device_batch_size=args.batch,
-        deepspeed=None,
+        run_cfg.dpo, max_steps=args.steps, save_steps=args.steps, eval_fraction=0.0, grad_accum=1,
+        per_device_batch_size=args.batch, deepspeed=None,
     )
     cfg = dataclasses.replace(run_cfg, name="dpo-bench", run_dir=str(scratch / "run"), dpo=dpo)
     prompt_tokens, completion_tokens = token_lengths(pairs, str(policy))
     load_before = load()
-    log.info(
-        "%d pairs (%s); prompts %.0f tokens, completions %.0f; load %s",
-        pairs.num_rows,
-        source,
-        prompt_tokens,
-        completion_tokens,
-        load_before,
-    )
+    log.info("%d pairs (%s); prompts %.0f tokens, completions %.0f; load %s", pairs.num_rows, source,
+             prompt_tokens, completion_tokens, load_before)
 
     rows = [run_variant("plain TRL, in process", "plain", cfg, pairs_path, policy, on_ray=False)]
     import ray

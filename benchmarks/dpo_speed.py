@@ -52,10 +52,8 @@ def pair_tokens(pairs: pa.Table, model: str) -> dict[str, float]:
     rows = {"prompt": [], "two_rows": [], "two_rows_padding": [], "shared_row": []}
     for pair in pairs.select([S.PROMPT, S.CHOSEN, S.REJECTED]).to_pylist():
         p = len(tok.apply_chat_template(pair[S.PROMPT], add_generation_prompt=True, return_dict=False))
-        c, r = (
-            len(tok.apply_chat_template(pair[S.PROMPT] + pair[side], return_dict=False)) - p
-            for side in (S.CHOSEN, S.REJECTED)
-        )
+        c, r = (len(tok.apply_chat_template(pair[S.PROMPT] + pair[side], return_dict=False)) - p
+                for side in (S.CHOSEN, S.REJECTED))
         rows["prompt"].append(p)
         rows["two_rows"].append(2 * (p + max(c, r)))
         rows["two_rows_padding"].append(abs(c - r))
@@ -121,29 +119,15 @@ def main() -> None:
     tokens = pair_tokens(pairs, str(policy))
     steps = args.pairs // PAIRS_PER_STEP
     base = dataclasses.replace(
-        run_cfg.dpo,
-        max_steps=steps,
-        save_steps=steps,
-        eval_fraction=0.0,
-        per_device_batch_size=1,
-        deepspeed=None,
+        run_cfg.dpo, max_steps=steps, save_steps=steps, eval_fraction=0.0, per_device_batch_size=1, deepspeed=None,
     )
     variants = [
-        (
-            "before: reference every step, two rows per pair",
-            "before",
-            dict(precompute_ref_logps=False, share_prompt=False, num_workers=2, cpus_per_worker=1, grad_accum=2),
-        ),
-        (
-            "after: precomputed reference, shared prompt",
-            "after-2x1",
-            dict(precompute_ref_logps=True, share_prompt=True, num_workers=2, cpus_per_worker=1, grad_accum=2),
-        ),
-        (
-            "after, one worker with two threads",
-            "after-1x2",
-            dict(precompute_ref_logps=True, share_prompt=True, num_workers=1, cpus_per_worker=2, grad_accum=4),
-        ),
+        ("before: reference every step, two rows per pair", "before",
+         dict(precompute_ref_logps=False, share_prompt=False, num_workers=2, cpus_per_worker=1, grad_accum=2)),
+        ("after: precomputed reference, shared prompt", "after-2x1",
+         dict(precompute_ref_logps=True, share_prompt=True, num_workers=2, cpus_per_worker=1, grad_accum=2)),
+        ("after, one worker with two threads", "after-1x2",
+         dict(precompute_ref_logps=True, share_prompt=True, num_workers=1, cpus_per_worker=2, grad_accum=4)),
     ]
     load_before = load()
     log.info("%d pairs (%s); tokens per pair %s; load %s", pairs.num_rows, source, tokens, load_before)
@@ -188,11 +172,8 @@ def _append(path: Path, args, dpo, rows: list[dict], source: str, tokens: dict, 
             f"{r['loss'][0]:.4f} -> {r['loss'][1]:.4f} |"
         )
     best = min(rows[1:], key=lambda r: r["s_per_pair"])
-    lines += [
-        "",
-        f"Fastest after / before, s/pair: {best['s_per_pair'] / before['s_per_pair']:.2f}x "
-        f"({best['variant']}, {best['workers_x_threads']}; target <= 0.5x).",
-    ]
+    lines += ["", f"Fastest after / before, s/pair: {best['s_per_pair'] / before['s_per_pair']:.2f}x "
+              f"({best['variant']}, {best['workers_x_threads']}; target <= 0.5x)."]
     if not path.exists():
         path.write_text("# Benchmark results\n")
     with open(path, "a") as fh:

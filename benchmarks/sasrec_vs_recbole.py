@@ -50,16 +50,12 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--max-epochs",
-        type=int,
-        default=2,
+        "--max-epochs", type=int, default=2,
         help="RecBole's epoch cap (2: ~6-7 min on a 2-core box, a smoke run; the reported comparison used 30 with "
         "--threads 2: ~75 min)",
     )
     p.add_argument(
-        "--ours-max-epochs",
-        type=int,
-        default=200,
+        "--ours-max-epochs", type=int, default=200,
         help="our epoch cap; early stopping on valid usually ends it first (an epoch takes seconds here)",
     )
     p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement")
@@ -153,10 +149,8 @@ def run_ours(args: argparse.Namespace, data_dir: Path) -> dict:
     from rlrf4rec.core.recommender import train_sasrec_loo
 
     torch.set_num_threads(args.threads)
-    log(
-        f"ours: train_sasrec_loo({data_dir}, max_epochs={args.ours_max_epochs}, patience={args.patience}, "
-        f"seed={args.seed})"
-    )
+    log(f"ours: train_sasrec_loo({data_dir}, max_epochs={args.ours_max_epochs}, patience={args.patience}, "
+        f"seed={args.seed})")
     start = time.perf_counter()
     tables = read_tables(data_dir)
     out = dict(train_sasrec_loo(tables, max_epochs=args.ours_max_epochs, patience=args.patience, seed=args.seed))
