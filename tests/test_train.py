@@ -67,6 +67,27 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
     assert run_recommender(cfg, "id", data_dir, None) == stage  # complete: a re-run trains nothing
 
 
+def test_sparse_checkpoints_replay_to_the_same_model_and_keep_the_fingerprint(ray_cluster, tmp_path):
+    """checkpoint_every=3 over 6 epochs, a worker killed after epoch 4: the group restarts from epoch 2's checkpoint,
+    replays 3-5 and ends where an uninterrupted run that checkpoints every epoch ends; the setting is not part of the
+    stage's fingerprint (a re-run with another cadence trains nothing)."""
+    every3 = _with_fault(_cfg(tmp_path / "a", max_epochs=6, checkpoint_every=3), epoch=4)
+    stage = run_recommender(every3, "id", run_data(every3), None)
+    assert _fault_markers(every3)
+    assert read_marker(stage)["stats"]["resumed_after"] == [2]
+    every1 = _cfg(tmp_path / "b", max_epochs=6, checkpoint_every=1)
+    reference = run_recommender(every1, "id", run_data(every1), None)
+    assert read_marker(reference)["stats"]["resumed_after"] == []
+    sparse, dense = (json.loads((d / "history.json").read_text()) for d in (stage, reference))
+    assert [h["epoch"] for h in sparse] == list(range(6))
+    for key in ("train/loss", "valid/ndcg@5", "valid/map@5"):
+        assert [h[key] for h in sparse] == pytest.approx([h[key] for h in dense], rel=1e-6, abs=1e-9)
+    finished = read_marker(stage)["finished"]
+    again = dataclasses.replace(every3, recommender=dataclasses.replace(every3.recommender, checkpoint_every=1))
+    assert run_recommender(again, "id", every3.layout.data, None) == stage
+    assert read_marker(stage)["finished"] == finished
+
+
 def test_knowledge_variant_trains_with_ddp_on_user_and_item_knowledge(ray_cluster, asset_home, tmp_path):
     import torch
 

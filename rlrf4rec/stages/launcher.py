@@ -8,6 +8,8 @@ resilience tests' kill switch (config `fault`; off in every shipped config). Kno
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import signal
 import time
@@ -39,8 +41,9 @@ def fit_on_ray(train_loop: Callable[[dict], None], loop_config: dict, fit: Fit) 
     from ray.train.torch import TorchTrainer
 
     per_worker = None if fit.use_gpu or fit.cpus_per_worker is None else {"CPU": fit.cpus_per_worker}
+    verbose = logging.getLogger().level <= logging.DEBUG  # the CLI's --verbose
     trainer = TorchTrainer(
-        train_loop,
+        train_loop if verbose else functools.partial(_without_ray_info, train_loop),
         train_loop_config={**loop_config, "fault_marker": str((fit.storage / FAULT_MARKER).resolve())},
         scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu, resources_per_worker=per_worker),
         run_config=RayRunConfig(
@@ -51,6 +54,22 @@ def fit_on_ray(train_loop: Callable[[dict], None], loop_config: dict, fit: Fit) 
         ),
     )
     return trainer.fit()
+
+
+class _RayInfo(logging.Filter):
+    """Drops Ray's own records below WARNING. Some of Ray Train's loggers are named after their file path (the
+    per-epoch "Reporting training result ..." dump), so they are told by where they log from, not by name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.pathname
+
+
+def _without_ray_info(train_loop: Callable[[dict], None], config: dict) -> None:
+    """A worker's train loop with Ray's INFO lines kept out of the console (they stay in Ray's session logs only
+    with --verbose); the stage's own lines (one per epoch or step) still reach the driver."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RayInfo())
+    train_loop(config)
 
 
 def worker_environment(config: dict) -> None:

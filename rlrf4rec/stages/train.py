@@ -177,6 +177,12 @@ def train_loop_per_worker(config: dict) -> None:
         wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
 
     def on_epoch(metrics: dict, fit_state: FitState, trainer) -> None:
+        last = fit_state.bad_epochs >= spec.patience or fit_state.epoch >= spec.max_epochs - 1
+        if not last and (fit_state.epoch + 1) % config["checkpoint_every"]:
+            # Not even a metrics-only report: each waits for Ray Train's controller to take the previous one, and it
+            # looks every 2 s. The epochs' metrics reach Ray with the next checkpoint's FitState history.
+            launcher.inject_fault(config, rank, world, fit_state.epoch, wait_s=3.0)
+            return
         with tempfile.TemporaryDirectory() as d:
             if engine is not None:  # every worker writes its optimizer partition; Ray merges the directories
                 engine.save_checkpoint(d, tag="zero")
@@ -255,6 +261,7 @@ def fit_on_ray(
         "deepspeed": rc.deepspeed,
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
         "fault_at": cfg.fault.recommender_epoch,
+        "checkpoint_every": rc.checkpoint_every,
     }
     fit = Fit(f"recommender-{variant}", storage, rc.num_workers, rc.use_gpu, rc.max_failures)
     result = launcher.fit_on_ray(train_loop_per_worker, loop_config, fit)
@@ -294,7 +301,8 @@ def run_recommender(
     for path in (knowledge_path, item_path):
         if path is not None:
             upstream.append(require_marker(path.parent, "encode")["fingerprint"])
-    fingerprint = f"{cfg.section_hash('recommender', 'knowledge', 'seed')}-{'-'.join(upstream)}"
+    sections = cfg.section_hash("recommender", "knowledge", "seed", ignore=("recommender.checkpoint_every",))
+    fingerprint = f"{sections}-{'-'.join(upstream)}"
     if not force and is_complete(stage_dir, fingerprint):
         log.info("recommender/%s: complete output matches the config; nothing to do", variant)
         return stage_dir
