@@ -371,3 +371,27 @@ def test_vllm_noise_is_dropped_unless_verbose(monkeypatch, caplog):
         loader.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
         worker.warning("KV cache space is too small")
     assert [r.getMessage() for r in caplog.records] == ["KV cache space is too small"]
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from rlrf4rec.core import engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert engines.resolve_dtype("auto")[0] == "bfloat16"
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # bf16 dot, no AMX
+    assert engines.resolve_dtype("auto") == ("float32", "auto: the CPU has no AMX bf16 units")
+    monkeypatch.setattr(engines, "_cpu_flags", set)  # no /proc/cpuinfo
+    assert engines.resolve_dtype("auto")[0] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert engines.resolve_dtype("auto")[0] == "float16"
+    for explicit in ("float32", "bfloat16", "float16"):
+        assert engines.resolve_dtype(explicit) == (explicit, "set in the config")
+    # This machine's own answer agrees with its flags.
+    monkeypatch.undo()
+    flags = engines._cpu_flags()
+    if not torch.cuda.is_available():
+        assert engines.resolve_dtype("auto")[0] == ("bfloat16" if "amx_bf16" in flags else "float32")

@@ -95,7 +95,7 @@ class DataConfig:
 
 
 ENGINES = ("vllm", "transformers")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,9 @@ class GenerateConfig:
     tensor_parallel_size: int = 1  # GPUs one replica's model is split across (vLLM only)
     num_gpus_per_replica: int = 0  # 0 on CPU; at least tensor_parallel_size on GPUs
     cpus_per_replica: int | None = None  # null: 1 beside a GPU; on CPU this machine's cores / concurrency
-    dtype: str = "float32"  # float32 reproduces on CPU; bfloat16 on GPUs
+    # float32 reproduces a seeded row whatever its batch-mates; bfloat16 is faster where the hardware has it (GPUs, CPUs
+    # with AMX) but a row then depends on its batch. auto: bfloat16 on such hardware, else float32 (engines.py).
+    dtype: str = "float32"
     enable_prefix_caching: bool = True  # the N samples of one user share their prompt
     enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
     max_model_len: int = 2048  # prompt + completion tokens per request
@@ -154,7 +156,7 @@ class GenerateConfig:
                 f"tensor_parallel_size={self.tensor_parallel_size} needs at least that many GPUs per replica",
             )
         if self.dtype not in DTYPES:
-            _fail("generate.dtype", self.dtype, f"choose one of {list(DTYPES)} (float32 on CPU, bfloat16 on GPUs)")
+            _fail("generate.dtype", self.dtype, f"choose one of {list(DTYPES)} (auto picks bfloat16 where the hardware has it)")
         if self.max_model_len <= self.max_new_tokens:
             _fail(
                 "generate.max_model_len",

@@ -33,6 +33,34 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Completion]: ...
 
 
+def resolve_dtype(dtype: str) -> tuple[str, str]:
+    """`generate.dtype` as this machine will run it, and why. "auto": bfloat16 on a GPU that has it (float16 on one
+    that does not) and on a CPU with AMX bf16 units (2.5x float32 measured on one, RESULTS.md); float32 on any other
+    CPU, where bfloat16 is emulated and about half float32's speed. Explicit dtypes pass through."""
+    if dtype != "auto":
+        return dtype, "set in the config"
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU has bf16"
+        return "float16", "auto: the GPU has no bf16"
+    if "amx_bf16" in _cpu_flags():
+        return "bfloat16", "auto: the CPU has AMX bf16 units"
+    return "float32", "auto: the CPU has no AMX bf16 units"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 class TransformersEngine:
     """Plain Hugging Face `generate`, batched with left padding, on the GPU when there is one.
 
@@ -50,7 +78,9 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, cfg.dtype)).to(self.device)
+        self.dtype, why = resolve_dtype(cfg.dtype)
+        log.info("transformers engine: %s (%s)", self.dtype, why)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, self.dtype)).to(self.device)
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -110,9 +140,11 @@ class VLLMEngine:
             log.info("vLLM CPU replica: %d threads", torch.get_num_threads())
         else:
             options["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.dtype, why = resolve_dtype(cfg.dtype)
+        log.info("vLLM engine: %s (%s)", self.dtype, why)
         self.llm = LLM(
             model=model,
-            dtype=cfg.dtype,
+            dtype=self.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,

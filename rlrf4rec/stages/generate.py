@@ -49,7 +49,7 @@ from rlrf4rec.core.artifacts import (
     write_parquet,
 )
 from rlrf4rec.core.config import GenerateConfig, RunConfig, dump_config
-from rlrf4rec.core.engines import ENGINE_CLASSES, Completion, Engine, chat_renderer
+from rlrf4rec.core.engines import ENGINE_CLASSES, Completion, Engine, chat_renderer, resolve_dtype
 from rlrf4rec.core.layout import (
     ERROR_SHARD,
     GENERATION_ERRORS,
@@ -434,6 +434,8 @@ def generate_requests(
         # Same texts, other request set (e.g. more users): the published rows count as done.
         shutil.copyfile(stage_dir / GENERATIONS, parts / PREVIOUS_SHARD)
     make_engine = make_engine or partial(ENGINE_CLASSES[g.engine], model_path, g)
+    if g.dtype == "auto":  # each replica resolves it on its own machine; say what this one would pick
+        log.info("generate.dtype auto: %s here (%s)", *resolve_dtype(g.dtype))
     if g.engine == "vllm":
         run_batches = partial(run_on_ray, make_engine=make_engine, cfg=g)
     else:
