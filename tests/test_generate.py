@@ -370,7 +370,11 @@ def test_vllm_noise_is_dropped_unless_verbose(monkeypatch, caplog):
         worker.warning("CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it.")
         loader.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
         worker.warning("KV cache space is too small")
-    assert [r.getMessage() for r in caplog.records] == ["KV cache space is too small"]
+        logging.getLogger("vllm.config.vllm").warning("Enforce eager set, disabling torch.compile and CUDAGraphs.")
+        logging.getLogger("vllm.engine.arg_utils").warning("The global random seed is set to %d. Since ...", 0)
+        logging.getLogger("vllm.platforms.cpu").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
+        logging.getLogger("vllm.platforms.cpu").warning("Out of memory in the KV cache")
+    assert [r.getMessage() for r in caplog.records] == ["KV cache space is too small", "Out of memory in the KV cache"]
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):

@@ -156,7 +156,7 @@ class GenerateConfig:
                 f"tensor_parallel_size={self.tensor_parallel_size} needs at least that many GPUs per replica",
             )
         if self.dtype not in DTYPES:
-            _fail("generate.dtype", self.dtype, f"choose one of {list(DTYPES)} (auto picks bfloat16 where the hardware has it)")
+            _fail("generate.dtype", self.dtype, f"choose one of {list(DTYPES)} (auto: bfloat16 where hardware has it)")
         if self.max_model_len <= self.max_new_tokens:
             _fail(
                 "generate.max_model_len",

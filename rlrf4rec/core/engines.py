@@ -174,32 +174,37 @@ class VLLMEngine:
 
 
 # vLLM warnings that describe intended behaviour here, not problems, by the logger that emits them: a float32
-# checkpoint loaded in bfloat16 (one line per tensor, 122 for SmolLM2) and the CPU worker keeping the thread count
-# the replica already set.
+# checkpoint loaded in bfloat16 (one line per tensor, 122 for SmolLM2), the CPU worker keeping the thread count the
+# replica already set, and the start-up notes on settings chosen on purpose (eager mode, no chunked prefill for
+# per-request seeds, per-request seeds over the global one, no Triton on CPU): about ten lines per engine start.
 VLLM_NOISE = {
-    "vllm.model_executor.models.utils": "Attempted to load weight",
-    "vllm.model_executor.model_loader.weight_utils": "Attempted to load weight",
-    "vllm.v1.worker.cpu_worker": "doesn't allow to use `torch.set_num_threads`",
+    "vllm.model_executor.models.utils": ("Attempted to load weight",),
+    "vllm.model_executor.model_loader.weight_utils": ("Attempted to load weight",),
+    "vllm.v1.worker.cpu_worker": ("doesn't allow to use `torch.set_num_threads`",),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.engine.arg_utils": ("The global random seed is set to", "does not officially support disabling chunked"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.utils.torch_utils": ("is set; leaving Torch threads",),
 }
 
 
 class _DropNoise(logging.Filter):
-    def __init__(self, text: str):
+    def __init__(self, texts: tuple[str, ...]):
         super().__init__()
-        self.text = text
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in str(record.msg)
+        return not any(text in str(record.msg) for text in self.texts)
 
 
 def _drop_vllm_noise() -> None:
     """Filter VLLM_NOISE out of vLLM's loggers, unless `--verbose` (VLLM_LOGGING_LEVEL=INFO or DEBUG)."""
     if os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper() not in ("WARNING", "ERROR", "CRITICAL"):
         return
-    for name, text in VLLM_NOISE.items():
+    for name, texts in VLLM_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):  # once, however many engines start
-            logger.addFilter(_DropNoise(text))
+            logger.addFilter(_DropNoise(texts))
 
 
 def _vllm_environment(cpu_replicas: int = 0) -> None:
