@@ -399,3 +399,24 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     flags = engines._cpu_flags()
     if not torch.cuda.is_available():
         assert engines.resolve_dtype("auto")[0] == ("bfloat16" if "amx_bf16" in flags else "float32")
+
+
+def test_auto_dtype_shares_rows_with_the_dtype_it_picks_on_cpu_replicas(monkeypatch):
+    """The work fingerprint (what a row's text depends on) keys "auto" on CPU replicas as the dtype it resolves to,
+    so switching a config between `auto` and that dtype keeps the generated rows; on GPU replicas it stays "auto"."""
+    import dataclasses
+
+    import torch
+
+    from rlrf4rec.core import engines
+    from rlrf4rec.core.config import GenerateConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = GenerateConfig(dtype="auto")
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"amx_bf16"})
+    assert G.fingerprint_dtype(cpu) == "bfloat16"
+    monkeypatch.setattr(engines, "_cpu_flags", set)
+    assert G.fingerprint_dtype(cpu) == "float32"
+    assert G.fingerprint_dtype(dataclasses.replace(cpu, dtype="bfloat16")) == "bfloat16"
+    gpu = GenerateConfig(dtype="auto", num_gpus_per_replica=1)
+    assert G.fingerprint_dtype(gpu) == "auto"

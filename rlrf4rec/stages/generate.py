@@ -343,6 +343,13 @@ def consolidate(parts: Path, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
 # --------------------------------------------------------------------------------------------------- the stage
 
 
+def fingerprint_dtype(g: GenerateConfig) -> str:
+    """The dtype a text depends on. "auto" on CPU replicas is resolved here, assuming the replicas' machines are of
+    this one's kind (a local or CPU cluster), so `auto` and the dtype it picks share their rows; GPU replicas resolve
+    it on a machine the driver may not resemble, and stay keyed as "auto"."""
+    return resolve_dtype(g.dtype)[0] if g.num_gpus_per_replica == 0 else g.dtype
+
+
 def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_version: str) -> tuple[str, str]:
     """(work, stage): what one row's text depends on, and that plus which requests the stage holds."""
     g = cfg.generate
@@ -358,7 +365,8 @@ def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_versi
             "policy_version": policy_version,
             "seed": cfg.seed,
             "data": data_fingerprint,
-            **{k: getattr(g, k) for k in ("engine", "temperature", "top_p", "max_new_tokens", "dtype", "domain")},
+            **{k: getattr(g, k) for k in ("engine", "temperature", "top_p", "max_new_tokens", "domain")},
+            "dtype": fingerprint_dtype(g),
             **({"prompt_history": g.prompt_history} if g.prompt_history is not None else {}),
         }
     )
@@ -492,7 +500,8 @@ def run_item_generate(cfg: RunConfig, *, make_engine: Callable[[], Engine] | Non
             "model": cfg.models.llm,
             "model_fingerprint": model_identity(model_path),
             "prompts": prompts,
-            **{k: getattr(greedy, k) for k in ("engine", "max_new_tokens", "dtype")},
+            **{k: getattr(greedy, k) for k in ("engine", "max_new_tokens")},
+            "dtype": fingerprint_dtype(greedy),
         }
     )
     stage_fp = f"{work_fp}-{requests.num_rows}"
