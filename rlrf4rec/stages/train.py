@@ -1,4 +1,5 @@
-"""The recommender stage on Ray Train: `recommender.fit` in TorchTrainer workers, checkpointed every epoch.
+"""The recommender stage on Ray Train: `recommender.fit` in TorchTrainer workers, checkpointed every
+`recommender.checkpoint_every` epochs.
 
 Consumes the data stage's tables and, for a knowledge-augmented variant, a user knowledge Parquet file; produces
 `<run>/recommender/<variant>/` with the selected weights (`model.pt`), valid metrics and the per-epoch
@@ -144,7 +145,8 @@ def zero_config(stage: str, batch_size: int, world: int, num_params: int) -> dic
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
+    """Runs in each Ray Train worker: resume from the last checkpoint if any, train, report with a checkpoint every
+    `checkpoint_every` epochs and after the last."""
     import ray.train
     import ray.train.torch
 
