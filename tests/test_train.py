@@ -169,3 +169,31 @@ def test_other_backbones_train_under_ray_train(ray_cluster, tmp_path, backbone):
             return [{k: v for k, v in h.items() if "seconds" not in k} for h in history]
 
         assert untimed(repeat) == untimed(stage)  # exactly: every loss and metric of every epoch
+
+
+def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_own(tmp_path):
+    """The filter a worker's train loop runs under without --verbose: Ray's records below WARNING are dropped, by the
+    file they come from (Ray Train's per-report logger is named after its path); Ray's warnings and the stage's own
+    lines pass."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as ray_context
+
+    from rlrf4rec.stages import launcher
+
+    def record(pathname: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(pathname, level, pathname, 1, "message", None, None)
+
+    keep = launcher._RayInfo()
+    assert not keep.filter(record(ray_context.__file__, logging.INFO))
+    assert keep.filter(record(ray_context.__file__, logging.WARNING))
+    assert keep.filter(record(launcher.__file__, logging.INFO))
+    # Installed on the root logger's handlers before the loop runs.
+    handler = logging.StreamHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        seen = []
+        launcher._without_ray_info(lambda config: seen.append([type(f) for f in handler.filters]), {})
+        assert seen == [[launcher._RayInfo]]
+    finally:
+        logging.getLogger().removeHandler(handler)
