@@ -65,7 +65,7 @@ class _RayInfo(logging.Filter):
 
 
 def _without_ray_info(train_loop: Callable[[dict], None], config: dict) -> None:
-    """A worker's train loop with Ray's INFO lines kept out of the console (they stay in Ray's session logs only
+    """A worker's train loop with Ray's own INFO lines dropped (the console and the worker's log file get them again
     with --verbose); the stage's own lines (one per epoch or step) still reach the driver."""
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RayInfo())
