@@ -68,18 +68,20 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
 
 
 def test_sparse_checkpoints_replay_to_the_same_model_and_keep_the_fingerprint(ray_cluster, tmp_path):
-    """checkpoint_every=3 over 6 epochs, a worker killed after epoch 4: the group restarts from epoch 2's checkpoint,
-    replays 3-5 and ends where an uninterrupted run that checkpoints every epoch ends; the setting is not part of the
-    stage's fingerprint (a re-run with another cadence trains nothing)."""
-    every3 = _with_fault(_cfg(tmp_path / "a", max_epochs=6, checkpoint_every=3), epoch=4)
+    """checkpoint_every=3 over 7 epochs, a worker killed after epoch 4: the group restarts from epoch 2's checkpoint,
+    replays 3-6 (epoch 6, the last, is no multiple of 3 and still checkpoints) and ends where an uninterrupted run
+    that checkpoints every epoch ends; the setting is not part of the stage's fingerprint (a re-run with another
+    cadence trains nothing)."""
+    every3 = _with_fault(_cfg(tmp_path / "a", max_epochs=7, checkpoint_every=3), epoch=4)
     stage = run_recommender(every3, "id", run_data(every3), None)
     assert _fault_markers(every3)
     assert read_marker(stage)["stats"]["resumed_after"] == [2]
-    every1 = _cfg(tmp_path / "b", max_epochs=6, checkpoint_every=1)
+    every1 = _cfg(tmp_path / "b", max_epochs=7, checkpoint_every=1)
     reference = run_recommender(every1, "id", run_data(every1), None)
     assert read_marker(reference)["stats"]["resumed_after"] == []
     sparse, dense = (json.loads((d / "history.json").read_text()) for d in (stage, reference))
-    assert [h["epoch"] for h in sparse] == list(range(6))
+    assert [h["epoch"] for h in sparse] == list(range(7))
+    assert read_marker(stage)["stats"]["epochs_run"] == 7
     for key in ("train/loss", "valid/ndcg@5", "valid/map@5"):
         assert [h[key] for h in sparse] == pytest.approx([h[key] for h in dense], rel=1e-6, abs=1e-9)
     finished = read_marker(stage)["finished"]
@@ -188,6 +190,9 @@ def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_
     assert not keep.filter(record(ray_context.__file__, logging.INFO))
     assert keep.filter(record(ray_context.__file__, logging.WARNING))
     assert keep.filter(record(launcher.__file__, logging.INFO))
+    # `ray job submit --working-dir .` unpacks the project under Ray's session directory: still the stage's own.
+    unpacked = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1/rlrf4rec/core/recommender.py"
+    assert keep.filter(record(unpacked, logging.INFO))
     # Installed on the root logger's handlers before the loop runs.
     handler = logging.StreamHandler()
     logging.getLogger().addHandler(handler)

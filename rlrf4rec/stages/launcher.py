@@ -58,10 +58,17 @@ def fit_on_ray(train_loop: Callable[[dict], None], loop_config: dict, fit: Fit) 
 
 class _RayInfo(logging.Filter):
     """Drops Ray's own records below WARNING. Some of Ray Train's loggers are named after their file path (the
-    per-epoch "Reporting training result ..." dump), so they are told by where they log from, not by name."""
+    per-epoch "Reporting training result ..." dump), so they are told by where they log from: Ray's package
+    directory (not any path with a "ray" folder: a job's working directory is unpacked under /tmp/ray/...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ray
+
+        self.ray_package = os.path.dirname(os.path.abspath(ray.__file__)) + os.sep
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.pathname
+        return record.levelno >= logging.WARNING or not os.path.abspath(record.pathname).startswith(self.ray_package)
 
 
 def _without_ray_info(train_loop: Callable[[dict], None], config: dict) -> None:
