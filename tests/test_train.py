@@ -202,3 +202,37 @@ def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_
         assert seen == [[launcher._RayInfo]]
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+def test_printing_into_a_redirected_stdout_stays_there_in_a_quiet_worker(ray_cluster, tmp_path):
+    """Ray Train's own print also logs what is printed into a redirected stdout; dill's disassembly for datasets'
+    fingerprints (TRL's DPO set-up) filled the console with bytecode that way. A quiet worker captures it only."""
+    import logging
+
+    from rlrf4rec.stages import launcher
+
+    def loop(config):
+        import contextlib
+        import io
+        import logging
+
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+
+        logging.getLogger().addHandler(Keep())
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            print("disassembly goes here")
+        if buffer.getvalue() != "disassembly goes here\n" or any("disassembly" in r for r in records):
+            raise AssertionError(f"captured {buffer.getvalue()!r}, logged {records}")
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # not --verbose
+    try:
+        launcher.fit_on_ray(loop, {}, launcher.Fit("print", tmp_path / "storage", 1, False, 0))
+    finally:
+        root.setLevel(level)
