@@ -193,15 +193,16 @@ def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_
     # `ray job submit --working-dir .` unpacks the project under Ray's session directory: still the stage's own.
     unpacked = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1/rlrf4rec/core/recommender.py"
     assert keep.filter(record(unpacked, logging.INFO))
-    # Installed on the root logger's handlers before the loop runs.
-    handler = logging.StreamHandler()
-    logging.getLogger().addHandler(handler)
+    # Installed on the root logger's handlers before the loop runs (here on a handler of the test's own, in place of
+    # pytest's, which must not keep the filter).
+    root, handler = logging.getLogger(), logging.StreamHandler()
+    saved, root.handlers = root.handlers[:], [handler]
     try:
         seen = []
         launcher._without_ray_info(lambda config: seen.append([type(f) for f in handler.filters]), {})
         assert seen == [[launcher._RayInfo]]
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.handlers = saved
 
 
 def test_printing_into_a_redirected_stdout_stays_there_in_a_quiet_worker(ray_cluster, tmp_path):
