@@ -476,6 +476,11 @@ class FitState:
     resumed_after: list | None = None  # the last finished epoch at each restart from a checkpoint
 
 
+def stops_after(state: FitState, spec: ModelSpec) -> bool:
+    """Whether `fit` ends after the epoch `state` last recorded: patience spent, or the last epoch done."""
+    return state.bad_epochs >= spec.patience or state.epoch >= spec.max_epochs - 1
+
+
 def rng_states() -> dict:
     """This process's random state (dropout's stream), to be saved with a checkpoint and passed back to `fit`."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -571,7 +576,7 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(metrics, state, engine if engine is not None else optimizer)
-        if state.bad_epochs >= spec.patience:
+        if stops_after(state, spec):
             break
     return state
 

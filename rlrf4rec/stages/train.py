@@ -45,6 +45,7 @@ from rlrf4rec.core.recommender import (
     rng_states,
     save_checkpoint,
     standardize_adaptor,
+    stops_after,
 )
 from rlrf4rec.stages import launcher
 from rlrf4rec.stages.encode import user_vectors, vectors_of
@@ -179,8 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
         wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
 
     def on_epoch(metrics: dict, fit_state: FitState, trainer) -> None:
-        last = fit_state.bad_epochs >= spec.patience or fit_state.epoch >= spec.max_epochs - 1
-        if not last and (fit_state.epoch + 1) % config["checkpoint_every"]:
+        if not stops_after(fit_state, spec) and (fit_state.epoch + 1) % config["checkpoint_every"]:
             # Not even a metrics-only report: each waits for Ray Train's controller to take the previous one, and it
             # looks every 2 s. The epochs' metrics reach Ray with the next checkpoint's FitState history.
             launcher.inject_fault(config, rank, world, fit_state.epoch, wait_s=3.0)
