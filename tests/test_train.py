@@ -199,7 +199,7 @@ def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_
     saved, root.handlers = root.handlers[:], [handler]
     try:
         seen = []
-        launcher._without_ray_info(lambda config: seen.append([type(f) for f in handler.filters]), {})
+        launcher._worker_entry(lambda config: seen.append([type(f) for f in handler.filters]), True, {})
         assert seen == [[launcher._RayInfo]]
     finally:
         root.handlers = saved

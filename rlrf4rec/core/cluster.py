@@ -146,12 +146,18 @@ def ray_session(needed: bool = True) -> Iterator[None]:
         # With the dashboard (on loopback only): without it Ray Train's placement-group cleaner cannot query actor state
         # and logs a warning every few seconds of every fit (22 lines in a 50 s fit, none with it; start-up +2 s).
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-    if logging.getLogger().level > logging.DEBUG:
+    if not verbose():
         quiet_ray()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def verbose() -> bool:
+    """The CLI's `--verbose`, which sets the root logger to DEBUG (a root left unset, as in a library call, counts as
+    verbose: nothing is hidden from a caller that configured no logging)."""
+    return logging.getLogger().level <= logging.DEBUG
 
 
 def quiet_ray() -> None:

@@ -1,7 +1,8 @@
 """Training on Ray Train, one way for every stage that trains (the recommender, DPO).
 
 `fit_on_ray` sets up the TorchTrainer (workers, GPUs or CPUs per worker, storage under `<run>/ray_train/`, the failure
-budget, the last two checkpoints kept); inside a worker, `worker_environment` points DeepSpeed's JIT op cache at the
+budget, the last two checkpoints kept, every worker's loop under Python's own print and, unless --verbose, without
+Ray's INFO lines); inside a worker, `worker_environment` points DeepSpeed's JIT op cache at the
 machine's shared one, `adopt_process_group` hands Ray's torch process group to DeepSpeed, and `inject_fault` is the
 resilience tests' kill switch (config `fault`; off in every shipped config). Knows nothing about what is trained.
 """
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rlrf4rec.core.cluster import verbose
 
 FAULT_MARKER = "fault_injected"  # in the fit's storage: the one kill happened (a restarted worker must not repeat it)
 
@@ -42,9 +45,8 @@ def fit_on_ray(train_loop: Callable[[dict], None], loop_config: dict, fit: Fit) 
     from ray.train.torch import TorchTrainer
 
     per_worker = None if fit.use_gpu or fit.cpus_per_worker is None else {"CPU": fit.cpus_per_worker}
-    verbose = logging.getLogger().level <= logging.DEBUG  # the CLI's --verbose
     trainer = TorchTrainer(
-        train_loop if verbose else functools.partial(_without_ray_info, train_loop),
+        functools.partial(_worker_entry, train_loop, not verbose()),
         train_loop_config={**loop_config, "fault_marker": str((fit.storage / FAULT_MARKER).resolve())},
         scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu, resources_per_worker=per_worker),
         run_config=RayRunConfig(
@@ -72,22 +74,23 @@ class _RayInfo(logging.Filter):
         return record.levelno >= logging.WARNING or not os.path.abspath(record.pathname).startswith(self.ray_package)
 
 
-def _without_ray_info(train_loop: Callable[[dict], None], config: dict) -> None:
-    """A worker's train loop with Ray's own INFO lines dropped (the console and the worker's log file get them again
-    with --verbose); the stage's own lines (one per epoch or step) still reach the driver.
+def _worker_entry(train_loop: Callable[[dict], None], quiet: bool, config: dict) -> None:
+    """A worker's train loop under Python's own `print`, and when `quiet` (no --verbose) without Ray's own INFO lines
+    (the stage's own lines, one per epoch or step, still reach the driver).
 
-    Also with Python's own `print`: Ray Train's replacement logs whatever is printed while stdout is redirected, so
-    output a library captures on purpose reached the console. dill finds a function's globals by disassembling it
-    into a captured stdout, and `datasets` runs that for the fingerprint of every `map` in TRL's DPO set-up: about
-    4,800 lines of bytecode per 2-round CPU run."""
+    Ray Train's replacement `print` also logs whatever is printed while stdout is redirected, so output a library
+    captures on purpose reached the console: dill finds a function's globals by disassembling it into a captured
+    stdout, and `datasets` runs that for the fingerprint of every `map` in TRL's DPO set-up, about 4,800 lines of
+    bytecode per 2-round CPU run."""
     try:
         from ray.train.v2._internal.logging.patch_print import _original_print
     except ImportError:  # another Ray: its print is left as it is
         pass
     else:
         builtins.print = _original_print
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RayInfo())
+    if quiet:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_RayInfo())
     train_loop(config)
 
 
