@@ -140,4 +140,6 @@ def test_precomputed_reference_and_shared_prompt_keep_trls_loss(tiny_policy, tmp
         assert loss == pytest.approx(stock[0], rel=1e-5), switches
         assert margin == pytest.approx(stock[2], rel=1e-4, abs=1e-6), switches
         for got, want in zip(grads, stock[1], strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+            # float32 summation order differs between the paths (and between CPUs): an element near zero may move by
+            # a few ulps of the tensor's largest entry, never by a share of it as a wrong mask or reference would
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
