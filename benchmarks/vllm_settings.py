@@ -79,6 +79,7 @@ def all_settings() -> list[Setting]:
             "bind_mp", "threads bound to all cores, none reserved, engine-core process", env={**bound, MULTIPROC: "1"}
         ),
         Setting("new", "as bind_mp, engine in this process (new defaults)", env=new),
+        Setting("fp32", "new, float32", env=new, dtype="float32"),
         Setting("bf16", "new, bfloat16", env=new, dtype="bfloat16"),
         Setting("no_prefix_cache", "new, prefix caching off", env=new, prefix_caching=False),
         Setting("n_per_prompt", "new, SamplingParams(n=N), one request per prompt", env=new, n_per_prompt=True),
@@ -96,6 +97,7 @@ def all_settings() -> list[Setting]:
             "ray_passive", "ray, OMP_WAIT_POLICY=PASSIVE in the cluster's processes", kind="ray", env={WAIT: "PASSIVE"}
         ),
         Setting("hf", f"vs HF generate: TransformersEngine, {os.cpu_count()} torch threads", kind="hf"),
+        Setting("hf_bf16", "hf, bfloat16", kind="hf", dtype="bfloat16"),
     ]
 
 
@@ -110,7 +112,7 @@ class BareEngine:
         prefix_caching = cfg.enable_prefix_caching if setting.prefix_caching is None else setting.prefix_caching
         self.llm = LLM(
             model=model,
-            dtype=setting.dtype or cfg.dtype,
+            dtype=E.resolve_dtype(setting.dtype or cfg.dtype)[0],  # "auto" as the project reads it, not vLLM's
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=prefix_caching,
             enforce_eager=cfg.enforce_eager,
@@ -184,11 +186,10 @@ def run_one(spec: dict) -> None:
     out_path = Path(work["out"])
     timings = out_path.with_suffix(".jsonl")
     model, checks = work["model"], {}
+    if setting.dtype:
+        cfg = dataclasses.replace(cfg, dtype=setting.dtype)
     if setting.kind == "ray":
         import ray
-
-        if setting.dtype:
-            cfg = dataclasses.replace(cfg, dtype=setting.dtype)
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         started = time.perf_counter()
@@ -381,7 +382,8 @@ def report(
         f"- Work: {cfg.max_users} train users x N={cfg.num_samples} = {rows} requests, prompts {prompt_tokens} tokens "
         f"on average (last {history_items} history entries), temperature {cfg.temperature}, top-p {cfg.top_p}, "
         f"{cfg.max_new_tokens} new tokens max, {cfg.batch_size} requests per engine call; SmolLM2-135M-Instruct, "
-        f"{cfg.dtype} unless named, enforce_eager {cfg.enforce_eager}, max_model_len {cfg.max_model_len}, chunked "
+        f"{cfg.dtype} ({E.resolve_dtype(cfg.dtype)[0]} on this machine) unless named, enforce_eager "
+        f"{cfg.enforce_eager}, max_model_len {cfg.max_model_len}, chunked "
         f"prefill off, prefix caching {cfg.enable_prefix_caching} unless named, VLLM_CPU_KVCACHE_SPACE "
         "from rlrf4rec.core.engines._vllm_environment. Each row is a fresh process; tokens/s counts completion tokens "
         "over the time inside generate (engine load excluded).",

@@ -386,7 +386,9 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     assert engines.resolve_dtype("auto")[0] == "bfloat16"
     monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # bf16 dot, no AMX
-    assert engines.resolve_dtype("auto") == ("float32", "auto: the CPU has no AMX bf16 units")
+    assert engines.resolve_dtype("auto") == ("bfloat16", "auto: the CPU has AVX512_BF16 instructions")
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # bf16 emulated
+    assert engines.resolve_dtype("auto")[0] == "float32"
     monkeypatch.setattr(engines, "cpu_flags", set)  # no /proc/cpuinfo
     assert engines.resolve_dtype("auto")[0] == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -113,7 +113,7 @@ class GenerateConfig:
     num_gpus_per_replica: int = 0  # 0 on CPU; at least tensor_parallel_size on GPUs
     cpus_per_replica: int | None = None  # null: 1 beside a GPU; on CPU this machine's cores / concurrency
     # float32 reproduces a seeded row whatever its batch-mates; bfloat16 is faster where the hardware has it (GPUs, CPUs
-    # with AMX) but a row then depends on its batch. auto: bfloat16 on such hardware, else float32 (engines.py).
+    # with AMX or AVX512_BF16) but a row then depends on its batch. auto: bfloat16 on such hardware, else float32.
     dtype: str = "float32"
     enable_prefix_caching: bool = True  # the N samples of one user share their prompt
     enforce_eager: bool = True  # no graph capture: start-up 13-20 s instead of 60-80 s on CPU, same throughput
