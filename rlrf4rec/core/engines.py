@@ -154,6 +154,7 @@ class VLLMEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
+            use_tqdm_on_load=False,  # a progress bar per engine start on every replica's stderr; the log says enough
             **options,
         )
         self.tokenizer = self.llm.get_tokenizer()

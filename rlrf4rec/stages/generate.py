@@ -347,9 +347,9 @@ def fingerprint_dtype(g: GenerateConfig) -> str:
     """The dtype a text depends on. "auto" on CPU replicas is resolved here, assuming the replicas' machines are of
     this one's kind (a local or CPU cluster), so `auto` and the dtype it picks share their rows; GPU replicas resolve
     it on a machine the driver may not resemble, and stay keyed as "auto". A cluster mixing machines with and
-    without native bf16 (or GPUs with and without bf16) under "auto" files rows of either dtype under one key: each is still
-    a seeded sample of the same policy, but not the sample the other dtype would give; set the dtype explicitly
-    there."""
+    without native bf16 (or GPUs with and without bf16) under "auto" files rows of either dtype under one key: each
+    is still a seeded sample of the same policy, but not the sample the other dtype would give; set the dtype
+    explicitly there."""
     return resolve_dtype(g.dtype)[0] if g.num_gpus_per_replica == 0 else g.dtype
 
 
