@@ -112,7 +112,7 @@ class BareEngine:
         prefix_caching = cfg.enable_prefix_caching if setting.prefix_caching is None else setting.prefix_caching
         self.llm = LLM(
             model=model,
-            dtype=E.resolve_dtype(setting.dtype or cfg.dtype)[0],  # "auto" as the project reads it, not vLLM's
+            dtype=E.resolve_dtype(cfg.dtype)[0],  # the row's dtype (run_one set it); "auto" as the project reads it
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=prefix_caching,
             enforce_eager=cfg.enforce_eager,

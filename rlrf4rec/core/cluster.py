@@ -155,8 +155,8 @@ def ray_session(needed: bool = True) -> Iterator[None]:
 
 
 def verbose() -> bool:
-    """The CLI's `--verbose`, which sets the root logger to DEBUG (a root left unset, as in a library call, counts as
-    verbose: nothing is hidden from a caller that configured no logging)."""
+    """The CLI's `--verbose`, which sets the root logger to DEBUG; any higher root level, Python's default WARNING
+    included (a library caller that configured no logging), is quiet."""
     return logging.getLogger().level <= logging.DEBUG
 
 
