@@ -134,12 +134,12 @@ def _generate_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
 
 
 def _reward_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
-    from rlrf4rec.stages.reward import run_reward
+    from rlrf4rec.stages.reward import reward_scorer, run_reward
 
     layout = cfg.layout
     generations = args.generations or layout.generate
     recommender = args.recommender or layout.recommender("base")
-    return [run_reward(cfg, generations, recommender, layout.rewards(args.name))]
+    return [run_reward(cfg, generations, reward_scorer(cfg, recommender), layout.rewards(args.name))]
 
 
 def _pairs_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:

@@ -406,8 +406,9 @@ def test_pairwise_log_likelihood_by_hand():
 
 
 def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tmp_path, asset_home):
-    """`controls --reliability` on tiny synthetic data, 4 seeds: the configured NDCG reward and the smooth pairwise one
-    read from the same models, in-sample and cross-fitted, and two 2-seed ensembles compared."""
+    """`controls --reliability` on tiny synthetic data, 6 seeds: the configured NDCG reward and the smooth pairwise one
+    read from the same models, in-sample and cross-fitted (the config's folds), and ensembles of 2 and 3 seeds
+    compared, each beside its Spearman-Brown prediction from one pair of seeds."""
     import json
 
     from rlrf4rec.cli import main
@@ -436,13 +437,21 @@ def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tm
     gen_dir = tmp_path / "run/generate"
     with stage_output(gen_dir, "hand-written", "") as (tmp, _):
         write_parquet(pa.Table.from_pylist(rows, schema=S.GENERATIONS), tmp / "generations.parquet", S.GENERATIONS)
-    assert main(["controls", *common, f"--reliability={gen_dir}", "--seeds=4", "--name=r"]) == 0
+    reliability = [f"--reliability={gen_dir}", "--seeds=6", "--name=r"]
+    assert main(["controls", *common, "--reward.cross_fit_folds=3", *reliability]) == 0
     result = json.loads((tmp_path / "run/controls/reliability-r/reliability.json").read_text())
     assert result["train_users"] == 8 and result["texts"] == 32
     assert set(result["metrics"]) == {"ndcg@5", "pairwise"}
     assert result["in_sample"] == result["metrics"]["ndcg@5"]["in_sample"]  # the configured reward up front
     for ways in result["metrics"].values():
-        assert set(ways) == {"in_sample", "cross_fit", "in_sample_ensemble2", "cross_fit_ensemble2"}
+        ensembles = {f"{way}_ensemble{k}" for way in ("in_sample", "cross_fit") for k in (2, 3)}
+        assert set(ways) == {"in_sample", "cross_fit", *ensembles}
+        assert ways["cross_fit"]["folds"] == 3
+        for way in ("in_sample", "cross_fit"):
+            r = ways[way]["spearman_mean"]
+            for k in (2, 3):
+                if r is not None:
+                    assert ways[f"{way}_ensemble{k}"]["spearman_brown"] == pytest.approx(k * r / (1 + (k - 1) * r))
         for stats in ways.values():
             assert 0.0 <= stats["tied_share"] <= 1.0
             assert stats["spearman_mean"] is None or -1.0 <= stats["spearman_mean"] <= 1.0

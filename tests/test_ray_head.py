@@ -16,6 +16,8 @@ import yaml
 from raytools import BIN, free_port, head_command, stop_group, wait
 from synthetic import write_dataset
 
+from rlrf4rec.core.artifacts import read_marker
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +63,7 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
     config["encode"].update(max_length=64)
     config["recommender"].update(max_epochs=2, num_workers=1)
-    config["reward"].update(min_margin=0.0)
+    config["reward"].update(min_margin=0.0, ensemble=2)  # every reward the mean of two seeds' recommenders
     config["loop"].update(rounds=1, train_users=12, eval_users=4, bootstrap_samples=100)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -100,6 +102,17 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-6000:]
     manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
+    # reward.ensemble = 2: the base recommender and each cross-fitted fold's come with a sibling trained on seed + 1
+    round0 = manifest["rounds"][0]
+    assert [Path(d).name for d in round0["reward_models"]] == ["base", "base-seed1"]
+    assert [[Path(d).name for d in fold] for fold in round0["reward_folds"]] == [
+        ["base-fold0", "base-fold0-seed1"],
+        ["base-fold1", "base-fold1-seed1"],
+    ]
+    base, sibling = (yaml.safe_load((Path(d) / "config.yaml").read_text()) for d in round0["reward_models"])
+    assert sibling["seed"] == base["seed"] + 1
+    for step in ("reward-train", "reward-valid"):
+        assert read_marker(run_dir / "rounds" / "round0" / step)["stats"]["ensemble"] == 2
     # knowledge.user = llm: the base recommender and round 1's train on one policy text per train and valid user
     sequences = pq.read_table(run_dir / "data" / "sequences.parquet").to_pylist()
     trained_on = {r["user_id"] for r in sequences if r["split"] in ("train", "valid")}

@@ -9,7 +9,7 @@ from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.recommender import ModelSpec, RerankTask, fit, save_checkpoint
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.reward import RewardModel, rewards_table
+from rlrf4rec.stages.reward import RewardEnsemble, RewardModel, rewards_table
 from rlrf4rec.stages.train import knowledge_matrix
 
 SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
@@ -71,6 +71,26 @@ def test_unknown_user_and_id_only_model_are_refused(reward_model, tmp_path):
     save_checkpoint(tmp_path, id_model.state_dict(), task.spec, None)
     with pytest.raises(ValueError, match="ID-only recommender"):
         RewardModel.load(tmp_path, data_dir)
+
+
+def test_an_ensembles_reward_is_the_mean_of_its_seeds(reward_model, tmp_path):
+    """reward.ensemble: the same recommender trained with another seed scores differently; the ensemble's reward is
+    the members' mean, row by row."""
+    rm, tastes, root, data_dir = reward_model
+    knowledge = knowledge_matrix(root / "knowledge.parquet", rm.task.users)
+    torch.manual_seed(1)
+    state = fit(rm.task, rm.task.build_model(knowledge.shape[1]), knowledge, seed=1)
+    save_checkpoint(tmp_path, state.best_model, SPEC, knowledge)
+    users = sorted(set(rm.task.list_users["train"]))[:60]
+    vectors = np.random.default_rng(1).normal(size=(len(users), 8)).astype(np.float32)
+    first, second = rm.score(users, vectors), RewardModel.load(tmp_path, data_dir).score(users, vectors)
+    assert not np.allclose(first, second)  # two seeds, two reward models
+    both = RewardEnsemble.load([root, tmp_path], data_dir)
+    np.testing.assert_allclose(both.score(users, vectors), (first + second) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(RewardEnsemble.load([root], data_dir).score(users, vectors), first)
+    assert both.by_user.keys() == rm.by_user.keys()
+    with pytest.raises(ValueError, match="at least one recommender"):
+        RewardEnsemble([])
 
 
 def test_rewards_table_keeps_the_generation_keys():

@@ -406,6 +406,10 @@ class RewardConfig:
     # split into this many folds and fold k's by a recommender trained without fold k (valid users: the recommender
     # itself, which never trains on them). 0: the recommender itself for everyone, in-sample.
     cross_fit_folds: int = 2
+    # Reward models per scorer (the recommender and each fold's): the same variant trained with seeds seed ..
+    # seed + K - 1, a text's reward their mean. Seed noise in the order of a user's texts shrinks as Spearman-Brown
+    # says (`rlrf4rec controls --reliability` measures it); each extra seed is (1 + cross_fit_folds) more fits a round.
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
@@ -420,6 +424,8 @@ class RewardConfig:
             _fail("reward.concurrency/batch_size", (self.concurrency, self.batch_size), "use positive integers")
         if not 0 <= self.cross_fit_folds <= 16:
             _fail("reward.cross_fit_folds", self.cross_fit_folds, "use 0 (in-sample) or 1-16 folds")
+        if not 1 <= self.ensemble <= 16:
+            _fail("reward.ensemble", self.ensemble, "use 1 (one recommender) to 16 seeds per reward model")
 
 
 @dataclass(frozen=True)

@@ -530,11 +530,14 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     def ways(m: str) -> dict:
         result = {"in_sample": _order_stats(in_sample[m], by_user, first)}
         result["cross_fit"] = {**_order_stats(cross_fit[m], by_user, first), "folds": folds}
-        if seeds >= 4:  # two ensembles of seeds // 2 models each: does averaging seeds make the order reproducible?
-            half = seeds // 2
-            for way, per_seed in (("in_sample", in_sample[m]), ("cross_fit", cross_fit[m])):
-                pair = [np.mean(per_seed[:half], axis=0), np.mean(per_seed[half : 2 * half], axis=0)]
-                result[f"{way}_ensemble{half}"] = _order_stats(pair, by_user, first)
+        # Ensembles of k = 2 .. seeds // 2 models (seeds 0..k-1 against k..2k-1): does averaging seeds make the
+        # order reproducible, and as much as Spearman-Brown predicts from one pair of seeds (independent noise)?
+        for way, per_seed in (("in_sample", in_sample[m]), ("cross_fit", cross_fit[m])):
+            single = result[way]["spearman_mean"]
+            for k in range(2, seeds // 2 + 1):
+                pair = [np.mean(per_seed[:k], axis=0), np.mean(per_seed[k : 2 * k], axis=0)]
+                predicted = None if single is None else k * single / (1 + (k - 1) * single)
+                result[f"{way}_ensemble{k}"] = {**_order_stats(pair, by_user, first), "spearman_brown": predicted}
         return result
 
     by_metric = {m: ways(m) for m in metrics}
@@ -556,7 +559,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
 def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int = 2, name: str = "main") -> Path:
     """`reward_reliability` written to `<run>/controls/reliability-<name>/` (stats in the marker)."""
     gen_marker = require_marker(generations_dir, "generate")
-    result = reward_reliability(cfg, generations_dir, seeds)
+    result = reward_reliability(cfg, generations_dir, seeds, folds=cfg.reward.cross_fit_folds or 2)
     fingerprint = f"{cfg.section_hash('knowledge', 'recommender', 'reward', 'seed')}-{gen_marker['fingerprint']}"
     stage_dir = cfg.layout.controls(f"reliability-{name}")
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):

@@ -29,7 +29,7 @@ from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import pairs_file
 from rlrf4rec.stages.encode import write_policy_knowledge
 from rlrf4rec.stages.pairs import run_pairs
-from rlrf4rec.stages.reward import compare_policies, reward_folds, run_reward
+from rlrf4rec.stages.reward import compare_policies, reward_folds, reward_scorer, run_reward
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def run_loop(cfg: RunConfig) -> Path:
         policy_path = assets.resolve(policy, home)
         gen_train = generate("train", cfg.loop.train_users, policy_path, version)
         gen_valid = generate("valid", cfg.loop.eval_users, policy_path, version)
-        folds = reward_folds(cfg, recommender_dir)
-        rew_train = run_reward(cfg, gen_train, recommender_dir, layout.round_step(t, "reward-train"), folds)
-        rew_valid = run_reward(cfg, gen_valid, recommender_dir, layout.round_step(t, "reward-valid"))
+        scorer, folds = reward_scorer(cfg, recommender_dir), reward_folds(cfg, recommender_dir)
+        rew_train = run_reward(cfg, gen_train, scorer, layout.round_step(t, "reward-train"), folds)
+        rew_valid = run_reward(cfg, gen_valid, scorer, layout.round_step(t, "reward-valid"))
         pairs_dir = run_pairs(
             cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], layout.round_step(t, "pairs"), version, t
         )
@@ -88,7 +88,7 @@ def run_loop(cfg: RunConfig) -> Path:
         )
         new_policy = str(layout.policy(dpo_dir.name))
         gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
-        rew_tuned = run_reward(cfg, gen_tuned, recommender_dir, layout.round_step(t, "reward-valid-tuned"))
+        rew_tuned = run_reward(cfg, gen_tuned, scorer, layout.round_step(t, "reward-valid-tuned"))
         comparison = compare_policies(rew_valid, rew_tuned, cfg.loop.bootstrap_samples, cfg.seed)
         log.info(
             "round %d: valid reward %.4f -> %.4f (gain %.4f, 95%% CI [%.4f, %.4f])",
@@ -110,7 +110,8 @@ def run_loop(cfg: RunConfig) -> Path:
                 "policy_in": policy,
                 "policy_out": new_policy,
                 "recommender_in": str(recommender_dir),
-                "reward_folds": [str(d) for d, _ in folds],
+                "reward_models": [str(d) for d in scorer],  # the reward ensemble (one without reward.ensemble)
+                "reward_folds": [[str(d) for d in dirs] for dirs, _ in folds],
                 "recommender_out": str(new_recommender),
                 "stages": {
                     name: str(d)

@@ -334,9 +334,13 @@ def _times(run: Path, md: list[str], body: list[str]) -> None:
 
 def _lineage(manifest: dict, md: list[str], body: list[str]) -> None:
     """Which policy and recommender each round read and wrote, in words, with the raw manifest folded beneath."""
+    def seeds(r: dict) -> str:
+        k = len(r.get("reward_models", []))
+        return f", each reward the mean of {k} seeds." if k > 1 else "."
+
     words = [
         f"Round {r['round']}: policy {r['policy_in']} → {r['policy_out']}; recommender {r['recommender_in']} → "
-        f"{r['recommender_out']}; rewards cross-fitted over {len(r.get('reward_folds', []))} folds."
+        f"{r['recommender_out']}; rewards cross-fitted over {len(r.get('reward_folds', []))} folds{seeds(r)}"
         for r in manifest["rounds"]
     ]
     head = {k: v for k, v in manifest.items() if k != "rounds"}

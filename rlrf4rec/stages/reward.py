@@ -10,6 +10,7 @@ Knows nothing about how the texts were generated or what the rewards are used fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,37 @@ def list_rewards(logits, labels, mask, name: str, k: int) -> np.ndarray:
     return rank_metrics(logits, labels, ks=(k,), mask=mask)[name]
 
 
+@dataclass
+class RewardEnsemble:
+    """A reward model made of several frozen re-rankers (the same variant trained with reward.ensemble seeds): a
+    text's reward is the mean of theirs. Averaging K models whose order of a user's texts agrees at r between two
+    seeds makes two such ensembles agree at about K r / (1 + (K - 1) r) (Spearman-Brown), measured by
+    `rlrf4rec controls --reliability`."""
+
+    members: list[RewardModel]
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a reward ensemble needs at least one recommender")
+        if len({m.user_segments for m in self.members}) > 1:
+            raise ValueError("the ensemble's recommenders read texts differently (knowledge.user_segments differ)")
+
+    @classmethod
+    def load(cls, recommender_dirs: Sequence[Path], data_dir: Path, metric: str = "ndcg@5") -> RewardEnsemble:
+        return cls([RewardModel.load(Path(d), data_dir, metric=metric) for d in recommender_dirs])
+
+    @property
+    def by_user(self) -> dict[str, tuple[str, torch.Tensor]]:
+        return self.members[0].by_user
+
+    def encode(self, encoder, texts: Sequence[str], cache: Path | None = None) -> np.ndarray:
+        return self.members[0].encode(encoder, texts, cache)
+
+    def score(self, user_ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """The members' mean reward of each row (RewardModel.score)."""
+        return np.mean([m.score(user_ids, vectors) for m in self.members], axis=0)
+
+
 def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:
     return pa.table(
         {
@@ -157,13 +189,13 @@ def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:
 
 
 class ScoreBatch:
-    """Ray Data callable: the encoder and the frozen recommender load once per actor, then each batch of
+    """Ray Data callable: the encoder and the frozen recommender(s) load once per actor, then each batch of
     (user_id, knowledge_text) rows gets its rewards. Rows of a user are scored independently, so any batching
     gives the same rewards."""
 
-    def __init__(self, make_encoder: Callable[[], object], recommender_dir: str, data_dir: str, metric: str):
+    def __init__(self, make_encoder: Callable[[], object], recommender_dirs: list[str], data_dir: str, metric: str):
         self.encoder = make_encoder()
-        self.model = RewardModel.load(Path(recommender_dir), Path(data_dir), metric=metric)
+        self.model = RewardEnsemble.load([Path(d) for d in recommender_dirs], Path(data_dir), metric=metric)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.model.encode(self.encoder, batch.column(S.KNOWLEDGE_TEXT).to_pylist())
@@ -174,16 +206,19 @@ class ScoreBatch:
 def score_on_ray(
     rows: pa.Table,
     make_encoder: Callable[[], object],
-    recommender_dir: Path,
+    recommender_dir: Path | Sequence[Path],
     data_dir: Path,
     metric: str,
     *,
     batch_size: int,
     concurrency: int,
 ) -> np.ndarray:
-    """Rewards of `rows` (user_id, knowledge_text) on Ray Data, `concurrency` actors; returned in row order."""
+    """Rewards of `rows` (user_id, knowledge_text) on Ray Data, `concurrency` actors; returned in row order.
+    `recommender_dir`: one recommender stage, or the members of a reward ensemble (their mean reward)."""
     import ray
     from ray.data import ActorPoolStrategy
+
+    members = [recommender_dir] if isinstance(recommender_dir, (str, Path)) else list(recommender_dir)
 
     if not ray.is_initialized():
         raise RuntimeError("reward.engine=ray runs on Ray Data: call ray.init() first (the CLI does)")
@@ -191,7 +226,7 @@ def score_on_ray(
     blocks = [indexed.slice(lo, batch_size) for lo in range(0, indexed.num_rows, batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         ScoreBatch,
-        fn_constructor_args=(make_encoder, str(recommender_dir), str(data_dir), metric),
+        fn_constructor_args=(make_encoder, [str(d) for d in members], str(data_dir), metric),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=concurrency),
@@ -212,24 +247,26 @@ def score_on_ray(
 def run_reward(
     cfg: RunConfig,
     generations_dir: Path,
-    recommender_dir: Path,
+    scorer: Sequence[Path],
     stage_dir: Path,
-    folds: Sequence[tuple[Path, Sequence[str]]] = (),
+    folds: Sequence[tuple[Sequence[Path], Sequence[str]]] = (),
 ) -> Path:
     """The reward stage: every generation rewarded by the frozen recommender, `<stage_dir>/rewards.parquet`
-    (schema.REWARDS). `folds`: (recommender dir, users) whose texts that recommender rewards instead (cross-fitting,
-    `reward_folds`)."""
+    (schema.REWARDS). `scorer`: that recommender's stage directory, or several (`reward_scorer`: a reward ensemble,
+    whose members' mean is the reward). `folds`: (recommender dirs, users) whose texts those reward instead
+    (cross-fitting, `reward_folds`)."""
     stage = cfg.layout.relative(stage_dir)
+    main = tuple(scorer)
+    groups = list(dict.fromkeys([main, *(tuple(dirs) for dirs, _ in folds)]))
     upstream = [
         require_marker(generations_dir, "generate")["fingerprint"],
-        require_marker(recommender_dir, "train-recommender")["fingerprint"],
-        *(require_marker(d, "train-recommender")["fingerprint"] for d, _ in folds),
+        *(require_marker(d, "train-recommender")["fingerprint"] for group in groups for d in group),
     ]
     fingerprint = f"{cfg.section_hash('reward', 'encode', 'knowledge', 'models')}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
-    reward_model = RewardModel.load(recommender_dir, cfg.layout.data, metric=cfg.reward.metric)
+    reward_model = RewardEnsemble.load(main, cfg.layout.data, metric=cfg.reward.metric)
     has_lists = pc.is_in(gens.column(S.USER_ID), pa.array(sorted(reward_model.by_user)))
     unscorable = gens.num_rows - pc.sum(has_lists).as_py()
     if unscorable:  # a user whose sequence left no complete re-rank list cannot be rewarded
@@ -238,12 +275,11 @@ def run_reward(
     histories = user_history_texts(cfg)
     users = gens.column(S.USER_ID).to_pylist()
     texts = [user_knowledge_text(histories[u], t) for u, t in zip(users, gens.column(S.PREFERENCE_TEXT).to_pylist())]
-    scorer_of = {u: d for d, fold in folds for u in fold}
-    scorers = {recommender_dir: reward_model} | {d: None for d, _ in folds}
+    scorer_of = {u: tuple(dirs) for dirs, fold in folds for u in fold}
     rewards = np.zeros(len(users))
     encoder = None
-    for model_dir, loaded in scorers.items():
-        rows = [i for i, u in enumerate(users) if scorer_of.get(u, recommender_dir) == model_dir]
+    for group in groups:
+        rows = [i for i, u in enumerate(users) if scorer_of.get(u, main) == group]
         if not rows:
             continue
         if cfg.reward.engine == "ray":
@@ -251,14 +287,14 @@ def run_reward(
             rewards[rows] = score_on_ray(
                 table,
                 partial(make_encoder, cfg),
-                model_dir,
+                group,
                 cfg.layout.data,
                 cfg.reward.metric,
                 batch_size=cfg.reward.batch_size,
                 concurrency=cfg.reward.concurrency,
             )
             continue
-        model = loaded or RewardModel.load(model_dir, cfg.layout.data, metric=cfg.reward.metric)
+        model = reward_model if group == main else RewardEnsemble.load(group, cfg.layout.data, cfg.reward.metric)
         encoder = encoder or make_encoder(cfg)
         vectors = model.encode(encoder, [texts[i] for i in rows], embedding_cache(cfg))
         rewards[rows] = model.score([users[i] for i in rows], vectors)
@@ -273,16 +309,39 @@ def run_reward(
                 "reward/std": float(rewards.std()),
                 "reward/within_user_range_mean": spread,
                 "cross_fitted_rows": sum(u in scorer_of for u in users),
+                "ensemble": len(main),
             }
         )
     log.info("%s: mean reward %.4f over %d texts", stage, rewards.mean(), len(rewards))
     return stage_dir
 
 
-def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list[str]]]:
+def reward_scorer(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
+    """The reward model made from a recommender stage: itself, and with reward.ensemble = K > 1 also K - 1 seed
+    siblings `<name>-seed{i}` (the same variant, knowledge `<run>/knowledge/<name>/`, trained with seed + i;
+    trained here when missing)."""
+    return _seed_members(cfg, recommender_dir, cfg.layout.user_knowledge(recommender_dir.name))
+
+
+def _seed_members(cfg: RunConfig, first: Path, knowledge: Path, held_out: Sequence[str] = ()) -> list[Path]:
+    """`first` (trained with cfg.seed) and its reward.ensemble - 1 siblings trained with seeds seed + 1, ..."""
+    from rlrf4rec.stages.train import run_recommender
+
+    siblings = [
+        run_recommender(
+            dataclasses.replace(cfg, seed=cfg.seed + i), f"{first.name}-seed{i}", cfg.layout.data, knowledge,
+            held_out=held_out,
+        )
+        for i in range(1, cfg.reward.ensemble)
+    ]  # fmt: skip
+    return [first, *siblings]
+
+
+def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path], list[str]]]:
     """The cross-fitted reward models of `recommender_dir` (reward.cross_fit_folds): the train users whose texts the
     loop rewards (loop.train_users) split into folds by a seeded hash, and per fold the same recommender (its
-    knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists. [] when cross_fit_folds = 0."""
+    knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists, with its reward.ensemble seeds.
+    [] when cross_fit_folds = 0."""
     from rlrf4rec.core.protocol import stable_seed
     from rlrf4rec.stages.generate import select_users
     from rlrf4rec.stages.train import run_recommender
@@ -304,8 +363,8 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[Path, list
                 "too few to train on; use more folds or fewer loop.train_users"
             )
         if fold:
-            name = f"{recommender_dir.name}-fold{f}"
-            out.append((run_recommender(cfg, name, data_dir, knowledge, held_out=fold), fold))
+            first = run_recommender(cfg, f"{recommender_dir.name}-fold{f}", data_dir, knowledge, held_out=fold)
+            out.append((_seed_members(cfg, first, knowledge, fold), fold))
     return out
 
 
