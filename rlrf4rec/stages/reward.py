@@ -218,10 +218,9 @@ def score_on_ray(
     import ray
     from ray.data import ActorPoolStrategy
 
-    members = [recommender_dir] if isinstance(recommender_dir, (str, Path)) else list(recommender_dir)
-
     if not ray.is_initialized():
         raise RuntimeError("reward.engine=ray runs on Ray Data: call ray.init() first (the CLI does)")
+    members = [recommender_dir] if isinstance(recommender_dir, (str, Path)) else list(recommender_dir)
     indexed = rows.append_column("row", pa.array(np.arange(rows.num_rows), pa.int64()))
     blocks = [indexed.slice(lo, batch_size) for lo in range(0, indexed.num_rows, batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
