@@ -73,6 +73,20 @@ def test_overrides_parse_yaml_values_and_reach_nested_fields(tmp_path):
         apply_overrides(raw, ["a.b"])
 
 
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads 1e-3 (no dot) as a string; a float field takes it, in the file and on the command line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ndpo:\n  lr: 5E-5\n")
+    assert load_config(path).dpo.lr == 5e-5
+    cfg = load_config(path, ["--dpo.lr=1e-3", "--dpo.beta=+2e-2", "--reward.min_margin=.5e-2"])
+    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.reward.min_margin) == (1e-3, 0.02, 0.005)
+    for bad in ("fast", "1e", "nan", "e-3"):
+        with pytest.raises(ConfigError, match=rf"dpo\.lr='{bad}': expected a number"):
+            load_config(path, [f"--dpo.lr={bad}"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["--seed=1e3"])  # integers stay strict
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
