@@ -3,7 +3,8 @@
 Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the base-knowledge re-ranker):
   1. generate N texts per user with policy_t for `loop.train_users` train users and the valid users,
   2. reward every text with recommender_t (frozen); train users' texts cross-fitted (reward.cross_fit_folds): by
-     recommender_t retrained without their fold's lists, since a user's own lists were fitted with one of its texts,
+     recommender_t retrained without their fold's lists, since a user's own lists were fitted with one of its texts;
+     each reward model the mean of reward.ensemble seeds of it,
   3. pairs: best vs worst per user (train pairs feed DPO, valid pairs measure reward accuracy),
   4. DPO from policy_t (also the reference) -> policy_{t+1},
   5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
