@@ -93,6 +93,31 @@ def test_an_ensembles_reward_is_the_mean_of_its_seeds(reward_model, tmp_path):
         RewardEnsemble([])
 
 
+def test_an_ensemble_is_built_only_around_a_full_knowledge_recommender_of_the_run(tmp_path):
+    """reward.ensemble > 1 retrains seed siblings like the given recommender, so a fold model, an ID-only one or one
+    from another run is refused with the fix; one seed takes any recommender as it is."""
+    import dataclasses
+
+    from rlrf4rec.core.artifacts import stage_output
+    from rlrf4rec.stages.reward import reward_scorer
+
+    cfg = from_dict(RunConfig, {"name": "r", "run_dir": str(tmp_path / "run"), "reward": {"ensemble": 2}})
+
+    def recommender(path, **stats):
+        with stage_output(path, "f", None) as (_, out):
+            out.update(stats)
+        return path
+
+    fold = recommender(cfg.layout.recommender("base-fold0"), held_out_users=3, knowledge=["item", "user"])
+    id_only = recommender(cfg.layout.recommender("id"), held_out_users=0, knowledge=[])
+    elsewhere = recommender(tmp_path / "other" / "recommender" / "base", held_out_users=0, knowledge=["user"])
+    for bad in (fold, id_only, elsewhere):
+        with pytest.raises(ValueError, match=r"must be a user-knowledge recommender of this run.*--reward.ensemble=1"):
+            reward_scorer(cfg, bad)
+    one = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=1))
+    assert reward_scorer(one, fold) == [fold] and reward_scorer(one, elsewhere) == [elsewhere]
+
+
 def test_rewards_table_keeps_the_generation_keys():
     import pyarrow as pa
 

@@ -499,6 +499,12 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     for row, u in enumerate(users):
         by_user.setdefault(u, []).append(row)
     fold_of = {u: stable_seed(cfg.seed, "reliability-fold", u) % folds for u in by_user}
+    for f in range(folds):
+        if len(train_users - {u for u, k in fold_of.items() if k == f}) < 2:
+            raise ValueError(
+                f"reward.cross_fit_folds={folds}: fold {f} holds out (nearly) every train user of the reliability "
+                "texts, leaving no lists to train on; use 2 or more folds"
+            )
 
     metrics = [cfg.reward.metric, *(["pairwise"] if cfg.reward.metric != "pairwise" else [])]
 
@@ -536,7 +542,9 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
             single = result[way]["spearman_mean"]
             for k in range(2, seeds // 2 + 1):
                 pair = [np.mean(per_seed[:k], axis=0), np.mean(per_seed[k : 2 * k], axis=0)]
-                predicted = None if single is None else k * single / (1 + (k - 1) * single)
+                # defined for r > -1/(k-1) (at most -1 apart, k noisy copies cannot agree less than that)
+                defined = single is not None and 1 + (k - 1) * single > 0
+                predicted = k * single / (1 + (k - 1) * single) if defined else None
                 result[f"{way}_ensemble{k}"] = {**_order_stats(pair, by_user, first), "spearman_brown": predicted}
         return result
 

@@ -176,7 +176,8 @@ def run_pairs(
     split in `stage_dir` (layout.pairs_file)."""
     stage = cfg.layout.relative(stage_dir)
     upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
-    fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
+    # reward.ensemble is in the rewards' own fingerprints (their recommenders'), so it is not hashed twice here
+    fingerprint = f"{cfg.section_hash('reward', ignore=('reward.ensemble',))}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     candidates: dict[str, list[Candidate]] = {}

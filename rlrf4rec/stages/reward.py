@@ -261,7 +261,9 @@ def run_reward(
         require_marker(generations_dir, "generate")["fingerprint"],
         *(require_marker(d, "train-recommender")["fingerprint"] for group in groups for d in group),
     ]
-    fingerprint = f"{cfg.section_hash('reward', 'encode', 'knowledge', 'models')}-{'-'.join(upstream)}"
+    # reward.ensemble is the number of member fingerprints above: one seed rewards as before the field existed
+    sections = cfg.section_hash("reward", "encode", "knowledge", "models", ignore=("reward.ensemble",))
+    fingerprint = f"{sections}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
@@ -319,6 +321,15 @@ def reward_scorer(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
     """The reward model made from a recommender stage: itself, and with reward.ensemble = K > 1 also K - 1 seed
     siblings `<name>-seed{i}` (the same variant, knowledge `<run>/knowledge/<name>/`, trained with seed + i;
     trained here when missing)."""
+    if cfg.reward.ensemble > 1:  # siblings are retrained like it: it must be a full knowledge model of this run
+        stats = require_marker(recommender_dir, "train-recommender")["stats"]
+        ours = Path(recommender_dir).resolve() == cfg.layout.recommender(recommender_dir.name).resolve()
+        if not ours or stats.get("held_out_users") or "user" not in stats.get("knowledge", []):
+            raise ValueError(
+                f"reward.ensemble={cfg.reward.ensemble} trains seed siblings of {recommender_dir}, which must be a "
+                "user-knowledge recommender of this run trained on every train user (<run>/recommender/<name>, "
+                "not a fold or ID-only model); pass one, or --reward.ensemble=1 to reward with it alone"
+            )
     return _seed_members(cfg, recommender_dir, cfg.layout.user_knowledge(recommender_dir.name))
 
 
