@@ -118,6 +118,14 @@ def test_an_ensemble_is_built_only_around_a_full_knowledge_recommender_of_the_ru
     assert reward_scorer(one, fold) == [fold] and reward_scorer(one, elsewhere) == [elsewhere]
 
 
+def test_a_fold_must_leave_two_train_users_to_train_on():
+    from rlrf4rec.stages.reward import check_fold
+
+    check_fold(2, 0, 8, 10, "fix")  # 2 left: a model can train
+    with pytest.raises(ValueError, match=r"cross_fit_folds=1: fold 0 holds out 9 of 10 train users, .*; use 2 folds"):
+        check_fold(1, 0, 9, 10, "use 2 folds")
+
+
 def test_rewards_table_keeps_the_generation_keys():
     import pyarrow as pa
 

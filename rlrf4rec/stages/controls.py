@@ -469,7 +469,7 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         make_encoder,
         write_item_knowledge,
     )
-    from rlrf4rec.stages.reward import RewardModel
+    from rlrf4rec.stages.reward import RewardModel, check_fold
     from rlrf4rec.stages.train import item_knowledge_matrix, model_spec
 
     require_data(cfg, "controls --reliability")
@@ -499,12 +499,8 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     for row, u in enumerate(users):
         by_user.setdefault(u, []).append(row)
     fold_of = {u: stable_seed(cfg.seed, "reliability-fold", u) % folds for u in by_user}
-    for f in range(folds):
-        if len(train_users - {u for u, k in fold_of.items() if k == f}) < 2:
-            raise ValueError(
-                f"reward.cross_fit_folds={folds}: fold {f} holds out (nearly) every train user of the reliability "
-                "texts, leaving no lists to train on; use 2 or more folds"
-            )
+    for f in range(folds):  # the scored users are train users
+        check_fold(folds, f, sum(k == f for k in fold_of.values()), len(train_users), "use 2 or more folds")
 
     metrics = [cfg.reward.metric, *(["pairwise"] if cfg.reward.metric != "pairwise" else [])]
 

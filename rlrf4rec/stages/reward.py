@@ -64,10 +64,17 @@ class RewardModel:
 
     @classmethod
     def load(
-        cls, recommender_dir: Path, data_dir: Path, metric: str = "ndcg@5", *, require_knowledge: bool = True
+        cls,
+        recommender_dir: Path,
+        data_dir: Path,
+        metric: str = "ndcg@5",
+        *,
+        require_knowledge: bool = True,
+        task: RerankTask | None = None,
     ) -> RewardModel:
-        """A recommender stage's model.pt around the data stage's lists (ID-only allowed for evaluation only)."""
-        ckpt = load_checkpoint(recommender_dir, read_tables(data_dir))
+        """A recommender stage's model.pt around the data stage's lists (ID-only allowed for evaluation only).
+        `task`: one already built from those tables (another model's), whose lists are shared instead of re-read."""
+        ckpt = load_checkpoint(recommender_dir, read_tables(data_dir) if task is None else task)
         if require_knowledge and ckpt.user_knowledge_dim is None:
             raise ValueError(f"{recommender_dir} is an ID-only recommender; the reward needs a knowledge-augmented one")
         return cls(ckpt.task, ckpt.model, metric, item_knowledge=ckpt.item_knowledge, user_segments=ckpt.user_segments)
@@ -158,7 +165,11 @@ class RewardEnsemble:
 
     @classmethod
     def load(cls, recommender_dirs: Sequence[Path], data_dir: Path, metric: str = "ndcg@5") -> RewardEnsemble:
-        return cls([RewardModel.load(Path(d), data_dir, metric=metric) for d in recommender_dirs])
+        dirs = [Path(d) for d in recommender_dirs]
+        if not dirs:
+            return cls([])  # refused, with the reason
+        head = RewardModel.load(dirs[0], data_dir, metric=metric)  # the data tables are read once, lists shared
+        return cls([head, *(RewardModel.load(d, data_dir, metric=metric, task=head.task) for d in dirs[1:])])
 
     @property
     def by_user(self) -> dict[str, tuple[str, torch.Tensor]]:
@@ -367,15 +378,20 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
     out = []
     for f in range(k):
         fold = [u for u in rewarded if stable_seed(cfg.seed, "reward-fold", u) % k == f]
-        if len(fold) > len(train) - 2:
-            raise ValueError(
-                f"reward.cross_fit_folds={k}: fold {f} holds out {len(fold)} of {len(train)} train users, leaving "
-                "too few to train on; use more folds or fewer loop.train_users"
-            )
+        check_fold(k, f, len(fold), len(train), "use more folds or fewer loop.train_users")
         if fold:
             first = run_recommender(cfg, f"{recommender_dir.name}-fold{f}", data_dir, knowledge, held_out=fold)
             out.append((_seed_members(cfg, first, knowledge, fold), fold))
     return out
+
+
+def check_fold(folds: int, f: int, held_out: int, train_users: int, fix: str) -> None:
+    """A cross-fitted model trains on the train users its fold does not hold out: at least 2 must be left."""
+    if train_users - held_out < 2:
+        raise ValueError(
+            f"reward.cross_fit_folds={folds}: fold {f} holds out {held_out} of {train_users} train users, leaving "
+            f"too few to train on; {fix}"
+        )
 
 
 def rewards_by_user(rewards: pa.Table) -> dict[str, list[float]]:
