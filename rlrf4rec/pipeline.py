@@ -177,14 +177,21 @@ def _controls_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
 
     if args.llm_texts:
         print(f"llm texts: {write_llm_texts(cfg)}")
+    if args.signal:
+        from rlrf4rec.stages.signal import run_signal_audit
+
+        seeds = 8 if args.seeds is None else args.seeds
+        return [run_signal_audit(cfg, policy=args.policy, samples=args.samples, seeds=seeds, name=args.name)]
     if args.reliability is not None:
-        stage_dir = run_reward_reliability(cfg, args.reliability, seeds=max(args.seeds, 2), name=args.name)
+        seeds = max(2 if args.seeds is None else args.seeds, 2)
+        stage_dir = run_reward_reliability(cfg, args.reliability, seeds=seeds, name=args.name)
         print(json.dumps(read_marker(stage_dir)["stats"], indent=1))
         return []
     only = None if args.variants is None else [v.strip() for v in args.variants.split(";")]
     unknown = sorted(set(only or ()) - {v.name for v in VARIANTS})
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")
+    args.seeds = 3 if args.seeds is None else args.seeds
     if args.seeds < 1:
         raise ConfigError(f"--seeds={args.seeds}: use at least 1 seed (3 for intervals worth reading)")
     if args.backbones is None:
@@ -361,7 +368,12 @@ STAGES: Sequence[Stage] = (
         _controls_command,
         (
             Option(
-                ("--seeds",), {"type": int, "default": 3, "help": "training seeds per variant (seed, seed + 1, ...)"}
+                ("--seeds",),
+                {
+                    "type": int,
+                    "help": "training seeds per variant (seed, seed + 1, ...; default 3), reward models per judge "
+                    "pair with --signal (default 8: 4 per judge), per reliability measurement (default 2)",
+                },
             ),
             Option(
                 ("--variants",),
@@ -381,6 +393,17 @@ STAGES: Sequence[Stage] = (
                 {"type": Path, "help": "a generate stage dir: measure reward ties and seed agreement on its texts"},
             ),
             Option(
+                ("--signal",),
+                {
+                    "action": "store_true",
+                    "help": "the reward signal audit on valid users (no DPO): label validity, best-of-n ceiling, "
+                    "feature associations, own vs other text, under two disjoint reward ensembles "
+                    "(<run>/controls/signal-<name>/)",
+                },
+            ),
+            Option(("--samples",), {"type": int, "default": 16, "help": "texts per valid user for --signal"}),
+            Option(("--policy",), {"help": "the policy whose texts --signal audits (default: models.llm)"}),
+            Option(
                 ("--llm-texts",),
                 {
                     "action": "store_true",
@@ -389,7 +412,7 @@ STAGES: Sequence[Stage] = (
                 },
             ),
         ),
-        on_ray=lambda cfg, args: args.llm_texts and cfg.generate.engine == "vllm",
+        on_ray=lambda cfg, args: (args.llm_texts or args.signal) and cfg.generate.engine == "vllm",
     ),
     Stage("run", "run every stage in order", _run_command, on_ray=lambda cfg, args: True),
     Stage(

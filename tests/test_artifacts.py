@@ -6,7 +6,7 @@ from rlrf4rec.core.artifacts import is_complete, read_marker, read_parquet, stag
 
 
 def _table(n: int) -> pa.Table:
-    return pa.table({S.ITEM_ID: [str(i) for i in range(n)], S.ITEM_IDX: list(range(1, n + 1))})
+    return pa.table({S.ITEM_ID: [str(i) for i in range(n)], S.ITEM_IDX: list(range(1, n + 1)), S.TRAIN_COUNT: [0] * n})
 
 
 def test_stage_output_publishes_whole_with_marker_last(tmp_path):
@@ -36,7 +36,7 @@ def test_failure_keeps_previous_output_and_leaves_no_temp(tmp_path):
 
 def test_read_parquet_names_missing_columns(tmp_path):
     write_parquet(pa.table({"x": [1]}), tmp_path / "t.parquet")
-    with pytest.raises(ValueError, match=r"lacks columns \['item_id', 'item_idx'\]"):
+    with pytest.raises(ValueError, match=r"lacks columns \['item_id', 'item_idx', 'train_count'\]"):
         read_parquet(tmp_path / "t.parquet", S.ITEM_INDEX)
     with pytest.raises(FileNotFoundError, match="run the stage that writes it first"):
         read_parquet(tmp_path / "missing.parquet")

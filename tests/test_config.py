@@ -117,7 +117,7 @@ def test_model_spec_takes_every_model_setting_of_the_recommender_config():
         backbone="dlcm", hidden_dim=48, item_dim=24, num_layers=3, num_heads=4, dropout=0.2, adaptor_hidden=96,
         adaptor_out=16, adaptor_shared_experts=3, adaptor_specific_experts=1, history_len=20, use_history=False,
         interaction=False, loss="listnet", lr=2e-3, weight_decay=0.01, batch_size=64, max_epochs=7, patience=2,
-        select_metric="map@5", num_workers=4, deepspeed="zero2",
+        select_metric="map@5", num_workers=4, deepspeed="zero2", item_prior=False, warmup_epochs=1,
     )  # fmt: skip
     spec = model_spec(changed)
     for f in dataclasses.fields(ModelSpec):

@@ -16,8 +16,9 @@ R3 = 1 / np.log2(4)  # ... 3rd (= 0.5)
 
 
 def _tables() -> dict[str, pa.Table]:
-    """Items 1-4 (idx = id). Train users t1, t2 make the popularity 1: 3, 2: 2, 3: 1, 4: 0; test user x interacted
-    with item 4 four times, which must not count. Test lists (candidates -> labels):
+    """Items 1-4 (idx = id) with the data stage's train-user counts 1: 3, 2: 2, 3: 1, 4: 0 (item_index.train_count:
+    that no test interaction reaches them is tests/test_protocol.py's); test user x interacted with item 4 four
+    times. Test lists (candidates -> labels):
         x: [4, 1] -> [0, 1]    [1, 3] -> [0, 1]    [2, 4] -> [1, 0]
         y: [2, 3, 4] -> [0, 0, 1]    [4, 2] -> [1, 0]
     z is a test user without lists."""
@@ -38,7 +39,9 @@ def _tables() -> dict[str, pa.Table]:
         ("y", "test", ["4", "2"], [1, 0]),
     ]
     return {
-        "item_index": pa.Table.from_pylist([{S.ITEM_ID: i, S.ITEM_IDX: int(i)} for i in items], schema=S.ITEM_INDEX),
+        "item_index": pa.Table.from_pylist(
+            [{S.ITEM_ID: i, S.ITEM_IDX: int(i), S.TRAIN_COUNT: 4 - int(i)} for i in items], schema=S.ITEM_INDEX
+        ),
         "items": pa.Table.from_pylist(
             [{S.ITEM_ID: i, S.TITLE: f"Movie {i}", S.YEAR: 2000, S.GENRES: ["A"]} for i in items], schema=S.ITEMS
         ),
@@ -95,7 +98,7 @@ class IdTimesKnowledge(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))  # task.logits reads the device off the parameters
 
-    def forward(self, candidates, attributes=None, knowledge=None, history=None):
+    def forward(self, candidates, attributes=None, knowledge=None, history=None, own=None):
         sign = -1.0 if knowledge is None else knowledge["user"][:, :1]  # [B, 1]
         return candidates.float() * sign  # [B, C]
 
@@ -143,10 +146,12 @@ def test_paired_differences_resolve_only_an_interval_that_excludes_zero():
         "DPO round 1": _row([0.5, 0.7, 0.3, 0.5]),
     }
     out = paired_differences(rows, 500, seed=0)
-    # every row against each baseline except itself; popularity is never a baseline
+    # every row against each baseline except itself (popularity too: a learned row must beat the count)
     assert set(out) == set(rows)
-    assert set(out["DPO round 1"]) == set(out["popularity"]) == {"KAR ID-only", "ID only", "base LLM"}
-    assert set(out["ID only"]) == {"KAR ID-only", "base LLM"} and set(out["base LLM"]) == {"KAR ID-only", "ID only"}
+    assert set(out["DPO round 1"]) == {"popularity", "KAR ID-only", "ID only", "base LLM"}
+    assert set(out["popularity"]) == {"KAR ID-only", "ID only", "base LLM"}
+    assert set(out["ID only"]) == {"popularity", "KAR ID-only", "base LLM"}
+    assert set(out["base LLM"]) == {"popularity", "KAR ID-only", "ID only"}
     assert all(set(by_metric) == set(METRICS) for bases in out.values() for by_metric in bases.values())
 
     d, low, high, resolved = out["base LLM"]["ID only"]["ndcg@5"]  # variant minus baseline, -0.2 for every user
@@ -159,3 +164,13 @@ def test_paired_differences_resolve_only_an_interval_that_excludes_zero():
     assert d == pytest.approx(0.0) and low < 0 < high and resolved is False
     d, low, high, resolved = out["DPO round 1"]["base LLM"]["ndcg@1"]  # 0.2, 0.4, 0, 0.2
     assert d == pytest.approx(0.2) and low <= d <= high and resolved == (low > 0 or high < 0)
+
+
+def test_evaluation_scores_a_text_exactly_as_the_reward_stage_does(task):
+    """The fixed re-ranker rows read a policy's text through the same scoring as the reward: per-user NDCG@5 of a
+    user's test lists equals that user's reward for the same knowledge vector."""
+    model = RewardModel(task, IdTimesKnowledge(), metric="ndcg@5")
+    users, vectors = ["y", "x"], np.array([[1.0], [-1.0]], np.float32)
+    np.testing.assert_allclose(per_user_metrics(model, users, vectors)["ndcg@5"], model.score(users, vectors))
+    swapped = vectors[::-1].copy()
+    np.testing.assert_allclose(per_user_metrics(model, users, swapped)["ndcg@5"], model.score(users, swapped))

@@ -463,3 +463,44 @@ def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tm
     assert result["metrics"]["pairwise"]["in_sample"]["tied_share"] <= result["in_sample"]["tied_share"]
     stats = read_marker(tmp_path / "run/controls/reliability-r")["stats"]
     assert "pairwise/cross_fit_ensemble2/spearman_mean" in stats and "in_sample/tied_share" in stats
+
+
+def test_signal_audit_runs_on_tiny_data_and_skips_when_complete(tmp_path, asset_home, stand_in_llm, capsys):
+    """`controls --signal` end to end (stand-in LLM, history knowledge): N texts per valid user, two disjoint
+    judges on disjoint halves of each user's lists, every table entry present; a second call reuses it."""
+    import json
+
+    from rlrf4rec.cli import main
+    from rlrf4rec.core.artifacts import read_marker
+    from rlrf4rec.stages.signal import list_halves
+
+    write_dataset(tmp_path / "raw", num_users=40, length=30)
+    encoder = str(assets.resolve("embedded:all-minilm-l6-v2", asset_home))
+    common = [
+        "--config", "configs/ml100k-cpu.yaml", f"--run_dir={tmp_path}/run", "--data.format=parquet",
+        f"--data.path={tmp_path}/raw", "--data.max_train_users=null", f"--models.encoder={encoder}",
+        f"--models.llm={tmp_path}/no-such-llm", "--generate.engine=transformers", "--knowledge.user=history",
+        "--knowledge.item=none", "--recommender.max_epochs=3", "--recommender.warmup_epochs=1",
+        "--encode.max_length=64", "--loop.bootstrap_samples=100",
+    ]  # fmt: skip
+    assert main(["data", *common]) == 0
+    signal = ["controls", *common, "--signal", "--samples=4", "--seeds=2", "--name=t"]
+    assert main(signal) == 0
+    result = json.loads((tmp_path / "run/controls/signal-t/audit.json").read_text())
+    task = RerankTask(read_tables(tmp_path / "run/data"), ModelSpec())
+    halves = list_halves(task, seed=2024)
+    for a, b in halves.values():  # disjoint halves that cover the user's lists
+        assert len(a) and len(b) and not set(a) & set(b)
+    assert result["users"] == len(halves) > 0 and result["seeds"] == {"A": [2024], "B": [2025]}
+    assert set(result["best_of_n"]) == {"2", "4"} and set(result["features"]) == {
+        "words", "truncated", "off_topic", "genre_words", "titles_named"
+    }  # fmt: skip
+    assert set(result["swaps"]) == {"own", "other user's", "empty", "history template"}
+    assert 0.0 <= (result["label_validity"]["mean"] or 0.5) <= 1.0
+    texts = read_parquet(tmp_path / "run/controls/signal-t-texts/generations.parquet", S.GENERATIONS)
+    assert texts.num_rows == 4 * len(set(task.list_users["valid"]))
+    assert "label validity" in capsys.readouterr().out
+    marker = read_marker(tmp_path / "run/controls/signal-t")
+    SeedEngine.calls = []
+    assert main(signal) == 0 and SeedEngine.calls == []  # texts and audit complete: nothing regenerated or refit
+    assert read_marker(tmp_path / "run/controls/signal-t") == marker

@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from rlrf4rec.core.metrics import rank_metrics
-from rlrf4rec.core.models import DLCM, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank, listwise_bce_loss
+from rlrf4rec.core.models import (
+    DLCM,
+    PRM,
+    ItemPrior,
+    KnowledgeAdaptor,
+    SASRec,
+    SASRecRanker,
+    SetRank,
+    listwise_bce_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -324,3 +333,48 @@ def test_sasrec_ranker_needs_the_history():
     model = SASRecRanker(NUM_ITEMS, d_model=16, history_len=4)
     with pytest.raises(ValueError, match="history"):
         model(torch.tensor([[1, 2]]))
+
+
+def test_item_prior_feature_is_the_standardised_leave_user_out_log_count():
+    prior = ItemPrior(4)
+    counts = torch.tensor([0.0, 9.0, 3.0, 0.0, 1.0])  # row 0: padding
+    prior.set_counts(counts)
+    log_count = torch.log1p(counts[1:])
+    center, scale = log_count.mean(), log_count.std()
+    candidates = torch.tensor([[0, 1, 2, 3], [4, 1, 2, 3]])
+    own = torch.tensor([[False, True, False, False], [True, False, True, False]])  # the owner is counted there
+    expected = torch.tensor(
+        [
+            [0.0, (np.log1p(8.0) - center) / scale, (np.log1p(3.0) - center) / scale, (0.0 - center) / scale],
+            [
+                (0.0 - center) / scale,
+                (np.log1p(9.0) - center) / scale,
+                (np.log1p(2.0) - center) / scale,
+                -center / scale,
+            ],
+        ]
+    )
+    torch.testing.assert_close(prior.feature(candidates, own), expected.float())
+    torch.testing.assert_close(prior.feature(candidates, None)[1, 0], ((np.log1p(1.0) - center) / scale).float())
+    with pytest.raises(ValueError, match="num_items"):
+        prior.set_counts(torch.zeros(3))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_untrained_rerankers_with_the_item_prior_rank_by_popularity_and_save_it(backbone):
+    """Before any training, the prior's unit weight ranks a list by its items' train counts (what a count knows from
+    the first step); the counts are buffers, so a model rebuilt from the saved weights ranks the same."""
+    torch.manual_seed(0)
+    counts = torch.zeros(NUM_ITEMS + 1)
+    counts[1:6] = 500.0  # items 1-5 popular, 6-10 never interacted by a train user
+    history = torch.tensor([[11, 12]]) if backbone == "sasrec" else None
+    model = _reranker(backbone, use_history=backbone == "sasrec", item_prior=True).eval()
+    model.prior.set_counts(counts)
+    candidates = torch.tensor([[6, 1, 7, 2, 8, 3, 9, 4, 10, 5]])
+    labels = (candidates <= 5).float()
+    scores = model(candidates, history=history)
+    assert rank_metrics(scores, labels, ks=(5,))["ndcg@5"][0] == pytest.approx(1.0)
+    torch.manual_seed(1)
+    rebuilt = _reranker(backbone, use_history=backbone == "sasrec", item_prior=True).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(candidates, history=history), scores)

@@ -128,3 +128,49 @@ def test_max_train_users_leaves_valid_and_test_lists_untouched():
     assert [r for r in few.rerank_lists.to_pylist() if r[S.SPLIT] == "train"] == [
         r for r in full.rerank_lists.to_pylist() if r[S.USER_ID] in kept
     ]
+
+
+def test_item_prior_counts_train_users_only():
+    """The item prior is the number of train users per item; no valid or test interaction can change it."""
+    interactions, catalog = _tables(LENGTHS)
+    tables = build_protocol(interactions, catalog, CFG, seed=1)
+    split = {r[S.USER_ID]: r[S.SPLIT] for r in tables.sequences.to_pylist()}
+    seqs = {r[S.USER_ID]: set(r[S.ITEM_IDS]) for r in tables.sequences.to_pylist()}
+    count = dict(
+        zip(tables.item_index.column(S.ITEM_ID).to_pylist(), tables.item_index.column(S.TRAIN_COUNT).to_pylist())
+    )
+    expected = {i: sum(i in seqs[u] for u in seqs if split[u] == "train") for i in count}
+    assert count == expected and sum(count.values()) > 0
+    # One more interaction of a valid and of a test user with an item no train user has: the counts stay as they are.
+    held = [u for u in split if split[u] != "train"]
+    unseen = next(i for i in count if all(i not in seqs[u] for u in seqs if split[u] == "train"))
+    extra = pa.table(
+        {
+            S.USER_ID: held,
+            S.ITEM_ID: [unseen] * len(held),
+            S.RATING: [5.0] * len(held),
+            S.TIMESTAMP: [9999] * len(held),
+        },
+        schema=S.INTERACTIONS,
+    )
+    again = build_protocol(pa.concat_tables([interactions, extra]), catalog, CFG, seed=1)
+    assert again.item_index.column(S.TRAIN_COUNT).to_pylist() == tables.item_index.column(S.TRAIN_COUNT).to_pylist()
+    # ...while the same interaction by a train user counts.
+    train_user = next(u for u in split if split[u] == "train")
+    extra = pa.table(
+        {S.USER_ID: [train_user], S.ITEM_ID: [unseen], S.RATING: [5.0], S.TIMESTAMP: [9999]}, schema=S.INTERACTIONS
+    )
+    more = build_protocol(pa.concat_tables([interactions, extra]), catalog, CFG, seed=1)
+    more_count = dict(
+        zip(more.item_index.column(S.ITEM_ID).to_pylist(), more.item_index.column(S.TRAIN_COUNT).to_pylist())
+    )
+    assert more_count[unseen] == count[unseen] + 1
+
+
+def test_item_prior_counts_train_users_that_max_train_users_leaves_out():
+    tables = build_protocol(*_tables(LENGTHS), CFG, seed=1)
+    capped = build_protocol(
+        *_tables(LENGTHS), DataConfig(history_max=5, min_user_interactions=10, max_train_users=1), seed=1
+    )
+    assert capped.sequences.num_rows < tables.sequences.num_rows
+    assert capped.item_index.column(S.TRAIN_COUNT).to_pylist() == tables.item_index.column(S.TRAIN_COUNT).to_pylist()

@@ -147,7 +147,9 @@ def publish_data(data_dir, num_users, *, seed=0, users_table=True, bad_window=Fa
         },
         schema=S.RERANK_LISTS,
     )
-    index = pa.table({S.ITEM_ID: items[::-1], S.ITEM_IDX: list(range(1, 41))}, schema=S.ITEM_INDEX)
+    index = pa.table(
+        {S.ITEM_ID: items[::-1], S.ITEM_IDX: list(range(1, 41)), S.TRAIN_COUNT: [1] * 40}, schema=S.ITEM_INDEX
+    )
     with stage_output(data_dir, f"d{seed}-{num_users}", None) as (tmp, _):
         write_parquet(sequences, tmp / data_table("sequences"), S.SEQUENCES)
         write_parquet(lists, tmp / data_table("rerank_lists"), S.RERANK_LISTS)

@@ -203,11 +203,15 @@ class RecommenderConfig:
     use_history: bool = True  # the re-ranker sees the ids of the user's history window (KAR's do not)
     interaction: bool = True  # each candidate queries the user's knowledge; a user x item match term (models.PRM)
     loss: str = "bce"  # bce (pointwise, KAR) | listnet (softmax over each list)
+    item_prior: bool = True  # each candidate's count among train users: a feature, a logit term, a per-item bias
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
     max_epochs: int = 30
     patience: int = 5  # epochs without a better valid select_metric before stopping
+    # The lr ramps up linearly over these first epochs, which are never selected and do not count to patience: a fit
+    # is not chosen on its first, barely trained epochs (a seed once stopped on its epoch-0 score).
+    warmup_epochs: int = 2
     select_metric: str = "ndcg@5"
     num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
     use_gpu: bool = False
@@ -271,6 +275,12 @@ class RecommenderConfig:
             _fail("recommender.select_metric", self.select_metric, "use ndcg@K, map@K or hr@K with K in 1, 3, 5, 7")
         if self.max_failures < 0:
             _fail("recommender.max_failures", self.max_failures, "use 0 or more restarts")
+        if not 0 <= self.warmup_epochs < self.max_epochs:
+            _fail(
+                "recommender.warmup_epochs",
+                self.warmup_epochs,
+                f"use 0 (no warm-up) up to max_epochs - 1 = {self.max_epochs - 1}: the epochs after it are selected",
+            )
         if self.loss not in ("bce", "listnet"):
             _fail("recommender.loss", self.loss, "use bce (pointwise) or listnet (softmax over each list)")
 
@@ -282,6 +292,10 @@ class KnowledgeConfig:
     user: str = "llm"  # llm: the policy's own text + history (KAR) | history: the history text alone
     item: str = "metadata"  # none | metadata: one "title (year). Genres: ..." text per item | llm: + LLM description
     user_segments: int = 16  # vectors per user text, one per sentence/entry; 0 = one mean-pooled vector (KAR)
+    # The user knowledge text: the preference text followed by the history text (true), or the preference text
+    # alone (false: KAR's user knowledge is the LLM's reasoning; the history still reaches the re-ranker as the ID
+    # window with recommender.use_history). A user without a preference text keeps the history text either way.
+    history_text: bool = True
 
     def __post_init__(self) -> None:
         if self.user not in ("llm", "history"):
@@ -358,7 +372,13 @@ class DPOConfig:
         if not self.lr > 0:
             _fail("dpo.lr", self.lr, "use a positive learning rate")
         for name in (
-            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
+            "per_device_batch_size",
+            "grad_accum",
+            "epochs",
+            "lora_r",
+            "num_workers",
+            "cpus_per_worker",
+            "save_steps",
         ):
             if getattr(self, name) < 1:
                 _fail(f"dpo.{name}", getattr(self, name), "use a positive integer")
@@ -435,10 +455,15 @@ class LoopConfig:
     train_users: int | None = 128  # train users whose N samples feed DPO each round (null: all)
     eval_users: int | None = None  # valid users on which each new policy is compared with the previous one
     bootstrap_samples: int = 1000
+    # The one text per test user that evaluate scores for each policy: "sampled" (seeded, with generate's sampling
+    # settings, as the rewarded texts were drawn; the same seed per user for every policy) or "greedy".
+    test_texts: str = "sampled"
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             _fail("loop.rounds", self.rounds, "use at least 1 round")
+        if self.test_texts not in ("sampled", "greedy"):
+            _fail("loop.test_texts", self.test_texts, "use sampled (generate's sampling settings) or greedy")
         for name in ("train_users", "eval_users"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -55,7 +55,11 @@ PAIRED = "paired.json"
 PER_USER_PARQUET = "per_user.parquet"
 PER_USER_JSON = "per_user.json"
 TEST_TEXTS = "test_texts.json"
+FIXED = ", fixed re-ranker"  # evaluate: suffix of a round's row whose texts the base re-ranker scored
+EVAL_ROWS = "rows.json"  # evaluate: per row, which texts and which re-ranker it scored, the texts' off-topic share
 RELIABILITY = "reliability.json"
+AUDIT_JSON = "audit.json"  # controls --signal
+AUDIT_MD = "audit.md"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 

@@ -98,8 +98,7 @@ class KnowledgeAdaptor(nn.Module):
         dtype = self.gate[self.types[0]].weight.dtype
         # The encoder may emit fp16 while the recommender trains in fp32; the cast is exact in that direction.
         return {
-            t: (knowledge[t].to(dtype) - getattr(self, f"center_{t}")) / getattr(self, f"scale_{t}")
-            for t in self.types
+            t: (knowledge[t].to(dtype) - getattr(self, f"center_{t}")) / getattr(self, f"scale_{t}") for t in self.types
         }
 
     def gates(self, knowledge: Knowledge) -> dict[str, torch.Tensor]:
@@ -296,12 +295,59 @@ def _masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (emb * valid).sum(-2) / valid.sum(-2).clamp(min=1.0)
 
 
+class ItemPrior(nn.Module):
+    """What an item count knows, for every backbone: each candidate's popularity among train users as a standardised
+    log count (a feature, and a logit term with a learned weight) and, with `bias`, a learned per-item bias.
+
+    Without it the list-wise re-rankers had no item prior at all, and with a few hundred train users most item
+    embeddings saw a handful of lists: every learned row ranked at or below a plain popularity count. The weight
+    starts at 1, so an untrained model already ranks by popularity and training moves away from it only where the
+    lists say so. `own` [B, C] marks candidates the list's owner is among the counted users of (a train user's own
+    interactions): their count is taken without that user (leave-user-out), so a train list's positives do not carry
+    their own label in the count, which no valid or test user's count can do.
+    """
+
+    def __init__(self, num_items: int, bias: bool = True):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(num_items + 1))
+        self.register_buffer("center", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+        self.weight = nn.Parameter(torch.ones(()))
+        self.bias = nn.Embedding(num_items + 1, 1, padding_idx=0) if bias else None
+
+    def reset_bias(self) -> None:
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
+
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """counts [num_items + 1]: train users per item idx (row 0 padding); the standardisation is over real items."""
+        if counts.shape != self.count.shape:
+            raise ValueError(f"item counts must be [{self.count.shape[0]}] (num_items + 1), got {tuple(counts.shape)}")
+        self.count.copy_(counts.to(self.count.dtype))
+        log_count = torch.log1p(self.count[1:])
+        self.center.copy_(log_count.mean())
+        self.scale.copy_(log_count.std().clamp(min=1e-6) if len(log_count) > 1 else torch.ones(()))
+
+    def feature(self, candidates: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+        """candidates [B, C], own [B, C] bool or None -> standardised log count [B, C] (0 at padding)."""
+        count = self.count[candidates]  # [B, C]
+        if own is not None:
+            count = (count - own.to(count.dtype)).clamp(min=0)
+        return ((torch.log1p(count) - self.center) / self.scale) * (candidates != 0)
+
+    def logit(self, candidates: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The prior's term of each candidate's logit [B, C]: weight x feature (+ the item's bias)."""
+        out = self.weight * feature
+        return out + self.bias(candidates).squeeze(-1) if self.bias is not None else out
+
+
 class ListReranker(nn.Module):
     """What every list-wise re-ranker shares: each candidate's input features, one score logit per candidate.
 
     Each candidate's input is [item embedding ; attribute bag (if num_attributes) ; user history summary
-    (if use_history) ; augmented knowledge (if adaptor) ; user x item match features (if interaction)] -> linear to
-    d_model, normalised. Subclasses say how a list of those vectors becomes scores (`_scores`): PRM and SetRank by
+    (if use_history) ; augmented knowledge (if adaptor) ; user x item match features (if interaction) ; the item
+    prior's log count (if item_prior)] -> linear to d_model, normalised; with item_prior the logit also gets the
+    prior's term (ItemPrior). Subclasses say how a list of those vectors becomes scores (`_scores`): PRM and SetRank by
     self-attention over the list, with and without list positions, DLCM by a GRU over the list in its initial order.
 
     Knowledge types (the adaptor's): "user" is user level, [B, D] (one vector) or [B, S, D] (S segment vectors,
@@ -325,6 +371,7 @@ class ListReranker(nn.Module):
         d_model: int = 64,
         max_list_len: int = 10,
         interaction: bool = False,
+        item_prior: bool = False,
     ):
         super().__init__()
         if interaction and (adaptor is None or "user" not in adaptor.types):
@@ -334,6 +381,8 @@ class ListReranker(nn.Module):
         self.attr_emb = nn.Embedding(num_attributes + 1, attribute_dim, padding_idx=0) if num_attributes else None
         in_dim = item_dim + (attribute_dim if num_attributes else 0) + (item_dim if use_history else 0)
         in_dim += adaptor.output_dim if adaptor is not None else 0
+        self.prior = ItemPrior(num_items) if item_prior else None
+        in_dim += 1 if item_prior else 0
         self.interaction = interaction
         self.raw_similarity = False
         if interaction:
@@ -365,6 +414,8 @@ class ListReranker(nn.Module):
             nn.init.xavier_uniform_(self.match_user.weight)
             if self.raw_similarity:
                 nn.init.constant_(self.similarity_head.weight, 1.0)
+        if self.prior is not None:
+            self.prior.reset_bias()
         self.adaptor = adaptor
 
     def _check_inputs(self, candidates, attributes, history) -> None:
@@ -426,8 +477,10 @@ class ListReranker(nn.Module):
         attributes: torch.Tensor | None = None,
         knowledge: Knowledge | None = None,
         history: torch.Tensor | None = None,
+        own: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """candidates [B, C] (0 = padding), attributes [B, C, A] (0 = padding), history [B, H] -> logits [B, C].
+        """candidates [B, C] (0 = padding), attributes [B, C, A] (0 = padding), history [B, H] -> logits [B, C];
+        own [B, C] bool: the candidates counted in the item prior for this very user (ItemPrior), None = none.
 
         Padding candidates get -inf: they rank last and the losses leave them out.
         """
@@ -445,10 +498,16 @@ class ListReranker(nn.Module):
         if knowledge is not None:
             features, match = self._knowledge_features(knowledge, item_vectors, C)
             parts.append(features)  # [B, C, F]
+        prior = None
+        if self.prior is not None:
+            prior = self.prior.feature(candidates, own)  # [B, C]
+            parts.append(prior.unsqueeze(-1).to(item_vectors.dtype))
         valid = candidates != 0  # [B, C]
         logits = self._scores(self.input_ln(self.input_proj(torch.cat(parts, dim=-1))), valid)  # [B, C]
         if match is not None:
             logits = logits + match
+        if prior is not None:
+            logits = logits + self.prior.logit(candidates, prior)
         return logits.masked_fill(~valid, float("-inf"))
 
     def _scores(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -587,6 +646,7 @@ class SASRecRanker(nn.Module):
         max_list_len: int = 10,
         dropout: float = 0.1,
         interaction: bool = False,
+        item_prior: bool = False,
     ):
         super().__init__()
         if not use_history:
@@ -598,6 +658,7 @@ class SASRecRanker(nn.Module):
         self.attr_emb = nn.Embedding(num_attributes + 1, d_model, padding_idx=0) if num_attributes else None
         self.bias = nn.Embedding(num_items + 1, 1, padding_idx=0)  # per-item prior (popularity)
         self.apply(_init_weights)
+        self.prior = ItemPrior(num_items, bias=False) if item_prior else None  # the count; `bias` is the item bias
         self.adaptor = adaptor
         self.user_proj = self.item_proj = self.similarity_head = None
         if adaptor is not None:
@@ -615,6 +676,7 @@ class SASRecRanker(nn.Module):
         attributes: torch.Tensor | None = None,
         knowledge: Knowledge | None = None,
         history: torch.Tensor | None = None,
+        own: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same contract as ListReranker.forward; history [B, H] is required (left-padded, >= 1 item a row)."""
         if history is None:
@@ -645,6 +707,8 @@ class SASRecRanker(nn.Module):
                 sim = raw_similarity(knowledge["user"], knowledge["item"], segments).to(user.dtype)  # [B, C, 2]
                 extra = self.similarity_head(sim).squeeze(-1)
         logits = (items * user.unsqueeze(1)).sum(-1) + self.bias(candidates).squeeze(-1) + extra  # [B, C]
+        if self.prior is not None:
+            logits = logits + self.prior.logit(candidates, self.prior.feature(candidates, own))
         return logits.masked_fill(candidates == 0, float("-inf"))
 
 

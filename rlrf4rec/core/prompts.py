@@ -109,10 +109,13 @@ def history_text(items: Sequence[HistoryItem], user_attributes: dict[str, object
     return "\n".join(parts)
 
 
-def user_knowledge_text(history: str, preference_text: str | None = None) -> str:
-    """What the encoder reads for a user: the preference text (when there is one) before the history text."""
+def user_knowledge_text(history: str, preference_text: str | None = None, with_history: bool = True) -> str:
+    """What the encoder reads for a user: the preference text (when there is one) before the history text, or
+    without it (`with_history` false: knowledge.history_text); the history text alone when there is no preference."""
     if preference_text is None:
         return history
+    if not with_history:
+        return f"{PREFERENCES_PREFIX}{preference_text.strip()}"
     return f"{PREFERENCES_PREFIX}{preference_text.strip()}\n{history}"
 
 

@@ -1,7 +1,8 @@
 """The evaluation protocol of METHOD.md section 1, on canonical tables.
 
 Consumes the interactions and items tables of rlrf4rec.core.schema; produces
-- the item index (dense 1-based ids; 0 is padding in every model),
+- the item index (dense 1-based ids; 0 is padding in every model) with each item's count among train users (the item
+  prior: train users only, so no valid or test interaction can change it),
 - one time-ordered sequence per user with its split and its LLM history window,
 - the KAR re-rank lists (each chunk of `list_positives` consecutive interactions after the window plus
   `list_negatives` never-interacted items, shuffled, labelled by rating > threshold),
@@ -21,6 +22,10 @@ import pyarrow.compute as pc
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.config import DataConfig
+
+# Bumped when the tables this module writes change for the same inputs, so that existing runs rebuild them once
+# (2: item_index carries the train-user count of each item, the item prior).
+PROTOCOL_VERSION = 2
 
 
 def stable_seed(*parts: object) -> int:
@@ -61,9 +66,6 @@ def split_users(user_ids: list[str], ratios: tuple[float, float, float], seed: i
 
 def build_protocol(interactions: pa.Table, items: pa.Table, cfg: DataConfig, seed: int) -> ProtocolTables:
     item_ids = items.column(S.ITEM_ID).to_pylist()
-    item_index = pa.Table.from_pydict(
-        {S.ITEM_ID: item_ids, S.ITEM_IDX: np.arange(1, len(item_ids) + 1, dtype=np.int32)}, schema=S.ITEM_INDEX
-    )
     to_idx = {item: i + 1 for i, item in enumerate(item_ids)}
 
     # Stable sort by (user, timestamp): equal timestamps keep file order, which is the only order the data gives.
@@ -83,6 +85,20 @@ def build_protocol(interactions: pa.Table, items: pa.Table, cfg: DataConfig, see
             continue
         per_user[str(users[lo])] = (item_col[lo:hi], rating_col[lo:hi], ts_col[lo:hi])
     splits = split_users(list(per_user), cfg.split_ratios, seed)
+    # The item prior counts every train user of the split, also those max_train_users leaves out below (they are
+    # still train users: nothing of valid or test reaches the count).
+    train_count = np.zeros(len(item_ids) + 1, dtype=np.int64)
+    for user_id, (seq_items, _, _) in per_user.items():
+        if splits[user_id] == "train":
+            train_count[[to_idx[i] for i in set(seq_items.tolist())]] += 1
+    item_index = pa.Table.from_pydict(
+        {
+            S.ITEM_ID: item_ids,
+            S.ITEM_IDX: np.arange(1, len(item_ids) + 1, dtype=np.int32),
+            S.TRAIN_COUNT: train_count[1:].astype(np.int32),
+        },
+        schema=S.ITEM_INDEX,
+    )
     dropped_train = 0
     if cfg.max_train_users is not None:  # after the split: valid and test users are those of the full data
         train = sorted(u for u, s in splits.items() if s == "train")

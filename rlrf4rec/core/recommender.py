@@ -59,12 +59,14 @@ class ModelSpec:
     use_history: bool = True  # the re-ranker sees the ids of the user's history window (KAR's re-rankers do not)
     interaction: bool = False  # user x candidate matching (models.PRM); needs user knowledge
     loss: str = "bce"  # "bce" (pointwise, KAR) | "listnet" (softmax over each list)
+    item_prior: bool = True  # re-rankers: each candidate's train-user count as a feature and logit term (ItemPrior)
     max_seq_len: int = 50
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
     max_epochs: int = 30
     patience: int = 5
+    warmup_epochs: int = 0  # the lr ramps up linearly over these epochs, which are never selected nor count to patience
     select_metric: str = "ndcg@5"
 
 
@@ -120,14 +122,14 @@ class RerankBatch:
     history: torch.Tensor  # [N, H] left-padded history-window items
     labels: torch.Tensor  # [N, C] float
     user_row: torch.Tensor  # [N] row of the user in the knowledge matrix
+    own: torch.Tensor | None = None  # [N, C] bool: candidates whose train count includes the list's owner (ItemPrior)
 
     def __len__(self) -> int:
         return self.candidates.shape[0]
 
     def take(self, idx: torch.Tensor) -> RerankBatch:
-        return RerankBatch(
-            *(t[idx] for t in (self.candidates, self.attributes, self.history, self.labels, self.user_row))
-        )
+        fields = (self.candidates, self.attributes, self.history, self.labels, self.user_row, self.own)
+        return RerankBatch(*(None if t is None else t[idx] for t in fields))
 
 
 def gather_knowledge(knowledge: KnowledgeInput, batch: RerankBatch, device) -> dict[str, torch.Tensor] | None:
@@ -152,9 +154,8 @@ class RerankTask:
         to_idx = self.item_index
         seq = tables["sequences"].to_pylist()
         self.users = users or [r[S.USER_ID] for r in seq]  # knowledge matrix row order
-        # Item popularity (the no-learning baseline): interactions among train users, by item idx.
-        train_items = [to_idx[i] for r in seq if r[S.SPLIT] == "train" for i in r[S.ITEM_IDS]]
-        self.popularity = np.bincount(np.asarray(train_items, dtype=np.int64), minlength=self.num_items + 1)
+        # A train user is among the counted users of every item it interacted with (leave-user-out in ItemPrior).
+        counted = {r[S.USER_ID]: set(r[S.ITEM_IDS]) for r in seq if r[S.SPLIT] == "train"}
         row_of = {u: i for i, u in enumerate(self.users)}
         windows = {r[S.USER_ID]: [to_idx[i] for i in r[S.ITEM_IDS][r[S.HISTORY_START] : r[S.HISTORY_END]]] for r in seq}
         lists = tables["rerank_lists"]
@@ -164,12 +165,14 @@ class RerankTask:
             rows = lists.filter(pc.equal(lists.column(S.SPLIT), split)).to_pylist()
             C = max((len(r[S.CANDIDATE_ITEMS]) for r in rows), default=1)
             candidates = _left_pad([[to_idx[i] for i in r[S.CANDIDATE_ITEMS]] for r in rows], C)  # [N, C]
+            own = [[int(i in counted.get(r[S.USER_ID], ())) for i in r[S.CANDIDATE_ITEMS]] for r in rows]
             self.splits[split] = RerankBatch(
                 candidates=candidates,
                 attributes=self.item_genres[candidates],  # [N, C, A]
                 history=_left_pad([windows[r[S.USER_ID]] for r in rows], spec.history_len),
                 labels=_left_pad([r[S.LABELS] for r in rows], C).float(),
                 user_row=torch.tensor([row_of[r[S.USER_ID]] for r in rows], dtype=torch.long),
+                own=_left_pad(own, C).bool(),
             )
             self.list_users[split] = [r[S.USER_ID] for r in rows]
         self.list_len = self.splits["train"].candidates.shape[1]  # the longest list a model built here scores at once
@@ -182,13 +185,18 @@ class RerankTask:
         task.spec = spec
         task._set_items(tables)
         task.users, task.splits, task.list_users, task.list_len = [], {}, {}, list_len
-        task.popularity = np.zeros(task.num_items + 1, dtype=np.int64)
         return task
 
     def _set_items(self, tables: dict[str, pa.Table]) -> None:
         to_idx = item_lookup(tables["item_index"])
         self.item_index = to_idx  # item_id -> item idx
         self.num_items = len(to_idx)
+        # Item popularity among train users by item idx (the data stage's count): the no-learning baseline's score
+        # and the re-rankers' item prior.
+        self.popularity = np.zeros(self.num_items + 1, dtype=np.int64)
+        self.popularity[tables["item_index"].column(S.ITEM_IDX).to_numpy()] = (
+            tables["item_index"].column(S.TRAIN_COUNT).to_numpy()
+        )
         genres = sorted({g for gs in tables["items"].column(S.GENRES).to_pylist() for g in gs})
         self.genre_vocab = {g: i + 1 for i, g in enumerate(genres)}
         item_genres = [[self.genre_vocab[g] for g in gs] for gs in tables["items"].column(S.GENRES).to_pylist()]
@@ -213,6 +221,12 @@ class RerankTask:
         s = self.spec
         adaptor = _adaptor(s, dims if isinstance(dims, dict) else {"user": dims})
         interaction = s.interaction and adaptor is not None and "user" in adaptor.types
+        model = self._build(s, adaptor, interaction)
+        if s.item_prior:
+            model.prior.set_counts(torch.from_numpy(self.popularity).float())
+        return model
+
+    def _build(self, s: ModelSpec, adaptor: KnowledgeAdaptor | None, interaction: bool) -> torch.nn.Module:
         max_list_len = self.list_len
         if s.backbone == "sasrec":
             return SASRecRanker(
@@ -227,6 +241,7 @@ class RerankTask:
                 max_list_len=max_list_len,
                 dropout=s.dropout,
                 interaction=interaction,
+                item_prior=s.item_prior,
             )
         if s.backbone not in RERANKERS:
             raise ValueError(f"backbone {s.backbone!r} is not one of {sorted([*RERANKERS, 'sasrec'])}")
@@ -240,6 +255,7 @@ class RerankTask:
             max_list_len=max_list_len,
             dropout=s.dropout,
             interaction=interaction,
+            item_prior=s.item_prior,
         )
         if s.backbone != "dlcm":
             shared["num_heads"] = s.num_heads
@@ -250,7 +266,8 @@ class RerankTask:
         attributes = None if batch.attributes is None else batch.attributes.to(device)
         history = batch.history.to(device) if self.spec.use_history else None
         k = gather_knowledge(knowledge, batch, device)
-        return model(batch.candidates.to(device), attributes, knowledge=k, history=history)  # [B, C]
+        own = None if batch.own is None else batch.own.to(device)
+        return model(batch.candidates.to(device), attributes, knowledge=k, history=history, own=own)  # [B, C]
 
     def train_batches(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[RerankBatch]:
         data = self.splits["train"]
@@ -433,10 +450,15 @@ def checkpoint_header(recommender_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {recommender_dir} is not a trained recommender stage")
     saved = torch.load(path, weights_only=False, map_location="cpu")
+    saved_spec = dict(saved["spec"])
     saved["spec"] = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
     if saved.get("knowledge_dims") is None:  # written before item knowledge existed: user knowledge only
         saved["knowledge_dims"] = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
     saved.setdefault("user_segments", 0)
+    # Written before the item prior existed: those models have none (and trained without a warm-up).
+    saved["spec"] = dataclasses.replace(
+        saved["spec"], item_prior=saved_spec.get("item_prior", False), warmup_epochs=saved_spec.get("warmup_epochs", 0)
+    )
     saved.setdefault("item_knowledge", None)
     return saved
 
@@ -479,6 +501,15 @@ class FitState:
 def stops_after(state: FitState, spec: ModelSpec) -> bool:
     """Whether `fit` ends after the epoch `state` last recorded: patience spent, or the last epoch done."""
     return state.bad_epochs >= spec.patience or state.epoch >= spec.max_epochs - 1
+
+
+def warmup_factor(spec: ModelSpec, epoch: int, step: int, steps: int) -> float:
+    """The learning rate's multiplier at `step` of `steps` in `epoch`: a linear ramp from 1/(warm-up steps) to 1
+    over the first `spec.warmup_epochs` epochs, then 1. A function of the position alone, so a resumed fit
+    continues the ramp exactly without a scheduler state."""
+    if spec.warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch * steps + step + 1) / (spec.warmup_epochs * steps))
 
 
 def rng_states() -> dict:
@@ -538,10 +569,14 @@ def fit(
 
     state = state or FitState(history=[])
     select = f"valid/{spec.select_metric}"
+    param_groups = (engine.optimizer if engine is not None else optimizer).param_groups
     for epoch in range(state.epoch + 1, spec.max_epochs):
         model.train()
         start, losses = time.perf_counter(), []
-        for batch in task.train_batches(epoch, seed, rank, world):
+        batches = list(task.train_batches(epoch, seed, rank, world))
+        for step, batch in enumerate(batches):
+            for group in param_groups:
+                group["lr"] = spec.lr * warmup_factor(spec, epoch, step, len(batches))
             loss = task.loss(model, batch, knowledge)
             backward_and_step(loss)
             losses.append(loss.item())
@@ -560,7 +595,9 @@ def fit(
             raise ValueError(f"recommender.select_metric={spec.select_metric!r} is not among {sorted(metrics)}")
         state.epoch = epoch
         state.history.append(metrics)
-        if metrics[select] > state.best_metric:
+        if epoch < spec.warmup_epochs:  # still warming up: neither a candidate nor a bad epoch
+            pass
+        elif metrics[select] > state.best_metric:
             state.best_metric, state.best_epoch, state.bad_epochs = metrics[select], epoch, 0
             state.best_model = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
         else:

@@ -60,6 +60,7 @@ LIST_IDX = "list_idx"
 CANDIDATE_ITEMS = "candidate_items"
 LABELS = "labels"
 TRAIN_ITEM_IDS = "train_item_ids"
+TRAIN_COUNT = "train_count"  # train users (of the whole split, before max_train_users) who interacted with the item
 VALID_ITEM_ID = "valid_item_id"
 TEST_ITEM_ID = "test_item_id"
 
@@ -69,6 +70,7 @@ ITEM_INDEX = pa.schema(
     [
         pa.field(ITEM_ID, pa.string(), nullable=False),
         pa.field(ITEM_IDX, pa.int32(), nullable=False),
+        pa.field(TRAIN_COUNT, pa.int32(), nullable=False),
     ]
 )
 

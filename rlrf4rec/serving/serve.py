@@ -226,6 +226,7 @@ class OnlineKnowledge:
         cfg = online.run_config(self.run_dir)
         self.catalog = online.ItemCatalog(self.run_dir)
         self.prompt_history = cfg.generate.prompt_history  # the policy was tuned on prompts cut to this many items
+        self.history_text = cfg.knowledge.history_text  # how the run's re-rankers read a generated text
         encoder = assets.resolve(cfg.models.encoder, assets.asset_home(cfg.assets.home))
         self.encoder = TextEncoder(encoder, max_length=cfg.encode.max_length)
 
@@ -270,7 +271,7 @@ class OnlineKnowledge:
             except asyncio.TimeoutError:
                 call.cancel()
                 raise
-            text = user_knowledge_text(hist, preference)
+            text = user_knowledge_text(hist, preference, self.history_text)
             encoded = await asyncio.to_thread(encode_user_texts, self.encoder, [text], self.user_segments, None)
             vector = encoded[0]  # [D] or [S, D]
             out = online.Knowledge(text, vector, version, source="generated")

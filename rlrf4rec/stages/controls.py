@@ -22,6 +22,7 @@ import torch
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, read_tables, require_marker, stage_output, write_json
+from rlrf4rec.core.audit import spearman
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
 from rlrf4rec.core.prompts import user_knowledge_text
@@ -326,7 +327,7 @@ def _metrics(task: RerankTask, scores: np.ndarray, split: str = "valid") -> dict
     return rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
 
 
-BASELINES = ("KAR ID-only", "ID + history")
+BASELINES = ("popularity", "KAR ID-only", "ID + history")
 
 
 def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_samples: int, seed: int) -> list[dict]:
@@ -408,25 +409,6 @@ def backbone_table(tables: list[list[dict]]) -> str:
 # --------------------------------------------------------------------------------------------------- reward reliability
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks of x [N] (ties share their mean rank), as Spearman's rho needs."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rho of two score vectors; None when either is constant (no order to agree on)."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first: np.ndarray) -> dict:
     """Ties, seed agreement and how often the text the model was trained with (sample 0) wins, over users."""
     tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
@@ -451,6 +433,22 @@ def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first
     }
 
 
+def base_knowledge(cfg: RunConfig, task: RerankTask, encoder, cache: Path | None) -> dict[str, torch.Tensor]:
+    """The knowledge the run's base recommender (the round-0 reward model) trains with, in `task`'s user order:
+    the base policy's text (+ history text, knowledge.history_text) with knowledge.user = llm, else the history
+    text; and the run's item knowledge unless knowledge.item is none."""
+    from rlrf4rec.stages.data import user_history_texts
+    from rlrf4rec.stages.encode import encode_user_texts, write_item_knowledge
+    from rlrf4rec.stages.train import item_knowledge_matrix
+
+    trained_on = base_llm_knowledge_texts(cfg) if cfg.knowledge.user == "llm" else user_history_texts(cfg)
+    user_texts = [trained_on[u] for u in task.users]
+    knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
+    if cfg.knowledge.item != "none":
+        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / ITEM_KNOWLEDGE, task)
+    return knowledge
+
+
 def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, folds: int = 2) -> dict:
     """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (the
     pipeline's base user and item knowledge, the run's architecture), `seeds` of them, score every generated text
@@ -467,10 +465,9 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
         embedding_cache,
         encode_user_texts,
         make_encoder,
-        write_item_knowledge,
     )
     from rlrf4rec.stages.reward import RewardModel, check_fold
-    from rlrf4rec.stages.train import item_knowledge_matrix, model_spec
+    from rlrf4rec.stages.train import model_spec
 
     require_data(cfg, "controls --reliability")
     data_dir = cfg.layout.data
@@ -484,16 +481,12 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     train_users = set(task.list_users["train"])
     keep = [i for i, u in enumerate(users_gen) if u in train_users]
     users = [users_gen[i] for i in keep]
-    texts = [user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py()) for i, u in zip(keep, users)]
+    texts = [
+        user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py(), cfg.knowledge.history_text)
+        for i, u in zip(keep, users)
+    ]
     first = np.array([gens.column(S.SAMPLE_IDX)[i].as_py() == 0 for i in keep])
-    if cfg.knowledge.user == "llm":
-        trained_on = base_llm_knowledge_texts(cfg)
-    else:
-        trained_on = histories
-    user_texts = [trained_on[u] for u in task.users]
-    knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
-    if cfg.knowledge.item != "none":  # the run's own item knowledge, as its recommenders train with
-        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / ITEM_KNOWLEDGE, task)
+    knowledge = base_knowledge(cfg, task, encoder, cache)
     vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
     by_user: dict[str, list[int]] = {}
     for row, u in enumerate(users):

@@ -25,7 +25,7 @@ from rlrf4rec.core.artifacts import (
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.formats import load_dataset
 from rlrf4rec.core.layout import LOAD_REPORT, data_table
-from rlrf4rec.core.protocol import build_protocol
+from rlrf4rec.core.protocol import PROTOCOL_VERSION, build_protocol
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _files_identity(path: Path) -> str:
 
 
 def fingerprint(cfg: RunConfig, path: Path) -> str:
-    return f"{cfg.section_hash('data', 'seed')}-{_files_identity(path)}"
+    return f"p{PROTOCOL_VERSION}-{cfg.section_hash('data', 'seed')}-{_files_identity(path)}"
 
 
 def require_data(cfg: RunConfig, command: str) -> dict:

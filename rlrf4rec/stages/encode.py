@@ -271,7 +271,8 @@ def policy_knowledge_texts(cfg: RunConfig, generations_dir: Path) -> dict[str, s
 
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
     written = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
-    return {u: user_knowledge_text(h, written.get(u)) for u, h in user_history_texts(cfg).items()}
+    with_history = cfg.knowledge.history_text
+    return {u: user_knowledge_text(h, written.get(u), with_history) for u, h in user_history_texts(cfg).items()}
 
 
 def write_policy_knowledge(

@@ -1,9 +1,14 @@
 """Final evaluation on test users (METHOD.md section 9), read once at the end of a run.
 
-Consumes the recommender stages (ID-only, the base one, one per round) and, for each policy, one greedy text
-per test user; produces `<run>/evaluate/` with per-user NDCG@{1,3,5,7} / MAP@{1,3,5,7} for every variant and their
-means with bootstrap 95% intervals over test users (`table.json`). Each LLM row pairs policy_t with the recommender
-retrained in that round: the combination a deployment would serve. Knows nothing about how the report looks.
+Consumes the recommender stages (ID-only, the base one, one per round) and, for each policy, one text per test user
+(`loop.test_texts`: sampled with generate's settings and a per-user seed shared by every policy, or greedy);
+produces `<run>/evaluate/` with per-user NDCG@{1,3,5,7} / MAP@{1,3,5,7} for every variant, their means with
+bootstrap 95% intervals over test users (`table.json`) and paired differences (`paired.json`). Each round's policy
+gets two rows: "DPO round t" pairs its texts with the recommender retrained in that round (the paper's full round,
+what a deployment would serve); "DPO round t, fixed re-ranker" scores its texts with the frozen base re-ranker that
+scored the base policy, so its paired difference to "base LLM" answers whether the new policy's text is better for
+a fixed recommender, free of the retrain's own variance. `rows.json` says which texts and re-ranker each row read
+and the off-topic share of those texts. Knows nothing about how the report looks.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from rlrf4rec.core.artifacts import (
     write_parquet,
 )
 from rlrf4rec.core.config import RunConfig, dump_config
-from rlrf4rec.core.layout import GENERATIONS, PAIRED, PER_USER_PARQUET, TABLE_JSON, TEST_TEXTS
+from rlrf4rec.core.layout import EVAL_ROWS, FIXED, GENERATIONS, PAIRED, PER_USER_PARQUET, TABLE_JSON, TEST_TEXTS
 from rlrf4rec.core.metrics import bootstrap_ci, rank_metrics
 from rlrf4rec.core.prompts import user_knowledge_text
-from rlrf4rec.core.recommender import RERANK_KS, RerankBatch, RerankTask
+from rlrf4rec.core.recommender import RERANK_KS, RerankTask
 from rlrf4rec.stages.encode import TextEncoder, embedding_cache
 from rlrf4rec.stages.reward import RewardModel
 
@@ -48,13 +53,7 @@ def per_user_metrics(model: RewardModel, users: list[str], vectors: np.ndarray |
     owner = torch.tensor([row_of[u] for u in task.list_users["test"]], dtype=torch.long)
     with torch.inference_mode():
         knowledge = model.knowledge(None if vectors is None else torch.from_numpy(vectors))
-        batch = RerankBatch(
-            data.candidates,
-            data.attributes,
-            data.history,
-            data.labels,
-            owner if vectors is not None else torch.zeros_like(owner),
-        )
+        batch = dataclasses.replace(data, user_row=owner if vectors is not None else torch.zeros_like(owner))
         logits = task.logits(model.model, batch, knowledge)
     return _per_user(task, logits.numpy(), users)
 
@@ -78,7 +77,7 @@ def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> d
     return {m: list(bootstrap_ci(v, num_samples=num_samples, seed=seed)) for m, v in per_user.items()}
 
 
-PAIRED_BASELINES = ("KAR ID-only", "ID only", "base LLM")
+PAIRED_BASELINES = ("popularity", "KAR ID-only", "ID only", "base LLM")
 
 
 def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int, seed: int) -> dict:
@@ -96,10 +95,31 @@ def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int,
     return out
 
 
-def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
-    """policies: [(row name, policy model path, recommender stage dir)] evaluated with greedy test texts."""
-    from rlrf4rec.stages.data import user_history_texts
+def policy_test_texts(cfg: RunConfig, name: str, policy: str | Path) -> tuple[dict[str, str], float]:
+    """One text per test user from `policy` (resumable, under evaluate.texts/<name>): sampled with generate's
+    settings (each user's seed is the same for every policy, so policies are compared on common random numbers) or
+    greedy, by loop.test_texts. Returns user -> text and the share of those texts flagged off topic."""
     from rlrf4rec.stages.generate import run_generate
+
+    settings = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1)
+    if cfg.loop.test_texts == "greedy":
+        settings = dataclasses.replace(settings, temperature=0.0)
+    gen_dir = run_generate(
+        dataclasses.replace(cfg, generate=settings),
+        model=str(policy),
+        policy_version=name,
+        out=cfg.layout.evaluate_texts(name),
+    )
+    gens = read_parquet(gen_dir / GENERATIONS, S.GENERATIONS)
+    text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+    flags = gens.column(S.FLAGS).to_pylist()
+    return text_of, float(np.mean(["off_topic" in f for f in flags])) if flags else 0.0
+
+
+def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
+    """policies: [(row name, policy model path, recommender stage dir)], each evaluated with its test texts under
+    its own recommender and, where that is not the base one, under the base re-ranker too."""
+    from rlrf4rec.stages.data import user_history_texts
 
     layout = cfg.layout
     data_dir = layout.data
@@ -128,20 +148,23 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
         rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
     texts: dict[str, list[str]] = {}
-    greedy = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1, temperature=0.0)
+    scored_by = {"popularity": "none (train-user count)", "KAR ID-only": "id-kar", "ID only": "id"}
+    info: dict[str, dict] = {name: {"texts": None, "re-ranker": scored_by.get(name, "base")} for name in rows}
+    if "history knowledge (no LLM)" in info:
+        info["history knowledge (no LLM)"]["texts"] = "history text"
+    base_dir = layout.recommender("base")
     for name, policy, recommender in policies:
-        gen_dir = run_generate(
-            dataclasses.replace(cfg, generate=greedy),
-            model=policy,
-            policy_version=name,
-            out=layout.evaluate_texts(name),
-        )
-        gens = read_parquet(gen_dir / GENERATIONS, S.GENERATIONS)
-        text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
+        text_of, off_topic = policy_test_texts(cfg, name, policy)
         texts[name] = [text_of.get(u, "") for u in test_users]
-        model = RewardModel.load(recommender, data_dir, require_knowledge=False)
-        vectors = model.encode(encoder, [user_knowledge_text(histories[u], text_of.get(u)) for u in test_users], cache)
-        rows[name] = per_user_metrics(model, test_users, vectors)
+        with_history = cfg.knowledge.history_text
+        knowledge_texts = [user_knowledge_text(histories[u], text_of.get(u), with_history) for u in test_users]
+        shown = {"texts": f"{cfg.loop.test_texts} ({name})", "off_topic_share": off_topic}
+        model = base if Path(recommender) == base_dir else RewardModel.load(recommender, data_dir)
+        rows[name] = per_user_metrics(model, test_users, model.encode(encoder, knowledge_texts, cache))
+        info[name] = {**shown, "re-ranker": Path(recommender).name}
+        if model is not base:
+            rows[name + FIXED] = per_user_metrics(base, test_users, base.encode(encoder, knowledge_texts, cache))
+            info[name + FIXED] = {**shown, "re-ranker": "base (fixed)"}
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     paired = paired_differences(rows, cfg.loop.bootstrap_samples, cfg.seed)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
@@ -156,5 +179,6 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         )
         write_parquet(per_user, tmp / PER_USER_PARQUET)
         write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / TEST_TEXTS)
+        write_json(info, tmp / EVAL_ROWS)
         stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
     return stage_dir

@@ -22,6 +22,8 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_manifest, read_marker, read_parquet, stage_output
 from rlrf4rec.core.layout import (
     CONFIG,
+    EVAL_ROWS,
+    FIXED,
     GENERATIONS,
     MARKER,
     PAIRED,
@@ -38,7 +40,7 @@ METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 FOREST_METRICS = ("ndcg@5", "map@5")
 BASELINE_ORDER = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM"]
 # Paired differences drawn against these rows, in this order (evaluate.PAIRED_BASELINES, most telling first).
-PAIRED_ORDER = ["base LLM", "ID only", "KAR ID-only"]
+PAIRED_ORDER = ["base LLM", "popularity", "ID only", "KAR ID-only"]
 
 
 def _ordered(names) -> list[str]:
@@ -104,26 +106,46 @@ def _dpo_curves(run: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
     return curves
 
 
-def _evaluation(table: dict, paired: dict, md: list[str], body: list[str]) -> None:
+def _versus_popularity(name: str, paired: dict) -> str:
+    """Whether a learned row beats the item count on test NDCG@5 (resolved), ties it (within noise) or loses."""
+    diff = paired.get(name, {}).get("popularity", {}).get("ndcg@5")
+    if diff is None:
+        return ""
+    d, low, high, resolved = diff
+    word = ("above" if d > 0 else "BELOW") if resolved else "not distinguishable from"
+    return f"{word} popularity ({d:+.4f} [{low:+.4f}, {high:+.4f}])"
+
+
+def _evaluation(table: dict, paired: dict, info: dict, md: list[str], body: list[str]) -> None:
     """The method's table as two forest plots (each variant's interval; its paired difference to each baseline),
-    the full table and every paired difference folded beneath them."""
+    the full table and every paired difference folded beneath them. `info`: evaluate's rows.json (which texts and
+    re-ranker each row scored, their off-topic share), shown beside the metrics where present."""
     names = _ordered(table)
+
+    def described(name: str) -> list[str]:
+        row = info.get(name, {})
+        off = row.get("off_topic_share")
+        return [row.get("texts") or "", row.get("re-ranker", ""), "" if off is None else f"{off:.0%}"]
+
     md += [
         "## Re-ranking on test users (mean [95% bootstrap CI over users])",
         "",
-        "| variant | " + " | ".join(METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
+        "| variant | texts | re-ranker | off topic | " + " | ".join(METRICS) + " | NDCG@5 vs popularity |",
+        "|---|---|---|---|" + "---|" * (len(METRICS) + 1),
     ]
     rows_html = []
     for name in names:
         metrics = table[name]
         md.append(
             f"| {name} | "
+            + " | ".join(described(name))
+            + " | "
             + " | ".join(f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS)
-            + " |"
+            + f" | {_versus_popularity(name, paired)} |"
         )
         rows_html.append(
             f"<tr><th>{html.escape(name)}</th>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in described(name))
             + "".join(
                 f"<td>{metrics[m][0]:.4f}<br><small>[{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]</small></td>"
                 for m in METRICS
@@ -181,7 +203,7 @@ def _evaluation(table: dict, paired: dict, md: list[str], body: list[str]) -> No
     body.append(
         _details(
             "All metrics as a table (NDCG and MAP at 1, 3, 5, 7)",
-            "<table><tr><th>variant</th>"
+            "<table><tr><th>variant</th><th>texts</th><th>re-ranker</th><th>off topic</th>"
             + "".join(f"<th>{m}</th>" for m in METRICS)
             + "</tr>"
             + "".join(rows_html)
@@ -201,14 +223,21 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
         users = (read_marker(RunLayout(run).evaluate) or {}).get("stats", {}).get("test_users")
         on = f" on {users} test users" if users else " on test users"
         sentences.append(f"Evaluated {len(table)} variants{on}: {', '.join(_ordered(table))}.")
-    dpo_rows = [n for n in _ordered(paired) if n.startswith("DPO")]
-    for name, base in ([(dpo_rows[-1], "base LLM")] if dpo_rows else []) + [("base LLM", "ID only")]:
+    last = ([n for n in _ordered(paired) if n.startswith("DPO") and not n.endswith(FIXED)] or [None])[-1]
+    compared = [(last, "base LLM"), (last + FIXED, "base LLM")] if last else []
+    for name, base in compared + [("base LLM", "ID only"), ("base LLM", "popularity")]:
         diff = paired.get(name, {}).get(base, {}).get("ndcg@5")
         if diff is not None:
             d, low, high, _ = diff
             sentences.append(
                 f"NDCG@5 of {name} minus {base}: {d:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]), {_verdict(diff)}."
             )
+    below = [n for n in _ordered(paired) if "BELOW" in _versus_popularity(n, paired)]
+    tied = [n for n in _ordered(paired) if _versus_popularity(n, paired).startswith("not")]
+    if below:
+        sentences.append(f"Below item popularity on test NDCG@5 (resolved): {', '.join(below)}.")
+    if tied:
+        sentences.append(f"Not distinguishable from item popularity on test NDCG@5: {', '.join(tied)}.")
     return sentences
 
 
@@ -334,6 +363,7 @@ def _times(run: Path, md: list[str], body: list[str]) -> None:
 
 def _lineage(manifest: dict, md: list[str], body: list[str]) -> None:
     """Which policy and recommender each round read and wrote, in words, with the raw manifest folded beneath."""
+
     def seeds(r: dict) -> str:
         k = len(r.get("reward_models", []))
         return f", each reward the mean of {k} seeds." if k > 1 else "."
@@ -373,6 +403,7 @@ def build_report(run: Path) -> Path:
     evaluate = layout.evaluate
     table = json.loads((evaluate / TABLE_JSON).read_text()) if (evaluate / TABLE_JSON).is_file() else {}
     paired = json.loads((evaluate / PAIRED).read_text()) if (evaluate / PAIRED).is_file() else {}
+    info = json.loads((evaluate / EVAL_ROWS).read_text()) if (evaluate / EVAL_ROWS).is_file() else {}
     manifest = read_manifest(layout)
 
     summary = _summary(run, table, paired, manifest)
@@ -380,7 +411,7 @@ def build_report(run: Path) -> Path:
         md += ["## Summary", "", " ".join(summary), ""]
         body.append('<p class="summary">' + html.escape(" ".join(summary)) + "</p>")
     if table:
-        _evaluation(table, paired, md, body)
+        _evaluation(table, paired, info, md, body)
 
     quality = text_quality(run)
     if quality:  # how much of what the policies wrote is usable text at all, per generation stage

@@ -36,7 +36,7 @@ from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
 from rlrf4rec.core.metrics import bootstrap_ci, pairwise_log_likelihood, rank_metrics
 from rlrf4rec.core.prompts import user_knowledge_text
-from rlrf4rec.core.recommender import RerankBatch, RerankTask, load_checkpoint
+from rlrf4rec.core.recommender import RerankTask, load_checkpoint
 from rlrf4rec.stages.data import user_history_texts
 from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
 
@@ -126,9 +126,7 @@ class RewardModel:
                 list_idx = torch.cat([idx for _, idx in rows])
                 owner = torch.cat([torch.full((len(idx),), r, dtype=torch.long) for r, idx in rows])
                 batch = data.take(list_idx)
-                batch = RerankBatch(
-                    batch.candidates, batch.attributes, batch.history, batch.labels, torch.arange(len(list_idx))
-                )
+                batch = dataclasses.replace(batch, user_row=torch.arange(len(list_idx)))
                 logits = self.task.logits(self.model, batch, self.knowledge(knowledge[owner]))  # [n, C]
                 values = list_rewards(logits, batch.labels, batch.candidates != 0, name, k)  # [n]
                 parts.append((owner.numpy(), values))
@@ -286,7 +284,8 @@ def run_reward(
         gens = gens.filter(has_lists)
     histories = user_history_texts(cfg)
     users = gens.column(S.USER_ID).to_pylist()
-    texts = [user_knowledge_text(histories[u], t) for u, t in zip(users, gens.column(S.PREFERENCE_TEXT).to_pylist())]
+    preferences = gens.column(S.PREFERENCE_TEXT).to_pylist()
+    texts = [user_knowledge_text(histories[u], t, cfg.knowledge.history_text) for u, t in zip(users, preferences)]
     scorer_of = {u: tuple(dirs) for dirs, fold in folds for u in fold}
     rewards = np.zeros(len(users))
     encoder = None
