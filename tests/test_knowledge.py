@@ -497,7 +497,7 @@ def test_signal_audit_runs_on_tiny_data_and_skips_when_complete(tmp_path, asset_
     }  # fmt: skip
     assert set(result["swaps"]) == {"own", "other user's", "empty", "history template"}
     assert 0.0 <= (result["label_validity"]["mean"] or 0.5) <= 1.0
-    texts = read_parquet(tmp_path / "run/controls/signal-t-texts/generations.parquet", S.GENERATIONS)
+    texts = read_parquet(tmp_path / "run/controls/signal-texts-base-4/generations.parquet", S.GENERATIONS)
     assert texts.num_rows == 4 * len(set(task.list_users["valid"]))
     assert "label validity" in capsys.readouterr().out
     marker = read_marker(tmp_path / "run/controls/signal-t")

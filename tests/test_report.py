@@ -35,7 +35,7 @@ def test_report_orders_the_method_table_and_is_published_whole(tmp_path):
     md = (out / "report.md").read_text()
     rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ") and "[" in line]
     assert rows == ["ID only", "history knowledge (no LLM)", "base LLM", "DPO round 1"]
-    assert "| ID only | 0.5200 [0.4000, 0.6000]" in md
+    assert "| ID only |  |  |  | 0.5200 [0.4000, 0.6000]" in md  # written before evaluate said what each row read
     assert "DPO round0: loss 0.6931 → 0.6200 over 2 logged steps" in md
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "<script" not in page
@@ -273,3 +273,36 @@ def test_report_renders_in_headless_chromium(small_run, tmp_path):
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1000, 3000)
     assert len(png) > 100_000  # the charts drawn: a page with one heading at this size is about 16 kB
+
+
+def test_report_says_which_texts_and_re_ranker_each_row_read_and_marks_rows_below_popularity(tmp_path):
+    run = tmp_path / "run"
+    names = ["popularity", "ID only", "base LLM", "DPO round 1", "DPO round 1, fixed re-ranker"]
+    table = {name: {m: [0.5 + i / 100, 0.4, 0.6] for m in METRICS} for i, name in enumerate(names)}
+    rows = {
+        "popularity": {"texts": None, "re-ranker": "none (train-user count)"},
+        "ID only": {"texts": None, "re-ranker": "id"},
+        "base LLM": {"texts": "sampled (base LLM)", "off_topic_share": 0.04, "re-ranker": "base"},
+        "DPO round 1": {"texts": "sampled (DPO round 1)", "off_topic_share": 0.25, "re-ranker": "round1"},
+        "DPO round 1, fixed re-ranker": {
+            "texts": "sampled (DPO round 1)", "off_topic_share": 0.25, "re-ranker": "base (fixed)"
+        },
+    }  # fmt: skip
+    diff = lambda d, lo, hi: {m: [d, lo, hi, lo > 0 or hi < 0] for m in METRICS}  # noqa: E731
+    paired = {
+        "ID only": {"popularity": diff(-0.02, -0.03, -0.01)},
+        "base LLM": {"popularity": diff(0.01, -0.01, 0.03)},
+        "DPO round 1": {"popularity": diff(0.03, 0.01, 0.05), "base LLM": diff(0.02, 0.0, 0.04)},
+        "DPO round 1, fixed re-ranker": {"popularity": diff(0.0, -0.02, 0.02), "base LLM": diff(-0.01, -0.03, 0.01)},
+    }
+    with stage_output(run / "evaluate", "fp", "") as (tmp, _):
+        write_json(table, tmp / "table.json")
+        write_json(paired, tmp / "paired.json")
+        write_json(rows, tmp / "rows.json")
+    md = (build_report(run) / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| DPO round 1, fixed re-ranker |"))
+    assert line.startswith("| DPO round 1, fixed re-ranker | sampled (DPO round 1) | base (fixed) | 25% | 0.5400")
+    assert line.endswith("| not distinguishable from popularity (+0.0000 [-0.0200, +0.0200]) |")
+    assert "| ID only |  | id |  | 0.5100" in md and "BELOW popularity (-0.0200 [-0.0300, -0.0100])" in md
+    assert "Below item popularity on test NDCG@5 (resolved): ID only." in md
+    assert "NDCG@5 of DPO round 1, fixed re-ranker minus base LLM: -0.0100" in md

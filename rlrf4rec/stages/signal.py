@@ -3,13 +3,14 @@ reward carry a signal a policy could learn from its own samples? (No DPO runs he
 
 Consumes the data stage, the base policy's texts (the reward models' training knowledge, as the base recommender's)
 and a policy (the base LLM by default); produces `<run>/controls/signal-<name>/` (audit.json, audit.md) from
-`samples` texts per valid user (written to `signal-<name>-texts/`, resumable). Each valid user's lists are split in
-two halves by a seeded hash; judge A, the mean of seeds 0 .. K/2 - 1 of the run's reward model, scores every text on
-half A; judge B, seeds K/2 .. K - 1, on half B. Reported (rlrf4rec.core.audit): label validity (B agrees with A's
-best-vs-worst pair), the best-of-n ceiling for n = 2, 4, 8, 16, the within-user association of the reward with text
-features (length, truncated, off topic, genre words, titles from the prompt named), and under judge B a user's own
-text against another user's, an empty text and the prompt's history text in the preference's place. Training is in
-process (no Ray), as the other controls.
+`samples` texts per valid user (in `signal-texts-<policy>-<samples>/`: resumable, shared by audits of other
+settings). Each valid user's lists are split in two halves by a seeded hash; judge A, the mean of seeds
+0 .. K/2 - 1 of the run's reward model, scores every text on half A; judge B, seeds K/2 .. K - 1, on half B.
+Reported (rlrf4rec.core.audit): label validity (B agrees with A's best-vs-worst pair), the best-of-n ceiling for
+n = 2, 4, 8, 16, the within-user association of the reward with text features (length, truncated, off topic, genre
+words, titles from the prompt named), and under judge B a user's own text against another user's, an empty text and
+the prompt's history text in the preference's place. The judges train in process (no Ray), as the other controls;
+their epochs are selected on all valid lists, the same for both judges.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def prompt_titles(cfg: RunConfig, tables: dict, users: list[str]) -> dict[str, l
     return out
 
 
-def audit_texts(cfg: RunConfig, policy: str | None, samples: int, name: str) -> Path:
+def audit_texts(cfg: RunConfig, policy: str | None, samples: int) -> Path:
     """`samples` texts of the policy for every valid user (a generate stage: resumable, skipped when complete)."""
     from rlrf4rec.stages.generate import run_generate
 
@@ -101,7 +102,8 @@ def audit_texts(cfg: RunConfig, policy: str | None, samples: int, name: str) -> 
         dataclasses.replace(cfg, generate=gen_cfg),
         model=str(model_path),
         policy_version="audit",
-        out=cfg.layout.controls(f"signal-{name}-texts"),
+        # Keyed by policy and N, not by the audit's name: audits of other knowledge or reward settings share them.
+        out=cfg.layout.controls(f"signal-texts-{'base' if policy is None else Path(policy).name}-{samples}"),
     )
 
 
@@ -233,7 +235,7 @@ def run_signal_audit(
     if samples < 2 or seeds < 2 or seeds % 2:
         raise ValueError(f"--samples={samples}, --seeds={seeds}: use 2+ samples and an even number of seeds (2+)")
     data_marker = require_data(cfg, "controls --signal")
-    texts_dir = audit_texts(cfg, policy, samples, name)
+    texts_dir = audit_texts(cfg, policy, samples)
     fingerprint = (
         f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'reward', 'seed')}-{seeds}-"
         f"{data_marker['fingerprint']}-{require_marker(texts_dir, 'generate')['fingerprint']}"
