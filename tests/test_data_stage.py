@@ -1,6 +1,7 @@
 """The data stage end to end on a small RecBole fixture: artifacts, re-run skip, bad rows, strict mode."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,10 +58,20 @@ def test_changed_dataset_file_invalidates_the_output(tmp_path):
     shutil.copytree(FIXTURE, data_dir)
     cfg = from_dict(RunConfig, {"name": "t", "run_dir": str(tmp_path / "run"), "data": {"path": str(data_dir)}})
     stage = run_data(cfg)
-    first = json.loads((stage / MARKER).read_text())["fingerprint"]
+    fingerprint = json.loads((stage / MARKER).read_text())["fingerprint"]
     inter = next(data_dir.glob("*.inter"))
-    header, first, rest = inter.read_text().split("\n", 2)
-    user, item, rating, ts = first.split("\t")
+    stat = inter.stat()
+    header, row, rest = inter.read_text().split("\n", 2)
+    user, item, rating, ts = row.split("\t")
     inter.write_text("\n".join([header, "\t".join([user, item, "5" if rating != "5" else "4", ts]), rest]))
+    assert inter.stat().st_size == stat.st_size  # a same-size edit: only the mtime tells
     run_data(cfg)
-    assert json.loads((stage / MARKER).read_text())["fingerprint"] != first
+    changed = json.loads((stage / MARKER).read_text())["fingerprint"]
+    assert changed != fingerprint
+    # Documented limit (README, "Datasets and the protocol"): the identity is names, sizes and mtimes, not content, so a
+    # same-size edit that also restores the mtime is not noticed; `rlrf4rec data --force` rebuilds.
+    mtime = inter.stat().st_mtime_ns
+    inter.write_text("\n".join([header, row, rest]))  # the original row back: same size, and the mtime restored
+    os.utime(inter, ns=(stat.st_atime_ns, mtime))
+    run_data(cfg)
+    assert json.loads((stage / MARKER).read_text())["fingerprint"] == changed
