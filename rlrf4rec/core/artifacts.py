@@ -92,10 +92,27 @@ def write_json(obj: object, path: Path) -> None:
 
 
 def read_marker(stage_dir: Path) -> dict | None:
-    marker = stage_dir / MARKER
-    if not marker.is_file():
+    marker = Path(stage_dir) / MARKER
+    if not marker.is_file() and not restore_interrupted(Path(stage_dir)):
         return None
     return json.loads(marker.read_text())
+
+
+def restore_interrupted(stage_dir: Path) -> bool:
+    """Put back a complete stage that a publish moved aside (`<name>.old-<pid>`) and died before moving the new one
+    in, so a crash between stage_output's two renames never loses the stage. True when one was restored."""
+    if stage_dir.exists():
+        return False
+    aside = [p for p in stage_dir.parent.glob(f"{stage_dir.name}.old-*") if (p / MARKER).is_file()]
+    if not aside:
+        return False
+    newest = max(aside, key=lambda p: (p / MARKER).stat().st_mtime)
+    try:
+        os.replace(newest, stage_dir)
+    except OSError:  # another process restored or published it first
+        return (stage_dir / MARKER).is_file()
+    log.warning("%s: restored the complete stage an interrupted publish had moved aside (%s)", stage_dir, newest.name)
+    return True
 
 
 def require_marker(stage_dir: Path, command: str) -> dict:
@@ -124,10 +141,13 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
     (`config.yaml`; None for a stage that has no config of its own).
 
     The caller fills the directory with artifacts and the dict with stats worth keeping (they go in the marker).
+    Publishing renames the old stage aside, the new one in, then deletes the old one; a process killed between the
+    renames leaves the old complete stage aside, which the next reader or writer restores (`restore_interrupted`).
     """
     stage_dir = Path(stage_dir)
     stage_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stage_dir.parent.glob(f"{stage_dir.name}.tmp-*"):
+    restore_interrupted(stage_dir)
+    for stale in [*stage_dir.parent.glob(f"{stage_dir.name}.tmp-*"), *stage_dir.parent.glob(f"{stage_dir.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = stage_dir.with_name(f"{stage_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir()
