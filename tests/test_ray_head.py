@@ -123,13 +123,20 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
         assert all(r["knowledge_text"].startswith("Preferences: ") for r in knowledge if r["user_id"] in trained_on)
     table = json.loads((run_dir / "evaluate" / "table.json").read_text())
     baselines = {"popularity", "KAR ID-only", "ID only"}
-    assert set(table) == baselines | {"base LLM", "DPO round 1"}
+    assert set(table) == baselines | {"base LLM", "DPO round 1", "DPO round 1, fixed re-ranker"}
     mean, low, high = table["DPO round 1"]["ndcg@5"]  # mean with its bootstrap interval
     assert 0 <= low <= mean <= high <= 1
     paired = json.loads((run_dir / "evaluate" / "paired.json").read_text())
     d, low, high, resolved = paired["DPO round 1"]["KAR ID-only"]["ndcg@5"]  # per-user difference, same users
     assert low <= d <= high and resolved == (low > 0 or high < 0)
-    assert set(paired["DPO round 1"]) == {"KAR ID-only", "ID only", "base LLM"}
+    assert set(paired["DPO round 1"]) == {"popularity", "KAR ID-only", "ID only", "base LLM"}
+    # The round's sampled texts, scored by its own re-ranker and by the base one (the fixed re-ranker row).
+    rows = json.loads((run_dir / "evaluate" / "rows.json").read_text())
+    assert rows["DPO round 1"]["re-ranker"] == "round1" and rows["DPO round 1, fixed re-ranker"]["re-ranker"] == (
+        "base (fixed)"
+    )
+    assert rows["DPO round 1"]["texts"] == rows["DPO round 1, fixed re-ranker"]["texts"] == "sampled (DPO round 1)"
+    assert 0.0 <= rows["DPO round 1"]["off_topic_share"] <= 1.0
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
     assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
 
