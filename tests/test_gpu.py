@@ -54,7 +54,7 @@ def tiny_gpu_config(tmp_path: Path, asset_home: Path, **sections: dict) -> RunCo
     # One replica for the one GPU; eager: CUDA graph capture would cost more than a tiny run's generation.
     raw["generate"].update(num_samples=4, max_new_tokens=32, batch_size=16, concurrency=1, enforce_eager=True)
     raw["encode"].update(max_length=64)
-    raw["recommender"].update(max_epochs=2, batch_size=32)
+    raw["recommender"].update(max_epochs=2, warmup_epochs=1, batch_size=32)
     raw["dpo"].update(max_steps=2, save_steps=2, grad_accum=1, num_workers=1, max_length=768, max_prompt_length=640)
     raw["reward"].update(min_margin=0.0)  # a tiny run keeps every untied best-worst pair
     raw["loop"].update(rounds=1, train_users=16, eval_users=4, bootstrap_samples=100)

@@ -358,7 +358,8 @@ def test_controls_compare_backbones_side_by_side_and_the_report_shows_each(tmp_p
     common = [
         "--config", "configs/ml100k-cpu.yaml", f"--run_dir={tmp_path}/run", "--data.format=parquet",
         f"--data.path={tmp_path}/raw", "--data.max_train_users=null", f"--models.encoder={encoder}",
-        "--knowledge.user=history", "--recommender.max_epochs=2", "--encode.max_length=64",
+        "--knowledge.user=history", "--recommender.max_epochs=2", "--recommender.warmup_epochs=1",
+        "--encode.max_length=64",
     ]  # fmt: skip
     assert main(["data", *common]) == 0
     variants = "KAR ID-only;ID + history;history text + ID history"
@@ -419,7 +420,9 @@ def test_reward_reliability_reports_each_reward_definition_and_seed_ensembles(tm
     common = [
         "--config", "configs/ml100k-cpu.yaml", f"--run_dir={tmp_path}/run", "--data.format=parquet",
         f"--data.path={tmp_path}/raw", "--data.max_train_users=null", f"--models.encoder={encoder}",
-        "--knowledge.user=history", "--knowledge.item=none", "--recommender.max_epochs=1", "--encode.max_length=64",
+        "--knowledge.user=history", "--knowledge.item=none", "--recommender.max_epochs=1",
+        "--recommender.warmup_epochs=0",
+        "--encode.max_length=64",
     ]  # fmt: skip
     assert main(["data", *common]) == 0
     lists = read_parquet(tmp_path / "run/data/rerank_lists.parquet")

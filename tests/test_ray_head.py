@@ -62,7 +62,7 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     config["generate"].update(engine="transformers", num_samples=2, max_new_tokens=8, batch_size=16)
     config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
     config["encode"].update(max_length=64)
-    config["recommender"].update(max_epochs=2, num_workers=1)
+    config["recommender"].update(max_epochs=2, warmup_epochs=1, num_workers=1)
     config["reward"].update(min_margin=0.0, ensemble=2)  # every reward the mean of two seeds' recommenders
     config["loop"].update(rounds=1, train_users=12, eval_users=4, bootstrap_samples=100)
     config_path = tmp_path / "tiny.yaml"

@@ -98,7 +98,9 @@ def test_knowledge_variant_trains_with_ddp_on_user_and_item_knowledge(ray_cluste
 
     encoder = str(assets.asset_dir("all-minilm-l6-v2", asset_home))
     # Synthetic user vectors (8-d) next to real encoder item vectors (384-d): no shared experts across the dims.
-    cfg = _cfg(tmp_path, {"item": "metadata"}, {"encoder": encoder}, max_epochs=2, adaptor_shared_experts=0)
+    cfg = _cfg(
+        tmp_path, {"item": "metadata"}, {"encoder": encoder}, max_epochs=2, warmup_epochs=1, adaptor_shared_experts=0
+    )
     data_dir = run_data(cfg)
     knowledge_dir = cfg.run_path / "knowledge" / "taste"
     from rlrf4rec.core.artifacts import stage_output

@@ -309,10 +309,11 @@ class ItemPrior(nn.Module):
 
     def __init__(self, num_items: int, bias: bool = True):
         super().__init__()
+        # [1], not 0-dim: DeepSpeed broadcasts each tensor as bytes, which a 0-dim tensor cannot be viewed as.
         self.register_buffer("count", torch.zeros(num_items + 1))
-        self.register_buffer("center", torch.zeros(()))
-        self.register_buffer("scale", torch.ones(()))
-        self.weight = nn.Parameter(torch.ones(()))
+        self.register_buffer("center", torch.zeros(1))
+        self.register_buffer("scale", torch.ones(1))
+        self.weight = nn.Parameter(torch.ones(1))
         self.bias = nn.Embedding(num_items + 1, 1, padding_idx=0) if bias else None
 
     def reset_bias(self) -> None:
@@ -325,8 +326,8 @@ class ItemPrior(nn.Module):
             raise ValueError(f"item counts must be [{self.count.shape[0]}] (num_items + 1), got {tuple(counts.shape)}")
         self.count.copy_(counts.to(self.count.dtype))
         log_count = torch.log1p(self.count[1:])
-        self.center.copy_(log_count.mean())
-        self.scale.copy_(log_count.std().clamp(min=1e-6) if len(log_count) > 1 else torch.ones(()))
+        self.center.fill_(log_count.mean().item())
+        self.scale.fill_(log_count.std().clamp(min=1e-6).item() if len(log_count) > 1 else 1.0)
 
     def feature(self, candidates: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
         """candidates [B, C], own [B, C] bool or None -> standardised log count [B, C] (0 at padding)."""
