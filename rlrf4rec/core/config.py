@@ -372,13 +372,7 @@ class DPOConfig:
         if not self.lr > 0:
             _fail("dpo.lr", self.lr, "use a positive learning rate")
         for name in (
-            "per_device_batch_size",
-            "grad_accum",
-            "epochs",
-            "lora_r",
-            "num_workers",
-            "cpus_per_worker",
-            "save_steps",
+            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
         ):
             if getattr(self, name) < 1:
                 _fail(f"dpo.{name}", getattr(self, name), "use a positive integer")

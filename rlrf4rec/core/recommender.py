@@ -450,15 +450,13 @@ def checkpoint_header(recommender_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {recommender_dir} is not a trained recommender stage")
     saved = torch.load(path, weights_only=False, map_location="cpu")
-    saved_spec = dict(saved["spec"])
-    saved["spec"] = ModelSpec(**{**saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])})
+    # Written before the item prior existed: those models have none (and trained without a warm-up).
+    old_defaults = {"item_prior": False, "warmup_epochs": 0}
+    spec = {**old_defaults, **saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])}
+    saved["spec"] = ModelSpec(**spec)
     if saved.get("knowledge_dims") is None:  # written before item knowledge existed: user knowledge only
         saved["knowledge_dims"] = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
     saved.setdefault("user_segments", 0)
-    # Written before the item prior existed: those models have none (and trained without a warm-up).
-    saved["spec"] = dataclasses.replace(
-        saved["spec"], item_prior=saved_spec.get("item_prior", False), warmup_epochs=saved_spec.get("warmup_epochs", 0)
-    )
     saved.setdefault("item_knowledge", None)
     return saved
 

@@ -22,7 +22,7 @@ import torch
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, read_tables, require_marker, stage_output, write_json
-from rlrf4rec.core.audit import spearman
+from rlrf4rec.core.audit import derangement, spearman
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
 from rlrf4rec.core.prompts import user_knowledge_text
@@ -193,9 +193,7 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
         texts["leak"] = leaked_texts(tables)
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
         users = sorted(texts["leak"])
-        perm = np.random.default_rng(cfg.seed).permutation(len(users))
-        source = np.empty_like(perm)
-        source[perm] = np.roll(perm, 1)  # one random cycle through all users: nobody keeps their own
+        source = derangement(len(users), cfg.seed)  # nobody keeps their own
         texts["leak_permuted"] = {u: texts["leak"][users[j]] for u, j in zip(users, source)}
     user = {}
     for kind, by_user in texts.items():

@@ -130,20 +130,22 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     stage_dir = layout.evaluate
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
-    test_users = sorted(set(RewardModel.load(layout.recommender("base"), data_dir).task.list_users["test"]))
+    base = RewardModel.load(layout.recommender("base"), data_dir, require_knowledge=False)
+
+    def load(recommender: Path) -> RewardModel:  # the data tables are read once: every model shares base's lists
+        return RewardModel.load(recommender, data_dir, require_knowledge=False, task=base.task)
+
+    test_users = sorted(set(base.task.list_users["test"]))
     histories = user_history_texts(cfg)
     home = assets.asset_home(cfg.assets.home)
     encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
     cache = embedding_cache(cfg)
     rows: dict[str, dict[str, np.ndarray]] = {}
-    id_model = RewardModel.load(layout.recommender("id"), data_dir, require_knowledge=False)
+    id_model = load(layout.recommender("id"))
     rows["popularity"] = popularity_metrics(id_model.task, test_users)
     if layout.recommender_model("id-kar").is_file():
-        rows["KAR ID-only"] = per_user_metrics(
-            RewardModel.load(layout.recommender("id-kar"), data_dir, require_knowledge=False), test_users, None
-        )
+        rows["KAR ID-only"] = per_user_metrics(load(layout.recommender("id-kar")), test_users, None)
     rows["ID only"] = per_user_metrics(id_model, test_users, None)
-    base = RewardModel.load(layout.recommender("base"), data_dir, require_knowledge=False)
     if cfg.knowledge.user == "history":  # else the base recommender never saw a history text alone
         history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
         rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
@@ -152,14 +154,13 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     info: dict[str, dict] = {name: {"texts": None, "re-ranker": scored_by.get(name, "base")} for name in rows}
     if "history knowledge (no LLM)" in info:
         info["history knowledge (no LLM)"]["texts"] = "history text"
-    base_dir = layout.recommender("base")
+    base_dir, with_history = layout.recommender("base"), cfg.knowledge.history_text
     for name, policy, recommender in policies:
         text_of, off_topic = policy_test_texts(cfg, name, policy)
         texts[name] = [text_of.get(u, "") for u in test_users]
-        with_history = cfg.knowledge.history_text
         knowledge_texts = [user_knowledge_text(histories[u], text_of.get(u), with_history) for u in test_users]
         shown = {"texts": f"{cfg.loop.test_texts} ({name})", "off_topic_share": off_topic}
-        model = base if Path(recommender) == base_dir else RewardModel.load(recommender, data_dir)
+        model = base if Path(recommender) == base_dir else load(recommender)
         rows[name] = per_user_metrics(model, test_users, model.encode(encoder, knowledge_texts, cache))
         info[name] = {**shown, "re-ranker": Path(recommender).name}
         if model is not base:

@@ -134,13 +134,17 @@ def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, p
     judge_b = Judge(models[seeds // 2 :], task, metric, knowledge, segments, {u: halves[u][1] for u in users})
 
     histories, with_history = user_history_texts(cfg), cfg.knowledge.history_text
+
+    def vectors(owners: list[str], preferences: list[str]) -> np.ndarray:
+        """Each owner's knowledge text with that preference text, encoded as the judges read it."""
+        knowledge_texts = [user_knowledge_text(histories[u], t, with_history) for u, t in zip(owners, preferences)]
+        return encode_user_texts(encoder, knowledge_texts, segments, cache)
+
     rows = [(u, k) for u in users for k in range(samples)]
-    vectors = encode_user_texts(
-        encoder, [user_knowledge_text(histories[u], text[(u, k)], with_history) for u, k in rows], segments, cache
-    )
     row_users = [u for u, _ in rows]
-    a = judge_a.score(row_users, vectors).reshape(len(users), samples)  # [U, N]
-    b = judge_b.score(row_users, vectors).reshape(len(users), samples)
+    row_vectors = vectors(row_users, [text[r] for r in rows])
+    a = judge_a.score(row_users, row_vectors).reshape(len(users), samples)  # [U, N]
+    b = judge_b.score(row_users, row_vectors).reshape(len(users), samples)
 
     genres = sorted({g.lower() for gs in tables["items"].column(S.GENRES).to_pylist() for g in gs})
     titles = prompt_titles(cfg, tables, users)
@@ -158,18 +162,7 @@ def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, p
         "empty": ["" for _ in users],
         "history template": [prompts[u] for u in users],
     }
-    under_b = {
-        kind: judge_b.score(
-            users,
-            encode_user_texts(
-                encoder,
-                [user_knowledge_text(histories[u], t, with_history) for u, t in zip(users, ts)],
-                segments,
-                cache,
-            ),
-        )
-        for kind, ts in swapped.items()
-    }
+    under_b = {kind: judge_b.score(users, vectors(users, ts)) for kind, ts in swapped.items()}
     result = {
         "users": len(users),
         "samples": samples,
