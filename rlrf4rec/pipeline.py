@@ -23,6 +23,9 @@ from rlrf4rec.core.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
+# The evaluation row of the policy the rounds start from (loop.init).
+START_ROWS = {"base": "base LLM", "sft": "SFT warm start"}
+
 
 # --------------------------------------------------------------------------------------------------- the stages
 
@@ -40,6 +43,16 @@ def run_data(cfg: RunConfig) -> Path:
     from rlrf4rec.stages.data import run_data as stage
 
     return stage(cfg)
+
+
+def run_warm_start(cfg: RunConfig) -> Path | None:
+    """With loop.init = sft: the policy's supervised warm start on teacher profiles, on Ray Train (the rounds and the
+    base knowledge then start from it); nothing with loop.init = base."""
+    if cfg.loop.init != "sft":
+        return None
+    from rlrf4rec.stages.sft import run_sft
+
+    return run_sft(cfg)
 
 
 def run_encode(cfg: RunConfig) -> Path:
@@ -76,9 +89,9 @@ def run_evaluate(cfg: RunConfig) -> Path:
 
     layout = cfg.layout
     manifest = read_manifest(layout, rounds=cfg.loop.rounds)
-    policies = [
-        ("base LLM", assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home)), layout.recommender("base"))
-    ]
+    from rlrf4rec.stages.sft import start_policy
+
+    policies = [(START_ROWS[cfg.loop.init], start_policy(cfg), layout.recommender("base"))]
     policies += [
         (f"DPO round {r['round'] + 1}", r["policy_out"], Path(r["recommender_out"])) for r in manifest["rounds"]
     ]
@@ -92,11 +105,15 @@ def run_report(cfg: RunConfig) -> Path:
 
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
+    """Every stage of `rlrf4rec run` in order; the stage directories written (a stage the config leaves out, such as
+    sft with loop.init = base, writes none)."""
     outputs = {}
     for stage in STAGES:
         if stage.in_run is not None:
             log.info("=== stage %s", stage.name)
-            outputs[stage.name] = stage.in_run(cfg)
+            out = stage.in_run(cfg)
+            if out is not None:
+                outputs[stage.name] = out
     return outputs
 
 
@@ -161,6 +178,12 @@ def _dpo_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     policy = assets.resolve(args.policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
     name = args.name or args.pairs.stem
     return [run_dpo(cfg, args.pairs, Path(policy), name, eval_pairs_path=args.eval_pairs, force=args.force)]
+
+
+def _sft_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.sft import run_sft
+
+    return [run_sft(cfg, force=args.force)]
 
 
 def _controls_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
@@ -245,7 +268,8 @@ class Stage:
     command: Callable[[RunConfig, argparse.Namespace], list[Path]] | None  # None: run `in_run`, print its stats
     options: tuple[Option, ...] = ()
     on_ray: Callable[[RunConfig, argparse.Namespace], bool] = lambda cfg, args: False
-    in_run: Callable[[RunConfig], Path] | None = None  # the stage's place in `rlrf4rec run` (None: not part of it)
+    # The stage's place in `rlrf4rec run` (None: not part of it); it returns None when the config leaves it out.
+    in_run: Callable[[RunConfig], Path | None] | None = None
     needs_config: bool = True
 
     def run(self, cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
@@ -282,6 +306,14 @@ STAGES: Sequence[Stage] = (
         _data_command,
         (FORCE,),
         in_run=run_data,
+    ),
+    Stage(
+        "sft",
+        "warm-start the policy: SFT on (prompt, teacher profile) for train users on Ray Train (loop.init: sft)",
+        _sft_command,
+        (FORCE,),
+        on_ray=lambda cfg, args: True,
+        in_run=run_warm_start,
     ),
     Stage(
         "encode",

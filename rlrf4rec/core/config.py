@@ -335,17 +335,18 @@ def deepspeed_config(stage: str | None, field: str = "dpo.deepspeed") -> dict | 
 
 
 @dataclass(frozen=True)
-class DPOConfig:
-    """DPO on the preference pairs (METHOD.md section 7), TRL's DPOTrainer in Ray Train workers."""
+class PolicyTrainingConfig:
+    """What every fine-tune of the policy LLM shares (the `dpo` and `sft` sections): TRL's trainer in Ray Train
+    workers, LoRA or full, DDP or DeepSpeed ZeRO. `SECTION` names the section in error messages."""
 
-    beta: float = 0.01  # (reported)
-    lr: float = 5e-5  # AdamW (reported)
-    per_device_batch_size: int = 2  # pairs per worker per micro-step (reported)
-    grad_accum: int = 8  # (reported)
-    epochs: int = 3  # (reported)
+    SECTION: typing.ClassVar[str] = "dpo"
+    lr: float = 5e-5  # AdamW
+    per_device_batch_size: int = 2  # examples per worker per micro-step
+    grad_accum: int = 8
+    epochs: int = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs when set (a CPU demo caps them)
     max_length: int = 1024  # prompt + completion tokens; longer completions are cut at the end
-    max_prompt_length: int = 896  # pairs with longer prompts are dropped (counted): the completion keeps its room
+    max_prompt_length: int = 896  # examples with longer prompts are dropped (counted): the completion keeps its room
     lora: bool = True  # LoRA adapters, merged into the base weights at export; false = full fine-tune
     lora_r: int = 16
     lora_alpha: int = 32
@@ -356,11 +357,57 @@ class DPOConfig:
     num_workers: int = 2  # Ray Train workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: int = 1  # CPU workers: Ray CPUs each, and its torch threads (GPU workers ask for their GPU only)
     use_gpu: bool = False
-    bf16: bool = False  # GPUs only: on CPU a few bf16 DPO steps barely learn
-    seed_offset: int = 0  # DPO seed = run seed + seed_offset (LoRA init, data order)
-    eval_fraction: float = 0.1  # train-split pairs held out (by user) for eval reward accuracy and margin
+    bf16: bool = False  # GPUs only: on CPU a few bf16 steps barely learn
+    seed_offset: int = 0  # training seed = run seed + seed_offset (LoRA init, data order)
     save_steps: int = 50  # checkpoint and held-out eval every this many optimizer steps, and at the end
     max_failures: int = 1  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self) -> None:
+        sec = self.SECTION
+        if not self.lr > 0:
+            _fail(f"{sec}.lr", self.lr, "use a positive learning rate")
+        for name in (
+            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
+        ):
+            if getattr(self, name) < 1:
+                _fail(f"{sec}.{name}", getattr(self, name), "use a positive integer")
+        if self.max_steps is not None and self.max_steps < 1:
+            _fail(f"{sec}.max_steps", self.max_steps, "use a positive number of optimizer steps, or null for epochs")
+        if self.max_length < 16:
+            _fail(f"{sec}.max_length", self.max_length, "use at least 16 tokens (prompt + completion)")
+        if not 0 < self.max_prompt_length < self.max_length:
+            _fail(
+                f"{sec}.max_prompt_length",
+                self.max_prompt_length,
+                f"use a positive value below max_length={self.max_length} to leave room for the completion",
+            )
+        if self.lora_alpha <= 0:
+            _fail(f"{sec}.lora_alpha", self.lora_alpha, "use a positive scaling (commonly 2 * lora_r)")
+        if not 0 <= self.lora_dropout < 1:
+            _fail(f"{sec}.lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
+        if not self.lora_target_modules or any(not m.strip() for m in self.lora_target_modules):
+            _fail(f"{sec}.lora_target_modules", self.lora_target_modules, 'list module names, e.g. ["q_proj"]')
+        if "lm_head" in self.lora_target_modules:
+            _fail(
+                f"{sec}.lora_target_modules",
+                self.lora_target_modules,
+                "remove lm_head: TRL computes log-probs from lm_head.weight directly, an adapter there never trains",
+            )
+        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_STAGES:
+            _fail(f"{sec}.deepspeed", self.deepspeed, f"use null (plain DDP) or one of {list(DEEPSPEED_STAGES)}")
+        if self.bf16 and not self.use_gpu:
+            _fail(f"{sec}.bf16", self.bf16, "set it false on CPU (a few bf16 steps barely learn there), or use_gpu")
+        if self.max_failures < 0:
+            _fail(f"{sec}.max_failures", self.max_failures, "use 0 or more restarts")
+
+
+@dataclass(frozen=True)
+class DPOConfig(PolicyTrainingConfig):
+    """DPO on the preference pairs (METHOD.md section 7), TRL's DPOTrainer in Ray Train workers. The defaults are
+    the reported settings: beta 0.01, lr 5e-5, 2 pairs per device x 8 accumulation steps, 3 epochs."""
+
+    beta: float = 0.01  # (reported)
+    eval_fraction: float = 0.1  # train-split pairs held out (by user) for eval reward accuracy and margin
     # Speed only, same loss: the reference log-probs once per round before the first step (TRL's
     # precompute_ref_log_probs), and chosen and rejected continuing one pass over their shared prompt.
     precompute_ref_logps: bool = True
@@ -369,43 +416,36 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if not self.beta > 0:
             _fail("dpo.beta", self.beta, "use a positive value (0.01 reported; larger stays nearer the reference)")
-        if not self.lr > 0:
-            _fail("dpo.lr", self.lr, "use a positive learning rate")
-        for name in (
-            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
-        ):
-            if getattr(self, name) < 1:
-                _fail(f"dpo.{name}", getattr(self, name), "use a positive integer")
-        if self.max_steps is not None and self.max_steps < 1:
-            _fail("dpo.max_steps", self.max_steps, "use a positive number of optimizer steps, or null for full epochs")
-        if self.max_length < 16:
-            _fail("dpo.max_length", self.max_length, "use at least 16 tokens (prompt + completion)")
-        if not 0 < self.max_prompt_length < self.max_length:
-            _fail(
-                "dpo.max_prompt_length",
-                self.max_prompt_length,
-                f"use a positive value below max_length={self.max_length} to leave room for the completion",
-            )
-        if self.lora_alpha <= 0:
-            _fail("dpo.lora_alpha", self.lora_alpha, "use a positive scaling (commonly 2 * lora_r)")
-        if not 0 <= self.lora_dropout < 1:
-            _fail("dpo.lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
-        if not self.lora_target_modules or any(not m.strip() for m in self.lora_target_modules):
-            _fail("dpo.lora_target_modules", self.lora_target_modules, 'list module names, e.g. ["q_proj", "v_proj"]')
-        if "lm_head" in self.lora_target_modules:
-            _fail(
-                "dpo.lora_target_modules",
-                self.lora_target_modules,
-                "remove lm_head: TRL computes log-probs from lm_head.weight directly, an adapter there never trains",
-            )
-        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_STAGES:
-            _fail("dpo.deepspeed", self.deepspeed, f"use null (plain DDP) or one of {list(DEEPSPEED_STAGES)}")
-        if self.bf16 and not self.use_gpu:
-            _fail("dpo.bf16", self.bf16, "set it false on CPU (a few bf16 DPO steps barely learn there), or use_gpu")
+        super().__post_init__()
         if not 0 <= self.eval_fraction < 1:
             _fail("dpo.eval_fraction", self.eval_fraction, "use a fraction in [0, 1); 0 holds out no train pairs")
-        if self.max_failures < 0:
-            _fail("dpo.max_failures", self.max_failures, "use 0 or more restarts")
+
+
+SFT_TARGETS = ("teacher",)
+
+
+@dataclass(frozen=True)
+class SFTConfig(PolicyTrainingConfig):
+    """The policy's supervised warm start (stages/sft.py): TRL's SFTTrainer on (prompt, target text) for train
+    users, loss on the completion only, held-out loss on the valid users; LoRA as DPO."""
+
+    SECTION: typing.ClassVar[str] = "sft"
+    target: str = "teacher"  # teacher: the teacher profile of the prompt's window (core/profile.py)
+    lr: float = 2e-4
+    per_device_batch_size: int = 4
+    grad_accum: int = 2
+    epochs: int = 2
+    max_length: int = 640  # the prompt (~300 tokens with prompt_history 10) + a profile (~60-110 tokens)
+    max_prompt_length: int = 512
+    max_users: int | None = None  # train users trained on (null: all of the data stage's train users)
+    save_steps: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target not in SFT_TARGETS:
+            _fail("sft.target", self.target, f"use one of {list(SFT_TARGETS)}")
+        if self.max_users is not None and self.max_users < 1:
+            _fail("sft.max_users", self.max_users, "use a positive number of users, or null for all")
 
 
 @dataclass(frozen=True)
@@ -452,8 +492,13 @@ class LoopConfig:
     # The one text per test user that evaluate scores for each policy: "sampled" (seeded, with generate's sampling
     # settings, as the rewarded texts were drawn; the same seed per user for every policy) or "greedy".
     test_texts: str = "sampled"
+    # The policy round 0 starts from: "base" (models.llm) or "sft" (its warm start on teacher profiles, the sft
+    # stage's model). It also writes the base knowledge the round-0 reward model trains on.
+    init: str = "base"
 
     def __post_init__(self) -> None:
+        if self.init not in ("base", "sft"):
+            _fail("loop.init", self.init, "use base (models.llm) or sft (the sft stage's warm-started policy)")
         if self.rounds < 1:
             _fail("loop.rounds", self.rounds, "use at least 1 round")
         if self.test_texts not in ("sampled", "greedy"):
@@ -494,6 +539,7 @@ class RunConfig:
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)  # tests only

@@ -48,7 +48,9 @@ DPO_PAIRS = "pairs"  # inside a DPO fit's Ray Train storage: the length-filtered
 DPO_HF = "hf"  # inside a DPO fit's Ray Train storage: the HF trainer's output_dir, shared by all ranks
 DPO_TRAIN_PAIRS = "train.parquet"  # in DPO_PAIRS
 DPO_EVAL_PAIRS = "eval.parquet"  # in DPO_PAIRS
-DPO_RESUMES = "resumed_after.json"  # in a DPO fit's Ray Train storage: the steps worker groups resumed after
+SFT_EXAMPLES = "examples.parquet"  # the sft stage's (prompt, target) examples
+SFT_HF = "hf"  # inside an SFT fit's Ray Train storage: the HF trainer's output_dir
+RESUMES = "resumed_after.json"  # in a DPO or SFT fit's Ray Train storage: the steps worker groups resumed after
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
 PAIRED = "paired.json"
@@ -174,6 +176,11 @@ class RunLayout:
     def pairs(self, name: str) -> Path:
         """`rlrf4rec pairs --name`: a pairs stage outside the loop."""
         return self.root / "pairs" / name
+
+    @property
+    def sft(self) -> Path:
+        """`rlrf4rec sft`: the policy's warm start (model/ inside)."""
+        return self.root / "sft"
 
     def dpo(self, name: str) -> Path:
         return self.root / "dpo" / name

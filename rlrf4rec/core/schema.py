@@ -216,6 +216,17 @@ PAIRS = pa.schema(
     ]
 )
 
+# Supervised warm-start examples (output of rlrf4rec.stages.sft) in TRL's conversational prompt-completion format:
+# the generation prompt's messages and the assistant's target answer.
+COMPLETION = "completion"
+SFT_EXAMPLES = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(PROMPT, MESSAGES, nullable=False),
+        pa.field(COMPLETION, MESSAGES, nullable=False),
+    ]
+)
 
 # The data stage's protocol tables: name -> schema (each one `<run>/data/<name>.parquet`, layout.data_table).
 TABLES = {

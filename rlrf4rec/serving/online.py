@@ -77,7 +77,9 @@ def resolve_version(run_dir: Path, name: str) -> Version:
             f"finish the run (rlrf4rec run) or choose another version"
         )
     if name == "base":
-        policy = run_config(run_dir).models.llm
+        from rlrf4rec.stages.sft import start_policy
+
+        policy = start_policy(run_config(run_dir))
     else:
         policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
     return Version(name, layout.recommender(name), layout.knowledge(name), layout.serving_index(name), policy)

@@ -48,7 +48,9 @@ class Variant:
 
     name: str
     use_history: bool = False
-    user: str | None = None  # "history" | "llm" (the base policy's, llm_texts_dir) | "leak" | "leak_permuted"
+    # "history" | "llm" (the base policy's, llm_texts_dir) | "teacher" (core/profile.py, of the prompt's window) |
+    # "teacher_window" (of the whole history window) | "leak" | "leak_permuted"
+    user: str | None = None
     item: str | None = None  # "metadata"
     perturb: str | None = None
     trained_as: str | None = None
@@ -70,6 +72,15 @@ VARIANTS = (
         item="metadata",
         perturb="shuffled",
         trained_as="base LLM text + item metadata",
+    ),
+    Variant("teacher profile + item metadata", user="teacher", item="metadata"),
+    Variant("teacher profile (whole window) + item metadata", user="teacher_window", item="metadata"),
+    Variant(
+        "teacher profile + item metadata, shuffled users",
+        user="teacher",
+        item="metadata",
+        perturb="shuffled",
+        trained_as="teacher profile + item metadata",
     ),
     Variant("leak (positive control)", user="leak"),
     Variant("leak + item metadata (positive control)", user="leak", item="metadata"),
@@ -189,6 +200,9 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
         texts["history"] = user_history_texts(cfg)
     if "llm" in needed:
         texts["llm"] = base_llm_knowledge_texts(cfg)
+    for kind, max_items in (("teacher", cfg.generate.prompt_history), ("teacher_window", None)):
+        if kind in needed:
+            texts[kind] = teacher_knowledge_texts(cfg, max_items)
     if needed & {"leak", "leak_permuted"}:
         texts["leak"] = leaked_texts(tables)
     if "leak_permuted" in needed:  # every user gets another user's leak, the same one in training and evaluation
@@ -203,6 +217,15 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
     if "metadata" in needed:
         item["metadata"] = metadata_item_knowledge(cfg, task)
     return KnowledgeSources(user, item)
+
+
+def teacher_knowledge_texts(cfg: RunConfig, max_items: int | None) -> dict[str, str]:
+    """user -> the teacher profile of the last `max_items` window entries (+ history text, knowledge.history_text)."""
+    from rlrf4rec.stages.data import teacher_texts, user_history_texts
+
+    histories = user_history_texts(cfg)
+    profiles = teacher_texts(cfg, max_items)
+    return {u: user_knowledge_text(histories[u], p, cfg.knowledge.history_text) for u, p in profiles.items()}
 
 
 def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
@@ -230,7 +253,9 @@ def base_llm_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
 
 def write_llm_texts(cfg: RunConfig) -> Path:
     """The base policy's text per train and valid user, as the encode stage writes it (resumable)."""
-    return generate_policy_texts(cfg, cfg.models.llm, "base")
+    from rlrf4rec.stages.sft import start_policy
+
+    return generate_policy_texts(cfg, start_policy(cfg), "base")
 
 
 def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = None, name: str = "main") -> Path:

@@ -52,16 +52,15 @@ from rlrf4rec.core.layout import (
     DPO_EVAL_PAIRS,
     DPO_HF,
     DPO_PAIRS,
-    DPO_RESUMES,
     DPO_TRAIN_PAIRS,
     HISTORY,
     METRICS,
     POLICY_MODEL,
+    RESUMES,
 )
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.stages import launcher
 from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, trainer_class
-from rlrf4rec.stages.launcher import Fit
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -108,7 +107,7 @@ def drop_long_prompts(pairs: pa.Table, lengths: list[int], max_prompt_length: in
     return kept, pairs.num_rows - kept.num_rows
 
 
-def history_from_log(log_history: list[dict]) -> list[dict]:
+def history_from_log(log_history: list[dict], renames: dict[str, str] = RENAMES) -> list[dict]:
     """HF Trainer log entries -> flat dicts namespaced by split: `train/dpo_loss`, `eval/rewards/accuracies`, ...
 
     Train entries carry `loss`, eval entries `eval_loss`; the end-of-training summary (`train_loss`) is skipped.
@@ -126,7 +125,7 @@ def history_from_log(log_history: list[dict]) -> list[dict]:
             if key in ("step", "epoch") or not key.startswith(strip) or not isinstance(value, (int, float)):
                 continue
             name = key.removeprefix(strip)
-            row[prefix + RENAMES.get(name, name)] = float(value)
+            row[prefix + renames.get(name, name)] = float(value)
         rows.append(row)
     return rows
 
@@ -188,6 +187,22 @@ def trl_args(dc: DPOConfig, output_dir: Path, seed: int, has_eval: bool, deepspe
     )
 
 
+def lora_config(section: Any):
+    """peft's LoraConfig from a policy-training section (`dpo`, `sft`), None for a full fine-tune."""
+    if not section.lora:
+        return None
+    from peft import LoraConfig
+
+    targets = list(section.lora_target_modules)
+    return LoraConfig(
+        r=section.lora_r,
+        lora_alpha=section.lora_alpha,
+        lora_dropout=section.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_trainer(
     dc: DPOConfig,
     policy_dir: Path,
@@ -201,20 +216,9 @@ def build_trainer(
     """TRL's DPOTrainer on the pairs files; the model is loaded from `policy_dir` (reference: the same weights)."""
     from datasets import Dataset
     from datasets.table import InMemoryTable
-    from peft import LoraConfig
     from transformers import AutoTokenizer
 
     args = trl_args(dc, output_dir, seed, eval_path is not None, deepspeed)
-    peft_config = None
-    if dc.lora:
-        targets = list(dc.lora_target_modules)
-        peft_config = LoraConfig(
-            r=dc.lora_r,
-            lora_alpha=dc.lora_alpha,
-            lora_dropout=dc.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
 
     def dataset(path: Path):
         # Named by the file's digest: left to itself, datasets pickles the whole table with dill to fingerprint it,
@@ -233,8 +237,8 @@ def build_trainer(
         train_dataset=dataset(train_path),
         eval_dataset=dataset(eval_path) if eval_path is not None else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[_step_clock(), *(callbacks or [])],
+        peft_config=lora_config(dc),
+        callbacks=[launcher.step_clock(), *(callbacks or [])],
         share_prompt=dc.share_prompt,
     )
 
@@ -253,103 +257,14 @@ def trainer_from(config: dict, callbacks: list | None = None) -> Trainer:
     )
 
 
-def _step_clock():
-    """Stamps each train log entry with its optimizer step's wall time (`step_time_s`): forward, backward and the
-    optimizer, without the logging, evaluation and checkpointing that follow it."""
-    import time
-
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        started = elapsed = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.elapsed = time.perf_counter() - self.started
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.elapsed is not None and "loss" in state.log_history[-1]:
-                state.log_history[-1]["step_time_s"] = self.elapsed
-                self.elapsed = None
-
-    return StepClock()
-
-
-def _failure_callback(config: dict, rank: int, world: int):
-    """Fault injection for resilience tests (config fault.dpo_step): the last worker dies once, after saving."""
-    from transformers import TrainerCallback
-
-    class KillAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            launcher.inject_fault(config, rank, world, state.global_step)
-
-    return KillAfterSave() if config.get("fault_at") is not None else None
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray Train worker: build the trainer, resume from Ray's last checkpoint if any, train."""
-    import ray.train
-    import ray.train.collective
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-
-    launcher.worker_environment(config)
-    if not config["dpo"]["use_gpu"]:
-        import torch
-
-        torch.set_num_threads(config["dpo"]["cpus_per_worker"])  # the cores Ray reserved for this worker
-    ctx = ray.train.get_context()
-    if config["deepspeed"] is not None:
-        launcher.adopt_process_group()
-    if ctx.get_local_rank() == 0:
-        # The trainer's scratch from a dead attempt would confuse RayTrainReportCallback, which reports the newest
-        # checkpoint-N there; Ray storage holds the checkpoint this attempt resumes from.
-        shutil.rmtree(config["output_dir"], ignore_errors=True)
-    ray.train.collective.barrier()  # Ray's own, whatever the torch backend (gloo, NCCL)
-    callbacks = [RayTrainReportCallback()]
-    failure = _failure_callback(config, ctx.get_world_rank(), ctx.get_world_size())
-    if failure is not None:
-        callbacks.append(failure)  # after the report: the checkpoint is handed to Ray before the kill
-    trainer = prepare_trainer(trainer_from(config, callbacks))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        trainer.train()
-        return
-    with checkpoint.as_directory() as d:
-        resume = Path(d) / RayTrainReportCallback.CHECKPOINT_NAME
-        step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
-        log.info("rank %d resumes after step %d from %s", ctx.get_world_rank(), step, resume)
-        if ctx.get_world_rank() == 0:
-            _record_resume(Path(config["output_dir"]).parent / DPO_RESUMES, step)
-        trainer.train(resume_from_checkpoint=str(resume))
-
-
-def _record_resume(path: Path, step: int) -> None:
-    steps = json.loads(path.read_text()) if path.is_file() else []
-    write_json([*steps, step], path)
-
-
 def fit_on_ray(cfg: RunConfig, loop_config: dict, storage: Path, name: str) -> Path:
-    """`train_loop_per_worker` over `dpo.num_workers` workers; returns the last HF checkpoint directory in storage."""
-    dc = cfg.dpo
-    fit = Fit(name, storage, dc.num_workers, dc.use_gpu, dc.max_failures, cpus_per_worker=dc.cpus_per_worker)
-    result = launcher.fit_on_ray(train_loop_per_worker, loop_config, fit)
-    if result.checkpoint is None:
-        raise RuntimeError(f"DPO on Ray finished without a checkpoint; see the worker logs under {storage}")
-    return Path(result.checkpoint.path) / "checkpoint"
+    """The DPO trainer over `dpo.num_workers` Ray Train workers; returns the last HF checkpoint directory in storage."""
+    return launcher.hf_fit_on_ray(trainer_from, loop_config, launcher.Fit.of(name, storage, cfg.dpo))
 
 
 def fit_local(loop_config: dict) -> Path:
     """The same trainer in this process (plain TRL, no Ray); returns its last checkpoint directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    launcher.worker_environment(loop_config)
-    output_dir = Path(loop_config["output_dir"])
-    trainer = trainer_from(loop_config)
-    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
-    return Path(get_last_checkpoint(str(output_dir)))
+    return launcher.hf_fit_local(trainer_from, loop_config)
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -497,7 +412,7 @@ def run_dpo(
     else:
         checkpoint = fit_local(loop_config)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    resumes = storage / DPO_RESUMES
+    resumes = storage / RESUMES
     history = history_from_log(state["log_history"])
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)

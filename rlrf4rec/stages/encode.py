@@ -289,7 +289,8 @@ def write_policy_knowledge(
 def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     """Base knowledge for every user of every split, and the items' knowledge (knowledge.item).
 
-    knowledge.user = llm: the base policy's text + history for train and valid users (the base reward model learns
+    knowledge.user = llm: the start policy's text (models.llm, or its warm start with loop.init = sft) + history for
+    train and valid users (the base reward model learns
     from the kind of text it will score, as in KAR); history: the history text alone, no generation."""
     from rlrf4rec.stages.data import user_history_texts
 
@@ -297,7 +298,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False) -> Path:
     write_item_knowledge(cfg, force=force)
     if cfg.knowledge.user == "history":
         return write_user_knowledge(cfg, "base", user_history_texts(cfg), upstream, force=force)
-    return write_policy_knowledge(cfg, cfg.models.llm, "base", upstream, force=force)[1]
+    from rlrf4rec.stages.sft import start_policy
+
+    return write_policy_knowledge(cfg, start_policy(cfg), "base", upstream, force=force)[1]
 
 
 # --------------------------------------------------------------------------------------------------- segments

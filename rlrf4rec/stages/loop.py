@@ -1,6 +1,7 @@
 """The RLRF4Rec rounds (METHOD.md section 8): recommender feedback -> preference pairs -> DPO, `loop.rounds` times.
 
-Round t, with policy_t (round 0: models.llm) and recommender_t (round 0: the base-knowledge re-ranker):
+Round t, with policy_t (round 0: models.llm, or its SFT warm start with loop.init = sft) and recommender_t (round 0:
+the base-knowledge re-ranker):
   1. generate N texts per user with policy_t for `loop.train_users` train users and the valid users,
   2. reward every text with recommender_t (frozen); train users' texts cross-fitted (reward.cross_fit_folds): by
      recommender_t retrained without their fold's lists, since a user's own lists were fitted with one of its texts;
@@ -45,8 +46,10 @@ def run_loop(cfg: RunConfig) -> Path:
         raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: best-of-N pairs need at least 2 samples")
     layout = cfg.layout
     data_dir = layout.data
+    from rlrf4rec.stages.sft import start_policy
+
     home = assets.asset_home(cfg.assets.home)
-    policy, recommender_dir = cfg.models.llm, layout.recommender("base")
+    policy, recommender_dir = start_policy(cfg), layout.recommender("base")
     manifest: dict = {
         "config_hash": cfg.section_hash(*cfg.to_dict()),
         "data": read_marker(data_dir)["fingerprint"],

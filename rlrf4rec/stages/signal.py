@@ -95,8 +95,9 @@ def prompt_titles(cfg: RunConfig, tables: dict, users: list[str]) -> dict[str, l
 def audit_texts(cfg: RunConfig, policy: str | None, samples: int) -> Path:
     """`samples` texts of the policy for every valid user (a generate stage: resumable, skipped when complete)."""
     from rlrf4rec.stages.generate import run_generate
+    from rlrf4rec.stages.sft import start_policy
 
-    model_path = assets.resolve(policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
+    model_path = assets.resolve(policy, assets.asset_home(cfg.assets.home)) if policy else start_policy(cfg)
     gen_cfg = dataclasses.replace(cfg.generate, splits=("valid",), max_users=None, num_samples=samples)
     return run_generate(
         dataclasses.replace(cfg, generate=gen_cfg),
@@ -112,6 +113,7 @@ def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, p
     from rlrf4rec.stages.controls import base_knowledge, train_model
     from rlrf4rec.stages.data import prompt_history_texts, user_history_texts
     from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
+    from rlrf4rec.stages.sft import start_policy
     from rlrf4rec.stages.train import model_spec
 
     tables = read_tables(cfg.layout.data)
@@ -172,7 +174,7 @@ def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, p
             "B": [cfg.seed + i for i in range(seeds // 2, seeds)],
         },
         "knowledge_text": "preference + history" if with_history else "preference only",
-        "policy": str(policy or cfg.models.llm),
+        "policy": str(policy) if policy else start_policy(cfg),
         "label_validity": audit.label_validity(a, b, boot, seed),
         "best_of_n": {str(n): v for n, v in audit.best_of_n_ceiling(a, b, CEILING_NS, boot, seed).items()},
         "features": {f: audit.within_user_association(feats[:, :, i], b, boot, seed) for i, f in enumerate(FEATURES)},

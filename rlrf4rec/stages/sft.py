@@ -1,0 +1,268 @@
+"""The SFT stage: a supervised warm start of the policy on teacher profiles, so that its texts carry knowledge.
+
+Consumes the data stage's tables and the policy (models.llm). Each train user (up to `sft.max_users`) gives one
+example: the factorization prompt the generate stage sends (generate.prompt_history entries of the history window)
+and, as the assistant's answer, the teacher profile of the same window (core/profile.py): nothing the prompt does not
+show. The valid users' examples are held out for the loss before, during and after training. TRL's SFTTrainer trains
+on the completion only, inside Ray Train TorchTrainer workers (DPO's launcher: gloo on CPU, NCCL on GPU, DDP or
+DeepSpeed ZeRO, LoRA as DPO), checkpointing into Ray Train storage; a failed worker group resumes from the last
+checkpoint (`sft.max_failures`). Produces `<run>/sft/`:
+- `examples.parquet`: the examples (schema.SFT_EXAMPLES), train and held out,
+- `model/`: a plain Hugging Face directory (LoRA merged) that transformers and vLLM load: `loop.init: sft` starts
+  the rounds from it,
+- `history.json` and `metrics.json`: per-step train loss and token accuracy, held-out loss at step 0 and after.
+Published atomically with a completion marker; a re-run with the same inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from rlrf4rec.core import assets
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.core.config import RunConfig, SFTConfig, deepspeed_config, dump_config, from_dict
+from rlrf4rec.core.layout import HISTORY, METRICS, POLICY_MODEL, RESUMES, SFT_EXAMPLES, SFT_HF
+from rlrf4rec.core.prompts import history_texts, preference_messages
+from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.stages import launcher
+from rlrf4rec.stages.dpo import lora_config
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+log = logging.getLogger(__name__)
+
+MESSAGES_ONLY = pa.schema([S.SFT_EXAMPLES.field(name) for name in (S.PROMPT, S.COMPLETION)])
+
+# --------------------------------------------------------------------------------------------------- examples (pure)
+
+
+def sft_examples(
+    tables: dict[str, pa.Table],
+    targets: dict[str, str],
+    domain: str,
+    prompt_history: int | None,
+    max_users: int | None,
+    seed: int,
+) -> pa.Table:
+    """(prompt, target text) per train user (the first `max_users` in a seeded order) and per valid user (held out),
+    in TRL's conversational prompt-completion format (schema.SFT_EXAMPLES); test users never appear.
+
+    The prompt names the last `prompt_history` window entries; the targets (teacher profiles) read the same ones.
+    """
+    seqs = tables["sequences"]
+    keep = pa.array([s in ("train", "valid") for s in seqs.column(S.SPLIT).to_pylist()], pa.bool_())
+    seqs = seqs.filter(keep)
+    histories = history_texts(seqs, tables["items"], tables.get("users"), prompt_history)
+    split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
+    train = sorted((u for u, s in split.items() if s == "train"), key=lambda u: stable_seed(seed, "sft-users", u))
+    users = train[:max_users] + sorted(u for u, s in split.items() if s == "valid")
+    rows = [
+        {
+            S.USER_ID: u,
+            S.SPLIT: split[u],
+            S.PROMPT: preference_messages(histories[u], domain),
+            S.COMPLETION: [{"role": "assistant", "content": targets[u]}],
+        }
+        for u in users
+    ]
+    return pa.Table.from_pylist(rows, S.SFT_EXAMPLES)
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+
+
+def build_trainer(config: dict, callbacks: list) -> Trainer:
+    """TRL's SFTTrainer from the plain-values loop config that travels to Ray workers (launcher.TrainerFactory)."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+    from transformers import AutoTokenizer
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    sc: SFTConfig = from_dict(SFTConfig, config["sft"], "sft.")
+    policy_dir = Path(config["policy_dir"])
+    args = TRLConfig(
+        output_dir=config["output_dir"],
+        learning_rate=sc.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,  # a ratio of the total steps
+        per_device_train_batch_size=sc.per_device_batch_size,
+        per_device_eval_batch_size=sc.per_device_batch_size,
+        gradient_accumulation_steps=sc.grad_accum,
+        num_train_epochs=sc.epochs,
+        max_steps=sc.max_steps or -1,
+        max_length=sc.max_length,
+        completion_only_loss=True,  # the prompt is the user's history: only the answer is learned
+        bf16=sc.bf16,
+        gradient_checkpointing=sc.gradient_checkpointing,
+        deepspeed=config["deepspeed"],
+        use_cpu=not sc.use_gpu,
+        seed=config["seed"],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=sc.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if config["eval_path"] else "no",
+        eval_steps=sc.save_steps,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "bfloat16" if sc.bf16 else "float32"},
+    )
+
+    def dataset(path: str):
+        # Named by the file's digest (as the DPO stage): datasets' own fingerprint pickles the whole table.
+        table = InMemoryTable(read_parquet(Path(path), MESSAGES_ONLY))
+        return Dataset(table, fingerprint=assets.sha256_file(path)[:16])
+
+    return SFTTrainer(
+        model=str(policy_dir),
+        args=args,
+        train_dataset=dataset(config["train_path"]),
+        eval_dataset=dataset(config["eval_path"]) if config["eval_path"] else None,
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
+        peft_config=lora_config(sc),
+        callbacks=[launcher.step_clock(), *callbacks],
+    )
+
+
+def summarize(history: list[dict]) -> dict:
+    """First and last train loss and token accuracy, held-out loss at step 0 and at the end, mean step time."""
+    train = [h for h in history if "train/loss" in h]
+    evals = [h for h in history if "eval/loss" in h]
+    stats: dict[str, Any] = {"steps": max((h["step"] for h in history), default=0)}
+    for key in ("loss", "mean_token_accuracy"):
+        if train and f"train/{key}" in train[0]:
+            stats[f"train/{key}_first"] = train[0][f"train/{key}"]
+            stats[f"train/{key}_last"] = train[-1][f"train/{key}"]
+        if evals and f"eval/{key}" in evals[0]:
+            stats[f"eval/{key}_start"] = evals[0][f"eval/{key}"]
+            stats[f"eval/{key}"] = evals[-1][f"eval/{key}"]
+    times = [h["train/step_time_s"] for h in train[1:] if "train/step_time_s" in h]  # the first step warms up
+    if times:
+        stats["train/step_time_s"] = sum(times) / len(times)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+def sft_policy(cfg: RunConfig) -> Path:
+    """The warm-started policy's model directory (`rlrf4rec sft`)."""
+    return cfg.layout.sft / POLICY_MODEL
+
+
+def start_policy(cfg: RunConfig) -> str:
+    """The policy round 0 starts from and the base knowledge is written with (loop.init): models.llm resolved, or
+    the sft stage's model, which must be complete."""
+    if cfg.loop.init == "sft":
+        from rlrf4rec.core.artifacts import require_marker
+
+        require_marker(cfg.layout.sft, "sft (loop.init: sft)")
+        return str(sft_policy(cfg).resolve())
+    return assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))
+
+
+def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path:
+    """Warm-start models.llm on teacher profiles and write `<run>/sft/` (model/ inside); skip when complete."""
+    from transformers import AutoTokenizer
+
+    from rlrf4rec.core.artifacts import read_tables
+    from rlrf4rec.stages.data import require_data, teacher_texts
+    from rlrf4rec.stages.dpo import (
+        drop_long_prompts,
+        export_model,
+        history_from_log,
+        policy_fingerprint,
+        prompt_lengths,
+    )
+
+    data_marker = require_data(cfg, "sft")
+    policy_dir = Path(assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))).resolve()
+    if not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is not a Hugging Face model directory (no config.json)")
+    sc, g = cfg.sft, cfg.generate
+    prompt_settings = {"domain": g.domain, "prompt_history": g.prompt_history}
+    fingerprint = "-".join(
+        [
+            cfg.section_hash("sft", "seed"),
+            digest(prompt_settings),
+            data_marker["fingerprint"],
+            policy_fingerprint(policy_dir),
+        ]
+    )
+    stage_dir = cfg.layout.sft
+    if not force and is_complete(stage_dir, fingerprint):
+        log.info("sft: complete output matches the config and inputs; nothing to do")
+        return stage_dir
+    storage = cfg.layout.ray_train(f"sft-{digest(fingerprint)}")
+    if force and storage.exists():
+        shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
+    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
+    seed = cfg.seed + sc.seed_offset
+    targets = teacher_texts(cfg, g.prompt_history)
+    examples = sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{policy_dir} has no chat template; SFT on conversational examples needs an instruct model")
+    examples, dropped = drop_long_prompts(examples, prompt_lengths(examples, tokenizer), sc.max_prompt_length)
+    is_train = pa.array([s == "train" for s in examples.column(S.SPLIT).to_pylist()], pa.bool_())
+    train, held_out = examples.filter(is_train), examples.filter(pa.compute.invert(is_train))
+    if not train.num_rows:
+        raise ValueError(f"sft: no train user left to train on (data stage {cfg.layout.data}, sft.max_users)")
+    work = storage / "examples"
+    work.mkdir(parents=True, exist_ok=True)
+    write_parquet(train, work / "train.parquet", S.SFT_EXAMPLES)
+    eval_path = None
+    if held_out.num_rows:
+        eval_path = work / "eval.parquet"
+        write_parquet(held_out, eval_path, S.SFT_EXAMPLES)
+    counts = {"examples/train": train.num_rows, "examples/eval": held_out.num_rows, "examples/dropped": dropped}
+    log.info("sft: %s", json.dumps(counts))
+    loop_config = {
+        "section": "sft",
+        "sft": cfg.to_dict()["sft"],
+        "policy_dir": str(policy_dir),
+        "train_path": str((work / "train.parquet").resolve()),
+        "eval_path": str(eval_path.resolve()) if eval_path else None,
+        "output_dir": str((storage / SFT_HF).resolve()),
+        "seed": seed,
+        "deepspeed": deepspeed_config(sc.deepspeed, "sft.deepspeed"),
+        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
+        "fault_at": cfg.fault.dpo_step,
+        "eval_at_start": True,
+    }
+    if on_ray:
+        fit = launcher.Fit.of("sft", storage, sc)
+        checkpoint = launcher.hf_fit_on_ray(build_trainer, loop_config, fit)
+    else:
+        checkpoint = launcher.hf_fit_local(build_trainer, loop_config)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    at_start = storage / launcher.EVAL_AT_START
+    start = [{"step": 0, "epoch": 0.0, **json.loads(at_start.read_text())}] if at_start.is_file() else []
+    history = history_from_log(start + state["log_history"], renames={})
+    resumes = storage / RESUMES
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_parquet(examples, tmp / SFT_EXAMPLES, S.SFT_EXAMPLES)
+        export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
+        write_json(history, tmp / HISTORY)
+        stats.update(
+            counts,
+            **summarize(history),
+            policy=str(policy_dir),
+            target=sc.target,
+            on_ray=on_ray,
+            resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+        )
+        write_json(stats, tmp / METRICS)
+    shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume
+    log.info("sft: %s", json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
+    return stage_dir
