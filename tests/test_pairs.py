@@ -54,6 +54,7 @@ def test_stats_and_trl_table():
     assert [p.user_id for p in pairs] == ["a", "b"]
     assert stats == {
         "users": 4,
+        "users_with_pairs": 2,
         "pairs": 2,
         f"dropped/{DROP_SINGLE}": 1,
         f"dropped/{DROP_TIE}": 1,
@@ -71,3 +72,22 @@ def test_stats_and_trl_table():
     assert row[S.CHOSEN] == [{"role": "assistant", "content": "text 0"}]
     assert row[S.REJECTED] == [{"role": "assistant", "content": "text 1"}]
     assert (row[S.CHOSEN_REWARD], row[S.REJECTED_REWARD], row[S.ROUND], row[S.SPLIT]) == (0.9, 0.3, 0, "train")
+
+
+def test_all_strategy_keeps_every_pair_past_the_margin_in_sample_order():
+    candidates = {
+        # gaps: 0>1 0.5, 0>2 0.3, 2>1 0.2, 3>1 0.205, 0>3 0.295, 2 vs 3 0.005 (below the margin), 4 ties 2
+        "a": [C(0, 0.9), C(1, 0.4), C(2, 0.6), C(3, 0.605), C(4, 0.6)],
+        "b": [C(0, 0.5), C(1, 0.5)],  # all tied
+        "c": [C(0, 0.5), C(1, 0.505)],  # the widest gap is below the margin
+    }
+    pairs, stats = select_pairs(candidates, min_margin=0.01, strategy="all")
+    assert [(p.user_id, p.chosen.sample_idx, p.rejected.sample_idx) for p in pairs] == [
+        ("a", 0, 1), ("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 2, 1), ("a", 3, 1), ("a", 4, 1),
+    ]
+    assert all(p.margin >= 0.01 for p in pairs)
+    dropped = (stats[f"dropped/{DROP_TIE}"], stats[f"dropped/{DROP_MARGIN}"])
+    assert (stats["users_with_pairs"], stats["pairs"], *dropped) == (1, 7, 1, 1)
+    # best_worst on the same rewards: one pair per user, the widest.
+    best_worst, _ = select_pairs(candidates, min_margin=0.01)
+    assert [(p.user_id, p.chosen.sample_idx, p.rejected.sample_idx) for p in best_worst] == [("a", 0, 1)]

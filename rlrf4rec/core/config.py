@@ -484,6 +484,17 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class PairsConfig:
+    # best_worst: per user its best and worst text (the method's); all: every pair of its texts whose reward gap is
+    # at least reward.min_margin (up to N(N-1)/2 per user: more pairs from the same users and rewards)
+    strategy: str = "best_worst"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("best_worst", "all"):
+            _fail("pairs.strategy", self.strategy, "use best_worst (the method's) or all (every pair past the margin)")
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     rounds: int = 2  # generate -> reward -> pairs -> DPO -> retrain the recommender, this many times (2 reported)
     train_users: int | None = 128  # train users whose N samples feed DPO each round (null: all)
@@ -541,6 +552,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)  # tests only
 

@@ -1,4 +1,6 @@
-"""Preference pairs from rewards (METHOD.md section 6): per user, the best and the worst of its N texts.
+"""Preference pairs from rewards (METHOD.md section 6): per user, the best and the worst of its N texts
+(`pairs.strategy: best_worst`, the method's), or every pair of them whose reward gap passes the margin (`all`: up to
+N(N-1)/2 per user, a deviation from the paper that buys pairs where users are few).
 
 Consumes rewarded generations (user, sample, text, reward) and each user's prompt messages; produces TRL
 conversational rows (prompt, chosen, rejected) with provenance (both sample ids and rewards, margin, policy
@@ -83,19 +85,41 @@ def select_pair(user_id: str, candidates: Sequence[Candidate], min_margin: float
     return pair
 
 
+def select_all_pairs(user_id: str, candidates: Sequence[Candidate], min_margin: float) -> list[Pair] | str:
+    """Every (higher, lower) pair of one user's candidates whose reward gap is positive and at least `min_margin`,
+    ordered by (chosen, rejected) sample index, or the reason none is kept."""
+    best_worst = select_pair(user_id, candidates, min_margin)
+    if not isinstance(best_worst, Pair):
+        return best_worst  # the widest gap fails: so does every other
+    ordered = sorted(candidates, key=lambda c: c.sample_idx)
+    return [
+        Pair(user_id, a, b)
+        for a in ordered
+        for b in ordered
+        if a.reward > b.reward and a.reward - b.reward >= min_margin
+    ]
+
+
+PAIR_STRATEGIES = {"best_worst": lambda u, c, m: select_pair(u, c, m), "all": select_all_pairs}
+
+
 def select_pairs(
-    candidates: Mapping[str, Sequence[Candidate]], min_margin: float
+    candidates: Mapping[str, Sequence[Candidate]], min_margin: float, strategy: str = "best_worst"
 ) -> tuple[list[Pair], dict[str, int | float]]:
-    """Pairs for every user (sorted by user id) and stats of what was kept and dropped."""
+    """Pairs for every user (sorted by user id; `strategy` a key of PAIR_STRATEGIES) and stats of what was kept and
+    dropped."""
     pairs, dropped = [], Counter()
+    users_with_pairs = 0
     for user_id in sorted(candidates):
-        result = select_pair(user_id, candidates[user_id], min_margin)
-        if isinstance(result, Pair):
-            pairs.append(result)
-        else:
+        result = PAIR_STRATEGIES[strategy](user_id, candidates[user_id], min_margin)
+        if isinstance(result, str):
             dropped[result] += 1
+            continue
+        users_with_pairs += 1
+        pairs.extend([result] if isinstance(result, Pair) else result)
     margins = np.array([p.margin for p in pairs])
-    stats: dict[str, int | float] = {"users": len(candidates), "pairs": len(pairs)}
+    stats: dict[str, int | float] = {"users": len(candidates), "users_with_pairs": users_with_pairs}
+    stats["pairs"] = len(pairs)
     stats.update({f"dropped/{reason}": dropped[reason] for reason in (DROP_SINGLE, DROP_TIE, DROP_MARGIN)})
     if len(margins):
         stats.update(
@@ -177,7 +201,7 @@ def run_pairs(
     stage = cfg.layout.relative(stage_dir)
     upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
     # reward.ensemble is in the rewards' own fingerprints (their recommenders'), so it is not hashed twice here
-    fingerprint = f"{cfg.section_hash('reward', ignore=('reward.ensemble',))}-{'-'.join(upstream)}"
+    fingerprint = f"{cfg.section_hash('reward', 'pairs', ignore=('reward.ensemble',))}-{'-'.join(upstream)}"
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     candidates: dict[str, list[Candidate]] = {}
@@ -190,7 +214,7 @@ def run_pairs(
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         for split in ("train", "valid"):
             users = {u: c for u, c in candidates.items() if splits[u] == split}
-            pairs, split_stats = select_pairs(users, cfg.reward.min_margin)
+            pairs, split_stats = select_pairs(users, cfg.reward.min_margin, cfg.pairs.strategy)
             write_parquet(
                 pairs_table(pairs, prompts, splits, policy_version, round_idx), tmp / pairs_file(split), S.PAIRS
             )
