@@ -173,3 +173,34 @@ def test_ray_data_scoring_matches_in_process(reward_model, tmp_path):
     finally:
         ray.shutdown()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_synthetic_genre_reward_on_a_hand_made_user():
+    import pyarrow as pa
+
+    from rlrf4rec.core import schema as S
+    from rlrf4rec.core.metrics import genres_named, synthetic_genre_reward
+    from rlrf4rec.stages.reward import list_genres
+
+    items = pa.table(
+        {
+            S.ITEM_ID: ["1", "2", "3", "4"],
+            S.GENRES: [["Drama", "War"], ["Sci-Fi"], ["Comedy", "Drama"], ["Children's", "unknown"]],
+        }
+    )
+    lists = pa.table(
+        {
+            S.USER_ID: ["u", "u"],
+            S.CANDIDATE_ITEMS: [["1", "3"], ["2", "4"]],
+            S.LABELS: [[1, 0], [1, 0]],
+        }
+    )
+    liked, other = list_genres({"items": items, "rerank_lists": lists})["u"]
+    assert liked == {"drama", "war", "sci-fi"} and other == {"comedy", "drama", "children's"}
+    assert genres_named("Loves SCI-FI and war films; dramatic.", liked | other) == {"sci-fi", "war"}  # not "drama"
+    # Liked genres named: drama and sci-fi, 2 of 3; other genres (children's, comedy: drama is liked) named:
+    # comedy, 1 of 2. By hand: 2/3 - 1/2.
+    text = "Enjoys drama, sci-fi and comedy."
+    assert synthetic_genre_reward(text, liked, other) == pytest.approx(2 / 3 - 1 / 2)
+    assert synthetic_genre_reward("Nothing about films.", liked, other) == 0.0
+    assert synthetic_genre_reward("children's comedy", liked, other) == pytest.approx(-1.0)

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from synthetic import write_dataset
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, read_tables
 from rlrf4rec.core.config import ConfigError, FaultConfig, RunConfig, from_dict
 from rlrf4rec.core.prompts import preference_messages
-from tests.synthetic import write_dataset
 
 
 def _cfg(tmp_path: Path, asset_home: Path, **sft) -> RunConfig:

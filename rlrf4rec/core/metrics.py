@@ -11,12 +11,14 @@ Definitions (METHOD.md section 9, KAR's code):
     MRR    = 1 / rank of the first positive over the whole list        (0 for a list without a positive)
 A positive ("hit") is a label > 0; labels may be graded, which only NDCG uses.
 
-The `reference_*` functions at the bottom are slow plain-Python loops kept only for tests of the vectorized forms.
+The `reference_*` functions are slow plain-Python loops kept only for tests of the vectorized forms. At the bottom,
+the RL loop's positive-control reward (`synthetic_genre_reward`), read from a text and the user's list genres.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -251,3 +253,24 @@ def reference_full_sort_metrics(scores, target, exclude, ks=(10,)) -> dict[str, 
             out[f"hr@{k}"].append(1.0 if rank <= k else 0.0)
             out[f"ndcg@{k}"].append(1.0 / np.log2(rank + 1) if rank <= k else 0.0)
     return {name: np.asarray(v, dtype=float) for name, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------- synthetic reward
+SYNTHETIC_GENRES = "synthetic-genres"  # reward.metric of the RL loop's positive control
+
+
+def genres_named(text: str, genres: Iterable[str]) -> set[str]:
+    """The genres (lower case, as the items table spells them: "sci-fi", "children's") that `text` names as words."""
+    lowered = text.lower()
+    return {g for g in genres if re.search(rf"(?<![a-z]){re.escape(g)}(?![a-z])", lowered)}
+
+
+def synthetic_genre_reward(text: str, positive: set[str], negative: set[str]) -> float:
+    """The positive control's reward: the share of `positive` genres (of the user's liked list items) the text names
+    minus the share of `negative` genres (of its other list items, the positives' left out) it names, in [-1, 1].
+    Needs no recommender, and a policy can learn it from the prompt: the history's genres predict the lists'."""
+    others = negative - positive
+    named = genres_named(text, positive | others)
+    gain = len(named & positive) / len(positive) if positive else 0.0
+    loss = len(named & others) / len(others) if others else 0.0
+    return gain - loss

@@ -34,7 +34,13 @@ from rlrf4rec.core.artifacts import (
 )
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
-from rlrf4rec.core.metrics import bootstrap_ci, pairwise_log_likelihood, rank_metrics
+from rlrf4rec.core.metrics import (
+    SYNTHETIC_GENRES,
+    bootstrap_ci,
+    pairwise_log_likelihood,
+    rank_metrics,
+    synthetic_genre_reward,
+)
 from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import RerankTask, load_checkpoint
 from rlrf4rec.stages.data import user_history_texts
@@ -264,6 +270,8 @@ def run_reward(
     whose members' mean is the reward). `folds`: (recommender dirs, users) whose texts those reward instead
     (cross-fitting, `reward_folds`)."""
     stage = cfg.layout.relative(stage_dir)
+    if cfg.reward.metric == SYNTHETIC_GENRES:
+        return run_synthetic_reward(cfg, generations_dir, stage_dir)
     main = tuple(scorer)
     groups = list(dict.fromkeys([main, *(tuple(dirs) for dirs, _ in folds)]))
     upstream = [
@@ -327,10 +335,60 @@ def run_reward(
     return stage_dir
 
 
+def list_genres(tables: dict[str, pa.Table]) -> dict[str, tuple[set[str], set[str]]]:
+    """user -> (genres of the liked items, genres of the other items) over the re-rank lists of the user's own split
+    (schema.RERANK_LISTS and ITEMS rows; genres lower case)."""
+    genres = dict(zip(tables["items"].column(S.ITEM_ID).to_pylist(), tables["items"].column(S.GENRES).to_pylist()))
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    for r in tables["rerank_lists"].select([S.USER_ID, S.CANDIDATE_ITEMS, S.LABELS]).to_pylist():
+        liked, other = out.setdefault(r[S.USER_ID], (set(), set()))
+        for item, label in zip(r[S.CANDIDATE_ITEMS], r[S.LABELS]):
+            (liked if label > 0 else other).update(g.lower() for g in genres[item] if g.lower() != "unknown")
+    return out
+
+
+def run_synthetic_reward(cfg: RunConfig, generations_dir: Path, stage_dir: Path) -> Path:
+    """reward.metric = synthetic-genres, the RL loop's positive control: each text rewarded by
+    core.metrics.synthetic_genre_reward against its user's list genres; no recommender, no encoder."""
+    upstream = [
+        require_marker(d, what)["fingerprint"] for d, what in ((generations_dir, "generate"), (cfg.layout.data, "data"))
+    ]
+    fingerprint = f"{cfg.section_hash('reward')}-{'-'.join(upstream)}"
+    if is_complete(stage_dir, fingerprint):
+        return stage_dir
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
+    by_user = list_genres(read_tables(cfg.layout.data, ("items", "rerank_lists")))
+    gens = gens.filter(pc.is_in(gens.column(S.USER_ID), pa.array(sorted(by_user))))
+    rewards = np.array(
+        [
+            synthetic_genre_reward(t, *by_user[u])
+            for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
+        ]
+    )
+    table = rewards_table(gens, rewards)
+    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+        write_parquet(table, tmp / REWARDS, S.REWARDS)
+        stats.update(
+            {
+                "rows": table.num_rows,
+                "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
+                "reward/std": float(rewards.std()) if len(rewards) else 0.0,
+                "reward/within_user_range_mean": within_user_spread(table),
+                "metric": SYNTHETIC_GENRES,
+            }
+        )
+    log.info(
+        "%s: mean synthetic reward %.4f over %d texts", cfg.layout.relative(stage_dir), rewards.mean(), len(rewards)
+    )
+    return stage_dir
+
+
 def reward_scorer(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
     """The reward model made from a recommender stage: itself, and with reward.ensemble = K > 1 also K - 1 seed
     siblings `<name>-seed{i}` (the same variant, knowledge `<run>/knowledge/<name>/`, trained with seed + i;
     trained here when missing)."""
+    if cfg.reward.metric == SYNTHETIC_GENRES:  # no recommender is read: nothing to train
+        return [recommender_dir]
     if cfg.reward.ensemble > 1:  # siblings are retrained like it: it must be a full knowledge model of this run
         stats = require_marker(recommender_dir, "train-recommender")["stats"]
         ours = Path(recommender_dir).resolve() == cfg.layout.recommender(recommender_dir.name).resolve()
@@ -367,7 +425,7 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
     from rlrf4rec.stages.train import run_recommender
 
     k = cfg.reward.cross_fit_folds
-    if not k:
+    if not k or cfg.reward.metric == SYNTHETIC_GENRES:  # the synthetic reward reads no recommender
         return []
     data_dir = cfg.layout.data
     sequences = read_table(data_dir, "sequences")
