@@ -77,7 +77,7 @@ def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> d
     return {m: list(bootstrap_ci(v, num_samples=num_samples, seed=seed)) for m, v in per_user.items()}
 
 
-PAIRED_BASELINES = ("popularity", "KAR ID-only", "ID only", "base LLM")
+PAIRED_BASELINES = ("popularity", "KAR ID-only", "ID only", "base LLM", "SFT warm start")  # the last: loop.init sft
 
 
 def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int, seed: int) -> dict:

@@ -38,9 +38,9 @@ from rlrf4rec.core.layout import (
 
 METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 FOREST_METRICS = ("ndcg@5", "map@5")
-BASELINE_ORDER = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM"]
+BASELINE_ORDER = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM", "SFT warm start"]
 # Paired differences drawn against these rows, in this order (evaluate.PAIRED_BASELINES, most telling first).
-PAIRED_ORDER = ["base LLM", "popularity", "ID only", "KAR ID-only"]
+PAIRED_ORDER = ["base LLM", "SFT warm start", "popularity", "ID only", "KAR ID-only"]
 
 
 def _ordered(names) -> list[str]:
@@ -224,8 +224,11 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
         on = f" on {users} test users" if users else " on test users"
         sentences.append(f"Evaluated {len(table)} variants{on}: {', '.join(_ordered(table))}.")
     last = ([n for n in _ordered(paired) if n.startswith("DPO") and not n.endswith(FIXED)] or [None])[-1]
-    compared = [(last, "base LLM"), (last + FIXED, "base LLM")] if last else []
-    for name, base in compared + [("base LLM", "ID only"), ("base LLM", "popularity")]:
+    start = "SFT warm start" if "SFT warm start" in paired else "base LLM"  # the policy the rounds started from
+    if start != "base LLM":
+        sentences.append("The rounds started from the SFT warm start (loop.init: sft), not from models.llm.")
+    compared = [(last, start), (last + FIXED, start)] if last else []
+    for name, base in compared + [(start, "ID only"), (start, "popularity")]:
         diff = paired.get(name, {}).get(base, {}).get("ndcg@5")
         if diff is not None:
             d, low, high, _ = diff
