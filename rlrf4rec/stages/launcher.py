@@ -157,8 +157,6 @@ def hf_fit_local(make_trainer: TrainerFactory, loop_config: dict) -> Path:
     output_dir = Path(loop_config["output_dir"])
     trainer = make_trainer(loop_config, [])
     resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if resume is None:
-        _evaluate_at_start(trainer, loop_config, rank=0)
     trainer.train(resume_from_checkpoint=resume)
     return Path(get_last_checkpoint(str(output_dir)))
 
@@ -192,7 +190,6 @@ def hf_train_loop(make_trainer: TrainerFactory, config: dict) -> None:
     trainer = prepare_trainer(make_trainer(config, callbacks))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        _evaluate_at_start(trainer, config, ctx.get_world_rank())
         trainer.train()
         return
     with checkpoint.as_directory() as d:
@@ -202,21 +199,6 @@ def hf_train_loop(make_trainer: TrainerFactory, config: dict) -> None:
         if ctx.get_world_rank() == 0:
             _record_resume(Path(config["output_dir"]).parent / RESUMES, step)
         trainer.train(resume_from_checkpoint=str(resume))
-
-
-EVAL_AT_START = "eval_at_start.json"  # beside the trainer's output_dir: held-out metrics before the first step
-
-
-def _evaluate_at_start(trainer: Any, config: dict, rank: int) -> None:
-    """With `eval_at_start` in the loop config, the held-out metrics of the untrained model, written by rank 0 to
-    EVAL_AT_START (train() starts a fresh log, so they cannot live in the trainer's own history)."""
-    if not config.get("eval_at_start") or trainer.eval_dataset is None:
-        return
-    metrics = trainer.evaluate()  # every rank: the evaluation is a collective
-    if rank == 0:
-        from rlrf4rec.core.artifacts import write_json
-
-        write_json(metrics, Path(config["output_dir"]).parent / EVAL_AT_START)
 
 
 def _record_resume(path: Path, step: int) -> None:

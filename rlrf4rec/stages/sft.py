@@ -112,6 +112,7 @@ def build_trainer(config: dict, callbacks: list) -> Trainer:
         save_total_limit=2,
         eval_strategy="steps" if config["eval_path"] else "no",
         eval_steps=sc.save_steps,
+        eval_on_start=config["eval_path"] is not None,  # the untrained model's held-out loss, logged at step 0
         ddp_find_unused_parameters=False,
         report_to="none",
         dataloader_num_workers=0,
@@ -238,7 +239,6 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
         "deepspeed": deepspeed_config(sc.deepspeed, "sft.deepspeed"),
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
         "fault_at": cfg.fault.dpo_step,
-        "eval_at_start": True,
     }
     if on_ray:
         fit = launcher.Fit.of("sft", storage, sc)
@@ -246,9 +246,7 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     else:
         checkpoint = launcher.hf_fit_local(build_trainer, loop_config)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    at_start = storage / launcher.EVAL_AT_START
-    start = [{"step": 0, "epoch": 0.0, **json.loads(at_start.read_text())}] if at_start.is_file() else []
-    history = history_from_log(start + state["log_history"], renames={})
+    history = history_from_log(state["log_history"], renames={})
     resumes = storage / RESUMES
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(examples, tmp / SFT_EXAMPLES, S.SFT_EXAMPLES)
