@@ -153,37 +153,44 @@ def summarize(history: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------- trainer
 
 
+def training_args(section: Any, output_dir: Path, seed: int, has_eval: bool, deepspeed: dict | None) -> dict:
+    """The TrainingArguments every policy fine-tune shares, from a `dpo` or `sft` section (PolicyTrainingConfig)."""
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=section.lr,
+        per_device_train_batch_size=section.per_device_batch_size,
+        per_device_eval_batch_size=section.per_device_batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps or -1,
+        max_length=section.max_length,
+        bf16=section.bf16,  # TRL turns bf16 on by default; on CPU that barely learns
+        gradient_checkpointing=section.gradient_checkpointing,
+        deepspeed=deepspeed,
+        use_cpu=not section.use_gpu,
+        seed=seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=section.save_steps,  # eval right before each save: every reported checkpoint carries eval metrics
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; the search costs a pass
+        report_to="none",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "bfloat16" if section.bf16 else "float32"},
+    )
+
+
 def trl_args(dc: DPOConfig, output_dir: Path, seed: int, has_eval: bool, deepspeed: dict | None):
     """rlrf4rec's `dpo` section -> TRL's DPOConfig (TrainingArguments). Build it before the model: under ZeRO-3
     `from_pretrained` must already see the DeepSpeed config to load the weights partitioned."""
     from trl import DPOConfig as TRLConfig
 
     return TRLConfig(
-        output_dir=str(output_dir),
         beta=dc.beta,
-        learning_rate=dc.lr,
-        per_device_train_batch_size=dc.per_device_batch_size,
-        per_device_eval_batch_size=dc.per_device_batch_size,
-        gradient_accumulation_steps=dc.grad_accum,
-        num_train_epochs=dc.epochs,
-        max_steps=dc.max_steps or -1,
-        max_length=dc.max_length,
-        bf16=dc.bf16,  # TRL turns bf16 on by default; on CPU that barely learns
         precompute_ref_log_probs=dc.precompute_ref_logps,
-        gradient_checkpointing=dc.gradient_checkpointing,
-        deepspeed=deepspeed,
-        use_cpu=not dc.use_gpu,
-        seed=seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=dc.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=dc.save_steps,  # eval right before each save, so every reported checkpoint carries eval metrics
-        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; the search costs a pass
-        report_to="none",
-        dataloader_num_workers=0,
-        model_init_kwargs={"dtype": "bfloat16" if dc.bf16 else "float32"},
+        **training_args(dc, output_dir, seed, has_eval, deepspeed),
     )
 
 

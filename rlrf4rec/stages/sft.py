@@ -32,7 +32,7 @@ from rlrf4rec.core.layout import HISTORY, METRICS, POLICY_MODEL, RESUMES, SFT_EX
 from rlrf4rec.core.prompts import history_texts, preference_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.stages import launcher
-from rlrf4rec.stages.dpo import lora_config
+from rlrf4rec.stages.dpo import lora_config, training_args
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -89,34 +89,13 @@ def build_trainer(config: dict, callbacks: list) -> Trainer:
 
     sc: SFTConfig = from_dict(SFTConfig, config["sft"], "sft.")
     policy_dir = Path(config["policy_dir"])
+    has_eval = config["eval_path"] is not None
     args = TRLConfig(
-        output_dir=config["output_dir"],
-        learning_rate=sc.lr,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,  # a ratio of the total steps
-        per_device_train_batch_size=sc.per_device_batch_size,
-        per_device_eval_batch_size=sc.per_device_batch_size,
-        gradient_accumulation_steps=sc.grad_accum,
-        num_train_epochs=sc.epochs,
-        max_steps=sc.max_steps or -1,
-        max_length=sc.max_length,
         completion_only_loss=True,  # the prompt is the user's history: only the answer is learned
-        bf16=sc.bf16,
-        gradient_checkpointing=sc.gradient_checkpointing,
-        deepspeed=config["deepspeed"],
-        use_cpu=not sc.use_gpu,
-        seed=config["seed"],
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=sc.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if config["eval_path"] else "no",
-        eval_steps=sc.save_steps,
-        eval_on_start=config["eval_path"] is not None,  # the untrained model's held-out loss, logged at step 0
-        ddp_find_unused_parameters=False,
-        report_to="none",
-        dataloader_num_workers=0,
-        model_init_kwargs={"dtype": "bfloat16" if sc.bf16 else "float32"},
+        eval_on_start=has_eval,  # the untrained model's held-out loss, logged at step 0
+        **training_args(sc, Path(config["output_dir"]), config["seed"], has_eval, config["deepspeed"]),
     )
 
     def dataset(path: str):
