@@ -28,7 +28,17 @@ from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, stage_output, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig, SFTConfig, deepspeed_config, dump_config, from_dict
-from rlrf4rec.core.layout import HISTORY, METRICS, POLICY_MODEL, RESUMES, SFT_EXAMPLES, SFT_HF
+from rlrf4rec.core.layout import (
+    HISTORY,
+    METRICS,
+    POLICY_MODEL,
+    RESUMES,
+    SFT_EVAL_EXAMPLES,
+    SFT_EXAMPLES,
+    SFT_HF,
+    SFT_TRAIN_EXAMPLES,
+    SFT_WORK,
+)
 from rlrf4rec.core.prompts import history_texts, preference_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.stages import launcher
@@ -198,12 +208,12 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     train, held_out = examples.filter(is_train), examples.filter(pa.compute.invert(is_train))
     if not train.num_rows:
         raise ValueError(f"sft: no train user left to train on (data stage {cfg.layout.data}, sft.max_users)")
-    work = storage / "examples"
+    work = storage / SFT_WORK
     work.mkdir(parents=True, exist_ok=True)
-    write_parquet(train, work / "train.parquet", S.SFT_EXAMPLES)
+    write_parquet(train, work / SFT_TRAIN_EXAMPLES, S.SFT_EXAMPLES)
     eval_path = None
     if held_out.num_rows:
-        eval_path = work / "eval.parquet"
+        eval_path = work / SFT_EVAL_EXAMPLES
         write_parquet(held_out, eval_path, S.SFT_EXAMPLES)
     counts = {"examples/train": train.num_rows, "examples/eval": held_out.num_rows, "examples/dropped": dropped}
     log.info("sft: %s", json.dumps(counts))
@@ -211,7 +221,7 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
         "section": "sft",
         "sft": cfg.to_dict()["sft"],
         "policy_dir": str(policy_dir),
-        "train_path": str((work / "train.parquet").resolve()),
+        "train_path": str((work / SFT_TRAIN_EXAMPLES).resolve()),
         "eval_path": str(eval_path.resolve()) if eval_path else None,
         "output_dir": str((storage / SFT_HF).resolve()),
         "seed": seed,
