@@ -130,6 +130,12 @@ def history_from_log(log_history: list[dict], renames: dict[str, str] = RENAMES)
     return rows
 
 
+def mean_step_time(train: list[dict]) -> dict:
+    """{"train/step_time_s": mean optimizer-step time of the train log rows after the first (it warms up)}, or {}."""
+    times = [h["train/step_time_s"] for h in train[1:] if "train/step_time_s" in h]
+    return {"train/step_time_s": sum(times) / len(times)} if times else {}
+
+
 def summarize(history: list[dict]) -> dict:
     """First and last train values and the last held-out evaluation, as marker stats."""
     train = [h for h in history if "train/dpo_loss" in h]
@@ -141,9 +147,7 @@ def summarize(history: list[dict]) -> dict:
             stats[f"train/{key}_last"] = train[-1][f"train/{key}"]
         if evals:
             stats[f"eval/{key}"] = evals[-1][f"eval/{key}"]
-    times = [h["train/step_time_s"] for h in train[1:] if "train/step_time_s" in h]  # the first step warms up
-    if times:
-        stats["train/step_time_s"] = sum(times) / len(times)
+    stats.update(mean_step_time(train))
     precompute = [h["train/ref_precompute_s"] for h in train if "train/ref_precompute_s" in h]
     if precompute:
         stats["train/ref_precompute_s"] = precompute[0]
@@ -194,6 +198,16 @@ def trl_args(dc: DPOConfig, output_dir: Path, seed: int, has_eval: bool, deepspe
     )
 
 
+def file_dataset(path: Path, schema: pa.Schema):
+    """A Parquet file's `schema` columns as a `datasets.Dataset`, named by the file's digest: left to itself, datasets
+    pickles the whole table with dill to fingerprint it, which is slow for many rows and fails outright for pyarrow 26
+    on Python 3.12 (MonthDayNano)."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable(read_parquet(Path(path), schema)), fingerprint=_fingerprint_file(Path(path)))
+
+
 def lora_config(section: Any):
     """peft's LoraConfig from a policy-training section (`dpo`, `sft`), None for a full fine-tune."""
     if not section.lora:
@@ -221,16 +235,12 @@ def build_trainer(
     callbacks: list | None = None,
 ) -> Trainer:
     """TRL's DPOTrainer on the pairs files; the model is loaded from `policy_dir` (reference: the same weights)."""
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
     from transformers import AutoTokenizer
 
     args = trl_args(dc, output_dir, seed, eval_path is not None, deepspeed)
 
     def dataset(path: Path):
-        # Named by the file's digest: left to itself, datasets pickles the whole table with dill to fingerprint it,
-        # which is slow for many pairs and fails outright for pyarrow 26 on Python 3.12 (MonthDayNano).
-        return Dataset(InMemoryTable(read_parquet(path, MESSAGES_ONLY)), fingerprint=_fingerprint_file(path))
+        return file_dataset(path, MESSAGES_ONLY)
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     collator = None  # TRL's: chosen and rejected as two rows, each with its prompt
@@ -327,6 +337,28 @@ def policy_fingerprint(policy_dir: Path) -> str:
     return digest([str(policy_dir.resolve()), listing])
 
 
+def chat_tokenizer(policy_dir: Path, what: str):
+    """The policy's tokenizer, which must have a chat template: `what` (conversational pairs or examples) is chat."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{policy_dir} has no chat template; {what} needs an instruct model")
+    return tokenizer
+
+
+def write_split(
+    train: pa.Table, held_out: pa.Table, work: Path, names: tuple[str, str], schema: pa.Schema
+) -> tuple[Path, Path | None]:
+    """The rows the workers read: `train` and, when it has rows, `held_out` under `work/` as `names`; their paths."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_parquet(train, work / names[0], schema)
+    if not held_out.num_rows:
+        return work / names[0], None
+    write_parquet(held_out, work / names[1], schema)
+    return work / names[0], work / names[1]
+
+
 def prepare_pairs(
     cfg: RunConfig, pairs_path: Path, eval_pairs_path: Path | None, policy_dir: Path, work: Path
 ) -> tuple[Path, Path | None, dict]:
@@ -335,16 +367,13 @@ def prepare_pairs(
 
     Held out: `split_pairs` of the main file, plus every pair of `eval_pairs_path` (e.g. the valid users' pairs).
     """
-    from transformers import AutoTokenizer
 
     dc = cfg.dpo
     pairs = read_parquet(pairs_path, S.PAIRS)
     train, held_out = split_pairs(pairs, dc.eval_fraction, cfg.seed + dc.seed_offset)
     if eval_pairs_path is not None:
         held_out = pa.concat_tables([held_out, read_parquet(eval_pairs_path, S.PAIRS)])
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{policy_dir} has no chat template; DPO on conversational pairs needs an instruct model")
+    tokenizer = chat_tokenizer(policy_dir, "DPO on conversational pairs")
     train, dropped_train = drop_long_prompts(train, prompt_lengths(train, tokenizer), dc.max_prompt_length)
     held_out, dropped_eval = drop_long_prompts(held_out, prompt_lengths(held_out, tokenizer), dc.max_prompt_length)
     if dropped_train or dropped_eval:
@@ -356,18 +385,13 @@ def prepare_pairs(
         )
     if not train.num_rows:
         raise ValueError(f"{pairs_path}: no train-split pair left to train on ({pairs.num_rows} pairs in the file)")
-    work.mkdir(parents=True, exist_ok=True)
-    write_parquet(train, work / DPO_TRAIN_PAIRS, S.PAIRS)
-    eval_path = None
-    if held_out.num_rows:
-        eval_path = work / DPO_EVAL_PAIRS
-        write_parquet(held_out, eval_path, S.PAIRS)
+    train_path, eval_path = write_split(train, held_out, work, (DPO_TRAIN_PAIRS, DPO_EVAL_PAIRS), S.PAIRS)
     counts = {
         "pairs/train": train.num_rows,
         "pairs/eval": held_out.num_rows,
         "pairs/dropped_long_prompt": dropped_train + dropped_eval,
     }
-    return work / DPO_TRAIN_PAIRS, eval_path, counts
+    return train_path, eval_path, counts
 
 
 def run_dpo(

@@ -100,7 +100,7 @@ def select_all_pairs(user_id: str, candidates: Sequence[Candidate], min_margin: 
     ]
 
 
-PAIR_STRATEGIES = {"best_worst": lambda u, c, m: select_pair(u, c, m), "all": select_all_pairs}
+PAIR_STRATEGIES = {"best_worst": select_pair, "all": select_all_pairs}
 
 
 def select_pairs(

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import digest, is_complete, read_parquet, stage_output, write_json, write_parquet
+from rlrf4rec.core.artifacts import digest, is_complete, require_marker, stage_output, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig, SFTConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.core.layout import (
     HISTORY,
@@ -42,7 +42,7 @@ from rlrf4rec.core.layout import (
 from rlrf4rec.core.prompts import history_texts, preference_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.stages import launcher
-from rlrf4rec.stages.dpo import lora_config, training_args
+from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -91,8 +91,6 @@ def sft_examples(
 
 def build_trainer(config: dict, callbacks: list) -> Trainer:
     """TRL's SFTTrainer from the plain-values loop config that travels to Ray workers (launcher.TrainerFactory)."""
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
     from transformers import AutoTokenizer
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
@@ -108,16 +106,11 @@ def build_trainer(config: dict, callbacks: list) -> Trainer:
         **training_args(sc, Path(config["output_dir"]), config["seed"], has_eval, config["deepspeed"]),
     )
 
-    def dataset(path: str):
-        # Named by the file's digest (as the DPO stage): datasets' own fingerprint pickles the whole table.
-        table = InMemoryTable(read_parquet(Path(path), MESSAGES_ONLY))
-        return Dataset(table, fingerprint=assets.sha256_file(path)[:16])
-
     return SFTTrainer(
         model=str(policy_dir),
         args=args,
-        train_dataset=dataset(config["train_path"]),
-        eval_dataset=dataset(config["eval_path"]) if config["eval_path"] else None,
+        train_dataset=file_dataset(config["train_path"], MESSAGES_ONLY),
+        eval_dataset=file_dataset(config["eval_path"], MESSAGES_ONLY) if has_eval else None,
         processing_class=AutoTokenizer.from_pretrained(policy_dir),
         peft_config=lora_config(sc),
         callbacks=[launcher.step_clock(), *callbacks],
@@ -136,9 +129,7 @@ def summarize(history: list[dict]) -> dict:
         if evals and f"eval/{key}" in evals[0]:
             stats[f"eval/{key}_start"] = evals[0][f"eval/{key}"]
             stats[f"eval/{key}"] = evals[-1][f"eval/{key}"]
-    times = [h["train/step_time_s"] for h in train[1:] if "train/step_time_s" in h]  # the first step warms up
-    if times:
-        stats["train/step_time_s"] = sum(times) / len(times)
+    stats.update(mean_step_time(train))
     return stats
 
 
@@ -154,8 +145,6 @@ def start_policy(cfg: RunConfig) -> str:
     """The policy round 0 starts from and the base knowledge is written with (loop.init): models.llm resolved, or
     the sft stage's model, which must be complete."""
     if cfg.loop.init == "sft":
-        from rlrf4rec.core.artifacts import require_marker
-
         require_marker(cfg.layout.sft, "sft (loop.init: sft)")
         return str(sft_policy(cfg).resolve())
     return assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))
@@ -163,16 +152,16 @@ def start_policy(cfg: RunConfig) -> str:
 
 def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path:
     """Warm-start models.llm on teacher profiles and write `<run>/sft/` (model/ inside); skip when complete."""
-    from transformers import AutoTokenizer
-
     from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.stages.data import require_data, teacher_texts
     from rlrf4rec.stages.dpo import (
+        chat_tokenizer,
         drop_long_prompts,
         export_model,
         history_from_log,
         policy_fingerprint,
         prompt_lengths,
+        write_split,
     )
 
     data_marker = require_data(cfg, "sft")
@@ -200,28 +189,21 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     seed = cfg.seed + sc.seed_offset
     targets = teacher_texts(cfg, g.prompt_history)
     examples = sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, seed)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{policy_dir} has no chat template; SFT on conversational examples needs an instruct model")
+    tokenizer = chat_tokenizer(policy_dir, "SFT on conversational examples")
     examples, dropped = drop_long_prompts(examples, prompt_lengths(examples, tokenizer), sc.max_prompt_length)
     is_train = pa.array([s == "train" for s in examples.column(S.SPLIT).to_pylist()], pa.bool_())
     train, held_out = examples.filter(is_train), examples.filter(pa.compute.invert(is_train))
     if not train.num_rows:
         raise ValueError(f"sft: no train user left to train on (data stage {cfg.layout.data}, sft.max_users)")
-    work = storage / SFT_WORK
-    work.mkdir(parents=True, exist_ok=True)
-    write_parquet(train, work / SFT_TRAIN_EXAMPLES, S.SFT_EXAMPLES)
-    eval_path = None
-    if held_out.num_rows:
-        eval_path = work / SFT_EVAL_EXAMPLES
-        write_parquet(held_out, eval_path, S.SFT_EXAMPLES)
+    names = (SFT_TRAIN_EXAMPLES, SFT_EVAL_EXAMPLES)
+    train_path, eval_path = write_split(train, held_out, storage / SFT_WORK, names, S.SFT_EXAMPLES)
     counts = {"examples/train": train.num_rows, "examples/eval": held_out.num_rows, "examples/dropped": dropped}
     log.info("sft: %s", json.dumps(counts))
     loop_config = {
         "section": "sft",
         "sft": cfg.to_dict()["sft"],
         "policy_dir": str(policy_dir),
-        "train_path": str((work / SFT_TRAIN_EXAMPLES).resolve()),
+        "train_path": str(train_path.resolve()),
         "eval_path": str(eval_path.resolve()) if eval_path else None,
         "output_dir": str((storage / SFT_HF).resolve()),
         "seed": seed,
