@@ -232,6 +232,16 @@ def _controls_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     return []
 
 
+def _arms_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.stages.arms import parse_arms, run_arms
+
+    try:
+        arms = parse_arms(args.pairs, args.flips, args.flip_pairs, args.sft_best)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return [run_arms(cfg, arms, name=args.name)]
+
+
 def _run_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     for name, path in run_all(cfg).items():
         print(f"{name:24s} {path}")
@@ -445,6 +455,35 @@ STAGES: Sequence[Stage] = (
             ),
         ),
         on_ray=lambda cfg, args: (args.llm_texts or args.signal) and cfg.generate.engine == "vllm",
+    ),
+    Stage(
+        "arms",
+        "DPO arms on the start policy's pairs: a learning curve over train pair counts and label-noise arms (flip 0.5: "
+        "random-label DPO), each judged by held-out pair accuracy and valid reward gain; reward.metric "
+        "synthetic-genres makes it the RL loop's positive control",
+        _arms_command,
+        (
+            Option(("--pairs",), {"default": "50,250,700", "help": "train pair counts of the clean arms (nested)"}),
+            Option(
+                ("--flips",),
+                {
+                    "default": "",
+                    "help": "label-flip shares of the noise arms, e.g. 0.28,0.41,0.5 (0.5: random-label DPO); "
+                    "arms.noise_for_spearman maps a reward's measured agreement to one",
+                },
+            ),
+            Option(("--flip-pairs",), {"type": int, "help": "train pairs of the noise arms (default: middle count)"}),
+            Option(
+                ("--sft-best",),
+                {
+                    "default": "",
+                    "help": "train pair counts whose users' best of N texts an SFT arm distils (the update's "
+                    "supervised baseline), e.g. 250",
+                },
+            ),
+            Option(("--name",), {"default": "main", "help": "output directory <run>/arms/<name>/"}),
+        ),
+        on_ray=lambda cfg, args: True,
     ),
     Stage("run", "run every stage in order", _run_command, on_ray=lambda cfg, args: True),
     Stage(

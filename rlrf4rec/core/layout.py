@@ -194,6 +194,10 @@ class RunLayout:
     def dpo_histories(self) -> list[Path]:
         return sorted((self.root / "dpo").glob(f"*/{HISTORY}"))
 
+    def arms(self, name: str) -> Path:
+        """`rlrf4rec arms --name`: DPO arms on one policy's pairs (stages/arms.py)."""
+        return self.root / "arms" / name
+
     # evaluation and reports
     @property
     def evaluate(self) -> Path:

@@ -422,6 +422,19 @@ def run_generate(
     )
 
 
+def policy_generations(cfg: RunConfig, split: str, max_users: int | None, model: str, version: str) -> Path:
+    """N texts of `model` per user of one split (the first `max_users`), in `<run>/generations/<version>-<split>/`.
+    Named by policy, not by what asks for them: a loop's round t+1 finds policy_{t+1}'s valid texts already written
+    in round t, and every DPO arm of `rlrf4rec arms` shares the base policy's."""
+    g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
+    return run_generate(
+        dataclasses.replace(cfg, generate=g),
+        model=model,
+        policy_version=version,
+        out=cfg.layout.generations(f"{version}-{split}"),
+    )
+
+
 def generate_requests(
     g: GenerateConfig,
     requests: pa.Table,

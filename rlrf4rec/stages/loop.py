@@ -21,7 +21,6 @@ trainers.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 def run_loop(cfg: RunConfig) -> Path:
     """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
     from rlrf4rec.stages.dpo import run_dpo
-    from rlrf4rec.stages.generate import run_generate
+    from rlrf4rec.stages.generate import policy_generations
     from rlrf4rec.stages.train import run_recommender
 
     if cfg.generate.num_samples < 2:
@@ -58,14 +57,7 @@ def run_loop(cfg: RunConfig) -> Path:
     }
 
     def generate(split: str, max_users: int | None, model: str, version: str) -> Path:
-        # Named by policy, not round: round t+1 finds policy_{t+1}'s valid texts already written in round t.
-        g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
-        return run_generate(
-            dataclasses.replace(cfg, generate=g),
-            model=model,
-            policy_version=version,
-            out=layout.generations(f"{version}-{split}"),
-        )
+        return policy_generations(cfg, split, max_users, model, version)
 
     for t in range(cfg.loop.rounds):
         version, next_version = "base" if t == 0 else f"round{t}", f"round{t + 1}"

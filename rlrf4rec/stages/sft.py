@@ -62,16 +62,19 @@ def sft_examples(
     max_users: int | None,
     seed: int,
 ) -> pa.Table:
-    """(prompt, target text) per train user (the first `max_users` in a seeded order) and per valid user (held out),
-    in TRL's conversational prompt-completion format (schema.SFT_EXAMPLES); test users never appear.
+    """(prompt, target text) per train user with a target (the first `max_users` in a seeded order) and per valid
+    user with one (held out), in TRL's conversational prompt-completion format (schema.SFT_EXAMPLES); test users never
+    appear.
 
-    The prompt names the last `prompt_history` window entries; the targets (teacher profiles) read the same ones.
+    The prompt names the last `prompt_history` window entries; the targets (teacher profiles, or a policy's own best
+    texts: stages/arms.py) read the same ones.
     """
     seqs = tables["sequences"]
     keep = pa.array([s in ("train", "valid") for s in seqs.column(S.SPLIT).to_pylist()], pa.bool_())
     seqs = seqs.filter(keep)
     histories = history_texts(seqs, tables["items"], tables.get("users"), prompt_history)
     split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
+    split = {u: s for u, s in split.items() if u in targets}
     train = sorted((u for u, s in split.items() if s == "train"), key=lambda u: stable_seed(seed, "sft-users", u))
     users = train[:max_users] + sorted(u for u, s in split.items() if s == "valid")
     rows = [
@@ -154,15 +157,7 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     """Warm-start models.llm on teacher profiles and write `<run>/sft/` (model/ inside); skip when complete."""
     from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.stages.data import require_data, teacher_texts
-    from rlrf4rec.stages.dpo import (
-        chat_tokenizer,
-        drop_long_prompts,
-        export_model,
-        history_from_log,
-        policy_fingerprint,
-        prompt_lengths,
-        write_split,
-    )
+    from rlrf4rec.stages.dpo import policy_fingerprint
 
     data_marker = require_data(cfg, "sft")
     policy_dir = Path(assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))).resolve()
@@ -178,17 +173,46 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
             policy_fingerprint(policy_dir),
         ]
     )
-    stage_dir = cfg.layout.sft
-    if not force and is_complete(stage_dir, fingerprint):
+    if not force and is_complete(cfg.layout.sft, fingerprint):
         log.info("sft: complete output matches the config and inputs; nothing to do")
+        return cfg.layout.sft
+    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
+    targets = teacher_texts(cfg, g.prompt_history)
+    examples = sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, cfg.seed + sc.seed_offset)
+    return fit_sft(cfg, examples, policy_dir, cfg.layout.sft, fingerprint, sc.target, force=force, on_ray=on_ray)
+
+
+def fit_sft(
+    cfg: RunConfig,
+    examples: pa.Table,
+    policy_dir: Path,
+    stage_dir: Path,
+    fingerprint: str,
+    target: str,
+    *,
+    force: bool = False,
+    on_ray: bool = True,
+) -> Path:
+    """SFT of `policy_dir` on `examples` (schema.SFT_EXAMPLES: train rows trained on, valid rows held out) with the
+    `sft` section's trainer settings, published to `stage_dir` (model/ inside); `target` names the answers in the
+    stats. Skipped when complete for `fingerprint`, which must identify the examples."""
+    from rlrf4rec.stages.dpo import (
+        chat_tokenizer,
+        drop_long_prompts,
+        export_model,
+        history_from_log,
+        prompt_lengths,
+        write_split,
+    )
+
+    sc = cfg.sft
+    if not force and is_complete(stage_dir, fingerprint):
+        log.info("%s: complete output matches the config and inputs; nothing to do", cfg.layout.relative(stage_dir))
         return stage_dir
-    storage = cfg.layout.ray_train(f"sft-{digest(fingerprint)}")
+    storage = cfg.layout.ray_train(f"{stage_dir.name}-{digest(fingerprint)}")
     if force and storage.exists():
         shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
-    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
     seed = cfg.seed + sc.seed_offset
-    targets = teacher_texts(cfg, g.prompt_history)
-    examples = sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, seed)
     tokenizer = chat_tokenizer(policy_dir, "SFT on conversational examples")
     examples, dropped = drop_long_prompts(examples, prompt_lengths(examples, tokenizer), sc.max_prompt_length)
     is_train = pa.array([s == "train" for s in examples.column(S.SPLIT).to_pylist()], pa.bool_())
@@ -212,7 +236,7 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
         "fault_at": cfg.fault.dpo_step,
     }
     if on_ray:
-        fit = launcher.Fit.of("sft", storage, sc)
+        fit = launcher.Fit.of(stage_dir.name, storage, sc)
         checkpoint = launcher.hf_fit_on_ray(build_trainer, loop_config, fit)
     else:
         checkpoint = launcher.hf_fit_local(build_trainer, loop_config)
@@ -227,7 +251,7 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
             counts,
             **summarize(history),
             policy=str(policy_dir),
-            target=sc.target,
+            target=target,
             on_ray=on_ray,
             resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
         )

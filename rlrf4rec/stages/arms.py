@@ -1,0 +1,313 @@
+"""DPO arms on one policy's pairs: does this DPO stage learn what the reward asks, from how many pairs, through how much
+label noise? (`rlrf4rec arms`)
+
+One start policy (models.llm, or its warm start with loop.init = sft) writes N texts for `loop.train_users` train users
+and `loop.eval_users` valid users; the configured reward (`reward.metric`; `synthetic-genres` is the RL loop's
+positive control, learnable by construction and needing no recommender) scores them; the pairs stage turns them into
+train and held-out (valid) pairs. Each arm then trains DPO from the start policy on a slice of the train pairs:
+- `pairs`: the first n of one seeded order of the train pairs, so every smaller arm's pairs are in every larger one
+  (a learning curve over the pair count),
+- `flip`: exactly round(flip * n) of those, a seeded subset, with chosen and rejected swapped (label noise; flip 0.5
+  is random-label DPO, the update's null), the subsets nested as flip grows.
+Per arm: held-out pair accuracy on the valid pairs (true labels, never trained on), the DPO log's train values, and the
+arm's policy's N texts for the same valid users, scored by the same reward: mean reward gain over the start policy
+with a paired bootstrap interval over users, and the share of its texts flagged off topic or cut at the token cap.
+Everything is a stage directory (generations, rewards, pairs, one DPO per arm), so a killed run resumes at the first
+incomplete arm; `<run>/arms/<name>/table.json` and `table.md` hold the table. Sequences other stages' functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
+from rlrf4rec.core.config import RunConfig
+from rlrf4rec.core.layout import POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
+from rlrf4rec.core.protocol import stable_seed
+
+log = logging.getLogger(__name__)
+
+START = "start"  # the start policy's generations are `<run>/generations/start-{train,valid}/`
+ARM_PAIRS = "pairs.parquet"  # in `<run>/arms/<name>/<arm>/`: the arm's train pairs, as DPO reads them
+
+
+DPO, SFT_BEST = "dpo", "sft-best"
+
+
+@dataclass(frozen=True)
+class Arm:
+    pairs: int  # train pairs: the first `pairs` of one seeded order of the train pairs
+    flip: float = 0.0  # share of them with chosen and rejected swapped (exactly round(flip * pairs), seeded)
+    # dpo: DPO on those pairs; sft-best: SFT on the best of N texts of the same pairs' users (best-of-N distillation)
+    kind: str = DPO
+
+    def __post_init__(self) -> None:
+        if self.pairs < 1:
+            raise ValueError(f"arm pairs={self.pairs}: use a positive number of train pairs")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"arm flip={self.flip}: use a share of flipped pairs in [0, 1]")
+        if self.kind not in (DPO, SFT_BEST) or (self.kind == SFT_BEST and self.flip):
+            raise ValueError(f"arm kind={self.kind!r}, flip={self.flip}: use dpo, or sft-best without flips")
+
+    @property
+    def flipped(self) -> int:
+        return round(self.flip * self.pairs)
+
+    @property
+    def name(self) -> str:
+        if self.kind == SFT_BEST:
+            return f"n{self.pairs}-sft-best"
+        return f"n{self.pairs}-flip{round(self.flip * 100):02d}"
+
+
+def parse_arms(pair_counts: str, flips: str, flip_pairs: int | None, sft_best: str = "") -> list[Arm]:
+    """`--pairs 50,250,700 --flips 0.28,0.5 --flip-pairs 250 --sft-best 250` -> clean DPO arms at every count, the
+    flip arms at `flip_pairs` (default: the middle count), then SFT-on-best arms on the users of those counts."""
+    try:
+        counts = [int(c) for c in pair_counts.split(",") if c.strip()]
+        shares = [float(f) for f in flips.split(",") if f.strip()]
+        sft = [int(c) for c in sft_best.split(",") if c.strip()]
+    except ValueError as e:
+        raise ValueError(
+            f"--pairs {pair_counts!r} / --flips {flips!r} / --sft-best {sft_best!r}: use comma-separated numbers ({e})"
+        ) from None
+    if not counts:
+        raise ValueError("--pairs: name at least one train pair count, e.g. 50,250,700")
+    at = flip_pairs if flip_pairs is not None else sorted(counts)[len(counts) // 2]
+    return [Arm(n) for n in counts] + [Arm(at, f) for f in shares if f > 0] + [Arm(n, kind=SFT_BEST) for n in sft]
+
+
+def noise_for_spearman(rho_s: float) -> float:
+    """The pair flip probability of a reward whose agreement with the true one is Spearman `rho_s`, under a Gaussian
+    copula: Pearson r = 2 sin(pi rho_s / 6), Kendall tau = 2 arcsin(r) / pi, P(flip) = (1 - tau) / 2."""
+    r = 2 * math.sin(math.pi * rho_s / 6)
+    return (1 - 2 * math.asin(r) / math.pi) / 2
+
+
+# --------------------------------------------------------------------------------------------------- pairs (pure)
+
+
+def swap_labels(pairs: pa.Table, flip: np.ndarray) -> pa.Table:
+    """`pairs` (schema.PAIRS) with chosen and rejected (messages, sample ids, rewards) swapped where `flip`; the margin
+    is chosen minus rejected reward as always, so a swapped pair's is negative."""
+    mask = pa.array(flip, pa.bool_())
+    columns = {name: pairs.column(name) for name in pairs.column_names}
+    for a, b in (
+        (S.CHOSEN, S.REJECTED),
+        (S.CHOSEN_SAMPLE_IDX, S.REJECTED_SAMPLE_IDX),
+        (S.CHOSEN_REWARD, S.REJECTED_REWARD),
+    ):
+        columns[a], columns[b] = (
+            pc.if_else(mask, pairs.column(b), pairs.column(a)),
+            pc.if_else(mask, pairs.column(a), pairs.column(b)),
+        )
+    columns[S.REWARD_MARGIN] = pc.subtract(columns[S.CHOSEN_REWARD], columns[S.REJECTED_REWARD])
+    return pa.table(columns, schema=pairs.schema)
+
+
+def arm_pairs(pairs: pa.Table, arm: Arm, seed: int) -> pa.Table:
+    """The arm's train pairs: the first `arm.pairs` rows of a seeded permutation of `pairs` (nested across counts),
+    exactly `arm.flipped` of them swapped (the first of a second seeded permutation: nested across flip shares)."""
+    if arm.pairs > pairs.num_rows:
+        raise ValueError(
+            f"arm {arm.name}: {arm.pairs} train pairs asked, {pairs.num_rows} exist; lower the count or raise "
+            "loop.train_users / generate.num_samples (or use pairs.strategy: all)"
+        )
+    order = np.random.default_rng(stable_seed(seed, "arm-order")).permutation(pairs.num_rows)[: arm.pairs]
+    subset = pairs.take(pa.array(order))
+    flip = np.zeros(arm.pairs, dtype=bool)
+    flip[np.random.default_rng(stable_seed(seed, "arm-flip", arm.pairs)).permutation(arm.pairs)[: arm.flipped]] = True
+    return swap_labels(subset, flip)
+
+
+def best_texts(candidates: dict[str, list], users: set[str]) -> dict[str, str]:
+    """user -> the text with the highest reward among its N (pairs.Candidate lists; the lowest sample on ties)."""
+    return {
+        u: max(cands, key=lambda c: (c.reward, -c.sample_idx)).text for u, cands in candidates.items() if u in users
+    }
+
+
+def dpo_steps(cfg: RunConfig, pairs: int) -> int:
+    """Optimizer steps of DPO over `pairs` train pairs: dpo.max_steps, or dpo.epochs passes (a last partial batch and
+    a last partial accumulation each still make a step)."""
+    dc = cfg.dpo
+    micro_batches = math.ceil(pairs / (dc.num_workers * dc.per_device_batch_size))
+    return dc.max_steps or math.ceil(micro_batches / dc.grad_accum) * dc.epochs
+
+
+# --------------------------------------------------------------------------------------------------- the table
+
+
+def _share(stats: dict, flag: str) -> float:
+    return stats.get(f"flag/{flag}", 0) / max(stats.get("rows", 0), 1)
+
+
+def arm_row(arm: Arm | None, dpo: dict | None, comparison: dict | None, gen_stats: dict) -> dict:
+    """One table row: the arm (None: the start policy), its DPO stats, its valid reward and texts."""
+    row: dict = {
+        "arm": arm.name if arm else START,
+        "train_pairs": arm.pairs if arm else 0,
+        "flipped": arm.flipped if arm else 0,
+        "off_topic": _share(gen_stats, "off_topic"),
+        "truncated": _share(gen_stats, "truncated"),
+        "completion_tokens_mean": gen_stats.get("completion_tokens_mean"),
+    }
+    if dpo is not None:
+        row.update({k: dpo[k] for k in sorted(dpo) if k.startswith(("train/", "eval/", "pairs/")) or k == "steps"})
+    if comparison is not None:
+        row.update({f"valid/{k}": v for k, v in comparison.items()})
+    return row
+
+
+def table_markdown(rows: Sequence[dict], metric: str) -> str:
+    def num(x, fmt: str = "{:+.4f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    lines = [
+        f"reward: {metric}; held-out pairs: the valid users' (true labels, never trained on)",
+        "",
+        "| arm | train pairs | flipped | DPO steps | train loss first -> last | train pair acc. last | held-out pairs "
+        "| held-out pair acc. | held-out margin | valid reward | gain over start [95% CI] | off topic | cut at cap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["arm"],
+                    str(r["train_pairs"]),
+                    str(r["flipped"]),
+                    str(r.get("steps", "-")),
+                    (
+                        f"{r['train/dpo_loss_first']:.4f} -> {r['train/dpo_loss_last']:.4f}"
+                        if "train/dpo_loss_first" in r
+                        else "-"
+                    ),
+                    num(r.get("train/rewards/accuracies_last"), "{:.2f}"),
+                    str(r.get("pairs/eval", "-")),
+                    num(r.get("eval/rewards/accuracies"), "{:.3f}"),
+                    num(r.get("eval/rewards/margins")),
+                    num(r.get("valid/after/mean", r.get("valid/before/mean")), "{:.4f}"),
+                    (
+                        f"{r['valid/gain/mean']:+.4f} [{r['valid/gain/ci_low']:+.4f}, {r['valid/gain/ci_high']:+.4f}]"
+                        if "valid/gain/mean" in r
+                        else "-"
+                    ),
+                    f"{r['off_topic']:.3f}",
+                    f"{r['truncated']:.3f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- the stage
+
+
+def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
+    """Every arm in order (each a resumable stage); writes and prints `<run>/arms/<name>/table.{json,md}`."""
+    from rlrf4rec.stages.dpo import run_dpo
+    from rlrf4rec.stages.generate import policy_generations
+    from rlrf4rec.stages.pairs import run_pairs
+    from rlrf4rec.stages.reward import compare_policies, reward_folds, reward_scorer, run_reward
+    from rlrf4rec.stages.sft import start_policy
+
+    if cfg.generate.num_samples < 2:
+        raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: pairs need at least 2 texts per user")
+    names = [a.name for a in arms]
+    if not arms or len(set(names)) != len(names):
+        raise ValueError(f"arms {names}: name at least one arm, each once")
+    layout, out = cfg.layout, cfg.layout.arms(name)
+    policy = start_policy(cfg)
+    gen_train = policy_generations(cfg, "train", cfg.loop.train_users, policy, START)
+    gen_valid = policy_generations(cfg, "valid", cfg.loop.eval_users, policy, START)
+    recommender_dir = layout.recommender("base")
+    scorer, folds = reward_scorer(cfg, recommender_dir), reward_folds(cfg, recommender_dir)
+    rew_train = run_reward(cfg, gen_train, scorer, out / "reward-train", folds)
+    rew_valid = run_reward(cfg, gen_valid, scorer, out / "reward-valid")
+    pairs_dir = run_pairs(cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], out / "pairs", START, 0)
+    train_pairs = read_parquet(pairs_dir / pairs_file("train"), S.PAIRS)
+    log.info("arms/%s: %s", name, json.dumps(read_marker(pairs_dir)["stats"]))
+    rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
+    rows[0]["valid/before/mean"] = _mean_reward(rew_valid)
+    for arm in arms:
+        arm_dir, version = out / arm.name, f"arms-{name}-{arm.name}"
+        pairs_path = arm_dir / ARM_PAIRS
+        write_parquet(arm_pairs(train_pairs, arm, cfg.seed), pairs_path, S.PAIRS)  # deterministic: same bytes
+        if arm.kind == SFT_BEST:
+            fit_dir = _sft_best(cfg, arm, pairs_path, (gen_train, rew_train), (gen_valid, rew_valid), policy, arm_dir)
+            tuned = fit_dir / POLICY_MODEL
+        else:
+            # One held-out evaluation, after the last step: an arm is a point of the curve, not a trajectory.
+            steps = dpo_steps(cfg, arm.pairs)
+            acfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, save_steps=max(steps, 1)))
+            valid_pairs = pairs_dir / pairs_file("valid")
+            fit_dir = run_dpo(acfg, pairs_path, Path(policy), version, eval_pairs_path=valid_pairs)
+            tuned = layout.policy(fit_dir.name)
+        gen = policy_generations(cfg, "valid", cfg.loop.eval_users, str(tuned), version)
+        rew = run_reward(cfg, gen, scorer, arm_dir / "reward-valid")
+        comparison = compare_policies(rew_valid, rew, cfg.loop.bootstrap_samples, cfg.seed)
+        rows.append(arm_row(arm, read_marker(fit_dir)["stats"], comparison, read_marker(gen)["stats"]))
+        _write_table(rows, out, cfg.reward.metric)
+        log.info("arms/%s/%s: %s", name, arm.name, json.dumps(rows[-1]))
+    _write_table(rows, out, cfg.reward.metric)
+    print((out / TABLE_MD).read_text())
+    return out
+
+
+def _sft_best(
+    cfg: RunConfig,
+    arm: Arm,
+    pairs_path: Path,
+    train: tuple[Path, Path],
+    valid: tuple[Path, Path],
+    policy: str,
+    arm_dir: Path,
+) -> Path:
+    """SFT of the start policy on the best of N texts of the users of the arm's pairs (valid users' best held out)."""
+    from rlrf4rec.core.artifacts import digest, read_tables
+    from rlrf4rec.stages.dpo import policy_fingerprint
+    from rlrf4rec.stages.pairs import rewarded_candidates
+    from rlrf4rec.stages.sft import fit_sft, sft_examples
+
+    users = set(read_parquet(pairs_path, S.PAIRS).column(S.USER_ID).to_pylist())
+    targets = best_texts(rewarded_candidates(*train), users)
+    valid_candidates = rewarded_candidates(*valid)
+    targets.update(best_texts(valid_candidates, set(valid_candidates)))
+    g = cfg.generate
+    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
+    examples = sft_examples(tables, targets, g.domain, g.prompt_history, None, cfg.seed + cfg.sft.seed_offset)
+    fingerprint = "-".join(
+        [cfg.section_hash("sft", "seed"), digest([g.domain, g.prompt_history, sorted(targets.items())])]
+        + [policy_fingerprint(Path(policy))]
+    )
+    return fit_sft(cfg, examples, Path(policy), arm_dir / "sft", fingerprint, "best of N (own texts)")
+
+
+def _mean_reward(rewards_dir: Path) -> float:
+    """Mean over users of each user's mean reward (what compare_policies compares)."""
+    from rlrf4rec.stages.reward import rewards_by_user
+
+    by_user = rewards_by_user(read_parquet(rewards_dir / REWARDS, S.REWARDS))
+    return float(np.mean([np.mean(v) for v in by_user.values()]))
+
+
+def _write_table(rows: list[dict], out: Path, metric: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(rows, out / TABLE_JSON)
+    tmp = out / f".{TABLE_MD}.tmp"
+    tmp.write_text(table_markdown(rows, metric))
+    tmp.replace(out / TABLE_MD)

@@ -1,0 +1,133 @@
+import dataclasses
+
+import pytest
+
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.config import load_config
+from rlrf4rec.stages.arms import (
+    Arm,
+    arm_pairs,
+    best_texts,
+    dpo_steps,
+    noise_for_spearman,
+    parse_arms,
+    table_markdown,
+)
+from rlrf4rec.stages.pairs import Candidate, Pair, pairs_table
+
+
+def pairs(n: int):
+    """n pairs of n users, chosen reward 1 + i/100 (sample 0) over rejected 0 (sample 1)."""
+    made = [Pair(f"u{i:03d}", Candidate(0, f"good {i}", 1 + i / 100), Candidate(1, f"bad {i}", 0.0)) for i in range(n)]
+    prompts = {p.user_id: [{"role": "user", "content": f"history of {p.user_id}"}] for p in made}
+    return pairs_table(made, prompts, {p.user_id: "train" for p in made}, "start", 0)
+
+
+def test_arm_takes_a_seeded_nested_subset_of_the_pairs():
+    table = pairs(40)
+    small, large = arm_pairs(table, Arm(10), seed=7), arm_pairs(table, Arm(25), seed=7)
+    assert small.num_rows == 10 and large.num_rows == 25
+    users_small = small.column(S.USER_ID).to_pylist()
+    assert len(set(users_small)) == 10
+    assert users_small == large.column(S.USER_ID).to_pylist()[:10]  # nested: the curve's points share their pairs
+    assert users_small != table.column(S.USER_ID).to_pylist()[:10]  # shuffled, not the file's first rows
+    assert arm_pairs(table, Arm(10), seed=8).column(S.USER_ID).to_pylist() != users_small
+    assert small.column(S.CHOSEN_REWARD).to_pylist() > small.column(S.REJECTED_REWARD).to_pylist()  # none flipped
+    with pytest.raises(ValueError, match="41 train pairs asked, 40 exist"):
+        arm_pairs(table, Arm(41), seed=7)
+
+
+def test_random_label_arm_swaps_exactly_a_seeded_half_and_keeps_each_pair_whole():
+    table = pairs(30)
+    clean = {r[S.USER_ID]: r for r in arm_pairs(table, Arm(30), seed=3).to_pylist()}
+    noisy = arm_pairs(table, Arm(30, 0.5), seed=3).to_pylist()
+    swapped = [r[S.USER_ID] for r in noisy if r[S.CHOSEN_REWARD] < r[S.REJECTED_REWARD]]
+    assert len(swapped) == 15
+    for r in noisy:
+        c = clean[r[S.USER_ID]]
+        if r[S.USER_ID] in swapped:  # messages, sample ids and rewards all swap; the margin turns negative
+            assert r[S.CHOSEN] == c[S.REJECTED] and r[S.REJECTED] == c[S.CHOSEN]
+            assert (r[S.CHOSEN_SAMPLE_IDX], r[S.REJECTED_SAMPLE_IDX]) == (1, 0)
+            assert r[S.REWARD_MARGIN] == pytest.approx(-c[S.REWARD_MARGIN])
+        else:
+            assert r == c
+        assert r[S.PROMPT] == c[S.PROMPT]
+    # A smaller flip share swaps a subset of a larger one's pairs; another seed swaps another half.
+    fewer = arm_pairs(table, Arm(30, 0.2), seed=3).to_pylist()
+    swapped_fewer = {r[S.USER_ID] for r in fewer if r[S.CHOSEN_REWARD] < r[S.REJECTED_REWARD]}
+    assert len(swapped_fewer) == 6 and swapped_fewer < set(swapped)
+    other = arm_pairs(table, Arm(30, 0.5), seed=4).to_pylist()
+    assert {r[S.USER_ID] for r in other if r[S.CHOSEN_REWARD] < r[S.REJECTED_REWARD]} != set(swapped)
+
+
+def test_parse_arms_and_names():
+    arms = parse_arms("50,250,700", "0.28,0.5", None)
+    assert [a.name for a in arms] == ["n50-flip00", "n250-flip00", "n700-flip00", "n250-flip28", "n250-flip50"]
+    assert arms[-1].flipped == 125
+    assert [a.pairs for a in parse_arms("50", "0.5", 30)] == [50, 30]
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        parse_arms("50,many", "", None)
+    with pytest.raises(ValueError, match="flip=1.5"):
+        parse_arms("50", "1.5", None)
+
+
+def test_noise_for_spearman_matches_the_gaussian_copula():
+    assert noise_for_spearman(1.0) == pytest.approx(0.0, abs=1e-6)
+    assert noise_for_spearman(0.0) == pytest.approx(0.5)
+    # Spearman 0.62 -> Pearson 0.638 -> Kendall 0.441 -> 28% of pairs flipped; 0.26 -> 41%
+    assert noise_for_spearman(0.62) == pytest.approx(0.2798, abs=1e-4)
+    assert noise_for_spearman(0.26) == pytest.approx(0.4125, abs=1e-4)
+
+
+def test_dpo_steps_count_partial_batches(tmp_path):
+    cfg = load_config("configs/ml100k-cpu.yaml")  # 2 workers x 1 pair x 2 accumulation = 4 pairs a step
+    assert dpo_steps(cfg, 48) == 12
+    assert dpo_steps(cfg, 50) == 13  # 25 micro-batches: 12 full accumulations and a partial one
+    assert dpo_steps(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, epochs=2)), 50) == 26
+    assert dpo_steps(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, max_steps=5)), 50) == 5
+
+
+def test_table_reports_each_arm_against_the_start_policy():
+    rows = [
+        {"arm": "start", "train_pairs": 0, "flipped": 0, "off_topic": 0.1, "truncated": 0.5, "valid/before/mean": 0.2},
+        {
+            "arm": "n50-flip00",
+            "train_pairs": 50,
+            "flipped": 0,
+            "off_topic": 0.05,
+            "truncated": 0.4,
+            "steps": 13,
+            "train/dpo_loss_first": 0.6931,
+            "train/dpo_loss_last": 0.61,
+            "train/rewards/accuracies_last": 0.75,
+            "pairs/eval": 120,
+            "eval/rewards/accuracies": 0.64,
+            "eval/rewards/margins": 0.05,
+            "valid/after/mean": 0.25,
+            "valid/gain/mean": 0.05,
+            "valid/gain/ci_low": 0.01,
+            "valid/gain/ci_high": 0.09,
+        },
+    ]
+    md = table_markdown(rows, "synthetic-genres").splitlines()
+    assert md[0].startswith("reward: synthetic-genres")
+    assert md[4] == "| start | 0 | 0 | - | - | - | - | - | - | 0.2000 | - | 0.100 | 0.500 |"
+    assert md[5] == (
+        "| n50-flip00 | 50 | 0 | 13 | 0.6931 -> 0.6100 | 0.75 | 120 | 0.640 | +0.0500 | 0.2500 "
+        "| +0.0500 [+0.0100, +0.0900] | 0.050 | 0.400 |"
+    )
+
+
+def test_sft_best_arms_distil_each_users_best_text():
+    arms = parse_arms("50,250", "0.5", None, "250")
+    assert [a.name for a in arms][-2:] == ["n250-flip50", "n250-sft-best"]
+    with pytest.raises(ValueError, match="sft-best without flips"):
+        Arm(10, 0.5, kind="sft-best")
+    with pytest.raises(ValueError, match="kind='ppo'"):
+        Arm(10, kind="ppo")
+    candidates = {
+        "a": [Candidate(0, "a0", 0.1), Candidate(1, "a1", 0.4), Candidate(2, "a2", 0.4)],
+        "b": [Candidate(0, "b0", -0.2), Candidate(1, "b1", -0.5)],
+        "c": [Candidate(0, "c0", 0.9)],
+    }
+    assert best_texts(candidates, {"a", "b"}) == {"a": "a1", "b": "b0"}  # a tie goes to the lower sample
