@@ -76,8 +76,10 @@ def test_drop_long_prompts_counts():
 
 def test_history_from_log_namespaces_by_split():
     log_history = [
-        {"loss": 0.6931, "rewards/margins": 0.0, "rewards/accuracies": 0.0, "grad_norm": 2.0, "step": 1, "epoch": 0.5},
-        {"loss": 0.41, "rewards/margins": 0.6, "rewards/accuracies": 1.0, "grad_norm": 1.5, "step": 2, "epoch": 1.0},
+        {"loss": 0.6931, "rewards/margins": 0.0, "rewards/accuracies": 0.0, "grad_norm": 2.0, "step": 1, "epoch": 0.5,
+         "logps/chosen": -82.0, "logps/rejected": -90.0},
+        {"loss": 0.41, "rewards/margins": 0.6, "rewards/accuracies": 1.0, "grad_norm": 1.5, "step": 2, "epoch": 1.0,
+         "logps/chosen": -80.0, "logps/rejected": -95.5},
         {"eval_loss": 0.5, "eval_rewards/margins": 0.3, "eval_rewards/accuracies": 0.75, "eval_runtime": 1.0,
          "step": 2, "epoch": 1.0},
         {"train_runtime": 9.0, "train_loss": 0.55, "step": 2, "epoch": 1.0},
@@ -85,7 +87,8 @@ def test_history_from_log_namespaces_by_split():
     history = history_from_log(log_history)
     assert len(history) == 3
     assert history[0] == {"step": 1, "epoch": 0.5, "train/dpo_loss": 0.6931, "train/rewards/margins": 0.0,
-                          "train/rewards/accuracies": 0.0, "train/grad_norm": 2.0}
+                          "train/rewards/accuracies": 0.0, "train/grad_norm": 2.0, "train/logps/chosen": -82.0,
+                          "train/logps/rejected": -90.0}
     assert history[2]["eval/rewards/accuracies"] == 0.75 and history[2]["eval/dpo_loss"] == 0.5
     stats = summarize(history)
     assert stats == {
@@ -93,6 +96,8 @@ def test_history_from_log_namespaces_by_split():
         "train/dpo_loss_first": 0.6931, "train/dpo_loss_last": 0.41,
         "train/rewards/margins_first": 0.0, "train/rewards/margins_last": 0.6,
         "train/rewards/accuracies_first": 0.0, "train/rewards/accuracies_last": 1.0,
+        "train/logps/chosen_first": -82.0, "train/logps/chosen_last": -80.0,
+        "train/logps/rejected_first": -90.0, "train/logps/rejected_last": -95.5,
         "eval/dpo_loss": 0.5, "eval/rewards/margins": 0.3, "eval/rewards/accuracies": 0.75,
     }
 

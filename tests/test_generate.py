@@ -419,3 +419,39 @@ def test_auto_dtype_shares_rows_with_the_dtype_it_picks_on_cpu_replicas(monkeypa
     assert G.fingerprint_dtype(dataclasses.replace(cpu, dtype="bfloat16")) == "bfloat16"
     gpu = GenerateConfig(dtype="auto", num_gpus_per_replica=1)
     assert G.fingerprint_dtype(gpu) == "auto"
+
+
+def test_a_short_prompt_history_never_reaches_before_the_window():
+    # The window is items [1, 4): prompt_history 10 is longer than it, 2 keeps its last two entries. Without the
+    # lower bound, end - 10 would be a negative start and read held-out items from the end of the sequence.
+    for row in requests(prompt_history=10).to_pylist():
+        user = row[S.USER_ID]
+        assert [i for i in range(8) if f"-{user}{i}" in row[S.PROMPT]] == [1, 2, 3]
+    for row in requests(prompt_history=2).to_pylist():
+        user = row[S.USER_ID]
+        assert [i for i in range(8) if f"-{user}{i}" in row[S.PROMPT]] == [2, 3]
+
+
+def test_every_dpo_pair_prompt_is_the_prompt_its_texts_were_generated_from(tmp_path, monkeypatch):
+    import numpy as np
+
+    from rlrf4rec.core.artifacts import stage_output, write_parquet
+    from rlrf4rec.core.layout import REWARDS, pairs_file
+    from rlrf4rec.stages.pairs import run_pairs
+    from rlrf4rec.stages.reward import rewards_table
+
+    monkeypatch.setattr(G, "chat_renderer", lambda model_path: render)
+    monkeypatch.setattr(G.assets, "resolve", lambda ref, home, fetch=True: ref)
+    cfg = stage_cfg(tmp_path, prompt_history=3)
+    run_data(cfg)
+    gen_dir = G.run_generate(cfg, make_engine=FakeEngine)
+    gens = read_parquet(gen_dir / "generations.parquet", S.GENERATIONS)
+    rewards = np.array([1.0 - k for k in gens.column(S.SAMPLE_IDX).to_pylist()])  # sample 0 beats sample 1
+    with stage_output(tmp_path / "rewards", "r", None) as (tmp, _):
+        write_parquet(rewards_table(gens, rewards), tmp / REWARDS, S.REWARDS)
+    pairs_dir = run_pairs(cfg, [(gen_dir, tmp_path / "rewards")], tmp_path / "pairs", "base", 0)
+    generated = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PROMPT).to_pylist()))
+    rows = [r for split in ("train", "valid") for r in read_parquet(pairs_dir / pairs_file(split)).to_pylist()]
+    assert len(rows) == len(generated) == 2
+    for r in rows:
+        assert render(r[S.PROMPT]) == generated[r[S.USER_ID]]

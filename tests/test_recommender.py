@@ -118,3 +118,20 @@ def test_every_backbone_uses_knowledge_and_reloads_from_its_checkpoint(synthetic
     np.testing.assert_array_equal(
         loaded.task.scores(loaded.model, "valid", loaded.knowledge(knowledge)), task.scores(model, "valid", knowledge)
     )
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 2), (11, 2), (7, 3), (5, 1), (3, 4)])
+def test_ddp_shards_cover_the_rows_by_rank_disjointly_with_equal_lengths(n, world):
+    from rlrf4rec.core.recommender import _shard
+
+    shards = [_shard(n, seed=11, rank=r, world=world).tolist() for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every worker takes the same number of steps
+    assert set().union(*shards) == set(range(n))  # the union is the dataset
+    per_worker = -(-n // world)
+    distinct = [set(s) for s in shards]
+    # Disjoint except for the top-up: exactly per_worker * world - n rows repeated, taken from the permutation's start.
+    assert sum(len(s) for s in distinct) - n == per_worker * world - n
+    assert all(len(s) == len(d) for s, d in zip(shards, distinct))  # no worker sees a row twice
+    assert shards != [shards[0]] * world or world == 1  # the rank selects the shard
+    if n >= 7:  # another seed, another permutation (small n may repeat one by chance)
+        assert [_shard(n, 12, r, world).tolist() for r in range(world)] != shards

@@ -246,6 +246,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     for arm in arms:
         arm_dir, version = out / arm.name, f"arms-{name}-{arm.name}"
         pairs_path = arm_dir / ARM_PAIRS
+        arm_dir.mkdir(parents=True, exist_ok=True)
         write_parquet(arm_pairs(train_pairs, arm, cfg.seed), pairs_path, S.PAIRS)  # deterministic: same bytes
         if arm.kind == SFT_BEST:
             fit_dir = _sft_best(cfg, arm, pairs_path, (gen_train, rew_train), (gen_valid, rew_valid), policy, arm_dir)

@@ -141,11 +141,13 @@ def summarize(history: list[dict]) -> dict:
     train = [h for h in history if "train/dpo_loss" in h]
     evals = [h for h in history if "eval/dpo_loss" in h]
     stats: dict[str, Any] = {"steps": max((h["step"] for h in history), default=0)}
-    for key in ("dpo_loss", "rewards/margins", "rewards/accuracies"):
-        if train:
+    # logps: a sequence's summed log-probability under the policy; chosen and rejected both falling while their
+    # margin grows is a known DPO failure (the policy moves mass to texts in neither set)
+    for key in ("dpo_loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        if train and f"train/{key}" in train[0]:
             stats[f"train/{key}_first"] = train[0][f"train/{key}"]
             stats[f"train/{key}_last"] = train[-1][f"train/{key}"]
-        if evals:
+        if evals and f"eval/{key}" in evals[-1]:
             stats[f"eval/{key}"] = evals[-1][f"eval/{key}"]
     stats.update(mean_step_time(train))
     precompute = [h["train/ref_precompute_s"] for h in train if "train/ref_precompute_s" in h]
