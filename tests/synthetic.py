@@ -145,3 +145,37 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
             save_checkpoint(tmp, state.best_model, spec, knowledge)
     torch.set_num_threads(1)
     return run, tastes
+
+
+def stage_with(path: Path, name: str, table: pa.Table, schema: pa.Schema) -> Path:
+    """A complete stage directory (marker fingerprint "fp-<dir name>") holding one Parquet file."""
+    from rlrf4rec.core.artifacts import stage_output, write_parquet
+
+    with stage_output(path, "fp-" + path.name, "") as (tmp, _):
+        write_parquet(table, tmp / name, schema)
+    return path
+
+
+def generations_table(rows: list[tuple], splits: dict[str, str] | None = None) -> pa.Table:
+    """schema.GENERATIONS rows from (user, sample_idx, text, flags) tuples; split "train" unless `splits` names it."""
+    n = len(rows)
+    return pa.table(
+        {
+            S.USER_ID: [r[0] for r in rows],
+            S.SAMPLE_IDX: pa.array([r[1] for r in rows], pa.int32()),
+            S.SPLIT: [(splits or {}).get(r[0], "train") for r in rows],
+            S.PROMPT: ["p"] * n,
+            S.PREFERENCE_TEXT: [r[2] for r in rows],
+            S.PROMPT_TOKENS: pa.array([10] * n, pa.int32()),
+            S.COMPLETION_TOKENS: pa.array([5] * n, pa.int32()),
+            S.FINISH_REASON: ["stop"] * n,
+            S.SEED: pa.array(range(n), pa.int64()),
+            S.TEMPERATURE: [1.0] * n,
+            S.TOP_P: [0.95] * n,
+            S.MAX_NEW_TOKENS: pa.array([64] * n, pa.int32()),
+            S.MODEL: ["m"] * n,
+            S.POLICY_VERSION: ["base"] * n,
+            S.FLAGS: [r[3] for r in rows],
+        },
+        schema=S.GENERATIONS,
+    )

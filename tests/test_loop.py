@@ -3,42 +3,14 @@ policy comparison, and the rounds manifest as the loop's readers see it."""
 
 import pyarrow as pa
 import pytest
+from synthetic import generations_table as _generations
+from synthetic import stage_with as _stage
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_manifest, stage_output, write_parquet
+from rlrf4rec.core.artifacts import read_manifest
 from rlrf4rec.core.layout import GENERATIONS, REWARDS, RunLayout
 from rlrf4rec.stages.pairs import rewarded_candidates
 from rlrf4rec.stages.reward import compare_policies
-
-
-def _stage(path, name, table, schema):
-    with stage_output(path, "fp-" + path.name, "") as (tmp, _):
-        write_parquet(table, tmp / name, schema)
-    return path
-
-
-def _generations(rows):
-    n = len(rows)
-    return pa.table(
-        {
-            S.USER_ID: [r[0] for r in rows],
-            S.SAMPLE_IDX: pa.array([r[1] for r in rows], pa.int32()),
-            S.SPLIT: ["train"] * n,
-            S.PROMPT: ["p"] * n,
-            S.PREFERENCE_TEXT: [r[2] for r in rows],
-            S.PROMPT_TOKENS: pa.array([10] * n, pa.int32()),
-            S.COMPLETION_TOKENS: pa.array([5] * n, pa.int32()),
-            S.FINISH_REASON: ["stop"] * n,
-            S.SEED: pa.array(range(n), pa.int64()),
-            S.TEMPERATURE: [1.0] * n,
-            S.TOP_P: [0.95] * n,
-            S.MAX_NEW_TOKENS: pa.array([64] * n, pa.int32()),
-            S.MODEL: ["m"] * n,
-            S.POLICY_VERSION: ["base"] * n,
-            S.FLAGS: [r[3] for r in rows],
-        },
-        schema=S.GENERATIONS,
-    )
 
 
 def _rewards(rows):

@@ -32,12 +32,17 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
 
             from rlrf4rec.stages.encode import TextEncoder
 
-            node = ray.get_runtime_context().get_node_id()
-            (Path(marks) / f"{node}-{os.getpid()}").touch()
+            self.node = ray.get_runtime_context().get_node_id()
+            self.marks = Path(marks)
+            (self.marks / f"{self.node}-{os.getpid()}").touch()
             self.encoder = TextEncoder(encoder_dir, max_length=64)
+            self.calls = 0
 
         def encode(self, texts):
-            return self.encoder.encode(texts)
+            out = self.encoder.encode(texts)
+            self.calls += 1  # one file per encoded batch: proof that this node is working through rows
+            (self.marks / "batches" / f"{self.node}-{os.getpid()}-{self.calls}").touch()
+            return out
 
     run, tastes = serving_run
     encoder_dir = str(assets.asset_dir("all-minilm-l6-v2", asset_home))
@@ -54,7 +59,7 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     marks = tmp_path / "marks"
-    marks.mkdir()
+    (marks / "batches").mkdir(parents=True)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         rows = pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: texts})
@@ -71,17 +76,20 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
 
         thread = threading.Thread(target=stage)
         thread.start()
+        def nodes_with_batches() -> set[str]:
+            return {p.name.split("-")[0] for p in (marks / "batches").iterdir()}
+
         deadline = time.monotonic() + 300
-        while len({p.name.split("-")[0] for p in marks.iterdir()}) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        nodes_used = {p.name.split("-")[0] for p in marks.iterdir()}
-        assert len(nodes_used) == 2, "the stage did not use both nodes"
-        time.sleep(3)  # both actors are scoring now
+        while len(nodes_with_batches()) < 2 and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.node_id in nodes_with_batches(), "the worker node encoded no batch: nothing of it to lose"
         assert thread.is_alive(), "the stage finished before the node could be removed; give it more rows"
-        cluster.remove_node(worker)
+        done_on_worker = len([p for p in (marks / "batches").iterdir() if p.name.startswith(worker.node_id)])
+        cluster.remove_node(worker)  # mid-stream: it has encoded batches and the stage still has rows to score
         thread.join(timeout=600)
         assert not thread.is_alive() and "error" not in result, result.get("error")
     finally:
         ray.shutdown()
         cluster.shutdown()
+    assert done_on_worker >= 1
     np.testing.assert_allclose(result["rewards"], expected, rtol=0, atol=1e-6)

@@ -204,3 +204,69 @@ def test_synthetic_genre_reward_on_a_hand_made_user():
     assert synthetic_genre_reward(text, liked, other) == pytest.approx(2 / 3 - 1 / 2)
     assert synthetic_genre_reward("Nothing about films.", liked, other) == 0.0
     assert synthetic_genre_reward("children's comedy", liked, other) == pytest.approx(-1.0)
+
+
+def test_cross_fitting_scores_every_train_text_by_the_model_that_held_its_user_out(reward_model, tmp_path, monkeypatch):
+    """Routing only: stub models score a text with their fold id (-1: the round's model). A train user's texts go to
+    the one fold model trained without that user; valid texts to the round's model; folds cover exactly the rewarded
+    train users (loop.train_users), disjointly."""
+    from synthetic import generations_table, stage_with
+
+    from rlrf4rec.core import schema as S
+    from rlrf4rec.core.artifacts import read_marker, read_parquet, read_table, stage_output
+    from rlrf4rec.core.layout import GENERATIONS, REWARDS
+    from rlrf4rec.stages import reward as R
+    from rlrf4rec.stages import train as T
+
+    _, _, root, data_dir = reward_model
+    cfg = from_dict(
+        RunConfig,
+        {
+            "name": "r",
+            "run_dir": str(root / "run"),
+            "data": {"format": "parquet", "path": str(root / "raw")},
+            "loop": {"train_users": 30},
+            "reward": {"cross_fit_folds": 3, "ensemble": 1},
+        },
+    )
+    trained: dict[str, set[str]] = {}
+
+    def fake_run_recommender(cfg, name, data_dir, knowledge, held_out=()):
+        trained[name] = set(held_out)
+        with stage_output(tmp_path / "recs" / name, f"fp-{name}", None):
+            pass
+        return tmp_path / "recs" / name
+
+    class Stub:
+        def __init__(self, dirs):
+            self.id = int(str(dirs[0]).split("fold")[1]) if "fold" in str(dirs[0]) else -1
+            self.by_user = {u: None for u in read_table(data_dir, "sequences").column(S.USER_ID).to_pylist()}
+
+        def encode(self, encoder, texts, cache=None):
+            return np.zeros((len(texts), 1), np.float32)
+
+        def score(self, users, vectors):
+            return np.full(len(users), float(self.id))
+
+    monkeypatch.setattr(T, "run_recommender", fake_run_recommender)
+    monkeypatch.setattr(R.RewardEnsemble, "load", classmethod(lambda cls, dirs, data, metric="ndcg@5": Stub(dirs)))
+    monkeypatch.setattr(R, "make_encoder", lambda cfg: None)
+    main = fake_run_recommender(cfg, "base", data_dir, None)
+    folds = R.reward_folds(cfg, main)
+
+    seqs = read_table(data_dir, "sequences").to_pylist()
+    split = {r[S.USER_ID]: r[S.SPLIT] for r in seqs}
+    rewarded = sorted(u for u, s in split.items() if s == "train")[:30]
+    held = [set(users) for _, users in folds]
+    assert len(folds) == 3 and set().union(*held) == set(rewarded) and sum(map(len, held)) == 30
+    for k, (dirs, users) in enumerate(folds):
+        assert trained[dirs[0].name] == set(users) and dirs[0].name == f"base-fold{k}"
+
+    valid = sorted(u for u, s in split.items() if s == "valid")[:5]
+    rows = [(u, k, f"text {k}", []) for u in rewarded + valid for k in range(2)]
+    gen = stage_with(tmp_path / "gen", GENERATIONS, generations_table(rows, split), S.GENERATIONS)
+    out = R.run_reward(cfg, gen, [main], tmp_path / "rewards", folds)
+    fold_of = {u: k for k, users in enumerate(held) for u in users}
+    for r in read_parquet(out / REWARDS, S.REWARDS).to_pylist():
+        assert r[S.REWARD] == (fold_of[r[S.USER_ID]] if split[r[S.USER_ID]] == "train" else -1), r
+    assert read_marker(out)["stats"]["cross_fitted_rows"] == 60

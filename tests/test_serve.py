@@ -164,11 +164,9 @@ def test_overload_is_shed_with_503_not_timeouts(app):
             body = {"user_id": "u4", "candidates": GENRE_A + GENRE_B}
             return await asyncio.gather(*(c.post("/tight/rank", json=body) for _ in range(40)))
 
-    start = time.monotonic()
-    codes = [r.status_code for r in asyncio.run(burst())]
+    codes = [r.status_code for r in asyncio.run(burst())]  # a request that waited instead of shedding times out
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 10 and codes.count(200) >= 1
-    assert time.monotonic() - start < 30
     serve.delete("tight")
 
 
