@@ -107,14 +107,15 @@ def test_table_reports_each_arm_against_the_start_policy():
             "valid/gain/mean": 0.05,
             "valid/gain/ci_low": 0.01,
             "valid/gain/ci_high": 0.09,
+            "valid/other_user/mean": 0.21,
         },
     ]
     md = table_markdown(rows, "synthetic-genres").splitlines()
     assert md[0].startswith("reward: synthetic-genres")
-    assert md[4] == "| start | 0 | 0 | - | - | - | - | - | - | 0.2000 | - | 0.100 | 0.500 |"
+    assert md[4] == "| start | 0 | 0 | - | - | - | - | - | - | 0.2000 | - | - | 0.100 | 0.500 |"
     assert md[5] == (
         "| n50-flip00 | 50 | 0 | 13 | 0.6931 -> 0.6100 | 0.75 | 120 | 0.640 | +0.0500 | 0.2500 "
-        "| +0.0500 [+0.0100, +0.0900] | 0.050 | 0.400 |"
+        "| +0.0500 [+0.0100, +0.0900] | 0.2100 | 0.050 | 0.400 |"
     )
 
 

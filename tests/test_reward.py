@@ -205,6 +205,16 @@ def test_synthetic_genre_reward_on_a_hand_made_user():
     assert synthetic_genre_reward("Nothing about films.", liked, other) == 0.0
     assert synthetic_genre_reward("children's comedy", liked, other) == pytest.approx(-1.0)
 
+    # The contrast: less the mean over other users. v likes comedy only (other: war); w likes nothing listed here.
+    from rlrf4rec.core.metrics import contrast_genre_reward
+
+    v, w = ({"comedy"}, {"war"}), (set(), {"drama"})
+    # Own 2/3 - 1/2 as above; on v: comedy named (1/1), war not named (0): 1; on w: drama named, 1 of 1: -1.
+    assert contrast_genre_reward(text, (liked, other), [v, w]) == pytest.approx(2 / 3 - 1 / 2 - (1 + -1) / 2)
+    # A text naming no genre earns nothing on any lists; without other users the contrast is the plain reward.
+    assert contrast_genre_reward("nothing", (liked, other), [v, w]) == 0.0
+    assert contrast_genre_reward(text, (liked, other), []) == pytest.approx(2 / 3 - 1 / 2)
+
 
 def test_cross_fitting_scores_every_train_text_by_the_model_that_held_its_user_out(reward_model, tmp_path, monkeypatch):
     """Routing only: stub models score a text with their fold id (-1: the round's model). A train user's texts go to

@@ -453,7 +453,8 @@ class RewardConfig:
     # reward = mean of this metric over the user's own re-rank lists: ndcg@K or map@K (the method's), or pairwise
     # (mean log sigmoid(s_pos - s_neg) over each list's positive-negative pairs; smooth); or synthetic-genres, the
     # RL loop's positive control: no recommender, the share of the user's liked list items' genres the text names
-    # minus the share of its other list items' genres (core/metrics.py)
+    # minus the share of its other list items' genres (core/metrics.py); synthetic-genres-contrast: that less its mean
+    # over the other users of the split (only what is about this user pays: the personalised control)
     metric: str = "ndcg@5"
     min_margin: float = 0.01  # a pair whose best-worst reward gap is smaller carries no preference: dropped
     engine: str = "local"  # "local": in process, with the embedding cache; "ray": Ray Data actors (scale-out)
@@ -471,11 +472,12 @@ class RewardConfig:
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
         ranked = metric in ("ndcg", "map") and k.isdigit() and int(k) in (1, 3, 5, 7)
-        if self.metric not in ("pairwise", "synthetic-genres") and not ranked:
+        if self.metric not in ("pairwise", "synthetic-genres", "synthetic-genres-contrast") and not ranked:
             _fail(
                 "reward.metric",
                 self.metric,
-                "use ndcg@K or map@K with K in 1, 3, 5, 7, pairwise, or synthetic-genres (the loop's positive control)",
+                "use ndcg@K or map@K with K in 1, 3, 5, 7, pairwise, or synthetic-genres / synthetic-genres-contrast "
+                "(the loop's positive controls)",
             )
         if not 0 <= self.min_margin < 1:
             _fail("reward.min_margin", self.min_margin, "use a margin in [0, 1)")

@@ -257,6 +257,8 @@ def reference_full_sort_metrics(scores, target, exclude, ks=(10,)) -> dict[str, 
 
 # --------------------------------------------------------------------------------------------------- synthetic reward
 SYNTHETIC_GENRES = "synthetic-genres"  # reward.metric of the RL loop's positive control
+SYNTHETIC_CONTRAST = "synthetic-genres-contrast"  # the same, less what the text would earn on other users' lists
+SYNTHETIC_METRICS = (SYNTHETIC_GENRES, SYNTHETIC_CONTRAST)
 
 
 def genres_named(text: str, genres: Iterable[str]) -> set[str]:
@@ -265,12 +267,27 @@ def genres_named(text: str, genres: Iterable[str]) -> set[str]:
     return {g for g in genres if re.search(rf"(?<![a-z]){re.escape(g)}(?![a-z])", lowered)}
 
 
+def _genre_shares(named: set[str], positive: set[str], negative: set[str]) -> float:
+    others = negative - positive
+    gain = len(named & positive) / len(positive) if positive else 0.0
+    loss = len(named & others) / len(others) if others else 0.0
+    return gain - loss
+
+
 def synthetic_genre_reward(text: str, positive: set[str], negative: set[str]) -> float:
     """The positive control's reward: the share of `positive` genres (of the user's liked list items) the text names
     minus the share of `negative` genres (of its other list items, the positives' left out) it names, in [-1, 1].
     Needs no recommender, and a policy can learn it from the prompt: the history's genres predict the lists'."""
-    others = negative - positive
-    named = genres_named(text, positive | others)
-    gain = len(named & positive) / len(positive) if positive else 0.0
-    loss = len(named & others) / len(others) if others else 0.0
-    return gain - loss
+    return _genre_shares(genres_named(text, positive | negative), positive, negative)
+
+
+def contrast_genre_reward(
+    text: str, own: tuple[set[str], set[str]], others: Sequence[tuple[set[str], set[str]]]
+) -> float:
+    """synthetic_genre_reward on the user's own (positive, negative) genres minus its mean over `others` (other users'
+    lists): naming genres that pay for anyone (a frequent one) earns nothing on average; only a text about this user's
+    lists does. The personalised positive control."""
+    everything = set().union(*own, *(g for pair in others for g in pair))
+    named = genres_named(text, everything)
+    baseline = float(np.mean([_genre_shares(named, *o) for o in others])) if others else 0.0
+    return _genre_shares(named, *own) - baseline

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig
-from rlrf4rec.core.layout import POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
+from rlrf4rec.core.layout import GENERATIONS, POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.protocol import stable_seed
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,9 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
         f"reward: {metric}; held-out pairs: the valid users' (true labels, never trained on)",
         "",
         "| arm | train pairs | flipped | DPO steps | train loss first -> last | train pair acc. last | held-out pairs "
-        "| held-out pair acc. | held-out margin | valid reward | gain over start [95% CI] | off topic | cut at cap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held-out pair acc. | held-out margin | valid reward | gain over start [95% CI] | with another user's lists "
+        "| off topic | cut at cap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -205,6 +206,7 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
                         if "valid/gain/mean" in r
                         else "-"
                     ),
+                    num(r.get("valid/other_user/mean"), "{:.4f}"),
                     f"{r['off_topic']:.3f}",
                     f"{r['truncated']:.3f}",
                 ]
@@ -243,6 +245,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     log.info("arms/%s: %s", name, json.dumps(read_marker(pairs_dir)["stats"]))
     rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
     rows[0]["valid/before/mean"] = _mean_reward(rew_valid)
+    rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
     for arm in arms:
         arm_dir, version = out / arm.name, f"arms-{name}-{arm.name}"
         pairs_path = arm_dir / ARM_PAIRS
@@ -262,6 +265,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
         rew = run_reward(cfg, gen, scorer, arm_dir / "reward-valid")
         comparison = compare_policies(rew_valid, rew, cfg.loop.bootstrap_samples, cfg.seed)
         rows.append(arm_row(arm, read_marker(fit_dir)["stats"], comparison, read_marker(gen)["stats"]))
+        rows[-1]["valid/other_user/mean"] = other_user_reward(cfg, gen)
         _write_table(rows, out, cfg.reward.metric)
         log.info("arms/%s/%s: %s", name, arm.name, json.dumps(rows[-1]))
     _write_table(rows, out, cfg.reward.metric)
@@ -296,6 +300,27 @@ def _sft_best(
         + [policy_fingerprint(Path(policy))]
     )
     return fit_sft(cfg, examples, Path(policy), arm_dir / "sft", fingerprint, "best of N (own texts)")
+
+
+def other_user_reward(cfg: RunConfig, generations_dir: Path) -> float | None:
+    """synthetic-genres only: the texts' mean reward (over users) against another user's lists (each user's texts
+    scored with the genres of the next user in id order): what a policy earns by naming genres that pay anywhere.
+    A gain that is about the user shows as own reward above this one."""
+    from rlrf4rec.core.artifacts import read_tables
+    from rlrf4rec.core.metrics import SYNTHETIC_GENRES, synthetic_genre_reward
+    from rlrf4rec.stages.reward import list_genres
+
+    if cfg.reward.metric != SYNTHETIC_GENRES:
+        return None
+    by_user = list_genres(read_tables(cfg.layout.data, ("items", "rerank_lists")))
+    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
+    texts: dict[str, list[str]] = {}
+    for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()):
+        if u in by_user:
+            texts.setdefault(u, []).append(t)
+    users = sorted(texts)
+    other = dict(zip(users, users[1:] + users[:1]))
+    return float(np.mean([np.mean([synthetic_genre_reward(t, *by_user[other[u]]) for t in texts[u]]) for u in users]))
 
 
 def _mean_reward(rewards_dir: Path) -> float:

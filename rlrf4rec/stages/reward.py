@@ -35,8 +35,10 @@ from rlrf4rec.core.artifacts import (
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
 from rlrf4rec.core.metrics import (
-    SYNTHETIC_GENRES,
+    SYNTHETIC_CONTRAST,
+    SYNTHETIC_METRICS,
     bootstrap_ci,
+    contrast_genre_reward,
     pairwise_log_likelihood,
     rank_metrics,
     synthetic_genre_reward,
@@ -270,7 +272,7 @@ def run_reward(
     whose members' mean is the reward). `folds`: (recommender dirs, users) whose texts those reward instead
     (cross-fitting, `reward_folds`)."""
     stage = cfg.layout.relative(stage_dir)
-    if cfg.reward.metric == SYNTHETIC_GENRES:
+    if cfg.reward.metric in SYNTHETIC_METRICS:
         return run_synthetic_reward(cfg, generations_dir, stage_dir)
     main = tuple(scorer)
     groups = list(dict.fromkeys([main, *(tuple(dirs) for dirs, _ in folds)]))
@@ -349,7 +351,8 @@ def list_genres(tables: dict[str, pa.Table]) -> dict[str, tuple[set[str], set[st
 
 def run_synthetic_reward(cfg: RunConfig, generations_dir: Path, stage_dir: Path) -> Path:
     """reward.metric = synthetic-genres, the RL loop's positive control: each text rewarded by
-    core.metrics.synthetic_genre_reward against its user's list genres; no recommender, no encoder."""
+    core.metrics.synthetic_genre_reward against its user's list genres; synthetic-genres-contrast: less its mean
+    against every other user of the same split (core.metrics.contrast_genre_reward). No recommender, no encoder."""
     upstream = [
         require_marker(d, what)["fingerprint"] for d, what in ((generations_dir, "generate"), (cfg.layout.data, "data"))
     ]
@@ -359,12 +362,21 @@ def run_synthetic_reward(cfg: RunConfig, generations_dir: Path, stage_dir: Path)
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
     by_user = list_genres(read_tables(cfg.layout.data, ("items", "rerank_lists")))
     gens = gens.filter(pc.is_in(gens.column(S.USER_ID), pa.array(sorted(by_user))))
-    rewards = np.array(
-        [
-            synthetic_genre_reward(t, *by_user[u])
-            for u, t in zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
-        ]
-    )
+    users, texts = gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()
+    if cfg.reward.metric == SYNTHETIC_CONTRAST:
+        seqs = read_table(cfg.layout.data, "sequences")
+        split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
+        peers: dict[str, list[str]] = {}
+        for u in sorted(by_user):
+            peers.setdefault(split[u], []).append(u)
+        rewards = np.array(
+            [
+                contrast_genre_reward(t, by_user[u], [by_user[v] for v in peers[split[u]] if v != u])
+                for u, t in zip(users, texts)
+            ]
+        )
+    else:
+        rewards = np.array([synthetic_genre_reward(t, *by_user[u]) for u, t in zip(users, texts)])
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / REWARDS, S.REWARDS)
@@ -374,7 +386,7 @@ def run_synthetic_reward(cfg: RunConfig, generations_dir: Path, stage_dir: Path)
                 "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
                 "reward/std": float(rewards.std()) if len(rewards) else 0.0,
                 "reward/within_user_range_mean": within_user_spread(table),
-                "metric": SYNTHETIC_GENRES,
+                "metric": cfg.reward.metric,
             }
         )
     log.info(
@@ -387,7 +399,7 @@ def reward_scorer(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
     """The reward model made from a recommender stage: itself, and with reward.ensemble = K > 1 also K - 1 seed
     siblings `<name>-seed{i}` (the same variant, knowledge `<run>/knowledge/<name>/`, trained with seed + i;
     trained here when missing)."""
-    if cfg.reward.metric == SYNTHETIC_GENRES:  # no recommender is read: nothing to train
+    if cfg.reward.metric in SYNTHETIC_METRICS:  # no recommender is read: nothing to train
         return [recommender_dir]
     if cfg.reward.ensemble > 1:  # siblings are retrained like it: it must be a full knowledge model of this run
         stats = require_marker(recommender_dir, "train-recommender")["stats"]
@@ -425,7 +437,7 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
     from rlrf4rec.stages.train import run_recommender
 
     k = cfg.reward.cross_fit_folds
-    if not k or cfg.reward.metric == SYNTHETIC_GENRES:  # the synthetic reward reads no recommender
+    if not k or cfg.reward.metric in SYNTHETIC_METRICS:  # the synthetic reward reads no recommender
         return []
     data_dir = cfg.layout.data
     sequences = read_table(data_dir, "sequences")
