@@ -53,6 +53,7 @@ SFT_HF = "hf"  # inside an SFT fit's Ray Train storage: the HF trainer's output_
 SFT_WORK = "examples"  # inside an SFT fit's Ray Train storage: the split, length-filtered examples the workers read
 SFT_TRAIN_EXAMPLES = "train.parquet"  # in SFT_WORK
 SFT_EVAL_EXAMPLES = "eval.parquet"  # in SFT_WORK
+ARM_PAIRS = "pairs.parquet"  # in `<run>/arms/<name>/<arm>/`: the arm's train pairs, as DPO reads them
 RESUMES = "resumed_after.json"  # in a DPO or SFT fit's Ray Train storage: the steps worker groups resumed after
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
@@ -197,6 +198,10 @@ class RunLayout:
     def arms(self, name: str) -> Path:
         """`rlrf4rec arms --name`: DPO arms on one policy's pairs (stages/arms.py)."""
         return self.root / "arms" / name
+
+    def arms_step(self, name: str, *step: str) -> Path:
+        """A stage of `rlrf4rec arms --name`: `reward-train`, `reward-valid`, `pairs`, or `<arm>/<step>`."""
+        return self.arms(name).joinpath(*step)
 
     # evaluation and reports
     @property

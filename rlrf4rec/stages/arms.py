@@ -33,13 +33,12 @@ import pyarrow.compute as pc
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig
-from rlrf4rec.core.layout import GENERATIONS, POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
+from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.protocol import stable_seed
 
 log = logging.getLogger(__name__)
 
 START = "start"  # the start policy's generations are `<run>/generations/start-{train,valid}/`
-ARM_PAIRS = "pairs.parquet"  # in `<run>/arms/<name>/<arm>/`: the arm's train pairs, as DPO reads them
 
 
 DPO, SFT_BEST = "dpo", "sft-best"
@@ -238,16 +237,17 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     gen_valid = policy_generations(cfg, "valid", cfg.loop.eval_users, policy, START)
     recommender_dir = layout.recommender("base")
     scorer, folds = reward_scorer(cfg, recommender_dir), reward_folds(cfg, recommender_dir)
-    rew_train = run_reward(cfg, gen_train, scorer, out / "reward-train", folds)
-    rew_valid = run_reward(cfg, gen_valid, scorer, out / "reward-valid")
-    pairs_dir = run_pairs(cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], out / "pairs", START, 0)
+    rew_train = run_reward(cfg, gen_train, scorer, layout.arms_step(name, "reward-train"), folds)
+    rew_valid = run_reward(cfg, gen_valid, scorer, layout.arms_step(name, "reward-valid"))
+    sources = [(gen_train, rew_train), (gen_valid, rew_valid)]
+    pairs_dir = run_pairs(cfg, sources, layout.arms_step(name, "pairs"), START, 0)
     train_pairs = read_parquet(pairs_dir / pairs_file("train"), S.PAIRS)
     log.info("arms/%s: %s", name, json.dumps(read_marker(pairs_dir)["stats"]))
     rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
     rows[0]["valid/before/mean"] = _mean_reward(rew_valid)
     rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
     for arm in arms:
-        arm_dir, version = out / arm.name, f"arms-{name}-{arm.name}"
+        arm_dir, version = layout.arms_step(name, arm.name), f"arms-{name}-{arm.name}"
         pairs_path = arm_dir / ARM_PAIRS
         arm_dir.mkdir(parents=True, exist_ok=True)
         write_parquet(arm_pairs(train_pairs, arm, cfg.seed), pairs_path, S.PAIRS)  # deterministic: same bytes
