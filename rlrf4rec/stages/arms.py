@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig
-from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, REWARDS, TABLE_JSON, TABLE_MD, pairs_file
+from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.protocol import stable_seed
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
     from rlrf4rec.stages.pairs import run_pairs
-    from rlrf4rec.stages.reward import compare_policies, reward_folds, reward_scorer, run_reward
+    from rlrf4rec.stages.reward import compare_policies, per_user_rewards, reward_folds, reward_scorer, run_reward
     from rlrf4rec.stages.sft import start_policy
 
     if cfg.generate.num_samples < 2:
@@ -244,7 +244,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     train_pairs = read_parquet(pairs_dir / pairs_file("train"), S.PAIRS)
     log.info("arms/%s: %s", name, json.dumps(read_marker(pairs_dir)["stats"]))
     rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
-    rows[0]["valid/before/mean"] = _mean_reward(rew_valid)
+    rows[0]["valid/before/mean"] = float(np.mean(list(per_user_rewards(rew_valid).values())))
     rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
     for arm in arms:
         arm_dir, version = layout.arms_step(name, arm.name), f"arms-{name}-{arm.name}"
@@ -252,7 +252,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
         arm_dir.mkdir(parents=True, exist_ok=True)
         write_parquet(arm_pairs(train_pairs, arm, cfg.seed), pairs_path, S.PAIRS)  # deterministic: same bytes
         if arm.kind == SFT_BEST:
-            fit_dir = _sft_best(cfg, arm, pairs_path, (gen_train, rew_train), (gen_valid, rew_valid), policy, arm_dir)
+            fit_dir = _sft_best(cfg, pairs_path, (gen_train, rew_train), (gen_valid, rew_valid), policy, arm_dir)
             tuned = fit_dir / POLICY_MODEL
         else:
             # One held-out evaluation, after the last step: an arm is a point of the curve, not a trajectory.
@@ -275,7 +275,6 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
 
 def _sft_best(
     cfg: RunConfig,
-    arm: Arm,
     pairs_path: Path,
     train: tuple[Path, Path],
     valid: tuple[Path, Path],
@@ -321,14 +320,6 @@ def other_user_reward(cfg: RunConfig, generations_dir: Path) -> float | None:
     users = sorted(texts)
     other = dict(zip(users, users[1:] + users[:1]))
     return float(np.mean([np.mean([synthetic_genre_reward(t, *by_user[other[u]]) for t in texts[u]]) for u in users]))
-
-
-def _mean_reward(rewards_dir: Path) -> float:
-    """Mean over users of each user's mean reward (what compare_policies compares)."""
-    from rlrf4rec.stages.reward import rewards_by_user
-
-    by_user = rewards_by_user(read_parquet(rewards_dir / REWARDS, S.REWARDS))
-    return float(np.mean([np.mean(v) for v in by_user.values()]))
 
 
 def _write_table(rows: list[dict], out: Path, metric: str) -> None:

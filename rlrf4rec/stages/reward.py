@@ -475,14 +475,15 @@ def within_user_spread(rewards: pa.Table) -> float:
     return float(np.mean([max(v) - min(v) for v in by_user.values()])) if by_user else 0.0
 
 
+def per_user_rewards(rewards_dir: Path) -> dict[str, float]:
+    """user -> mean reward of its texts in a reward stage."""
+    by_user = rewards_by_user(read_parquet(rewards_dir / REWARDS, S.REWARDS))
+    return {u: float(np.mean(v)) for u, v in by_user.items()}
+
+
 def compare_policies(before: Path, after: Path, num_samples: int, seed: int) -> dict:
     """Per-user mean reward of two policies on the same users: means and a paired bootstrap CI of the gain."""
-
-    def per_user(rewards_dir: Path) -> dict[str, float]:
-        by_user = rewards_by_user(read_parquet(rewards_dir / REWARDS, S.REWARDS))
-        return {u: float(np.mean(v)) for u, v in by_user.items()}
-
-    a, b = per_user(before), per_user(after)
+    a, b = per_user_rewards(before), per_user_rewards(after)
     users = sorted(set(a) & set(b))
     if not users:
         raise ValueError(f"{before} and {after} share no user; compare policies on the same users")
