@@ -1,7 +1,9 @@
 """`rlrf4rec <stage> --config run.yaml [--section.field=value ...]`: one subcommand per stage, `run` for all.
 
 Arguments that look like `--section.field=value` are config overrides; `--dry-run` validates the config, the assets
-and the data paths without loading a model or writing anything.
+and the data paths without loading a model or writing anything. A command that writes a run holds the run
+directory's one-writer lock (`--lock`); inside a submitted Ray job a relative run directory is refused (it would
+land in Ray's temporary copy of the working directory and vanish with the session).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import typing
 from pathlib import Path
 
 from rlrf4rec.core import assets
-from rlrf4rec.core.artifacts import read_marker
+from rlrf4rec.core.artifacts import RunLockedError, read_marker, writer_lock
 from rlrf4rec.core.cluster import ray_session
 from rlrf4rec.core.config import ConfigError, RunConfig, dump_config, from_dict, load_config
-from rlrf4rec.core.layout import MARKER
+from rlrf4rec.core.layout import MARKER, REPORT_HTML
+
+# Commands that only read a run: no writer lock, and a relative run directory is theirs to interpret.
+READERS = frozenset({"assets", "report", "serve", "verify"})
+# Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 log = logging.getLogger("rlrf4rec")
 
@@ -58,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, required=stage.needs_config, help="run config YAML (see configs/)")
         p.add_argument("--dry-run", action="store_true", help="validate config, assets and paths; load no model")
         p.add_argument("-v", "--verbose", action="store_true")
+        if stage.name not in READERS:
+            p.add_argument(
+                "--lock",
+                choices=("wait", "refuse"),
+                default="wait",
+                help="when another process is writing the run directory: wait for it (default) or exit 2 at once",
+            )
+            p.add_argument(
+                "--scratch-run",
+                action="store_true",
+                help="inside a Ray job: accept a relative run_dir although it is deleted with the Ray session",
+            )
         for option in stage.options:
             p.add_argument(*option.flags, **option.kwargs)
     return parser
@@ -93,10 +112,26 @@ def _command_options(parser: argparse.ArgumentParser, command: str) -> frozenset
     return frozenset(o[2:] for o in sub.choices[command]._option_string_actions if o.startswith("--"))
 
 
+def check_durable(cfg: RunConfig, scratch: bool) -> None:
+    """Inside a submitted Ray job the working directory is Ray's temporary copy of the submitted one, deleted with
+    the session: a relative run_dir would put the run there. Refused unless the run is scratch on purpose."""
+    if os.environ.get(RAY_JOB_ENV) is None or cfg.run_path.is_absolute() or scratch:
+        return
+    raise ConfigError(
+        f"run_dir={cfg.run_dir!r} is relative inside a Ray job: it resolves to {cfg.run_path.resolve()}, Ray's "
+        "temporary copy of the working directory, deleted with the Ray session. Give an absolute path on storage "
+        "every node sees (e.g. --run_dir=/mnt/cluster_storage/runs/{name}), or set RLRF4REC_RUNS=<that root> on "
+        "the job (relative run dirs then resolve under it), or pass --scratch-run to keep it scratch on purpose"
+    )
+
+
 def dry_run(cfg: RunConfig) -> dict:
     """What a real run would use, checked without loading models: raises on a missing path, reports fetches."""
     home = assets.asset_home(cfg.assets.home)
-    report: dict = {"run_dir": str(cfg.run_path), "asset_home": str(home), "assets": {}}
+    report: dict = {"run_dir": str(cfg.run_path.resolve()), "asset_home": str(home), "assets": {}}
+    data = read_marker(cfg.layout.data)
+    if data is not None:  # the run's data stage exists: user counts it cannot supply are refused now
+        cfg.check_against_data(data["stats"])
     for field, ref in [
         ("models.llm", cfg.models.llm),
         ("models.encoder", cfg.models.encoder),
@@ -134,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = from_dict(RunConfig, {"name": "assets", "assets": {"home": args.home}})
         if args.command == "assets" and args.home:
             cfg = from_dict(RunConfig, {**cfg.to_dict(), "assets": {"home": args.home}})
+        if args.command not in READERS:
+            cfg.check_combinations(args.command)
+            check_durable(cfg, args.scratch_run)
         if args.dry_run:
             print(dump_config(cfg), end="")
             print(json.dumps(dry_run(cfg), indent=2))
             return 0
         return _dispatch(args, cfg)
-    except (ConfigError, FileNotFoundError, assets.AssetError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, assets.AssetError, ValueError, RunLockedError) as exc:
         log.error("%s", exc)
         return 2
 
@@ -148,16 +186,24 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     from rlrf4rec.pipeline import stage_named
 
     stage = stage_named(args.command)
-    with ray_session(stage.on_ray(cfg, args)):
-        stage_dirs = stage.run(cfg, args)
+    if args.command in READERS:
+        with ray_session(stage.on_ray(cfg, args)):
+            stage_dirs = stage.run(cfg, args)
+    else:
+        with writer_lock(cfg.run_path, args.command, wait=args.lock == "wait"), ray_session(stage.on_ray(cfg, args)):
+            stage_dirs = stage.run(cfg, args)
     for stage_dir in stage_dirs:
         for marker in sorted(stage_dir.glob(f"*/{MARKER}")) or [stage_dir / MARKER]:
             _print_stats(marker.parent, read_marker(marker.parent)["stats"])
+    if args.config is not None and args.command not in ("assets", "serve"):
+        print(f"run directory: {cfg.run_path.resolve()}")
+    if args.command == "run":
+        print(f"report: {(cfg.layout.report / REPORT_HTML).resolve()}")
     return 0
 
 
 def _print_stats(stage_dir: Path, stats: dict) -> None:
-    print(f"artifacts in {stage_dir}")
+    print(f"artifacts in {Path(stage_dir).resolve()}")
     width = max(map(len, stats))
     for key, value in stats.items():
         print(f"  {key:{width}s}  {value}")

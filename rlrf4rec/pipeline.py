@@ -248,6 +248,28 @@ def _run_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     return []
 
 
+def _verify_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    """Hash every file of every complete stage of the run against its marker; name each damaged file, exit 2."""
+    from rlrf4rec.core.artifacts import damaged_stages
+
+    root = cfg.run_path
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root.resolve()} does not exist; run_dir names no run")
+    stages = damaged_stages(root)
+    damaged = [line for lines in stages.values() for line in lines]
+    for name, lines in stages.items():
+        print(f"{'DAMAGED' if lines else 'ok':7s}  {name}")
+        for line in lines:
+            print(f"         {line}")
+    if damaged:
+        raise ValueError(
+            f"{len(damaged)} damaged file(s) in {sum(map(bool, stages.values()))} of {len(stages)} stages of "
+            f"{root.resolve()}; `rlrf4rec run --config {args.config}` rebuilds them (a stage command, its own)"
+        )
+    print(f"{len(stages)} stages verified, every file as published")
+    return []
+
+
 def _serve_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     from rlrf4rec.serving.launch import serve_run
 
@@ -397,6 +419,11 @@ STAGES: Sequence[Stage] = (
         None,
         on_ray=lambda cfg, args: True,
         in_run=run_evaluate,
+    ),
+    Stage(
+        "verify",
+        "hash every file of the run's complete stages against their markers; exit 2 naming each damaged file",
+        _verify_command,
     ),
     Stage(
         "report",

@@ -1,3 +1,5 @@
+import os
+
 import pyarrow as pa
 import pytest
 
@@ -77,3 +79,99 @@ def test_a_publish_killed_between_its_renames_loses_no_stage(tmp_path, monkeypat
     with stage_output(stage, "fp3", "") as (tmp, _):
         write_parquet(_table(3), tmp / "t.parquet", S.ITEM_INDEX)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing aside, nothing temporary
+
+
+# --------------------------------------------------------------------------------------------------- verified outputs
+
+
+def _data_stage(tmp_path):
+    from test_data_stage import FIXTURE
+
+    from rlrf4rec.core.config import RunConfig, from_dict
+    from rlrf4rec.stages.data import run_data
+
+    cfg = from_dict(
+        RunConfig,
+        {"name": "t", "run_dir": str(tmp_path / "run"), "data": {"format": "recbole", "path": str(FIXTURE)}},
+    )
+    return cfg, run_data
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _delete(path):
+    path.unlink()
+
+
+def _edit(path):  # same size, one byte changed: only the content hash tells
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete, _edit])
+def test_a_damaged_artifact_is_found_named_and_rebuilt_equal(tmp_path, caplog, damage):
+    """The marker records every file's size and hash: a truncated, deleted or edited file makes the stage incomplete
+    (the re-run rebuilds it, saying which file), `damaged_stages` (rlrf4rec verify) names it, and the rebuilt stage
+    is the original again, byte for byte."""
+    from rlrf4rec.core.artifacts import damaged_stages
+
+    cfg, run_data = _data_stage(tmp_path)
+    stage = run_data(cfg)
+    marker = read_marker(stage)
+    target = stage / "sequences.parquet"
+    original = {rel: (stage / rel).read_bytes() for rel in marker["files"]}
+    assert set(original) >= {"sequences.parquet", "items.parquet", "config.yaml", "load_report.json"}
+    assert damaged_stages(cfg.run_path) == {"data": []}
+
+    damage(target)
+    expected = {_truncate: "1000 bytes, published with", _delete: "missing", _edit: "content differs"}[damage]
+    (line,) = damaged_stages(cfg.run_path)["data"]
+    assert line.startswith(f"{target}: {expected}")
+    with caplog.at_level("WARNING"):
+        assert run_data(cfg) == stage
+    assert f"{target}: {expected}" in caplog.text and "rebuilding the stage" in caplog.text
+    assert {rel: (stage / rel).read_bytes() for rel in original} == original
+    assert damaged_stages(cfg.run_path) == {"data": []}
+
+
+def test_a_copy_or_touch_keeps_a_stage_complete(tmp_path):
+    """A changed modification time alone (a copy, `touch`) costs a hash, not a rebuild."""
+    cfg, run_data = _data_stage(tmp_path)
+    stage = run_data(cfg)
+    os.utime(stage / "sequences.parquet", ns=(1, 1))
+    assert is_complete(stage, read_marker(stage)["fingerprint"])
+    before = (stage / "items.parquet").stat().st_mtime_ns
+    run_data(cfg)
+    assert (stage / "items.parquet").stat().st_mtime_ns == before  # skipped, not rebuilt
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    """The writer lock: a second writer told not to wait is refused naming the holder; one that waits gets the lock
+    when the first lets go, and not before."""
+    import threading
+    import time
+
+    from rlrf4rec.core.artifacts import RunLockedError, writer_lock
+
+    events = []
+    with writer_lock(tmp_path / "run", "loop"):
+        with pytest.raises(RunLockedError, match=rf"is being written by pid {os.getpid()} .*rlrf4rec loop"):
+            with writer_lock(tmp_path / "run", "data", wait=False):
+                pass
+
+        def second():
+            with writer_lock(tmp_path / "run", "data"):
+                events.append("second in")
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.5)
+        assert events == []  # still waiting
+        events.append("first out")
+    waiter.join(10)
+    assert events == ["first out", "second in"]
+    with writer_lock(tmp_path / "run", "data", wait=False):  # released: free again
+        pass

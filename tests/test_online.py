@@ -33,6 +33,23 @@ def test_latest_version_is_the_highest_complete_round(tmp_path):
         online.resolve_version(tmp_path, "newest")
 
 
+def test_a_damaged_version_is_refused_in_one_line_naming_the_file_and_the_repair(serving_run, tmp_path):
+    """The issue a user met: a truncated knowledge table passed as complete and Serve died in Ray tracebacks. Now the
+    version is refused before any replica starts, naming the file and the command that rebuilds it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(serving_run[0], run)
+    online.resolve_version(run, "latest")  # a copy (new modification times) is still whole
+    table = run / "knowledge" / "round1" / "user_knowledge.parquet"
+    table.write_bytes(table.read_bytes()[:1000])
+    with pytest.raises(ValueError) as err:
+        online.resolve_version(run, "latest")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"version 'round1' is damaged: {table}: 1000 bytes")
+    assert f"rlrf4rec run --config {run / 'data' / 'config.yaml'}" in message
+
+
 @pytest.fixture(scope="module")
 def reranker(serving_run):
     run, tastes = serving_run

@@ -53,6 +53,65 @@ def head(asset_home):
         stop_group(proc, grace=15)
 
 
+def _ray_job(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [str(BIN / "ray"), "job", *args]
+    return subprocess.run(command, env=head["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def _submit(head, job_id: str, *entrypoint: str) -> tuple[str, str]:
+    """`ray job submit` the way the README does (the project as working dir), follow it to the end: (status, logs)."""
+    runtime_env = {"env_vars": {k: head["env"][k] for k in ("RLRF4REC_HOME", "OMP_NUM_THREADS")}}
+
+    def submitted() -> bool:
+        out = _ray_job(
+            head,
+            "submit",
+            "--address",
+            head["url"],
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            sys.executable,
+            *entrypoint,
+        )
+        # The head's job agent can come up after the dashboard answers: "No available agent", try again.
+        assert out.returncode == 0 or "No available agent" in out.stderr, out.stderr[-3000:]
+        return out.returncode == 0
+
+    wait(submitted, 120, "a job agent")
+    logs = _ray_job(head, "logs", "--address", head["url"], "--follow", job_id, timeout=1500)
+    return _ray_job(head, "status", "--address", head["url"], job_id).stdout, logs.stdout
+
+
+def test_a_submitted_stage_refuses_a_relative_run_dir_and_lands_an_absolute_one(head, tmp_path):
+    """A relative run_dir would resolve inside Ray's temporary copy of the working directory (deleted with the
+    session): the job fails at once naming the fix. With an absolute one the output is where it says, outside Ray's
+    temporary directory."""
+    write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
+    config = yaml.safe_load((ROOT / "configs" / "ml100k-cpu.yaml").read_text())
+    config.update(name="durable", run_dir="runs/{name}")
+    config["data"].update(format="parquet", path=str(tmp_path / "raw"))
+    config["loop"].update(train_users=12, eval_users=4)
+    config_path = tmp_path / "durable.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    job = f"rlrf4rec-durable-{secrets.token_hex(4)}"
+    status, logs = _submit(head, f"{job}-relative", "ray_jobs/data.py", "--config", str(config_path))
+    assert "failed" in status.lower(), status[-2000:]
+    assert "run_dir='runs/{name}' is relative inside a Ray job" in logs and "--run_dir=/mnt/cluster_storage" in logs
+    run_dir = tmp_path / "run"
+    status, logs = _submit(
+        head, f"{job}-absolute", "ray_jobs/data.py", "--config", str(config_path), f"--run_dir={run_dir}"
+    )
+    assert "succeeded" in status.lower(), status[-2000:] + logs[-4000:]
+    assert f"run directory: {run_dir}" in logs
+    assert read_marker(run_dir / "data")["stats"]["users"] == 40
+
+
 def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
     run_dir = tmp_path / "run"
@@ -67,43 +126,17 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     config["loop"].update(rounds=1, train_users=12, eval_users=4, bootstrap_samples=100)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    runtime_env = {"env_vars": {k: head["env"][k] for k in ("RLRF4REC_HOME", "OMP_NUM_THREADS")}}
-    job_id = f"rlrf4rec-tiny-{secrets.token_hex(4)}"
-
-    def ray_job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        command = [str(BIN / "ray"), "job", *args]
-        return subprocess.run(command, env=head["env"], capture_output=True, text=True, timeout=timeout)
-
-    def submitted() -> bool:
-        out = ray_job(
-            "submit",
-            "--address",
-            head["url"],
-            "--submission-id",
-            job_id,
-            "--no-wait",
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            sys.executable,
-            "ray_jobs/run.py",
-            "--config",
-            str(config_path),
-        )
-        # The head's job agent can come up after the dashboard answers: "No available agent", try again.
-        assert out.returncode == 0 or "No available agent" in out.stderr, out.stderr[-3000:]
-        return out.returncode == 0
-
-    wait(submitted, 120, "a job agent")
-    logs = ray_job("logs", "--address", head["url"], "--follow", job_id, timeout=1500)
-    status = ray_job("status", "--address", head["url"], job_id)
-    assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-6000:]
+    status, logs = _submit(
+        head, f"rlrf4rec-tiny-{secrets.token_hex(4)}", "ray_jobs/run.py", "--config", str(config_path)
+    )
+    assert "succeeded" in status.lower(), status[-2000:] + logs[-6000:]
     manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
     # reward.ensemble = 2: the base recommender and each cross-fitted fold's come with a sibling trained on seed + 1
     round0 = manifest["rounds"][0]
+    shift = round0["shift"]  # how far DPO moved the policy, measured on the tuned model and its reference
+    assert shift["train/pairs"] == round0["pairs"]["train/pairs"] and 0.0 <= shift["train/pair_accuracy"] <= 1.0
+    assert shift["valid/texts"] == 4 * 2 and shift["valid/kl_per_token"] != 0.0  # 4 valid users x 2 samples
     assert [Path(d).name for d in round0["reward_models"]] == ["base", "base-seed1"]
     assert [[Path(d).name for d in fold] for fold in round0["reward_folds"]] == [
         ["base-fold0", "base-fold0-seed1"],

@@ -3,17 +3,21 @@
 A stage writes everything into `<run>/<stage>.tmp-<pid>/`; on success it adds the resolved config and a completion
 marker (written last), then swaps the directory into place. A crash leaves the previous complete output untouched
 and the temporary directory is discarded on the next attempt. The marker records the stage's fingerprint (a hash of
-the config sections and upstream fingerprints it depends on), so a re-run with the same inputs is skipped.
+the config sections and upstream fingerprints it depends on), so a re-run with the same inputs is skipped, and every
+output file's size, modification time and sha256: a stage whose files were since deleted, truncated or edited is not
+complete (`damaged_files`), so the re-run rebuilds it, and `rlrf4rec verify` names it.
 Knows nothing about what the tables contain beyond their schemas (schema.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,8 +135,56 @@ def model_identity(model: str) -> str:
 
 
 def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+    """The stage holds a marker with this fingerprint and every file the marker records, unchanged (the cheap check
+    of `damaged_files`); a damaged stage is logged, naming its files, and reported incomplete so it is rebuilt."""
     marker = read_marker(stage_dir)
-    return marker is not None and marker.get("fingerprint") == fingerprint
+    if marker is None or marker.get("fingerprint") != fingerprint:
+        return False
+    damaged = damaged_files(Path(stage_dir), marker)
+    if damaged:
+        log.warning("%s: %s; rebuilding the stage", stage_dir, "; ".join(damaged))
+    return not damaged
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(stage_dir: Path) -> dict[str, list]:
+    """Every file of a stage directory but its marker, by relative path: [size, mtime_ns, sha256]."""
+    records = {}
+    for path in sorted(Path(stage_dir).rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            st = path.stat()
+            records[str(path.relative_to(stage_dir))] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+    return records
+
+
+def damaged_files(stage_dir: Path, marker: dict | None = None, deep: bool = False) -> list[str]:
+    """What differs between a complete stage's files and its marker's records, one line per file ("<path>:
+    missing", "... <n> bytes, published with <m>", "... content differs from the published file").
+
+    The cheap check (every skip): existence and size; a file whose modification time changed is hashed as well, so
+    an edit that keeps the size is found and a mere copy or `touch` is not. `deep` hashes every file (`rlrf4rec
+    verify`). A marker written before files were recorded has nothing to compare: no damage reported."""
+    stage_dir = Path(stage_dir)
+    marker = read_marker(stage_dir) if marker is None else marker
+    damaged = []
+    for rel, (size, mtime_ns, sha) in ((marker or {}).get("files") or {}).items():
+        path = stage_dir / rel
+        if not path.is_file():
+            damaged.append(f"{path}: missing")
+            continue
+        st = path.stat()
+        if st.st_size != size:
+            damaged.append(f"{path}: {st.st_size} bytes, published with {size}")
+        elif (deep or st.st_mtime_ns != mtime_ns) and _sha256(path) != sha:
+            damaged.append(f"{path}: content differs from the published file")
+    return damaged
 
 
 @contextmanager
@@ -164,6 +216,7 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
                 "started": started,
                 "finished": time.time(),
                 "stats": stats,
+                "files": file_records(tmp),
             },
             tmp / MARKER,
         )
@@ -174,3 +227,55 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def damaged_stages(root: Path) -> dict[str, list[str]]:
+    """Every complete stage under a run directory, deep-checked (every file hashed): run-relative stage name ->
+    its damaged files (`rlrf4rec verify`). Leftovers of an interrupted publish (`.tmp-`, `.old-`) are not stages."""
+    root = Path(root)
+    found = {}
+    for marker in sorted(root.rglob(MARKER)):
+        rel = marker.parent.relative_to(root)
+        if any(".tmp-" in part or ".old-" in part for part in rel.parts):
+            continue
+        found[str(rel)] = damaged_files(marker.parent, json.loads(marker.read_text()), deep=True)
+    return found
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the run directory and this one was told not to wait."""
+
+
+@contextmanager
+def writer_lock(root: Path, command: str, wait: bool = True) -> Iterator[None]:
+    """Hold the run directory's one-writer lock (an advisory `flock` on `<run>/.writer.lock`) for the block.
+
+    Every command that writes a run takes it (`rlrf4rec run`, each stage, a submitted job); readers (report, serve,
+    verify) never do. A second writer waits, saying for whom, or with `wait=False` raises RunLockedError naming the
+    holder. The lock dies with its process, so a killed run never leaves the directory locked."""
+    path = RunLayout(Path(root)).writer_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if not wait:
+                raise RunLockedError(
+                    f"{root} is being written by {holder}; wait for it to finish, or run with --lock=wait to queue "
+                    "behind it"
+                ) from None
+            log.warning("%s is being written by %s; waiting for it to finish", root, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} (rlrf4rec {command}, since {time.strftime('%H:%M:%S')})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)

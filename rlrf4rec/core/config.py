@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -20,6 +21,12 @@ from typing import Any
 import yaml
 
 from rlrf4rec.core.layout import RunLayout
+
+RUNS_ROOT_ENV = "RLRF4REC_RUNS"  # a root for relative run dirs (e.g. /mnt/cluster_storage/runs on a cluster)
+
+
+# The commands that rank texts into pairs and train on them: the loop's combination checks apply to these.
+LOOP_COMMANDS = frozenset({"run", "loop", "arms", "pairs", "dpo"})
 
 
 class ConfigError(ValueError):
@@ -548,7 +555,7 @@ class FaultConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str
-    run_dir: str = "runs/{name}"  # {name} is replaced by the run name; relative paths are from the working dir
+    run_dir: str = "runs/{name}"  # {name}: the run name; relative: from $RLRF4REC_RUNS if set, else the working dir
     seed: int = 2024
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -567,6 +574,68 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
             _fail("name", self.name, "use a non-empty run name without slashes or spaces")
+
+    def check_combinations(self, command: str = "run") -> None:
+        """Values valid field by field that cannot work together for `command` (the CLI's subcommand, checked at
+        --dry-run too), refused with the fix. Not in __post_init__: stages derive configs of their own (one greedy
+        text per user) from a valid one, and `generate` alone may well write one text per user."""
+        history = self.generate.prompt_history
+        if history is not None and history > self.data.history_max:
+            _fail(
+                "generate.prompt_history",
+                history,
+                f"the prompt can name at most the data.history_max={self.data.history_max} items of the history "
+                f"window; use at most {self.data.history_max} or raise data.history_max",
+            )
+        if command not in LOOP_COMMANDS:
+            return
+        if self.generate.num_samples < 2:
+            _fail(
+                "generate.num_samples",
+                self.generate.num_samples,
+                f"loop.rounds={self.loop.rounds} needs at least 2 texts per user: DPO pairs a user's best text "
+                "with a worse one, so best-of-1 has no pairs to train on",
+            )
+        folds, users = self.reward.cross_fit_folds, self.loop.train_users
+        if users is not None and folds > users:
+            _fail(
+                "reward.cross_fit_folds",
+                folds,
+                f"more folds than the loop.train_users={users} users they split would leave folds without a user; "
+                f"use at most {users} folds or more train users",
+            )
+        train_users = self.data.max_train_users
+        if users is not None and train_users is not None and users > train_users:
+            _fail(
+                "loop.train_users",
+                users,
+                f"more than the data.max_train_users={train_users} train users the data stage keeps; use at most "
+                f"{train_users} or raise data.max_train_users",
+            )
+        if self.generate.max_new_tokens >= self.dpo.max_length:
+            _fail(
+                "dpo.max_length",
+                self.dpo.max_length,
+                f"a pair's text alone (up to generate.max_new_tokens={self.generate.max_new_tokens} tokens) would "
+                "fill it, leaving no room for the prompt; raise dpo.max_length or lower generate.max_new_tokens",
+            )
+
+    def check_against_data(self, stats: dict) -> None:
+        """Checks that need the data stage's counts (its marker stats): user counts the splits cannot supply."""
+        valid = stats.get("valid/users")
+        if valid is not None and self.loop.eval_users is not None and self.loop.eval_users > valid:
+            _fail(
+                "loop.eval_users",
+                self.loop.eval_users,
+                f"the valid split has {valid} users; use at most {valid}, or null for all of them",
+            )
+        train = stats.get("train/users")
+        if train is not None and self.loop.train_users is not None and self.loop.train_users > train:
+            _fail(
+                "loop.train_users",
+                self.loop.train_users,
+                f"the data stage kept {train} train users; use at most {train}, or null for all of them",
+            )
 
     @property
     def run_path(self) -> Path:
@@ -701,7 +770,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return from_dict(RunConfig, apply_overrides(raw, list(overrides)))
+    data = apply_overrides(raw, list(overrides))
+    root = os.environ.get(RUNS_ROOT_ENV)
+    run_dir = data.get("run_dir", RunConfig.run_dir) if isinstance(data, dict) else None
+    if root and isinstance(run_dir, str) and not Path(run_dir).is_absolute():
+        data["run_dir"] = str(Path(root) / run_dir)  # resolved here, so Ray workers see the same absolute path
+    return from_dict(RunConfig, data)
 
 
 def dump_config(config: RunConfig) -> str:

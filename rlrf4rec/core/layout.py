@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+WRITER_LOCK = ".writer.lock"  # in the run directory: held by the one process writing it (artifacts.writer_lock)
+
 # Files every stage directory holds (artifacts.stage_output writes them).
 MARKER = "_COMPLETE.json"
 CONFIG = "config.yaml"
@@ -60,6 +62,7 @@ TABLE_MD = "table.md"
 PAIRED = "paired.json"
 PER_USER_PARQUET = "per_user.parquet"
 PER_USER_JSON = "per_user.json"
+SHIFT_PER_TEXT = "per_text.parquet"  # shift: per sampled valid text, tokens and log-probs (policy, reference)
 TEST_TEXTS = "test_texts.json"
 FIXED = ", fixed re-ranker"  # evaluate: suffix of a round's row whose texts the base re-ranker scored
 EVAL_ROWS = "rows.json"  # evaluate: per row, which texts and which re-ranker it scored, the texts' off-topic share
@@ -115,6 +118,10 @@ class RunLayout:
     def relative(self, path: Path) -> str:
         """A stage directory as its run-relative name (what logs print), e.g. `rounds/round0/reward-train`."""
         return str(Path(path).relative_to(self.root)) if Path(path).is_relative_to(self.root) else str(path)
+
+    @property
+    def writer_lock(self) -> Path:
+        return self.root / WRITER_LOCK
 
     # data and knowledge
     @property

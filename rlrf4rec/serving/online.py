@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlrf4rec.core.artifacts import read_marker, read_tables
+from rlrf4rec.core.artifacts import damaged_files, read_marker, read_tables
 from rlrf4rec.core.config import RunConfig, load_config
 from rlrf4rec.core.layout import CONFIG, RunLayout
 from rlrf4rec.core.prompts import item_meta
@@ -82,6 +82,13 @@ def resolve_version(run_dir: Path, name: str) -> Version:
         policy = start_policy(run_config(run_dir))
     else:
         policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
+    for stage_dir in (layout.recommender(name), layout.knowledge(name)):
+        damaged = damaged_files(stage_dir)
+        if damaged:
+            raise ValueError(
+                f"version {name!r} is damaged: {damaged[0]}; rebuild it with `rlrf4rec run --config "
+                f"{layout.data / CONFIG}` (`rlrf4rec verify` lists every damaged file)"
+            )
     return Version(name, layout.recommender(name), layout.knowledge(name), layout.serving_index(name), policy)
 
 

@@ -232,6 +232,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     if not arms or len(set(names)) != len(names):
         raise ValueError(f"arms {names}: name at least one arm, each once")
     layout, out = cfg.layout, cfg.layout.arms(name)
+    cfg.check_against_data(require_marker(layout.data, "data")["stats"])
     policy = start_policy(cfg)
     gen_train = policy_generations(cfg, "train", cfg.loop.train_users, policy, START)
     gen_valid = policy_generations(cfg, "valid", cfg.loop.eval_users, policy, START)

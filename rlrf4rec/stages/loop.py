@@ -10,6 +10,8 @@ the base-knowledge re-ranker):
   4. DPO from policy_t (also the reference) -> policy_{t+1},
   5. policy_{t+1} writes N texts for the same valid users, rewarded by the same recommender_t: the round's
      comparison (mean reward, paired bootstrap interval over users),
+     and how far DPO moved it (stages/shift.py: train pair accuracy of the tuned policy, per-token KL to policy_t
+     on those valid texts),
   6. policy_{t+1} writes one text per train and valid user, and the recommender retrains on them -> recommender_{t+1}
      (KAR's knowledge from the current policy for every user it trains on).
 Every step is a stage directory with a completion marker, so a killed loop resumes at the first incomplete step.
@@ -39,12 +41,14 @@ def run_loop(cfg: RunConfig) -> Path:
     """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
     from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
+    from rlrf4rec.stages.shift import run_shift
     from rlrf4rec.stages.train import run_recommender
 
     if cfg.generate.num_samples < 2:
         raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: best-of-N pairs need at least 2 samples")
     layout = cfg.layout
     data_dir = layout.data
+    cfg.check_against_data(read_marker(data_dir)["stats"])  # more train or eval users than the splits hold
     from rlrf4rec.stages.sft import start_policy
 
     home = assets.asset_home(cfg.assets.home)
@@ -85,6 +89,9 @@ def run_loop(cfg: RunConfig) -> Path:
         new_policy = str(layout.policy(dpo_dir.name))
         gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
         rew_tuned = run_reward(cfg, gen_tuned, scorer, layout.round_step(t, "reward-valid-tuned"))
+        shift_dir = run_shift(
+            cfg, dpo_dir, policy_path, pairs_dir / pairs_file("train"), gen_tuned, layout.round_step(t, "shift")
+        )
         comparison = compare_policies(rew_valid, rew_tuned, cfg.loop.bootstrap_samples, cfg.seed)
         log.info(
             "round %d: valid reward %.4f -> %.4f (gain %.4f, 95%% CI [%.4f, %.4f])",
@@ -122,6 +129,7 @@ def run_loop(cfg: RunConfig) -> Path:
                 },
                 "pairs": read_marker(pairs_dir)["stats"],
                 "dpo": read_marker(dpo_dir)["stats"],
+                "shift": read_marker(shift_dir)["stats"],
                 "valid_reward": comparison,
                 "recommender_metrics": read_marker(new_recommender)["stats"],
             }

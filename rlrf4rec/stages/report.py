@@ -270,6 +270,12 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
             f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
         )
         line += ": resolved" if v["gain/ci_low"] > 0 or v["gain/ci_high"] < 0 else ": within noise"
+        shift = r.get("shift")
+        if shift:  # how far DPO moved the policy (stages/shift.py); 0 for each at step 0
+            line += (
+                f"; the tuned policy orders {shift['train/pair_accuracy']:.0%} of its train pairs as labelled, "
+                f"KL to the reference {shift['valid/kl_per_token']:.4f} nats/token on its valid texts"
+            )
         md.append(f"- {line}")
         body.append(f"<h3>Round {t}</h3><p>{html.escape(line.split(': ', 1)[1])}.</p>")
         series = {}

@@ -1,0 +1,179 @@
+"""How far a DPO round moved the policy: measured on the tuned policy and its reference, not read off the trainer.
+
+DPO's logged train values are those of each step's few pairs, before that step's update; they say little about the
+policy the round ends with. This stage loads the round's tuned policy (`<run>/dpo/round<t>/model`) and its
+reference (the policy the round started from) and computes, in this process:
+- on every train pair of the round: DPO's implicit reward margin, beta * ((log pi(chosen) - log ref(chosen)) -
+  (log pi(rejected) - log ref(rejected))), its mean and the share of pairs it orders as labelled (train pair
+  accuracy); the mean change of the chosen and of the rejected texts' log-probabilities (both falling is a known
+  failure). At step 0 the policy is its reference: every margin and change is 0, the accuracy 0.
+- on held-out prompts (the valid users'): the tuned policy's own sampled texts (the loop's `generate_valid_tuned`),
+  whose mean per-token log pi(y) - log ref(y) is the Monte Carlo estimate of the per-token KL(pi || ref); 0 at step 0.
+  Also the off-topic share of those texts (generate.quality_flags).
+A completion's log-probability is that of its tokens (the text, then the end-of-turn token when generation stopped
+on it, or when it is a pair's text) after the chat-rendered prompt, tokenised apart as TRL does. Published to
+`rounds/round<t>/shift/` (metrics.json; per sampled text its tokens and both log-probabilities) with a marker; a
+re-run with the same inputs does nothing. Runs in the driver process, on its GPU when it has one (bfloat16), else on
+its CPUs (float32): two forward passes per text, about a minute a round for the CPU demo's 135M policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rlrf4rec.core import schema as S
+from rlrf4rec.core.artifacts import (
+    is_complete,
+    read_parquet,
+    require_marker,
+    stage_output,
+    write_json,
+    write_parquet,
+)
+from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.layout import GENERATIONS, METRICS, POLICY_MODEL, SHIFT_PER_TEXT
+
+log = logging.getLogger(__name__)
+
+
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 8):
+    """Summed log-probability of each completion's token ids after its rendered prompt, and the token counts.
+
+    Rows are left-padded so every completion ends at the right edge: the model then computes logits for the last
+    (longest completion + 1) positions only, not for the whole vocabulary at every prompt position."""
+    import torch
+
+    sums, counts = np.zeros(len(prompts)), np.array([len(c) for c in completions], dtype=np.int64)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + list(c) for p, c in zip(prompts, completions)]
+    order = np.argsort([len(r) for r in rows])  # similar lengths batch together: less padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(rows), batch_size):
+        idx = order[start : start + batch_size]
+        width, keep = max(len(rows[i]) for i in idx), int(max(counts[idx])) + 1
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
+            mask[j, width - len(rows[i]) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                position_ids=positions.to(model.device),
+                logits_to_keep=keep,
+            ).logits.float()
+            # logits[:, k] predicts the token at position width - keep + k + 1
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+                -1, ids[:, width - keep + 1 :, None].to(logits.device)
+            )
+        logp = logp[..., 0].cpu()
+        for j, i in enumerate(idx):
+            sums[i] = logp[j, keep - 1 - counts[i] :].sum().item() if counts[i] else 0.0
+    return sums, counts
+
+
+def pair_shift(policy_logps: dict[str, np.ndarray], ref_logps: dict[str, np.ndarray], beta: float) -> dict:
+    """Implicit-reward statistics of pairs from summed log-probs of their chosen and rejected texts."""
+    d_chosen = policy_logps["chosen"] - ref_logps["chosen"]
+    d_rejected = policy_logps["rejected"] - ref_logps["rejected"]
+    margin = beta * (d_chosen - d_rejected)
+    return {
+        "train/pair_accuracy": float(np.mean(margin > 0)),
+        "train/margin_mean": float(margin.mean()),
+        "train/chosen_logp_change": float(d_chosen.mean()),
+        "train/rejected_logp_change": float(d_rejected.mean()),
+    }
+
+
+def per_token_kl(policy_sums: np.ndarray, ref_sums: np.ndarray, counts: np.ndarray) -> float:
+    """Mean per-token log pi(y) - log ref(y) over texts sampled from pi: the estimate of per-token KL(pi || ref)."""
+    return float((policy_sums - ref_sums).sum() / max(int(counts.sum()), 1))
+
+
+def _pair_texts(pairs: pa.Table, tokenizer) -> tuple[list[str], dict[str, list[list[int]]]]:
+    prompts = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+        for m in pairs.column(S.PROMPT).to_pylist()
+    ]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    texts = {
+        side: [
+            tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"] + eos
+            for m in pairs.column(col).to_pylist()
+        ]
+        for side, col in (("chosen", S.CHOSEN), ("rejected", S.REJECTED))
+    }
+    return prompts, texts
+
+
+def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, tuned_texts: Path, out: Path) -> Path:
+    """Measure how far the DPO stage `dpo_dir` moved its policy from `reference`: on the train pairs of
+    `pairs_path` and on the tuned policy's sampled texts of the generate stage `tuned_texts`; writes `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fingerprint = "-".join(
+        [
+            require_marker(dpo_dir, "dpo")["fingerprint"],
+            require_marker(tuned_texts, "generate")["fingerprint"],
+            str(cfg.dpo.beta),
+        ]
+    )
+    if is_complete(out, fingerprint):
+        log.info("%s: complete output matches; nothing to do", out.name)
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    pairs = read_parquet(pairs_path, S.PAIRS)
+    gens = read_parquet(tuned_texts / GENERATIONS, S.GENERATIONS)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sampled = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] + (eos if reason == "stop" else [])
+        for t, reason in zip(gens.column(S.PREFERENCE_TEXT).to_pylist(), gens.column(S.FINISH_REASON).to_pylist())
+    ]
+    prompts, pair_texts = _pair_texts(pairs, tokenizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    logps: dict[str, dict[str, np.ndarray]] = {}
+    for name, path in (("policy", Path(dpo_dir) / POLICY_MODEL), ("reference", Path(reference))):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        logps[name] = {side: completion_logps(model, tokenizer, prompts, ids)[0] for side, ids in pair_texts.items()}
+        sums, counts = completion_logps(model, tokenizer, gens.column(S.PROMPT).to_pylist(), sampled)
+        logps[name]["sampled"], logps[name]["sampled_tokens"] = sums, counts
+        del model
+    stats = {
+        "train/pairs": pairs.num_rows,
+        **pair_shift(logps["policy"], logps["reference"], cfg.dpo.beta),
+        "valid/texts": gens.num_rows,
+        "valid/kl_per_token": per_token_kl(
+            logps["policy"]["sampled"], logps["reference"]["sampled"], logps["policy"]["sampled_tokens"]
+        ),
+        "valid/off_topic_share": float(np.mean(["off_topic" in f for f in gens.column(S.FLAGS).to_pylist()])),
+    }
+    per_text = pa.table(
+        {
+            S.USER_ID: gens.column(S.USER_ID),
+            S.SAMPLE_IDX: gens.column(S.SAMPLE_IDX),
+            "tokens": pa.array(logps["policy"]["sampled_tokens"], pa.int64()),
+            "logp_policy": pa.array(logps["policy"]["sampled"]),
+            "logp_reference": pa.array(logps["reference"]["sampled"]),
+        }
+    )
+    with stage_output(out, fingerprint, dump_config(cfg)) as (tmp, st):
+        write_parquet(per_text, tmp / SHIFT_PER_TEXT)
+        st.update(stats)
+        write_json(stats, tmp / METRICS)
+    log.info(
+        "%s: train pair accuracy %.3f (margin %+.4f; chosen %+.2f, rejected %+.2f nats), valid KL %.4f nats/token",
+        out.name,
+        stats["train/pair_accuracy"],
+        stats["train/margin_mean"],
+        stats["train/chosen_logp_change"],
+        stats["train/rejected_logp_change"],
+        stats["valid/kl_per_token"],
+    )
+    return out
