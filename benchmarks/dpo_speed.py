@@ -10,7 +10,10 @@ chosen and rejected. Every variant runs rlrf4rec.stages.dpo.run_dpo on Ray Train
    workers x 1 CPU (one torch thread each), grad_accum 2: the settings before dpo.precompute_ref_logps and
    dpo.share_prompt existed;
 2. after: both on, 2 workers x 1 CPU, grad_accum 2;
-3. after: both on, 1 worker x 2 CPUs (two torch threads), grad_accum 4.
+3. after: both on, 1 worker x 2 CPUs (two torch threads), grad_accum 4;
+4. after, bf16: as 2 with dpo.bf16 (bfloat16 autocast over float32 weights on CPU), whose losses are compared with
+   2's step by step (the largest absolute difference is printed).
+`--variants` picks some of them by name (before, after-2x1, after-1x2, after-2x1-bf16; default all).
 Seconds per pair = mean optimizer-step time from the step clock (steps 2.., the first warms up) / pairs per step,
 plus for the after variants the reference pre-pass (its wall time from the first step's log, the workers sharing
 the pairs) / the pairs it covered. Appends a dated section to benchmarks/RESULTS.md (`--results` elsewhere for a
@@ -85,6 +88,7 @@ def run_variant(label: str, name: str, cfg: RunConfig, pairs: Path, policy: Path
         "s_per_pair": step_per_pair + precompute / n_pairs,
         "wall_s": wall,
         "loss": (stats["train/dpo_loss_first"], stats["train/dpo_loss_last"]),
+        "losses": [h["train/dpo_loss"] for h in history if "train/dpo_loss" in h],
     }
     log.info("%s", row)
     return row
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16, help="a multiple of 4: one epoch, 4 pairs per step")
     parser.add_argument("--history-items", type=int, default=10)
     parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    parser.add_argument("--variants", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
     if args.pairs % PAIRS_PER_STEP or args.pairs < 2 * PAIRS_PER_STEP:
         parser.error(f"--pairs must be a multiple of {PAIRS_PER_STEP}, at least {2 * PAIRS_PER_STEP} (step 1 warms up)")
@@ -128,7 +133,15 @@ def main() -> None:
          dict(precompute_ref_logps=True, share_prompt=True, num_workers=2, cpus_per_worker=1, grad_accum=2)),
         ("after, one worker with two threads", "after-1x2",
          dict(precompute_ref_logps=True, share_prompt=True, num_workers=1, cpus_per_worker=2, grad_accum=4)),
+        ("after, bf16 autocast", "after-2x1-bf16",
+         dict(precompute_ref_logps=True, share_prompt=True, num_workers=2, cpus_per_worker=1, grad_accum=2, bf16=True)),
     ]
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - {name for _, name, _ in variants}
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}")
+        variants = [v for v in variants if v[1] in wanted]
     load_before = load()
     log.info("%d pairs (%s); tokens per pair %s; load %s", pairs.num_rows, source, tokens, load_before)
     import ray
@@ -171,9 +184,16 @@ def _append(path: Path, args, dpo, rows: list[dict], source: str, tokens: dict, 
             f"{r['s_per_pair'] / before['s_per_pair']:.2f}x | {r['wall_s']:.0f} | "
             f"{r['loss'][0]:.4f} -> {r['loss'][1]:.4f} |"
         )
-    best = min(rows[1:], key=lambda r: r["s_per_pair"])
-    lines += ["", f"Fastest after / before, s/pair: {best['s_per_pair'] / before['s_per_pair']:.2f}x "
-              f"({best['variant']}, {best['workers_x_threads']}; target <= 0.5x)."]
+    if len(rows) > 1:
+        best = min(rows[1:], key=lambda r: r["s_per_pair"])
+        lines += ["", f"Fastest / first row, s/pair: {best['s_per_pair'] / before['s_per_pair']:.2f}x "
+                  f"({best['variant']}, {best['workers_x_threads']})."]
+    by_name = {r["variant"]: r for r in rows}
+    fp32, bf16 = by_name.get("after: precomputed reference, shared prompt"), by_name.get("after, bf16 autocast")
+    if fp32 and bf16:
+        diff = max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"]))
+        lines += [f"bf16 autocast / float32, s/pair: {bf16['s_per_pair'] / fp32['s_per_pair']:.2f}x; largest "
+                  f"per-step loss difference {diff:.4f} over {len(fp32['losses'])} steps."]
     if not path.exists():
         path.write_text("# Benchmark results\n")
     with open(path, "a") as fh:

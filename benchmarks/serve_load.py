@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serve_load.py [--run-dir runs/ml100k-cpu] [--rate 50] [--seconds 30]
                                               [--ingress haproxy|proxy [--throughput-optimized]]
                                               [--synthetic-users 1000000 [--synthetic-dir DIR]]
+                                              [--kill-replica-at 10 [--kill-window 10] [--replicas 1,2]]
 
 With --synthetic-users N, the same load runs twice, first on the run itself and then on a synthetic run of N users
 made from it (`synthetic_run`: user i is a copy of the run's user i mod U, with that user's history window,
@@ -17,6 +18,12 @@ open-loop stream at a fixed rate: request i leaves at start + i / rate whether o
 so a slow server shows up as latency instead of a slower client (bounded by --max-in-flight).
 Knowledge path: known users. ID-only path: no user id, a random recent history -> the fallback re-ranker.
 The two phases alternate (--rounds) so both see the same machine load. Needs a finished run directory.
+
+With --kill-replica-at S, availability instead: known users' requests for --seconds (40 beside the recorded figure),
+first with one Reranker replica, then with two, and at S seconds into the load one replica's process (its PID from
+Ray's state API) gets SIGKILL. Reported per replica count: errors, p99 and max latency of the requests sent in the
+--kill-window seconds from the kill, the longest time with no request answered, when Serve ran a replacement, and
+each replica's memory before the kill; then one line puts one replica and two side by side.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,10 +66,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run_dir: Path, port: int, workdir: Path, ingress: str, throughput_optimized: bool) -> subprocess.Popen:
+def start_server(
+    run_dir: Path, port: int, workdir: Path, ingress: str, throughput_optimized: bool, replicas: int | None = None
+) -> subprocess.Popen:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["run_dir"] = str(run_dir.resolve())
+    if replicas is not None:  # a fixed number of Reranker replicas instead of the shipped autoscaling range
+        (reranker,) = (d for d in config["applications"][0]["deployments"] if d["name"] == "Reranker")
+        reranker.pop("autoscaling_config")
+        reranker["num_replicas"] = replicas
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -257,7 +272,7 @@ async def phase(port: int, bodies: list[dict], rate: float, max_in_flight: int) 
 
 
 async def _phase(port: int, payloads: list[bytes], rate: float, max_in_flight: int) -> dict:
-    latencies, codes, paths = [], {}, {}
+    latencies, codes, paths, events = [], {}, {}, []
     in_flight = 0
     client = _Client(port)
 
@@ -278,6 +293,7 @@ async def _phase(port: int, payloads: list[bytes], rate: float, max_in_flight: i
         finally:
             in_flight -= 1
         codes[code] = codes.get(code, 0) + 1
+        events.append((start - t0, time.perf_counter() - t0, code))
 
     tasks, t0 = [], time.perf_counter()
     try:
@@ -287,41 +303,28 @@ async def _phase(port: int, payloads: list[bytes], rate: float, max_in_flight: i
                 await asyncio.sleep(delay)
             if in_flight >= max_in_flight:
                 codes["dropped by client"] = codes.get("dropped by client", 0) + 1
+                events.append((time.perf_counter() - t0,) * 2 + ("dropped by client",))
                 continue
             tasks.append(asyncio.create_task(one(payload)))
         await asyncio.gather(*tasks)
     finally:
         client.close()
     elapsed = time.perf_counter() - t0
-    return {"latencies": latencies, "codes": codes, "paths": paths, "seconds": elapsed}
+    # events: (sent, done) seconds after t0 and the status (exception name, or dropped) of each request
+    return {"latencies": latencies, "codes": codes, "paths": paths, "seconds": elapsed, "events": events, "t0": t0}
 
 
-def load_run(run_dir: Path, args: argparse.Namespace, rng: np.random.Generator) -> dict:
-    """Start the application on `run_dir`, send the alternating phases, read the replicas' memory, stop it."""
-    items = pq.read_table(run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
-    users = pq.read_table(run_dir / "data" / "sequences.parquet", columns=["user_id"]).column("user_id").to_pylist()
-    per_round = int(args.rate * args.seconds / args.rounds)
-
-    def bodies(known: bool) -> list[dict]:
-        out = []
-        for _ in range(per_round):
-            body = {"candidates": [str(i) for i in rng.choice(items, args.candidates, replace=False)]}
-            if known:
-                body["user_id"] = users[int(rng.integers(len(users)))]
-            else:
-                body["history"] = [{"item_id": str(i)} for i in rng.choice(items, 20, replace=False)]
-            out.append(body)
-        return out
-
+@contextlib.contextmanager
+def serving(run_dir: Path, args: argparse.Namespace, probe: dict, replicas: int | None = None):
+    """Start the application on `run_dir` and wait for its first answer; yields (port, seconds until that answer,
+    the local cluster's dashboard address); stops it on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="serve-load-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    proc = start_server(run_dir, port, workdir, args.ingress, args.throughput_optimized)
-    results = {"knowledge": [], "ID-only fallback": []}  # by what was asked; the table also says what answered
+    proc = start_server(run_dir, port, workdir, args.ingress, args.throughput_optimized, replicas)
     try:
         deadline = time.monotonic() + 900
-        probe = {"user_id": users[-1], "candidates": items[:10]}
         while True:
             try:
                 if httpx.post(f"{url}/rank", json=probe, timeout=5).status_code == 200:
@@ -332,14 +335,196 @@ def load_run(run_dir: Path, args: argparse.Namespace, rng: np.random.Generator) 
                 raise RuntimeError(f"the application did not come up; see {workdir / 'serve.log'}")
             time.sleep(1)
         ready_s = time.monotonic() - started
+        log = re.sub(r"\x1b\[[0-9;]*m", "", (workdir / "serve.log").read_text())
+        dashboard = re.search(r"View the dashboard at (\S+)", log)
+        yield port, ready_s, (dashboard and dashboard[1].removeprefix("http://"))
+    finally:
+        stop_server(proc)
+
+
+def load_run(run_dir: Path, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+    """Start the application on `run_dir`, send the alternating phases, read the replicas' memory, stop it."""
+    items = pq.read_table(run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
+    users = pq.read_table(run_dir / "data" / "sequences.parquet", columns=["user_id"]).column("user_id").to_pylist()
+    per_round = int(args.rate * args.seconds / args.rounds)
+    bodies = functools.partial(request_bodies, items, users, per_round, args.candidates, rng)
+    results = {"knowledge": [], "ID-only fallback": []}  # by what was asked; the table also says what answered
+    with serving(run_dir, args, {"user_id": users[-1], "candidates": items[:10]}) as (port, ready_s, _):
         asyncio.run(phase(port, bodies(True)[:100], args.rate, args.max_in_flight))  # warm-up, not counted
         for _ in range(args.rounds):
             for name, known in (("knowledge", True), ("ID-only fallback", False)):
                 results[name].append(asyncio.run(phase(port, bodies(known), args.rate, args.max_in_flight)))
         memory = replica_memory()
-    finally:
-        stop_server(proc)
     return {"users": len(users), "results": results, "memory": memory, "ready_s": ready_s, "per_round": per_round}
+
+
+def request_bodies(
+    items: list, users: list, n: int, candidates: int, rng: np.random.Generator, known: bool
+) -> list[dict]:
+    """`n` requests of `candidates` random items: for random known users, or with a random history and no user."""
+    out = []
+    for _ in range(n):
+        body = {"candidates": [str(i) for i in rng.choice(items, candidates, replace=False)]}
+        if known:
+            body["user_id"] = users[int(rng.integers(len(users)))]
+        else:
+            body["history"] = [{"item_id": str(i)} for i in rng.choice(items, 20, replace=False)]
+        out.append(body)
+    return out
+
+
+REPLICA_CLASS = "ServeReplica:rlrf4rec:Reranker"  # the Ray actor class of the application's Reranker replicas
+
+
+@functools.cache
+def dashboard_headers() -> dict[str, str]:
+    """The `Authorization` header of Ray's token authentication, which a local cluster turns on when a token exists
+    (~/.ray/auth_token): enabled in this process as Ray's own CLI does, so that the state API sends it too."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return get_auth_headers_if_auth_enabled({})
+
+
+def reranker_pids(dashboard: str) -> list[int]:
+    """PIDs of the live Reranker replica processes, from Ray's state API (`ray list actors`)."""
+    from ray.util.state import list_actors
+
+    dashboard_headers()
+    alive = [("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")]
+    actors = list_actors(address=f"http://{dashboard}", filters=alive)
+    return sorted(a.pid for a in actors)
+
+
+def running_replicas(dashboard: str) -> list[int]:
+    """PIDs of the Reranker replicas that Serve reports RUNNING (started, and passing their health checks)."""
+    r = httpx.get(f"http://{dashboard}/api/serve/applications/", headers=dashboard_headers(), timeout=10)
+    r.raise_for_status()
+    replicas = r.json()["applications"]["rlrf4rec"]["deployments"]["Reranker"]["replicas"]
+    return sorted(x["pid"] for x in replicas if x["state"] == "RUNNING")
+
+
+def kill_run(run_dir: Path, args: argparse.Namespace, rng: np.random.Generator, replicas: int) -> dict:
+    """Serve `run_dir` with `replicas` Reranker replicas, send known users' requests for --seconds and SIGKILL one
+    replica's process --kill-replica-at seconds into them; Serve's status says when its replacement runs."""
+    items = pq.read_table(run_dir / "data" / "item_index.parquet").column("item_id").to_pylist()
+    users = pq.read_table(run_dir / "data" / "sequences.parquet", columns=["user_id"]).column("user_id").to_pylist()
+    bodies = request_bodies(items, users, int(args.rate * args.seconds), args.candidates, rng, True)
+    with serving(run_dir, args, {"user_id": users[-1], "candidates": items[:10]}, replicas) as (port, ready_s, at):
+        if at is None:
+            raise RuntimeError("no dashboard address in serve.log; Ray's state API needs the dashboard (ray[default])")
+        deadline = time.monotonic() + 300
+        while len(running_replicas(at)) < replicas:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{replicas} Reranker replicas did not come up in 300 s")
+            time.sleep(1)
+        asyncio.run(phase(port, bodies[:100], args.rate, args.max_in_flight))  # warm-up (every replica), not counted
+        pids = reranker_pids(at)
+        assert len(pids) == replicas, pids
+        memory = replica_memory()  # every replica warm, before the kill
+        result, killed_s, replaced_s = asyncio.run(load_and_kill(port, bodies, args, at, pids[0], replicas))
+    return {"replicas": replicas, "result": result, "killed_s": killed_s, "replaced_s": replaced_s, "memory": memory,
+            "ready_s": ready_s}  # fmt: skip
+
+
+async def load_and_kill(
+    port: int, bodies: list[dict], args: argparse.Namespace, dashboard: str, pid: int, replicas: int
+) -> tuple[dict, float, float]:
+    """The open-loop load with `pid` SIGKILLed --kill-replica-at seconds in: (phase result, kill time after the
+    load's start, seconds from the kill until Serve runs `replicas` replicas again, none of them the killed one)."""
+
+    async def kill() -> tuple[float, float]:
+        await asyncio.sleep(args.kill_replica_at)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        while True:
+            running = await asyncio.to_thread(running_replicas, dashboard)
+            if len(running) >= replicas and pid not in running:
+                return killed, time.perf_counter()
+            await asyncio.sleep(0.5)
+
+    killer = asyncio.create_task(kill())
+    result = await phase(port, bodies, args.rate, args.max_in_flight)
+    killed, replaced = await asyncio.wait_for(killer, 300)
+    return result, killed - result["t0"], replaced - killed
+
+
+def kill_figures(m: dict, window_s: float) -> dict:
+    """Errors and latency of the requests sent in [kill, kill + window_s), and the longest time without an answer."""
+    r, kill_s = m["result"], m["killed_s"]
+    answered = sorted(done for _, done, code in r["events"] if code == 200)
+    edges = np.array([0.0, *answered, r["seconds"]])
+    gaps = np.diff(edges)
+    window = [(done - sent, code) for sent, done, code in r["events"] if kill_s <= sent < kill_s + window_s]
+    # Failures count with their time to fail; a request the client dropped (too many in flight) is an error only.
+    ms = np.array([d for d, code in window if code != "dropped by client"]) * 1000
+    return {
+        "requests": len(r["events"]),
+        "errors": sum(code != 200 for _, _, code in r["events"]),
+        "window_requests": len(window),
+        "window_errors": sum(code != 200 for _, code in window),
+        "window_p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        "window_max": float(ms.max()) if len(ms) else float("nan"),
+        "p99": float(np.percentile(r["latencies"], 99)) if r["latencies"] else float("nan"),
+        "gap": float(gaps.max()),
+        "gap_from": float(edges[gaps.argmax()]),
+        "codes": {k: v for k, v in r["codes"].items() if k != 200},
+    }
+
+
+def kill_report(measured: list[dict], args: argparse.Namespace, load: tuple) -> list[str]:
+    figures = {m["replicas"]: kill_figures(m, args.kill_window) for m in measured}
+    rows, memory_rows = [], []
+    for m in measured:
+        f = figures[m["replicas"]]
+        rows.append(
+            f"| {m['replicas']} | {m['killed_s']:.2f} s | {f['requests']} | {f['errors']} "
+            f"{f['codes'] or ''} | {f['window_requests']} | {f['window_errors']} | {f['window_p99']:.1f} | "
+            f"{f['window_max']:.1f} | {f['p99']:.1f} | {f['gap']:.2f} s (from {f['gap_from']:.2f} s) | "
+            f"{m['replaced_s']:.1f} s | {m['ready_s']:.0f} s |"
+        )
+        for i, (owned, mapped, pss) in enumerate(m["memory"].get("Reranker", [])):
+            memory_rows.append(
+                f"| {m['replicas']} | {i + 1} | {owned:,.0f} | {mapped:,.0f} | {owned + mapped:,.0f} | {pss:,.0f} |"
+            )
+    lines = [
+        f"- Machine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load[0])}, after "
+        f"{' '.join(f'{x:.2f}' for x in load[1])}.",
+        f"- Server: serve_config.yaml (`serve run`) with the Reranker fixed at 1, then 2 replicas (num_replicas "
+        f"instead of its autoscaling range), run {args.run_dir}; ingress {args.ingress}; client on the same box.",
+        f"- Load: open loop at {args.rate:g} requests/s for {args.seconds:g} s, known users (knowledge path), "
+        f"{args.candidates} candidates per request, client timeout 10 s, after a 100-request warm-up; at "
+        f"{args.kill_replica_at:g} s one Reranker replica's process (its PID from Ray's state API) gets SIGKILL. "
+        f"Kill window: requests sent in the {args.kill_window:g} s from the kill; its p99 counts a failed request "
+        "with its time to fail. Errors: anything but 200, requests the client dropped at "
+        f"{args.max_in_flight} in flight included. Longest gap: the longest time with no request answered 200.",
+        "",
+        "| Reranker replicas | killed at | requests | errors (all) | requests in kill window | errors in window "
+        "| p99 ms in window | max ms in window | p99 ms (answered, all load) | longest gap without an answer "
+        "| replacement RUNNING after kill | first answer after `serve run` |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    if {1, 2} <= set(figures):
+        a, b = figures[1], figures[2]
+        lines += [
+            f"One Reranker replica SIGKILLed at {args.kill_replica_at:g} s, 1 replica vs 2: errors {a['errors']} vs "
+            f"{b['errors']}; p99 over the kill window {a['window_p99']:,.0f} vs {b['window_p99']:,.0f} ms; longest "
+            f"gap without an answer {a['gap']:.2f} vs {b['gap']:.2f} s.",
+            "",
+        ]
+    lines += [
+        "Reranker replica memory after the warm-up, before the kill, MiB per replica process (owned = anonymous; "
+        "mapped = page-cache pages it maps, shared; RSS = owned + mapped; PSS = its proportional share):",
+        "",
+        "| Reranker replicas | replica | owned | mapped | RSS | PSS |",
+        "|---|---|---|---|---|---|",
+        *memory_rows,
+        "",
+    ]
+    return lines
 
 
 def main() -> None:
@@ -363,9 +548,26 @@ def main() -> None:
     )
     parser.add_argument("--synthetic-users", type=int, default=0, help="also load a synthetic run of this many users")
     parser.add_argument("--synthetic-dir", type=Path, help="where it is built (default runs/serve-synthetic-<N>)")
+    parser.add_argument(
+        "--kill-replica-at",
+        type=float,
+        help="instead of the two paths: the knowledge path alone for --seconds, with 1 and then 2 Reranker replicas, "
+        "and one replica's process SIGKILLed this many seconds in",
+    )
+    parser.add_argument("--kill-window", type=float, default=10.0, help="seconds after the kill that are reported")
+    parser.add_argument("--replicas", default="1,2", help="with --kill-replica-at: the Reranker replica counts")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
+    if args.kill_replica_at is not None:
+        before = os.getloadavg()
+        measured = [kill_run(args.run_dir, args, rng, int(n)) for n in args.replicas.split(",")]
+        lines = kill_report(measured, args, (before, os.getloadavg()))
+        if args.no_append:
+            print("\n".join(lines))
+        else:
+            append_section("Serve under a replica kill: one Reranker replica SIGKILLed under load", lines, args.results)
+        return
     runs = [args.run_dir]
     synthetic_s = None
     if args.synthetic_users:

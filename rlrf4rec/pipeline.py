@@ -545,6 +545,18 @@ STAGES: Sequence[Stage] = (
                 {"type": float, "default": 0.0, "help": "GPU share per re-ranker replica (0: CPU)"},
             ),
             Option(
+                ("--reranker-replicas",),
+                {"type": int, "default": 2, "help": "re-ranker replicas (two: one may die without a failed request)"},
+            ),
+            Option(
+                ("--return-text",),
+                {
+                    "action": "store_true",
+                    "help": "answer with the user's preference text (it repeats the user's profile to the caller); "
+                    "the bearer token comes from $RLRF4REC_SERVE_TOKEN or the file $RLRF4REC_SERVE_TOKEN_FILE",
+                },
+            ),
+            Option(
                 ("--generation-deadline-ms",),
                 {"type": float, "default": 2000.0, "help": "how long a request waits for a new text"},
             ),

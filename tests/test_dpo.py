@@ -115,7 +115,6 @@ def test_history_from_log_namespaces_by_split():
         ({"max_steps": 0}, r"dpo\.max_steps=0: use a positive number of optimizer steps, or null"),
         ({"max_prompt_length": 1024}, r"dpo\.max_prompt_length=1024: use a positive value below max_length=1024"),
         ({"deepspeed": "zero1"}, r"dpo\.deepspeed='zero1': use null \(plain DDP\) or one of \['zero2', 'zero3'\]"),
-        ({"bf16": True}, r"dpo\.bf16=True: set it false on CPU"),
         ({"lora_target_modules": ["q_proj", "lm_head"]}, r"dpo\.lora_target_modules=.*remove lm_head"),
         ({"lora_dropout": 1.0}, r"dpo\.lora_dropout=1\.0: use a probability in \[0, 1\)"),
         ({"eval_fraction": 1.0}, r"dpo\.eval_fraction=1\.0: use a fraction in \[0, 1\)"),
@@ -129,9 +128,17 @@ def test_bad_dpo_values_name_field_value_and_fix(dpo, message):
         from_dict(RunConfig, {"name": "x", "dpo": dpo})
 
 
-def test_bf16_is_accepted_on_gpus_and_defaults_are_the_reported_ones():
+def test_bf16_is_bfloat16_weights_on_gpus_and_autocast_over_float32_weights_on_cpus(tmp_path):
+    from rlrf4rec.stages.dpo import training_args
+
     cfg = from_dict(RunConfig, {"name": "x", "dpo": {"bf16": True, "use_gpu": True, "deepspeed": "zero3"}})
     assert cfg.dpo.bf16 and cfg.dpo.deepspeed == "zero3"
+    gpu = training_args(cfg.dpo, tmp_path, 0, False, None)
+    assert gpu["bf16"] and gpu["model_init_kwargs"] == {"dtype": "bfloat16"} and not gpu["use_cpu"]
+    cpu = training_args(from_dict(RunConfig, {"name": "x", "dpo": {"bf16": True}}).dpo, tmp_path, 0, False, None)
+    assert cpu["bf16"] and cpu["model_init_kwargs"] == {"dtype": "float32"} and cpu["use_cpu"]
+    off = training_args(from_dict(RunConfig, {"name": "x"}).dpo, tmp_path, 0, False, None)
+    assert not off["bf16"] and off["model_init_kwargs"] == {"dtype": "float32"}
     d = from_dict(RunConfig, {"name": "x"}).dpo
     assert (d.beta, d.lr, d.per_device_batch_size, d.grad_accum, d.epochs) == (0.01, 5e-5, 2, 8, 3)
 
@@ -280,3 +287,16 @@ def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_
     # LoRA adapter checkpoints with DeepSpeed's ZeRO shards (not plain DDP), removed once the model is published.
     assert stats["checkpoint_adapter"] and stats["checkpoint_deepspeed_shards"]
     assert not list((cfg.run_path / "ray_train").glob("dpo-round1-*"))
+
+    # The resumed run is the run that was never interrupted: the same losses step by step and the same weights (the
+    # checkpoint carries LoRA, optimizer, scheduler and RNG state; a resume that lost any of them would drift).
+    from safetensors.torch import load_file
+
+    clean = run_dpo(dataclasses.replace(cfg, fault=FaultConfig()), pairs, _policy(asset_home), "round1-clean")
+    clean_history = json.loads((clean / "history.json").read_text())
+    for key in ("train/dpo_loss", "eval/dpo_loss"):
+        resumed = [h[key] for h in history if key in h]
+        assert resumed == pytest.approx([h[key] for h in clean_history if key in h], abs=1e-4), key
+    a, b = load_file(stage / "model" / "model.safetensors"), load_file(clean / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert not read_marker(clean)["stats"]["resumed_after"]

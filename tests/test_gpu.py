@@ -121,7 +121,8 @@ def test_serve_answers_with_its_reranker_on_the_gpu(gpu_ray, serving_run):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"run_dir": str(run), "reranker_gpus": 0.5}), name="gpu", route_prefix="/")
+        app = build_app({"run_dir": str(run), "reranker_gpus": 0.5, "reranker_replicas": 1})  # one replica's memory
+        serve.run(app, name="gpu", route_prefix="/")
         _wait_for(lambda: ray.available_resources().get("GPU", 0.0) == 0.5, "half the GPU reserved by the Reranker")
         cpu = online.Reranker(run, online.resolve_version(run, "latest"))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

@@ -191,6 +191,7 @@ def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_plac
     config["http_options"]["port"] = port
     (app,) = config["applications"]
     app["args"]["run_dir"] = str(run)
+    app["args"]["return_text"] = True  # the text tells which version's knowledge answered
 
     def deploy(version: str) -> None:
         for d in app["deployments"]:
@@ -216,7 +217,7 @@ def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_plac
         deploy("round1")
         body = wait(lambda: answer("round1"), 180, "the round1 application")
         replicas = _replica_names(head, "rlrf4rec")
-        assert len(replicas) == 2 and body["path"] == "knowledge"  # Ingress and Reranker
+        assert len(replicas) == 3 and body["path"] == "knowledge"  # Ingress and two Reranker replicas
         deploy("base")
         body = wait(lambda: answer("base"), 120, "the swap to base")
         assert body["preference_text"].startswith("Loves genre")  # base wording (synthetic.preference)

@@ -1,4 +1,5 @@
-"""The Ray Serve application over HTTP on 127.0.0.1: answers, refusals, fallback, shedding, hot swap, recovery."""
+"""The Ray Serve application over HTTP on 127.0.0.1: answers, refusals, access, fallback, shedding, hot swap,
+recovery."""
 
 import asyncio
 import contextlib
@@ -60,11 +61,93 @@ def test_known_user_is_ranked_with_its_knowledge_and_told_why(app):
     assert body["path"] == "knowledge" and body["fallback_reason"] is None
     assert body["knowledge_source"] == "precomputed"
     assert body["knowledge_version"] == body["model_version"] == "round1"  # latest
-    assert body["preference_text"] == preference(tastes[user], wording=1)
+    assert body["preference_text"] is None  # the user's profile stays in the deployment (return_text: false)
     scores = [i["score"] for i in body["items"]]
     assert len(scores) == 8 and scores == sorted(scores, reverse=True)
     liked = set(GENRE_A if tastes[user] == 0 else GENRE_B)
     assert sum(i["item_id"] in liked for i in body["items"]) >= 7
+
+
+def test_two_reranker_replicas_by_default(app):
+    from ray import serve
+
+    assert serve.status().applications["main"].deployments["Reranker"].replica_states == {"RUNNING": 2}
+
+
+def test_preference_text_is_answered_only_with_return_text(app):
+    from ray import serve
+
+    from rlrf4rec.serving.serve import Ingress
+
+    client, run, tastes, _ = app
+    serve.run(Ingress.bind(_reranker(), None, str(run), return_text=True), name="text", route_prefix="/text")
+    for user in ("u4", "u5"):
+        body = {"user_id": user, "candidates": CANDIDATES}
+        assert client.post("/text/rank", json=body).json()["preference_text"] == preference(tastes[user], wording=1)
+        assert client.post("/rank", json=body).json()["preference_text"] is None
+    serve.delete("text")
+
+
+def test_a_token_is_required_when_set_and_compared_whole(app, tmp_path):
+    from ray import serve
+
+    from rlrf4rec.serving.serve import TOKEN_ENV, TOKEN_FILE_ENV, Ingress
+
+    client, run, _, _ = app
+    (tmp_path / "token").write_text("s3cret-file\n")  # as `echo` writes it: the newline is not part of the token
+    cases = [
+        ("env", {TOKEN_ENV: "s3cret"}, "s3cret"),
+        ("file", {TOKEN_FILE_ENV: str(tmp_path / "token")}, "s3cret-file"),
+    ]
+    for name, env, token in cases:
+        # The cluster's way to give the ingress replica its environment (locally it inherits the driver's).
+        ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": env}})
+        serve.run(ingress.bind(_reranker(), None, str(run)), name=name, route_prefix=f"/{name}")
+        body = {"user_id": "u4", "candidates": CANDIDATES}
+        r = client.post(f"/{name}/rank", json=body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["detail"] == {
+            "header": "Authorization",
+            "error": "missing: send `Authorization: Bearer <token>`",
+        }
+        wrongs = (
+            f"Bearer {token[:-1]}",
+            f"Bearer {token}x",
+            f"Bearer {token.upper()}",
+            "Bearer",
+            token,
+            f"Basic {token}",
+        )
+        for wrong in wrongs:
+            assert client.post(f"/{name}/rank", json=body, headers={"Authorization": wrong}).status_code == 401, wrong
+        r = client.post(f"/{name}/rank", json=body, headers={"Authorization": "Bearer s3cret-wrong"})
+        assert r.json()["detail"]["error"] == "the bearer token is not this deployment's"
+        good = {"Authorization": f"Bearer {token}"}
+        r = client.post(f"/{name}/rank", json=body, headers=good)
+        assert r.status_code == 200 and r.json()["path"] == "knowledge", r.text
+        assert client.post(f"/{name}/rank", json={"colour": "red"}).status_code == 401  # before the body is read
+        assert client.get(f"/{name}/stats").status_code == 401
+        assert client.get(f"/{name}/stats", headers=good).json()["counts"]["unauthorized"] == 10
+        assert client.get(f"/{name}/healthz").status_code == 200  # probes stay open
+        serve.delete(name)
+
+
+def test_the_token_comes_from_one_source_and_is_never_empty(tmp_path):
+    from rlrf4rec.serving.serve import TOKEN_ENV, TOKEN_FILE_ENV, bearer_token
+
+    path = tmp_path / "token"
+    path.write_text("abc\n")
+    assert bearer_token({}) is None
+    assert bearer_token({TOKEN_ENV: "abc"}) == bearer_token({TOKEN_FILE_ENV: str(path)}) == "abc"
+    with pytest.raises(ValueError, match="set one of them"):
+        bearer_token({TOKEN_ENV: "abc", TOKEN_FILE_ENV: str(path)})
+    with pytest.raises(ValueError, match="set but empty"):
+        bearer_token({TOKEN_ENV: " "})
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="the file is empty"):
+        bearer_token({TOKEN_FILE_ENV: str(path)})
+    with pytest.raises(FileNotFoundError):
+        bearer_token({TOKEN_FILE_ENV: str(tmp_path / "missing")})
 
 
 @pytest.mark.parametrize(
@@ -211,7 +294,8 @@ def test_users_without_knowledge_get_a_generated_text_once_it_is_ready(app):
     generator = PreferenceGenerator.bind(str(run), "base")  # the base LLM (the fixture run has no DPO model)
     # A 1 ms deadline: the first request cannot wait for the text; it lands in the cache for the next one.
     knowledge = OnlineKnowledge.bind(str(run), "base", generator, 1.0)
-    serve.run(Ingress.bind(Reranker.bind(str(run), "base"), knowledge, str(run)), name="gen", route_prefix="/gen")
+    reranker = Reranker.bind(str(run), "base")
+    serve.run(Ingress.bind(reranker, knowledge, str(run), return_text=True), name="gen", route_prefix="/gen")
     body = {
         "user_id": "newcomer",
         "history": [{"item_id": "3", "rating": 5}, {"item_id": "50", "rating": 1}],
@@ -276,6 +360,8 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
     # HAProxy's stats and metrics ports (8404 and 9101 by default) moved to free ones.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port), RAY_SERVE_HAPROXY_METRICS_PORT=str(metrics_port))
+    env["RLRF4REC_SERVE_TOKEN"] = "s3cret"  # the ingress replica inherits it through the local cluster
+    auth = {"Authorization": "Bearer s3cret"}
     proc = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port), "--version", "base", "--ingress", ingress],
         start_new_session=True,
@@ -287,7 +373,9 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
         deadline, r = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None:
             try:  # the proxy answers 404 until the application's route exists
-                r = httpx.post(f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": CANDIDATES})
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": CANDIDATES}, headers=auth
+                )
                 if r.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -295,6 +383,7 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
             time.sleep(1)
         assert r is not None and r.status_code == 200, log.read_text()[-3000:]
         assert (r.json()["path"], r.json()["model_version"]) == ("knowledge", "base")
+        assert httpx.post(f"http://127.0.0.1:{port}/rank", json={"candidates": ["1"]}).status_code == 401
         docs = httpx.get(f"http://127.0.0.1:{port}/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
@@ -315,7 +404,8 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
         # The one exception, hard-coded in Ray Serve (ray/serve/_private/replica.py binds "[::]:0"): each replica's
         # inter-deployment gRPC server listens on a random port on all interfaces (IPv6 wildcard, IPv4 included).
         others = sorted((_actor(cmd), ip) for cmd, ip, _ in sockets if not _loopback(ip))
-        assert others == [("ray::ServeReplica:rlrf4rec:Ingress", "::"), ("ray::ServeReplica:rlrf4rec:Reranker", "::")]
+        reranker = ("ray::ServeReplica:rlrf4rec:Reranker", "::")
+        assert others == [("ray::ServeReplica:rlrf4rec:Ingress", "::"), reranker, reranker]  # two replicas
 
         # Ctrl-C in a terminal signals the foreground process group; Docker and Kubernetes send SIGTERM to the
         # command alone, and the local cluster must go down with it.
@@ -391,6 +481,8 @@ def test_application_arguments_are_checked_before_any_replica_starts(serving_run
         build_app({"run_dir": str(run), "generation_deadline": 5})
     with pytest.raises(pydantic.ValidationError, match="reranker_gpus"):  # a share of one GPU: the model is small
         build_app({"run_dir": str(run), "reranker_gpus": 2})
+    with pytest.raises(pydantic.ValidationError, match="reranker_replicas"):
+        build_app({"run_dir": str(run), "reranker_replicas": 0})
     with pytest.raises(FileNotFoundError, match="round7.*choose another version"):
         build_app({"run_dir": str(run), "version": "round7"})
     with pytest.raises(FileNotFoundError, match="finish the run"):

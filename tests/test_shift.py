@@ -29,16 +29,25 @@ def test_pair_shift_and_kl_by_hand():
 
 
 def test_completion_logps_match_one_sequence_at_a_time(tiny_policy):  # noqa: F811
-    """Left-padded batches with logits for the completion positions only give each completion's log-probability as
-    a plain forward pass over that one sequence does."""
+    """Shared-prompt rows (several completions of one prompt, segment attention), batched with padding, give each
+    completion's log-probability as a plain forward pass over that one sequence does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_policy)
-    prompts = ["a short prompt", "a much longer prompt with many more words in it than the first", "mid prompt here"]
-    completions = [tok("one two three", add_special_tokens=False)["input_ids"], [5, 6], [7, 8, 9, 10, 11, 12, 13]]
-    sums, counts = completion_logps(model, tok, prompts, completions, batch_size=3)
+    long = "a much longer prompt with many more words in it than the first"
+    # Two completions share the first prompt and three the second: each group is one row, the prompt run once.
+    prompts = ["a short prompt", long, "a short prompt", "mid prompt here", long, long]
+    completions = [
+        tok("one two three", add_special_tokens=False)["input_ids"],
+        [5, 6],
+        [7, 8, 9, 10, 11, 12, 13],
+        [14],
+        [15, 16, 17],
+        [18, 19, 20, 21],
+    ]
+    sums, counts = completion_logps(model, tok, prompts, completions, batch_size=2)
     assert counts.tolist() == [len(c) for c in completions]
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"] + c])

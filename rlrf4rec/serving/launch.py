@@ -23,7 +23,7 @@ def serve_run(cfg: RunConfig, args: argparse.Namespace) -> None:
             _haproxy_env(args.host, Path(tmp))
         from ray import serve
 
-        from rlrf4rec.serving.serve import build_app
+        from rlrf4rec.serving.serve import TOKEN_ENV, bearer_token, build_app
 
         app = build_app(
             {
@@ -32,8 +32,13 @@ def serve_run(cfg: RunConfig, args: argparse.Namespace) -> None:
                 "generation": args.generation,
                 "generation_deadline_ms": args.generation_deadline_ms,
                 "reranker_gpus": args.reranker_gpus,
+                "reranker_replicas": args.reranker_replicas,
+                "return_text": args.return_text,
             }
         )
+        # Read here too, so that a bad token setting stops the command before the cluster starts; the ingress
+        # replica reads it again from the environment it inherits from this process.
+        token = "a bearer token required" if bearer_token(os.environ) else f"no {TOKEN_ENV}: open to all"
         try:  # Ctrl-C at any point, even while the application is still starting: the local cluster goes down
             with ray_session(True):
                 # ray.init made SIGTERM exit with status 15 after a C++ stack dump; process managers (systemd,
@@ -41,7 +46,9 @@ def serve_run(cfg: RunConfig, args: argparse.Namespace) -> None:
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
                 serve.start(http_options={"host": args.host, "port": args.port})
                 serve.run(app, name="rlrf4rec", route_prefix="/")
-                print(f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank (API: /docs); Ctrl-C stops")
+                print(
+                    f"serving {cfg.run_path} on http://{args.host}:{args.port}/rank ({token}; API: /docs); Ctrl-C stops"
+                )
                 threading.Event().wait()
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)

@@ -1,14 +1,16 @@
 """The Ray Serve re-ranking application: ingress -> re-ranker (knowledge lookup inside) [-> on-line knowledge].
 
 Deployments, composed through DeploymentHandles:
-- `Ingress` (FastAPI): validates the request (422 with field errors from pydantic, 400 naming unknown item ids),
-  sends the query to `Reranker`, answers with the ranked items, the preference text used and the path that served
-  it ("knowledge" or "fallback" + reason). For a user without knowledge, with `generation: true`, it asks
-  `OnlineKnowledge` for a text under a deadline and re-ranks with it.
+- `Ingress` (FastAPI): checks the bearer token when one is set (401; `bearer_token`), validates the request (422
+  with field errors from pydantic, 400 naming unknown item ids), sends the query to `Reranker`, answers with the
+  ranked items and the path that served it ("knowledge" or "fallback" + reason), and the preference text used only
+  with `return_text: true` (the text repeats the user's profile). For a user without knowledge, with
+  `generation: true`, it asks `OnlineKnowledge` for a text under a deadline and re-ranks with it.
 - `Reranker` (`@serve.batch`): the knowledge-augmented PRM of a version with that version's precomputed knowledge
   (text + vector per user), and the ID-only PRM (the fallback). The lookup lives with the model it must match: one
-  hop on the main path, and a version swap changes model and knowledge in one step. A replica given a GPU
-  (`reranker_gpus`, or `num_gpus` in its ray_actor_options) scores on it.
+  hop on the main path, and a version swap changes model and knowledge in one step. Two replicas by default, so
+  that one dying costs no request (the ingress asks the other). A replica given a GPU (`reranker_gpus`, or
+  `num_gpus` in its ray_actor_options) scores on it.
 - `OnlineKnowledge` (with generation): asks `PreferenceGenerator` for a user's text, encodes and caches it; a text
   later than the deadline still lands in the cache for the user's next request.
 - `PreferenceGenerator` (with generation): the version's policy LLM (vLLM or transformers), greedy, `@serve.batch`.
@@ -22,18 +24,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hmac
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import ray
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
@@ -58,6 +64,7 @@ FALLBACK_REASONS = (
     "reranker_busy",  # the re-ranker shed or lost the second call, with the generated text; the first call answers
 )
 KNOWLEDGE_SLACK_MS = 500.0  # the ingress waits this much beyond the generation deadline for OnlineKnowledge
+TOKEN_ENV, TOKEN_FILE_ENV = "RLRF4REC_SERVE_TOKEN", "RLRF4REC_SERVE_TOKEN_FILE"
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP API
@@ -104,7 +111,11 @@ class RankResponse(BaseModel):
     items: list[RankedItem] = Field(description="best first")
     path: Literal["knowledge", "fallback"] = Field(description="knowledge-augmented model, or ID-only fallback")
     fallback_reason: str | None = Field(None, description=f"why the fallback served it: one of {FALLBACK_REASONS}")
-    preference_text: str | None = Field(None, description="the preference text behind the ranking (knowledge path)")
+    preference_text: str | None = Field(
+        None,
+        description="the preference text behind the ranking (knowledge path); null unless the application has "
+        "`return_text: true`, since the text repeats the user's demographics and tastes",
+    )
     knowledge_source: Literal["precomputed", "generated"] | None = None
     knowledge_version: str | None = None
     model_version: str
@@ -124,6 +135,29 @@ class ServeArgs(BaseModel):
     reranker_gpus: float = Field(
         0.0, ge=0, le=1, description="GPU share per Reranker replica (e.g. 0.25: four replicas on one GPU); 0: CPU"
     )
+    reranker_replicas: int = Field(
+        2, ge=1, description="Reranker replicas (a deployment entry's num_replicas or autoscaling_config overrides it)"
+    )
+    return_text: bool = Field(
+        False, description="answer with the user's preference text (it exposes the user's profile to the caller)"
+    )
+
+
+def bearer_token(environ: Mapping[str, str]) -> str | None:
+    """The token that /rank and /stats require as `Authorization: Bearer <token>`: $RLRF4REC_SERVE_TOKEN, or the
+    contents of the file $RLRF4REC_SERVE_TOKEN_FILE names (read at the ingress replica's start). None when neither
+    is set: whoever reaches the port is served. Never from the application's config, which Serve shows to anyone
+    who can read the cluster's state."""
+    token, path = environ.get(TOKEN_ENV), environ.get(TOKEN_FILE_ENV)
+    if token is not None and path is not None:
+        raise ValueError(f"both {TOKEN_ENV} and {TOKEN_FILE_ENV} are set; set one of them")
+    if path is not None:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"{TOKEN_FILE_ENV}={path}: the file is empty; write the token into it")
+    elif token is not None and not token.strip():
+        raise ValueError(f"{TOKEN_ENV} is set but empty; set a token, or unset it to serve without one")
+    return token
 
 
 def _version_from(user_config: dict | None, default: str) -> str:
@@ -289,9 +323,9 @@ class OnlineKnowledge:
 
 api = FastAPI(
     title="rlrf4rec re-ranking",
-    description="Re-ranks candidate items for a user with the knowledge-augmented re-ranker of an rlrf4rec run, "
-    "and returns the preference text behind the ranking. Falls back to the ID-only re-ranker when the user's "
-    "knowledge is missing or late.",
+    description="Re-ranks candidate items for a user with the knowledge-augmented re-ranker of an rlrf4rec run "
+    "(and returns the preference text behind the ranking where the deployment allows it). Falls back to the ID-only "
+    "re-ranker when the user's knowledge is missing or late.",
 )
 
 
@@ -312,6 +346,14 @@ def _json_safe(value):
     return value
 
 
+_bearer = HTTPBearer(auto_error=False, description=f"required when the ingress has a token (${TOKEN_ENV})")
+
+
+async def _authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    # A route dependency runs before the body is read into the request model: no token, no 422 either.
+    serve.get_replica_context().servable_object.authorize(credentials)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128, max_queued_requests=256)
 @serve.ingress(api)
 class Ingress:
@@ -323,6 +365,7 @@ class Ingress:
         knowledge: DeploymentHandle | None,
         run_dir: str,
         knowledge_timeout_ms: float = 2000.0 + KNOWLEDGE_SLACK_MS,
+        return_text: bool = False,
     ):
         from ray.serve.metrics import Counter, Histogram
 
@@ -330,7 +373,10 @@ class Ingress:
         from rlrf4rec.core.artifacts import read_table
         from rlrf4rec.core.layout import RunLayout
 
-        self.reranker, self.knowledge = reranker, knowledge
+        self.reranker, self.knowledge, self.return_text = reranker, knowledge, return_text
+        self.token = bearer_token(os.environ)
+        if self.token is None:
+            log.warning("no %s or %s: /rank answers whoever reaches the port", TOKEN_ENV, TOKEN_FILE_ENV)
         index = read_table(RunLayout(run_dir).data, "item_index")
         self.items = frozenset(index.column(S.ITEM_ID).to_pylist())
         self.timeout_s = knowledge_timeout_ms / 1000
@@ -343,6 +389,20 @@ class Ingress:
             "re-rank latency inside the ingress",
             boundaries=[1, 2, 5, 10, 20, 30, 50, 100, 200, 500, 1000, 5000],
             tag_keys=("path",),
+        )
+
+    def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        if credentials is None:
+            error = "missing: send `Authorization: Bearer <token>`"
+        elif hmac.compare_digest(credentials.credentials.encode(), self.token.encode()):
+            return
+        else:
+            error = "the bearer token is not this deployment's"
+        self.counts["unauthorized"] += 1
+        raise HTTPException(
+            401, detail={"header": "Authorization", "error": error}, headers={"WWW-Authenticate": "Bearer"}
         )
 
     def _unknown(self, field: str, ids: list[str]) -> None:
@@ -383,7 +443,7 @@ class Ingress:
                 raise HTTPException(e.status_code, detail=f"re-ranker overloaded: {e.message}", headers=retry) from e
         raise AssertionError("unreachable")
 
-    @api.post("/rank", response_model=RankResponse)
+    @api.post("/rank", response_model=RankResponse, dependencies=[Depends(_authorized)])
     async def rank(self, req: RankRequest) -> Response:
         """Re-rank `candidates` for the user; best first."""
         start = time.perf_counter()
@@ -413,7 +473,7 @@ class Ingress:
             items=[RankedItem(item_id=i, score=s) for i, s in ranked_items],
             path=path,
             fallback_reason=reason,
-            preference_text=preference_of(used.text) if path == "knowledge" else None,
+            preference_text=preference_of(used.text) if path == "knowledge" and self.return_text else None,
             knowledge_source=used.source if path == "knowledge" else None,
             knowledge_version=used.version if used is not None else None,
             model_version=ranked.model_version,
@@ -421,13 +481,14 @@ class Ingress:
         # Serialized here, once (FastAPI would validate the model again against response_model, then encode it).
         return Response(body.model_dump_json(), media_type="application/json")
 
-    @api.get("/stats")
+    @api.get("/stats", dependencies=[Depends(_authorized)])
     async def stats(self) -> dict:
         """Requests served by this ingress replica, by path and fallback reason (Ray's metrics have all replicas)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id, "counts": dict(self.counts)}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        """Open without a token (load balancers probe it); says nothing about users."""
         return {"status": "ok"}
 
 
@@ -439,12 +500,14 @@ def build_app(args: ServeArgs) -> serve.Application:
     # Resolved once, here: every replica starts on the same version even if a round finishes meanwhile (and it
     # fails here, with the fix, rather than inside a replica).
     version = online.resolve_version(Path(run_dir), args.version).name
-    deployment = Reranker
+    deployment = Reranker.options(num_replicas=args.reranker_replicas)
     if args.reranker_gpus:
-        deployment = Reranker.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": args.reranker_gpus})
+        deployment = deployment.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": args.reranker_gpus})
     reranker = deployment.bind(run_dir, version, args.threads)
     knowledge = None
     if args.generation:
         generator = PreferenceGenerator.bind(run_dir, version)
         knowledge = OnlineKnowledge.bind(run_dir, version, generator, args.generation_deadline_ms)
-    return Ingress.bind(reranker, knowledge, run_dir, args.generation_deadline_ms + KNOWLEDGE_SLACK_MS)
+    return Ingress.bind(
+        reranker, knowledge, run_dir, args.generation_deadline_ms + KNOWLEDGE_SLACK_MS, args.return_text
+    )

@@ -170,7 +170,7 @@ def training_args(section: Any, output_dir: Path, seed: int, has_eval: bool, dee
         num_train_epochs=section.epochs,
         max_steps=section.max_steps or -1,
         max_length=section.max_length,
-        bf16=section.bf16,  # TRL turns bf16 on by default; on CPU that barely learns
+        bf16=section.bf16,  # TRL turns bf16 on by default: here only when asked
         gradient_checkpointing=section.gradient_checkpointing,
         deepspeed=deepspeed,
         use_cpu=not section.use_gpu,
@@ -184,7 +184,8 @@ def training_args(section: Any, output_dir: Path, seed: int, has_eval: bool, dee
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; the search costs a pass
         report_to="none",
         dataloader_num_workers=0,
-        model_init_kwargs={"dtype": "bfloat16" if section.bf16 else "float32"},
+        # On CPU, bf16 is autocast over float32 weights (mixed precision), not bfloat16 weights.
+        model_init_kwargs={"dtype": "bfloat16" if section.bf16 and section.use_gpu else "float32"},
     )
 
 

@@ -20,6 +20,7 @@ its CPUs (float32): two forward passes per text, about a minute a round for the 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,40 +41,61 @@ from rlrf4rec.core.layout import GENERATIONS, METRICS, POLICY_MODEL, SHIFT_PER_T
 log = logging.getLogger(__name__)
 
 
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 8):
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 4):
     """Summed log-probability of each completion's token ids after its rendered prompt, and the token counts.
 
-    Rows are left-padded so every completion ends at the right edge: the model then computes logits for the last
-    (longest completion + 1) positions only, not for the whole vocabulary at every prompt position."""
+    Completions of one prompt share one row, the prompt run once (the DPO stage's shared-prompt layout, any number
+    of completions): `prompt[:-1] | prompt[-1] c_1 | prompt[-1] c_2 | ...`, each segment at the prompt's continuing
+    positions and attending to the prompt and itself only (dpo_trainer.segment_attention). The LM head runs on the
+    completion positions only. A pair's prompt, or a user's N sampled texts, costs one prompt pass instead of N."""
     import torch
 
-    sums, counts = np.zeros(len(prompts)), np.array([len(c) for c in completions], dtype=np.int64)
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + list(c) for p, c in zip(prompts, completions)]
-    order = np.argsort([len(r) for r in rows])  # similar lengths batch together: less padding
+    from rlrf4rec.stages.dpo_trainer import segment_attention
+
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    rows = []
+    for prompt, members in groups.items():
+        pid = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n = len(pid)
+        ids, pos, seg, lab = pid[:-1], list(range(n - 1)), [0] * (n - 1), [-100] * (n - 1)
+        for k, i in enumerate(members, start=1):
+            c = list(completions[i])
+            ids += pid[-1:] + c
+            pos += list(range(n - 1, n + len(c)))
+            seg += [k] * (len(c) + 1)
+            lab += c + [-100]
+        rows.append((ids, pos, seg, lab, members))
+    rows.sort(key=lambda r: len(r[0]))  # similar lengths batch together: less padding
+    sums = np.zeros(len(prompts))
+    counts = np.array([len(c) for c in completions], dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = model.get_output_embeddings()
     for start in range(0, len(rows), batch_size):
-        idx = order[start : start + batch_size]
-        width, keep = max(len(rows[i]) for i in idx), int(max(counts[idx])) + 1
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
-            mask[j, width - len(rows[i]) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = rows[start : start + batch_size]
+        width = max(len(r[0]) for r in batch)
+        ids, pos, seg, lab = (
+            torch.tensor([r[field] + [value] * (width - len(r[field])) for r in batch], device=model.device)
+            for field, value in ((0, pad), (1, 0), (2, -1), (3, -100))
+        )
         with torch.inference_mode():
-            logits = model(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                position_ids=positions.to(model.device),
-                logits_to_keep=keep,
-            ).logits.float()
-            # logits[:, k] predicts the token at position width - keep + k + 1
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-                -1, ids[:, width - keep + 1 :, None].to(logits.device)
-            )
-        logp = logp[..., 0].cpu()
-        for j, i in enumerate(idx):
-            sums[i] = logp[j, keep - 1 - counts[i] :].sum().item() if counts[i] else 0.0
+            hidden = model(
+                input_ids=ids,
+                attention_mask=segment_attention(seg),
+                position_ids=pos,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            ).hidden_states[-1]
+            scored = lab != -100
+            logp = torch.log_softmax(head(hidden[scored]).float(), -1).gather(-1, lab[scored][:, None])[:, 0]
+        owner = seg[scored].cpu().numpy()
+        row_of = torch.nonzero(scored)[:, 0].cpu().numpy()
+        logp = logp.cpu().numpy()
+        for j, (*_, members) in enumerate(batch):
+            for k, i in enumerate(members, start=1):
+                sums[i] = float(logp[(row_of == j) & (owner == k)].sum())
     return sums, counts
 
 
@@ -138,13 +160,27 @@ def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, t
     prompts, pair_texts = _pair_texts(pairs, tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # One call per model: each train pair's prompt once for its chosen and rejected, each valid user's prompt once
+    # for its N sampled texts.
+    n = len(prompts)
+    all_prompts = prompts + prompts + gens.column(S.PROMPT).to_pylist()
+    all_texts = pair_texts["chosen"] + pair_texts["rejected"] + sampled
     logps: dict[str, dict[str, np.ndarray]] = {}
-    for name, path in (("policy", Path(dpo_dir) / POLICY_MODEL), ("reference", Path(reference))):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        logps[name] = {side: completion_logps(model, tokenizer, prompts, ids)[0] for side, ids in pair_texts.items()}
-        sums, counts = completion_logps(model, tokenizer, gens.column(S.PROMPT).to_pylist(), sampled)
-        logps[name]["sampled"], logps[name]["sampled_tokens"] = sums, counts
-        del model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # this process's cores: it runs between the Ray stages
+    try:
+        for name, path in (("policy", Path(dpo_dir) / POLICY_MODEL), ("reference", Path(reference))):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            sums, counts = completion_logps(model.to(device).eval(), tokenizer, all_prompts, all_texts)
+            logps[name] = {
+                "chosen": sums[:n],
+                "rejected": sums[n : 2 * n],
+                "sampled": sums[2 * n :],
+                "sampled_tokens": counts[2 * n :],
+            }
+            del model
+    finally:
+        torch.set_num_threads(threads)
     stats = {
         "train/pairs": pairs.num_rows,
         **pair_shift(logps["policy"], logps["reference"], cfg.dpo.beta),
