@@ -47,6 +47,17 @@ def asset_home() -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of two logical CPUs (the CPU box's cores) for one test module; worker output stays in
+    Ray's logs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def serving_run(asset_home, tmp_path_factory):
     """A small finished run (synthetic data, real encoder) for the on-line re-ranking tests: (run_dir, tastes)."""

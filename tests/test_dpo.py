@@ -252,15 +252,6 @@ def test_in_process_dpo_changes_the_policy_and_exports_a_loadable_model(asset_ho
     assert run_dpo(cfg, pairs, policy, "round1", on_ray=False) == stage  # complete: a re-run trains nothing
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_cluster, tmp_path):
     from rlrf4rec.stages.dpo import run_dpo

@@ -296,21 +296,8 @@ def test_transformers_greedy_is_identical_twice(model_requests):
     assert all(0 < n <= 24 for n in first.column(S.COMPLETION_TOKENS).to_pylist())
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_vllm_on_ray_data_writes_rows_with_texts_and_token_counts(local_ray, model_requests, tmp_path):
+def test_vllm_on_ray_data_writes_rows_with_texts_and_token_counts(ray_cluster, model_requests, tmp_path):
     model, _, _ = model_requests
     cfg = stage_cfg(tmp_path, engine="vllm", splits=["train", "valid", "test"], max_new_tokens=24, batch_size=4)
     run_data(cfg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from functools import partial
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from raytools import free_port
 from synthetic import NUM_ITEMS, write_dataset
 from test_dpo import _pair_logratio, make_pairs
 
@@ -80,12 +80,6 @@ def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------------- serving core
 
 
@@ -118,7 +112,7 @@ def test_serve_answers_with_its_reranker_on_the_gpu(gpu_ray, serving_run):
 
     run, tastes = serving_run
     free_before, _ = torch.cuda.mem_get_info()
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         app = build_app({"run_dir": str(run), "reranker_gpus": 0.5, "reranker_replicas": 1})  # one replica's memory

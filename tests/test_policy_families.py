@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import httpx
 import pyarrow as pa
 import pytest
+from raytools import free_port
 
 from rlrf4rec.core import schema as S
 
@@ -106,6 +106,8 @@ def qwen_policy(asset_home, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """Four logical CPUs, not conftest's two: the serving test below runs the ingress, two re-rankers, on-line
+    knowledge and a generator (2.5 CPUs) on the cluster that generated and tuned the policy."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -295,12 +297,6 @@ def test_dpo_on_ray_trains_the_second_family_and_exports_it_loadable(tuned, qwen
 # --------------------------------------------------------------------------------------------------- serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_generates_knowledge_on_line_with_the_tuned_second_family(tuned, serving_run, tmp_path):
     """The serving run's round1 policy is DPO round 0's model: here the tuned Qwen2. A newcomer gets its text."""
     import dataclasses
@@ -320,7 +316,7 @@ def test_serve_generates_knowledge_on_line_with_the_tuned_second_family(tuned, s
     assert online.resolve_version(run, "round1").policy == str(run / "dpo" / "round0" / "model")
 
     history = [("3", 5.0), ("50", 1.0)]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         app = build_app({"run_dir": str(run), "version": "round1", "generation": True, "generation_deadline_ms": 6e4})

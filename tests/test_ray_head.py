@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from raytools import BIN, free_port, head_command, stop_group, wait
-from synthetic import write_dataset
+from synthetic import preference, write_dataset
 
 from rlrf4rec.core.artifacts import read_marker
 
@@ -30,7 +31,8 @@ def head(asset_home):
     temp_dir = tempfile.mkdtemp(prefix="rlray-", dir="/tmp")
     token = secrets.token_hex(32)  # token authentication on, as on a real cluster; the CLIs read it from the env
     env = {
-        **os.environ,
+        # Open /rank: a serve token in the caller's environment would reach the replicas through the head.
+        **{k: v for k, v in os.environ.items() if k not in ("RLRF4REC_SERVE_TOKEN", "RLRF4REC_SERVE_TOKEN_FILE")},
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -184,7 +186,25 @@ def _replica_names(head, app: str) -> list[str]:
     return [n for n in json.loads(out.stdout.strip().splitlines()[-1]) if f"{app}#" in n]
 
 
+def _post_until(stop: threading.Event, url: str, query: dict, replies: list) -> None:
+    """Post `query` back to back until `stop`, appending each reply to `replies`: (status, JSON body), or (status,
+    text) when it is not 200, or (None, the error) when no reply came."""
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set():
+            try:
+                r = client.post(url, json=query)
+            except httpx.HTTPError as e:
+                replies.append((None, repr(e)))
+                stop.wait(0.1)  # a refused connection fails at once: no busy loop
+                continue
+            replies.append((r.status_code, r.json() if r.status_code == 200 else r.text))
+
+
 def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_place(head, serving_run, tmp_path):
+    """The swap happens under load: clients post /rank back to back from before the new user_config is deployed
+    until the new version has answered many times in a row. No request fails, and each answer comes from one
+    version, model and knowledge alike (the replicas may swap at different moments, so the two versions interleave
+    across requests meanwhile)."""
     run, tastes = serving_run
     port = free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -192,6 +212,9 @@ def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_plac
     (app,) = config["applications"]
     app["args"]["run_dir"] = str(run)
     app["args"]["return_text"] = True  # the text tells which version's knowledge answered
+    user = "u4"
+    query = {"user_id": user, "candidates": ["1", "2", "50"]}
+    wording = {"base": 0, "round1": 1}  # synthetic.preference: each version words the user's taste its own way
 
     def deploy(version: str) -> None:
         for d in app["deployments"]:
@@ -209,18 +232,50 @@ def test_serve_config_deploys_and_a_user_config_change_swaps_the_version_in_plac
         assert out.returncode == 0, out.stdout + out.stderr
 
     def answer(expected_version: str):
-        r = httpx.post(f"http://127.0.0.1:{port}/rank", json={"user_id": "u4", "candidates": ["1", "2", "50"]})
+        r = httpx.post(f"http://127.0.0.1:{port}/rank", json=query)
         body = r.json() if r.status_code == 200 else {}
         return body if body.get("knowledge_version") == expected_version == body.get("model_version") else None
+
+    def swapped(replies: list, last: int) -> bool:
+        recent = replies[-last:]
+        return len(recent) == last and all(s == 200 and b["model_version"] == "base" for s, b in recent)
 
     try:
         deploy("round1")
         body = wait(lambda: answer("round1"), 180, "the round1 application")
         replicas = _replica_names(head, "rlrf4rec")
         assert len(replicas) == 3 and body["path"] == "knowledge"  # Ingress and two Reranker replicas
-        deploy("base")
-        body = wait(lambda: answer("base"), 120, "the swap to base")
-        assert body["preference_text"].startswith("Loves genre")  # base wording (synthetic.preference)
+        stop, replies = threading.Event(), []
+        clients = [
+            threading.Thread(target=_post_until, args=(stop, f"http://127.0.0.1:{port}/rank", query, replies))
+            for _ in range(3)
+        ]
+        for c in clients:
+            c.start()
+        try:
+            wait(lambda: len(replies) >= 20, 120, "replies before the swap", interval=0.2)
+            deploy("base")
+            # Well past the swap: the last 60 replies, spread over both replicas, all from base.
+            wait(lambda: swapped(replies, 60), 180, "the swap to base under load", interval=0.2)
+        finally:
+            stop.set()
+            for c in clients:
+                c.join()
+        failed = [(s, b) for s, b in replies if s != 200]
+        assert not failed, f"{len(failed)} of {len(replies)} requests failed during the swap: {failed[:5]}"
+        bodies = [b for _, b in replies]
+        one_version = [
+            b
+            for b in bodies
+            if not (
+                b["model_version"] == b["knowledge_version"] in wording
+                and b["path"] == "knowledge"
+                and b["preference_text"] == preference(tastes[user], wording[b["model_version"]])
+            )
+        ]
+        assert not one_version, f"{len(one_version)} of {len(bodies)} answers mix versions: {one_version[:3]}"
+        versions = [b["model_version"] for b in bodies]
+        assert versions[0] == "round1" and versions[-1] == "base"  # requests flowed through the swap
         assert _replica_names(head, "rlrf4rec") == replicas  # reconfigured in place, not restarted
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", head["url"]], env=head["env"], timeout=120)

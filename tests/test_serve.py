@@ -3,11 +3,11 @@ recovery."""
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import httpx
 import pytest
+from raytools import free_port
 from synthetic import NUM_ITEMS, preference
 
 pytestmark = pytest.mark.slow
@@ -15,12 +15,6 @@ pytestmark = pytest.mark.slow
 GENRE_A = [str(i) for i in range(1, NUM_ITEMS // 2 + 1)]
 GENRE_B = [str(i) for i in range(NUM_ITEMS // 2 + 1, NUM_ITEMS + 1)]
 CANDIDATES = GENRE_A[:10] + GENRE_B[:10]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def app(serving_run):
     from rlrf4rec.serving.serve import build_app
 
     run, tastes = serving_run
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"run_dir": str(run)}), name="main", route_prefix="/")
@@ -353,7 +347,7 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
     from pathlib import Path
 
     run, _ = serving_run
-    port, stats_port, metrics_port = _free_port(), _free_port(), _free_port()
+    port, stats_port, metrics_port = free_port(), free_port(), free_port()
     command = [str(Path(sys.executable).parent / "rlrf4rec"), "serve", "--config", str(run / "data" / "config.yaml")]
     log = tmp_path / "serve.log"  # a file, not a pipe nobody reads while the cluster starts
     # As a user runs it: without this session's loopback setting for Ray (the command makes its own), and with

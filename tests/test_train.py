@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 
 import pytest
 from synthetic import write_dataset, write_knowledge
@@ -14,16 +13,6 @@ from rlrf4rec.stages.launcher import FAULT_MARKER
 from rlrf4rec.stages.train import run_recommender
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(tmp_path, knowledge: dict | None = None, models: dict | None = None, **recommender) -> RunConfig:
