@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlrf4rec.core import schema as S
+from rlrf4rec.core.assets import sha256_file
 from rlrf4rec.core.layout import CONFIG, MARKER, RunLayout, data_table
 
 log = logging.getLogger(__name__)
@@ -146,21 +147,13 @@ def is_complete(stage_dir: Path, fingerprint: str) -> bool:
     return not damaged
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_records(stage_dir: Path) -> dict[str, list]:
     """Every file of a stage directory but its marker, by relative path: [size, mtime_ns, sha256]."""
     records = {}
     for path in sorted(Path(stage_dir).rglob("*")):
         if path.is_file() and path.name != MARKER:
             st = path.stat()
-            records[str(path.relative_to(stage_dir))] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+            records[str(path.relative_to(stage_dir))] = [st.st_size, st.st_mtime_ns, sha256_file(path)]
     return records
 
 
@@ -182,7 +175,7 @@ def damaged_files(stage_dir: Path, marker: dict | None = None, deep: bool = Fals
         st = path.stat()
         if st.st_size != size:
             damaged.append(f"{path}: {st.st_size} bytes, published with {size}")
-        elif (deep or st.st_mtime_ns != mtime_ns) and _sha256(path) != sha:
+        elif (deep or st.st_mtime_ns != mtime_ns) and sha256_file(path) != sha:
             damaged.append(f"{path}: content differs from the published file")
     return damaged
 
