@@ -319,7 +319,15 @@ def test_serve_generates_knowledge_on_line_with_the_tuned_second_family(tuned, s
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        app = build_app({"run_dir": str(run), "version": "round1", "generation": True, "generation_deadline_ms": 6e4})
+        app = build_app(
+            {
+                "run_dir": str(run),
+                "version": "round1",
+                "generation": True,
+                "generation_deadline_ms": 6e4,
+                "return_text": True,  # the answer carries the generated text (off by default: it exposes the profile)
+            }
+        )
         serve.run(app, name="qwen2", route_prefix="/")
         body = {
             "user_id": "newcomer",

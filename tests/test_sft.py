@@ -70,7 +70,6 @@ def test_examples_pair_each_train_prompt_with_its_teacher_profile(tmp_path, asse
         ({"sft": {"target": "best"}}, r"sft\.target='best': use one of \['teacher'\]"),
         ({"sft": {"lr": 0}}, r"sft\.lr=0\.0: use a positive learning rate"),
         ({"sft": {"max_users": 0}}, r"sft\.max_users=0: use a positive number of users"),
-        ({"sft": {"bf16": True}}, r"sft\.bf16=True: set it false on CPU"),
         ({"loop": {"init": "dpo"}}, r"loop\.init='dpo': use base \(models\.llm\) or sft"),
     ],
 )
