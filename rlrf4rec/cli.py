@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 
 from rlrf4rec.core import assets
@@ -186,12 +187,9 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     from rlrf4rec.pipeline import stage_named
 
     stage = stage_named(args.command)
-    if args.command in READERS:
-        with ray_session(stage.on_ray(cfg, args)):
-            stage_dirs = stage.run(cfg, args)
-    else:
-        with writer_lock(cfg.run_path, args.command, wait=args.lock == "wait"), ray_session(stage.on_ray(cfg, args)):
-            stage_dirs = stage.run(cfg, args)
+    lock = nullcontext() if args.command in READERS else writer_lock(cfg.run_path, args.command, args.lock == "wait")
+    with lock, ray_session(stage.on_ray(cfg, args)):
+        stage_dirs = stage.run(cfg, args)
     for stage_dir in stage_dirs:
         for marker in sorted(stage_dir.glob(f"*/{MARKER}")) or [stage_dir / MARKER]:
             _print_stats(marker.parent, read_marker(marker.parent)["stats"])

@@ -622,20 +622,13 @@ class RunConfig:
 
     def check_against_data(self, stats: dict) -> None:
         """Checks that need the data stage's counts (its marker stats): user counts the splits cannot supply."""
-        valid = stats.get("valid/users")
-        if valid is not None and self.loop.eval_users is not None and self.loop.eval_users > valid:
-            _fail(
-                "loop.eval_users",
-                self.loop.eval_users,
-                f"the valid split has {valid} users; use at most {valid}, or null for all of them",
-            )
-        train = stats.get("train/users")
-        if train is not None and self.loop.train_users is not None and self.loop.train_users > train:
-            _fail(
-                "loop.train_users",
-                self.loop.train_users,
-                f"the data stage kept {train} train users; use at most {train}, or null for all of them",
-            )
+        for name, wanted, key, held in (
+            ("eval_users", self.loop.eval_users, "valid/users", "the valid split has {n} users"),
+            ("train_users", self.loop.train_users, "train/users", "the data stage kept {n} train users"),
+        ):
+            n = stats.get(key)
+            if n is not None and wanted is not None and wanted > n:
+                _fail(f"loop.{name}", wanted, f"{held.format(n=n)}; use at most {n}, or null for all of them")
 
     @property
     def run_path(self) -> Path:

@@ -117,12 +117,11 @@ def per_token_kl(policy_sums: np.ndarray, ref_sums: np.ndarray, counts: np.ndarr
     return float((policy_sums - ref_sums).sum() / max(int(counts.sum()), 1))
 
 
-def _pair_texts(pairs: pa.Table, tokenizer) -> tuple[list[str], dict[str, list[list[int]]]]:
+def _pair_texts(pairs: pa.Table, tokenizer, eos: list[int]) -> tuple[list[str], dict[str, list[list[int]]]]:
     prompts = [
         tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
         for m in pairs.column(S.PROMPT).to_pylist()
     ]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     texts = {
         side: [
             tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"] + eos
@@ -157,7 +156,7 @@ def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, t
         tokenizer(t, add_special_tokens=False)["input_ids"] + (eos if reason == "stop" else [])
         for t, reason in zip(gens.column(S.PREFERENCE_TEXT).to_pylist(), gens.column(S.FINISH_REASON).to_pylist())
     ]
-    prompts, pair_texts = _pair_texts(pairs, tokenizer)
+    prompts, pair_texts = _pair_texts(pairs, tokenizer, eos)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # One call per model: each train pair's prompt once for its chosen and rejected, each valid user's prompt once
