@@ -475,6 +475,9 @@ class RewardConfig:
     # seed + K - 1, a text's reward their mean. Seed noise in the order of a user's texts shrinks as Spearman-Brown
     # says (`rlrf4rec controls --reliability` measures it); each extra seed is (1 + cross_fit_folds) more fits a round.
     ensemble: int = 1
+    # The independent judge of `rlrf4rec arms`: J more seeds of the reward model (seed + K .. seed + K + J - 1), never
+    # used to build a pair, score every arm's valid texts; what the arms are judged by. 0: no judge.
+    judge_ensemble: int = 0
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
@@ -496,6 +499,8 @@ class RewardConfig:
             _fail("reward.cross_fit_folds", self.cross_fit_folds, "use 0 (in-sample) or 1-16 folds")
         if not 1 <= self.ensemble <= 16:
             _fail("reward.ensemble", self.ensemble, "use 1 (one recommender) to 16 seeds per reward model")
+        if not 0 <= self.judge_ensemble <= 16:
+            _fail("reward.judge_ensemble", self.judge_ensemble, "use 0 (no judge) to 16 judge seeds")
 
 
 @dataclass(frozen=True)

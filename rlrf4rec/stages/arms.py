@@ -34,6 +34,7 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, TABLE_JSON, TABLE_MD, pairs_file
+from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.protocol import stable_seed
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "train_pairs" not in r:  # the popularity row of the test column only
+            continue
         lines.append(
             "| "
             + " | ".join(
@@ -212,19 +215,79 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
             )
             + " |"
         )
+    if any("judge/before/mean" in r for r in rows):
+        lines += ["", *judged_markdown(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _ci(r: dict, key: str) -> str:
+    if f"{key}/mean" in r:
+        return f"{r[f'{key}/mean']:+.4f} [{r[f'{key}/ci_low']:+.4f}, {r[f'{key}/ci_high']:+.4f}]"
+    return "-"
+
+
+def _interval(x: list | None, fmt: str = "{:+.4f}") -> str:
+    return "-" if x is None else f"{fmt.format(x[0])} [{fmt.format(x[1])}, {fmt.format(x[2])}]"
+
+
+def judged_markdown(rows: Sequence[dict]) -> list[str]:
+    """The arms under the independent judge (seeds that built no pair) on valid users, how far each moved from the
+    start policy, and test NDCG@5 of its texts under the fixed base re-ranker."""
+    lines = [
+        "valid: the judge's reward (reward-model seeds never used to build pairs), paired over valid users; KL: per "
+        "token to the start policy on one of its texts per valid user; test: one text per test user under the fixed "
+        "base re-ranker, paired over test users",
+        "",
+        "| arm | judge reward | gain over start [95% CI] | gain over random labels [95% CI] | KL / token "
+        "| pair acc. (first train pairs) | off topic | test NDCG@5 [95% CI] | vs start [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        judge = r.get("judge/after/mean", r.get("judge/before/mean"))
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["arm"],
+                    "-" if judge is None else f"{judge:.4f}",
+                    _ci(r, "judge/gain"),
+                    _ci(r, "judge_vs_random/gain"),
+                    "-" if "shift/valid/kl_per_token" not in r else f"{r['shift/valid/kl_per_token']:.4f}",
+                    "-" if "shift/train/pair_accuracy" not in r else f"{r['shift/train/pair_accuracy']:.3f}",
+                    "-" if "off_topic" not in r else f"{r['off_topic']:.3f}",
+                    _interval(r.get("test/ndcg@5"), "{:.4f}"),
+                    "-" if r["arm"] in (START, "popularity") else _interval(r.get("test/vs_first")),
+                ]
+            )
+            + " |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------- the stage
 
 
 def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
-    """Every arm in order (each a resumable stage); writes and prints `<run>/arms/<name>/table.{json,md}`."""
+    """Every arm in order (each a resumable stage); writes and prints `<run>/arms/<name>/table.{json,md}`.
+
+    With a recommender reward, the base knowledge and the base re-ranker are built first when missing (the encode
+    and train stages of `rlrf4rec run`); with reward.judge_ensemble > 0, each arm's valid texts are also scored by
+    the independent judge, compared with the start policy's and with random-label DPO's (the flip-0.5 arm of the
+    same pair count), and after the last arm every policy writes one text per test user, scored by the fixed base
+    re-ranker (test NDCG@5, paired with the start policy's)."""
     from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
     from rlrf4rec.stages.pairs import run_pairs
-    from rlrf4rec.stages.reward import compare_policies, per_user_rewards, reward_folds, reward_scorer, run_reward
+    from rlrf4rec.stages.reward import (
+        compare_policies,
+        per_user_rewards,
+        reward_folds,
+        reward_judge,
+        reward_scorer,
+        run_reward,
+    )
     from rlrf4rec.stages.sft import start_policy
+    from rlrf4rec.stages.shift import run_shift
 
     if cfg.generate.num_samples < 2:
         raise ValueError(f"generate.num_samples={cfg.generate.num_samples}: pairs need at least 2 texts per user")
@@ -233,13 +296,17 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
         raise ValueError(f"arms {names}: name at least one arm, each once")
     layout, out = cfg.layout, cfg.layout.arms(name)
     cfg.check_against_data(require_marker(layout.data, "data")["stats"])
+    recommender_dir = layout.recommender("base")
+    if cfg.reward.metric not in SYNTHETIC_METRICS:
+        _base_reranker(cfg)
     policy = start_policy(cfg)
     gen_train = policy_generations(cfg, "train", cfg.loop.train_users, policy, START)
     gen_valid = policy_generations(cfg, "valid", cfg.loop.eval_users, policy, START)
-    recommender_dir = layout.recommender("base")
     scorer, folds = reward_scorer(cfg, recommender_dir), reward_folds(cfg, recommender_dir)
+    judge = reward_judge(cfg, recommender_dir)
     rew_train = run_reward(cfg, gen_train, scorer, layout.arms_step(name, "reward-train"), folds)
     rew_valid = run_reward(cfg, gen_valid, scorer, layout.arms_step(name, "reward-valid"))
+    judged = {START: run_reward(cfg, gen_valid, judge, layout.arms_step(name, "judge-valid"))} if judge else {}
     sources = [(gen_train, rew_train), (gen_valid, rew_valid)]
     pairs_dir = run_pairs(cfg, sources, layout.arms_step(name, "pairs"), START, 0)
     train_pairs = read_parquet(pairs_dir / pairs_file("train"), S.PAIRS)
@@ -247,6 +314,9 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
     rows[0]["valid/before/mean"] = float(np.mean(list(per_user_rewards(rew_valid).values())))
     rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
+    if judge:
+        rows[0]["judge/before/mean"] = float(np.mean(list(per_user_rewards(judged[START]).values())))
+    policies = {START: policy}
     for arm in arms:
         arm_dir, version = layout.arms_step(name, arm.name), f"arms-{name}-{arm.name}"
         pairs_path = arm_dir / ARM_PAIRS
@@ -262,16 +332,65 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
             valid_pairs = pairs_dir / pairs_file("valid")
             fit_dir = run_dpo(acfg, pairs_path, Path(policy), version, eval_pairs_path=valid_pairs)
             tuned = layout.policy(fit_dir.name)
+        policies[arm.name] = str(tuned)
         gen = policy_generations(cfg, "valid", cfg.loop.eval_users, str(tuned), version)
         rew = run_reward(cfg, gen, scorer, arm_dir / "reward-valid")
         comparison = compare_policies(rew_valid, rew, cfg.loop.bootstrap_samples, cfg.seed)
         rows.append(arm_row(arm, read_marker(fit_dir)["stats"], comparison, read_marker(gen)["stats"]))
         rows[-1]["valid/other_user/mean"] = other_user_reward(cfg, gen)
+        if judge:
+            judged[arm.name] = run_reward(cfg, gen, judge, arm_dir / "judge-valid")
+            for k, v in compare_policies(judged[START], judged[arm.name], cfg.loop.bootstrap_samples, cfg.seed).items():
+                rows[-1][f"judge/{k}"] = v
+            # How far the update moved the policy: per-token KL to the start policy on one of its texts per valid
+            # user, and its order of the first SHIFT_PAIRS of its train pairs.
+            shift = run_shift(
+                cfg, fit_dir, policy, pairs_path, gen, arm_dir / "shift", max_pairs=SHIFT_PAIRS, texts_per_user=1
+            )
+            rows[-1].update({f"shift/{k}": v for k, v in read_marker(shift)["stats"].items()})
         _write_table(rows, out, cfg.reward.metric)
         log.info("arms/%s/%s: %s", name, arm.name, json.dumps(rows[-1]))
+    if judge:
+        _against_random_labels(cfg, rows, arms, judged)
+        test = fixed_test_rows(cfg, name, policies)
+        for row in rows:
+            row.update({f"test/{k}": v for k, v in test[row["arm"]].items()})
+        rows.append({"arm": "popularity", **{f"test/{k}": v for k, v in test["popularity"].items()}})
     _write_table(rows, out, cfg.reward.metric)
     print((out / TABLE_MD).read_text())
     return out
+
+
+SHIFT_PAIRS = 32  # train pairs per arm whose order by the tuned policy is measured (with judge_ensemble > 0)
+
+
+def _base_reranker(cfg: RunConfig) -> Path:
+    """The base knowledge (the start policy's text per user) and the base-knowledge re-ranker, when missing."""
+    from rlrf4rec.stages.encode import run_encode
+    from rlrf4rec.stages.train import run_recommender
+
+    run_encode(cfg)
+    return run_recommender(cfg, "base", cfg.layout.data, cfg.layout.user_knowledge("base"))
+
+
+def _against_random_labels(cfg: RunConfig, rows: list[dict], arms: Sequence[Arm], judged: dict[str, Path]) -> None:
+    """Each arm's judge reward paired against random-label DPO's (the flip-0.5 arm of the same pair count), if run."""
+    from rlrf4rec.stages.reward import compare_policies
+
+    null = {a.pairs: a.name for a in arms if a.kind == DPO and a.flipped * 2 == a.pairs}
+    for row, arm in zip(rows[1:], arms):
+        other = null.get(arm.pairs)
+        if other is not None and other != arm.name:
+            vs = compare_policies(judged[other], judged[arm.name], cfg.loop.bootstrap_samples, cfg.seed)
+            row.update({f"judge_vs_random/{k}": v for k, v in vs.items()})
+
+
+def fixed_test_rows(cfg: RunConfig, name: str, policies: dict[str, str]) -> dict[str, dict]:
+    """Test NDCG@5 of each arm's policy (one text per test user) under the fixed base re-ranker, and popularity."""
+    from rlrf4rec.stages.evaluate import fixed_reranker_test
+
+    rows = fixed_reranker_test(cfg, [(f"arms-{name}-{arm}", p) for arm, p in policies.items()])
+    return {arm: rows[f"arms-{name}-{arm}"] for arm in policies} | {"popularity": rows["popularity"]}
 
 
 def _sft_best(
@@ -299,7 +418,10 @@ def _sft_best(
         [cfg.section_hash("sft", "seed"), digest([g.domain, g.prompt_history, sorted(targets.items())])]
         + [policy_fingerprint(Path(policy))]
     )
-    return fit_sft(cfg, examples, Path(policy), arm_dir / "sft", fingerprint, "best of N (own texts)")
+    sc = cfg.sft  # one held-out loss after the last step (and the untrained one), as the DPO arms
+    steps = sc.max_steps or math.ceil(len(users) / (sc.num_workers * sc.per_device_batch_size * sc.grad_accum))
+    scfg = dataclasses.replace(cfg, sft=dataclasses.replace(sc, save_steps=max(steps * sc.epochs, 1)))
+    return fit_sft(scfg, examples, Path(policy), arm_dir / "sft", fingerprint, "best of N (own texts)")
 
 
 def other_user_reward(cfg: RunConfig, generations_dir: Path) -> float | None:

@@ -183,3 +183,32 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
         write_json(info, tmp / EVAL_ROWS)
         stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
     return stage_dir
+
+
+def fixed_reranker_test(cfg: RunConfig, policies: list[tuple[str, str | Path]]) -> dict[str, dict]:
+    """Each (name, policy)'s test texts (policy_test_texts: resumable, under evaluate.texts/<name>) scored by the
+    frozen base re-ranker, the texts the only difference between rows: name -> {"ndcg@5": [mean, low, high],
+    "vs_first": the paired difference to the first policy's row [mean, low, high], "off_topic_share"}; and a
+    "popularity" row. Computed in process from the stage directories; writes nothing but the texts."""
+    from rlrf4rec.stages.data import user_history_texts
+
+    layout = cfg.layout
+    base = RewardModel.load(layout.recommender("base"), layout.data, require_knowledge=False)
+    test_users = sorted(set(base.task.list_users["test"]))
+    histories = user_history_texts(cfg)
+    home = assets.asset_home(cfg.assets.home)
+    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
+    cache, n, seed = embedding_cache(cfg), cfg.loop.bootstrap_samples, cfg.seed
+    ndcg = {"popularity": popularity_metrics(base.task, test_users)["ndcg@5"]}
+    out: dict[str, dict] = {}
+    for name, policy in policies:
+        text_of, off_topic = policy_test_texts(cfg, name, policy)
+        texts = [user_knowledge_text(histories[u], text_of.get(u), cfg.knowledge.history_text) for u in test_users]
+        ndcg[name] = per_user_metrics(base, test_users, base.encode(encoder, texts, cache))["ndcg@5"]
+        out[name] = {"off_topic_share": off_topic}
+    first = policies[0][0]
+    for name, values in ndcg.items():
+        row = out.setdefault(name, {})
+        row["ndcg@5"] = list(bootstrap_ci(values, num_samples=n, seed=seed))
+        row["vs_first"] = list(bootstrap_ci(values - ndcg[first], num_samples=n, seed=seed))
+    return out

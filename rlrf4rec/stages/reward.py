@@ -402,19 +402,37 @@ def reward_scorer(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
     if cfg.reward.metric in SYNTHETIC_METRICS:  # no recommender is read: nothing to train
         return [recommender_dir]
     if cfg.reward.ensemble > 1:  # siblings are retrained like it: it must be a full knowledge model of this run
-        stats = require_marker(recommender_dir, "train-recommender")["stats"]
-        ours = Path(recommender_dir).resolve() == cfg.layout.recommender(recommender_dir.name).resolve()
-        if not ours or stats.get("held_out_users") or "user" not in stats.get("knowledge", []):
-            raise ValueError(
-                f"reward.ensemble={cfg.reward.ensemble} trains seed siblings of {recommender_dir}, which must be a "
-                "user-knowledge recommender of this run trained on every train user (<run>/recommender/<name>, "
-                "not a fold or ID-only model); pass one, or --reward.ensemble=1 to reward with it alone"
-            )
+        _require_full_model(cfg, recommender_dir, f"reward.ensemble={cfg.reward.ensemble}", "--reward.ensemble=1")
     return _seed_members(cfg, recommender_dir, cfg.layout.user_knowledge(recommender_dir.name))
 
 
-def _seed_members(cfg: RunConfig, first: Path, knowledge: Path, held_out: Sequence[str] = ()) -> list[Path]:
-    """`first` (trained with cfg.seed) and its reward.ensemble - 1 siblings trained with seeds seed + 1, ..."""
+def reward_judge(cfg: RunConfig, recommender_dir: Path) -> list[Path]:
+    """The independent judge of `recommender_dir` (reward.judge_ensemble = J): its siblings `<name>-seed{i}` for the
+    seeds after the reward ensemble's, i = K .. K + J - 1 (K = reward.ensemble), so no judge seed ever built a pair;
+    each trained here when missing. [] with J = 0 or a synthetic reward."""
+    k, j = cfg.reward.ensemble, cfg.reward.judge_ensemble
+    if not j or cfg.reward.metric in SYNTHETIC_METRICS:
+        return []
+    _require_full_model(cfg, recommender_dir, f"reward.judge_ensemble={j}", "--reward.judge_ensemble=0")
+    return _seed_members(cfg, recommender_dir, cfg.layout.user_knowledge(recommender_dir.name), seeds=range(k, k + j))
+
+
+def _require_full_model(cfg: RunConfig, recommender_dir: Path, setting: str, fix: str) -> None:
+    stats = require_marker(recommender_dir, "train-recommender")["stats"]
+    ours = Path(recommender_dir).resolve() == cfg.layout.recommender(recommender_dir.name).resolve()
+    if not ours or stats.get("held_out_users") or "user" not in stats.get("knowledge", []):
+        raise ValueError(
+            f"{setting} trains seed siblings of {recommender_dir}, which must be a user-knowledge recommender of "
+            "this run trained on every train user (<run>/recommender/<name>, not a fold or ID-only model); pass one, "
+            f"or {fix}"
+        )
+
+
+def _seed_members(
+    cfg: RunConfig, first: Path, knowledge: Path, held_out: Sequence[str] = (), seeds: Sequence[int] | None = None
+) -> list[Path]:
+    """`first` (trained with cfg.seed) and its reward.ensemble - 1 siblings trained with seeds seed + 1, ...; with
+    `seeds`, only the siblings of those seed offsets."""
     from rlrf4rec.stages.train import run_recommender
 
     siblings = [
@@ -422,9 +440,9 @@ def _seed_members(cfg: RunConfig, first: Path, knowledge: Path, held_out: Sequen
             dataclasses.replace(cfg, seed=cfg.seed + i), f"{first.name}-seed{i}", cfg.layout.data, knowledge,
             held_out=held_out,
         )
-        for i in range(1, cfg.reward.ensemble)
+        for i in (seeds if seeds is not None else range(1, cfg.reward.ensemble))
     ]  # fmt: skip
-    return [first, *siblings]
+    return siblings if seeds is not None else [first, *siblings]
 
 
 def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path], list[str]]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
@@ -132,9 +133,20 @@ def _pair_texts(pairs: pa.Table, tokenizer, eos: list[int]) -> tuple[list[str], 
     return prompts, texts
 
 
-def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, tuned_texts: Path, out: Path) -> Path:
-    """Measure how far the DPO stage `dpo_dir` moved its policy from `reference`: on the train pairs of
-    `pairs_path` and on the tuned policy's sampled texts of the generate stage `tuned_texts`; writes `out`."""
+def run_shift(
+    cfg: RunConfig,
+    dpo_dir: Path,
+    reference: str,
+    pairs_path: Path,
+    tuned_texts: Path,
+    out: Path,
+    *,
+    max_pairs: int | None = None,
+    texts_per_user: int | None = None,
+) -> Path:
+    """Measure how far the DPO (or SFT) stage `dpo_dir` moved its policy from `reference`: on the train pairs of
+    `pairs_path` and on the tuned policy's sampled texts of the generate stage `tuned_texts`; writes `out`.
+    `max_pairs` / `texts_per_user`: the first pairs and each user's first texts only (a cheaper estimate)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,6 +155,7 @@ def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, t
             require_marker(dpo_dir, "dpo")["fingerprint"],
             require_marker(tuned_texts, "generate")["fingerprint"],
             str(cfg.dpo.beta),
+            *([f"pairs={max_pairs}", f"texts={texts_per_user}"] if max_pairs or texts_per_user else []),
         ]
     )
     if is_complete(out, fingerprint):
@@ -151,6 +164,10 @@ def run_shift(cfg: RunConfig, dpo_dir: Path, reference: str, pairs_path: Path, t
     tokenizer = AutoTokenizer.from_pretrained(reference)
     pairs = read_parquet(pairs_path, S.PAIRS)
     gens = read_parquet(tuned_texts / GENERATIONS, S.GENERATIONS)
+    if max_pairs is not None:
+        pairs = pairs.slice(0, max_pairs)
+    if texts_per_user is not None:
+        gens = gens.filter(pc.less(gens.column(S.SAMPLE_IDX), texts_per_user))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sampled = [
         tokenizer(t, add_special_tokens=False)["input_ids"] + (eos if reason == "stop" else [])
