@@ -132,3 +132,56 @@ def test_sft_best_arms_distil_each_users_best_text():
         "c": [Candidate(0, "c0", 0.9)],
     }
     assert best_texts(candidates, {"a", "b"}) == {"a": "a1", "b": "b0"}  # a tie goes to the lower sample
+
+
+def test_the_judge_is_the_reward_models_next_seeds_and_never_one_that_built_a_pair(tmp_path, monkeypatch):
+    """reward.ensemble = 2 scores with seeds +0, +1; reward.judge_ensemble = 3 judges with +2, +3, +4, siblings named
+    as the ensemble's; no judge with 0 or a synthetic reward (no recommender)."""
+    from rlrf4rec.stages import reward, train
+
+    trained = []
+
+    def fake_train(cfg, variant, data_dir, knowledge, held_out=()):
+        trained.append((cfg.seed, variant))
+        return tmp_path / variant
+
+    monkeypatch.setattr(train, "run_recommender", fake_train)
+    monkeypatch.setattr(reward, "require_marker", lambda *a: {"stats": {"knowledge": ["user"], "held_out_users": 0}})
+    cfg = load_config("configs/ml100k-cpu.yaml", [f"--run_dir={tmp_path}", "--reward.metric=pairwise"])
+    cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=2, judge_ensemble=3))
+    base = cfg.layout.recommender("base")
+    scorer = reward.reward_scorer(cfg, base)
+    judge = reward.reward_judge(cfg, base)
+    assert [p.name for p in scorer] == ["base", "base-seed1"]
+    assert [p.name for p in judge] == ["base-seed2", "base-seed3", "base-seed4"]
+    assert trained == [(cfg.seed + 1, "base-seed1"), (cfg.seed + 2, "base-seed2"), (cfg.seed + 3, "base-seed3"),
+                       (cfg.seed + 4, "base-seed4")]  # fmt: skip
+    assert (
+        reward.reward_judge(dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, judge_ensemble=0)), base)
+        == []
+    )
+    synthetic = dataclasses.replace(cfg.reward, metric="synthetic-genres")
+    assert reward.reward_judge(dataclasses.replace(cfg, reward=synthetic), base) == []
+    monkeypatch.setattr(reward, "require_marker", lambda *a: {"stats": {"knowledge": [], "held_out_users": 0}})
+    with pytest.raises(ValueError, match="reward.judge_ensemble=3 trains seed siblings.*--reward.judge_ensemble=0"):
+        reward.reward_judge(cfg, base)
+
+
+def test_each_arm_is_compared_with_random_label_dpo_of_its_own_pair_count(monkeypatch):
+    from rlrf4rec.stages import arms as A
+    from rlrf4rec.stages import reward
+
+    calls = []
+
+    def fake_compare(before, after, num_samples, seed):
+        calls.append((before, after))
+        return {"gain/mean": 0.5}
+
+    monkeypatch.setattr(reward, "compare_policies", fake_compare)
+    arms = parse_arms("100,400", "0.5", 400, "400")  # n100, n400, n400-flip50, n400-sft-best
+    judged = {a.name: f"judge/{a.name}" for a in arms}
+    rows = [{"arm": "start"}] + [{"arm": a.name} for a in arms]
+    cfg = load_config("configs/ml100k-cpu.yaml")
+    A._against_random_labels(cfg, rows, arms, judged)
+    assert calls == [("judge/n400-flip50", "judge/n400-flip00"), ("judge/n400-flip50", "judge/n400-sft-best")]
+    assert [r.get("judge_vs_random/gain/mean") for r in rows] == [None, None, 0.5, None, 0.5]

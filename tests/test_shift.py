@@ -96,3 +96,14 @@ def test_a_policy_equal_to_its_reference_has_not_moved_and_a_changed_one_has(tin
     rows = pq.read_table(out / SHIFT_PER_TEXT).to_pylist()
     assert [r[S.USER_ID] for r in rows] == ["u0", "u1"] and all(r["tokens"] > 5 for r in rows)
     assert run_shift(cfg, tmp_path / "dpo-moved", str(tiny_policy), pairs, texts, tmp_path / "s1") == out  # skipped
+
+    # The cheap estimate (`rlrf4rec arms`): the first pairs and each user's first text only, in a stage of its own.
+    three = generations_table([("u0", 0, CHOSEN_TEXT, []), ("u0", 1, REJECTED_TEXT, []), ("u1", 0, CHOSEN_TEXT, [])])
+    texts3 = stage_with(tmp_path / "gen3", GENERATIONS, three, S.GENERATIONS)
+    part = run_shift(
+        cfg, tmp_path / "dpo-moved", str(tiny_policy), pairs, texts3, tmp_path / "s2", max_pairs=2, texts_per_user=1
+    )
+    stats = read_marker(part)["stats"]
+    assert stats["train/pairs"] == 2 and stats["valid/texts"] == 2
+    rows = pq.read_table(part / SHIFT_PER_TEXT).to_pylist()
+    assert [(r[S.USER_ID], r[S.SAMPLE_IDX]) for r in rows] == [("u0", 0), ("u1", 0)]
