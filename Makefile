@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/ml100k-cpu.yaml
+RUN_ARGS ?=  # e.g. RUN_ARGS=--tracking=mlflow: the run mirrored into MLflow at the end (<run>/mlruns)
 
 .PHONY: setup demo science test lint clean-venv
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/rlrf4rec run --config $(CONFIG)
+	$(VENV)/bin/rlrf4rec run --config $(CONFIG) $(RUN_ARGS)
 
 # The decisive experiment (configs/ml100k-cpu-science.yaml; under 2 hours on a 2-core box): DPO, random-label DPO
 # and SFT-on-best from the same 400 pairs, judged by reward-model seeds that built no pair and by test NDCG@5.

@@ -25,7 +25,7 @@ from rlrf4rec.core.config import ConfigError, RunConfig, dump_config, from_dict,
 from rlrf4rec.core.layout import MARKER, REPORT_HTML
 
 # Commands that only read a run: no writer lock, and a relative run directory is theirs to interpret.
-READERS = frozenset({"assets", "report", "serve", "verify"})
+READERS = frozenset({"assets", "compare", "report", "serve", "track", "verify"})
 # Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if overrides:
                 raise ConfigError(f"overrides {overrides} need --config")
-            cfg = from_dict(RunConfig, {"name": "assets", "assets": {"home": args.home}})
+            cfg = from_dict(RunConfig, {"name": args.command, "assets": {"home": getattr(args, "home", None)}})
         if args.command == "assets" and args.home:
             cfg = from_dict(RunConfig, {**cfg.to_dict(), "assets": {"home": args.home}})
         if args.command not in READERS:

@@ -245,6 +245,27 @@ def _arms_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
 def _run_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     for name, path in run_all(cfg).items():
         print(f"{name:24s} {path}")
+    if args.tracking == "mlflow":
+        _track_command(cfg, args)
+    return []
+
+
+def _track_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    """Mirror the run directory's fits, rounds and tables into MLflow (rlrf4rec/tracking.py)."""
+    from rlrf4rec.tracking import export_mlflow
+
+    root = cfg.run_path
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root.resolve()} does not exist; run_dir names no run")
+    uri, run_id, written = export_mlflow(root, cfg.to_dict(), args.tracking_uri, args.experiment)
+    print(f"mlflow: {'tracked as' if written else 'already tracked as'} run {run_id} in {uri}")
+    return []
+
+
+def _compare_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    from rlrf4rec.tracking import compare_runs
+
+    print(compare_runs(args.runs[0], args.runs[1], args.metric), end="")
     return []
 
 
@@ -314,6 +335,15 @@ class Stage:
 
 
 FORCE = Option(("--force",), {"action": "store_true", "help": "rebuild even when a matching output exists"})
+
+
+TRACKING_OPTIONS = (
+    Option(
+        ("--tracking-uri",),
+        {"help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store <run>/mlruns)"},
+    ),
+    Option(("--experiment",), {"help": "MLflow experiment (default: the run name)"}),
+)
 
 
 def _generations_option(default: str) -> Option:
@@ -512,7 +542,35 @@ STAGES: Sequence[Stage] = (
         ),
         on_ray=lambda cfg, args: True,
     ),
-    Stage("run", "run every stage in order", _run_command, on_ray=lambda cfg, args: True),
+    Stage(
+        "run",
+        "run every stage in order",
+        _run_command,
+        (
+            Option(
+                ("--tracking",),
+                {"choices": ["none", "mlflow"], "default": "none", "help": "mirror the run into MLflow at the end"},
+            ),
+            *TRACKING_OPTIONS,
+        ),
+        on_ray=lambda cfg, args: True,
+    ),
+    Stage(
+        "track",
+        "mirror a run directory into MLflow: DPO / SFT / re-ranker curves, rounds, arms and test tables, the report",
+        _track_command,
+        TRACKING_OPTIONS,
+    ),
+    Stage(
+        "compare",
+        "two runs' test tables side by side, with B - A per variant (paired over users when the splits match)",
+        _compare_command,
+        (
+            Option(("runs",), {"nargs": 2, "type": Path, "metavar": "RUN_DIR", "help": "run directories A and B"}),
+            Option(("--metric",), {"default": "ndcg@5", "help": "ndcg@K or map@K, K in 1, 3, 5, 7"}),
+        ),
+        needs_config=False,
+    ),
     Stage(
         "serve",
         "serve the run's re-ranker over HTTP on Ray Serve (knowledge path + ID-only fallback)",

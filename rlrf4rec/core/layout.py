@@ -202,6 +202,13 @@ class RunLayout:
     def dpo_histories(self) -> list[Path]:
         return sorted((self.root / "dpo").glob(f"*/{HISTORY}"))
 
+    def recommender_histories(self) -> list[Path]:
+        return sorted(self.recommenders.glob(f"*/{HISTORY}"))
+
+    def arms_tables(self) -> list[Path]:
+        """Every `rlrf4rec arms --name` directory holding a table, sorted by name."""
+        return sorted(p.parent for p in (self.root / "arms").glob(f"*/{TABLE_JSON}"))
+
     def arms(self, name: str) -> Path:
         """`rlrf4rec arms --name`: DPO arms on one policy's pairs (stages/arms.py)."""
         return self.root / "arms" / name
@@ -230,6 +237,11 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def tracking_store(self) -> Path:
+        """`rlrf4rec track` without a tracking URI: a local MLflow store inside the run."""
+        return self.root / "mlruns"
 
     def serving_index(self, name: str) -> Path:
         return self.root / "serving" / f"knowledge-{name}"
