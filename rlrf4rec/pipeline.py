@@ -265,6 +265,8 @@ def _track_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
 def _compare_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     from rlrf4rec.tracking import compare_runs
 
+    if len(args.runs) != 2:
+        raise ConfigError(f"compare takes two run directories, got {len(args.runs)}: rlrf4rec compare RUN_A RUN_B")
     print(compare_runs(args.runs[0], args.runs[1], args.metric), end="")
     return []
 
@@ -566,7 +568,7 @@ STAGES: Sequence[Stage] = (
         "two runs' test tables side by side, with B - A per variant (paired over users when the splits match)",
         _compare_command,
         (
-            Option(("runs",), {"nargs": 2, "type": Path, "metavar": "RUN_DIR", "help": "run directories A and B"}),
+            Option(("runs",), {"nargs": "*", "type": Path, "metavar": "RUN_DIR", "help": "run directories A and B"}),
             Option(("--metric",), {"default": "ndcg@5", "help": "ndcg@K or map@K, K in 1, 3, 5, 7"}),
         ),
         needs_config=False,

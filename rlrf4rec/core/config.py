@@ -431,6 +431,42 @@ class DPOConfig(PolicyTrainingConfig):
 SFT_TARGETS = ("teacher",)
 
 
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo")
+GRPO_SCALING = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(PolicyTrainingConfig):
+    """On-policy RL from recommender feedback (stages/grpo.py, `loop.algorithm: grpo`): TRL's GRPOTrainer in Ray
+    Train workers. Each train user's prompt gets a group of generate.num_samples completions (generate's temperature,
+    top_p and max_new_tokens), each rewarded by the round's reward model; a completion's advantage is its reward
+    against its group's. The batch sizes count completions: per_device_batch_size x num_workers x grad_accum
+    completions make an optimizer step, and must hold whole groups."""
+
+    SECTION: typing.ClassVar[str] = "grpo"
+    lr: float = 1e-4  # LoRA
+    beta: float = 0.04  # KL to the reference policy in the loss (TRL's k3 estimate, logged as kl); 0: no reference
+    per_device_batch_size: int = 4  # completions per worker per micro-step
+    grad_accum: int = 2
+    epochs: int = 1  # passes over the train users' prompts
+    loss_type: str = "dapo"  # TRL's: dapo (token-level, no length bias) | grpo | dr_grpo | bnpo
+    scale_rewards: str = "group"  # advantages divided by the group's reward std (group), the batch's, or none
+    num_iterations: int = 1  # optimizer passes per generated batch (1: strictly on-policy)
+    epsilon: float = 0.2  # PPO-style clipping of the probability ratio (num_iterations > 1)
+    save_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta >= 0:
+            _fail("grpo.beta", self.beta, "use 0 (no reference model) or a positive KL coefficient")
+        if self.loss_type not in GRPO_LOSSES:
+            _fail("grpo.loss_type", self.loss_type, f"use one of {list(GRPO_LOSSES)}")
+        if self.scale_rewards not in GRPO_SCALING:
+            _fail("grpo.scale_rewards", self.scale_rewards, f"use one of {list(GRPO_SCALING)}")
+        if self.num_iterations < 1 or not 0 < self.epsilon < 1:
+            _fail("grpo.num_iterations/epsilon", (self.num_iterations, self.epsilon), "use >= 1 and (0, 1)")
+
+
 @dataclass(frozen=True)
 class SFTConfig(PolicyTrainingConfig):
     """The policy's supervised warm start (stages/sft.py): TRL's SFTTrainer on (prompt, target text) for train
@@ -526,8 +562,13 @@ class LoopConfig:
     # The policy round 0 starts from: "base" (models.llm) or "sft" (its warm start on teacher profiles, the sft
     # stage's model). It also writes the base knowledge the round-0 reward model trains on.
     init: str = "base"
+    # The update of each round: "dpo" (the method's: best vs worst of N texts, offline) or "grpo" (on-policy: the
+    # `grpo` section; every completion's reward counts, against its group's).
+    algorithm: str = "dpo"
 
     def __post_init__(self) -> None:
+        if self.algorithm not in ("dpo", "grpo"):
+            _fail("loop.algorithm", self.algorithm, "use dpo (the method's offline pairs) or grpo (on-policy)")
         if self.init not in ("base", "sft"):
             _fail("loop.init", self.init, "use base (models.llm) or sft (the sft stage's warm-started policy)")
         if self.rounds < 1:
@@ -571,6 +612,7 @@ class RunConfig:
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -623,6 +665,15 @@ class RunConfig:
                 self.dpo.max_length,
                 f"a pair's text alone (up to generate.max_new_tokens={self.generate.max_new_tokens} tokens) would "
                 "fill it, leaving no room for the prompt; raise dpo.max_length or lower generate.max_new_tokens",
+            )
+        gr, n = self.grpo, self.generate.num_samples
+        completions = gr.per_device_batch_size * gr.num_workers * gr.grad_accum
+        if self.loop.algorithm == "grpo" and completions % n:
+            _fail(
+                "grpo.per_device_batch_size",
+                gr.per_device_batch_size,
+                f"an optimizer step's {completions} completions (per_device_batch_size x num_workers x grad_accum) "
+                f"must hold whole groups of generate.num_samples={n}; make their product a multiple of {n}",
             )
 
     def check_against_data(self, stats: dict) -> None:

@@ -51,6 +51,7 @@ DPO_HF = "hf"  # inside a DPO fit's Ray Train storage: the HF trainer's output_d
 DPO_TRAIN_PAIRS = "train.parquet"  # in DPO_PAIRS
 DPO_EVAL_PAIRS = "eval.parquet"  # in DPO_PAIRS
 SFT_EXAMPLES = "examples.parquet"  # the sft stage's (prompt, target) examples
+GRPO_PROMPTS = "prompts.parquet"  # the grpo stage's prompts (one per train user), in its stage and its Ray storage
 SFT_HF = "hf"  # inside an SFT fit's Ray Train storage: the HF trainer's output_dir
 SFT_WORK = "examples"  # inside an SFT fit's Ray Train storage: the split, length-filtered examples the workers read
 SFT_TRAIN_EXAMPLES = "train.parquet"  # in SFT_WORK
@@ -198,6 +199,10 @@ class RunLayout:
 
     def policy(self, name: str) -> Path:
         return self.dpo(name) / POLICY_MODEL
+
+    def grpo(self, name: str) -> Path:
+        """A GRPO fit (`loop.algorithm: grpo`): model/ (the tuned policy), history.json, prompts.parquet."""
+        return self.root / "grpo" / name
 
     def dpo_histories(self) -> list[Path]:
         return sorted((self.root / "dpo").glob(f"*/{HISTORY}"))

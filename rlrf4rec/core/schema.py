@@ -228,6 +228,15 @@ SFT_EXAMPLES = pa.schema(
     ]
 )
 
+# GRPO's prompts (stages/grpo.py): one per train user, the generate stage's chat messages; the reward function
+# reads user_id to score the completions.
+GRPO_PROMPTS = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(PROMPT, MESSAGES, nullable=False),
+    ]
+)
+
 # The data stage's protocol tables: name -> schema (each one `<run>/data/<name>.parquet`, layout.data_table).
 TABLES = {
     "interactions": INTERACTIONS,

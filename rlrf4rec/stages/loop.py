@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 def run_loop(cfg: RunConfig) -> Path:
     """All rounds; returns `<run>/rounds` holding one directory per round and the manifest."""
-    from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
     from rlrf4rec.stages.shift import run_shift
     from rlrf4rec.stages.train import run_recommender
@@ -66,32 +65,20 @@ def run_loop(cfg: RunConfig) -> Path:
     for t in range(cfg.loop.rounds):
         version, next_version = "base" if t == 0 else f"round{t}", f"round{t + 1}"
         policy_path = assets.resolve(policy, home)
-        gen_train = generate("train", cfg.loop.train_users, policy_path, version)
         gen_valid = generate("valid", cfg.loop.eval_users, policy_path, version)
         scorer, folds = reward_scorer(cfg, recommender_dir), reward_folds(cfg, recommender_dir)
-        rew_train = run_reward(cfg, gen_train, scorer, layout.round_step(t, "reward-train"), folds)
         rew_valid = run_reward(cfg, gen_valid, scorer, layout.round_step(t, "reward-valid"))
-        pairs_dir = run_pairs(
-            cfg, [(gen_train, rew_train), (gen_valid, rew_valid)], layout.round_step(t, "pairs"), version, t
-        )
-        if not read_marker(pairs_dir)["stats"].get("train/pairs"):
-            raise ValueError(
-                f"round {t}: no train pair survived ({pairs_dir}); raise loop.train_users or generate.num_samples, "
-                "lower reward.min_margin, or raise generate.temperature so the N texts differ"
-            )
-        dpo_dir = run_dpo(
-            cfg,
-            pairs_dir / pairs_file("train"),
-            Path(policy_path),
-            f"round{t}",
-            eval_pairs_path=pairs_dir / pairs_file("valid"),
-        )
-        new_policy = str(layout.policy(dpo_dir.name))
+        if cfg.loop.algorithm == "grpo":
+            update = _grpo_update(cfg, t, policy_path, scorer, folds)
+        else:
+            update = _dpo_update(cfg, t, version, policy_path, (gen_valid, rew_valid), scorer, folds)
+        fit_dir, new_policy = update["fit_dir"], update["policy"]
         gen_tuned = generate("valid", cfg.loop.eval_users, new_policy, next_version)
         rew_tuned = run_reward(cfg, gen_tuned, scorer, layout.round_step(t, "reward-valid-tuned"))
-        shift_dir = run_shift(
-            cfg, dpo_dir, policy_path, pairs_dir / pairs_file("train"), gen_tuned, layout.round_step(t, "shift")
-        )
+        record = dict(update["record"])
+        if cfg.loop.algorithm == "dpo":  # how far DPO moved the policy (GRPO logs its KL every step)
+            shift_dir = run_shift(cfg, fit_dir, policy_path, update["pairs"], gen_tuned, layout.round_step(t, "shift"))
+            record["shift"] = read_marker(shift_dir)["stats"]
         comparison = compare_policies(rew_valid, rew_tuned, cfg.loop.bootstrap_samples, cfg.seed)
         log.info(
             "round %d: valid reward %.4f -> %.4f (gain %.4f, 95%% CI [%.4f, %.4f])",
@@ -104,32 +91,23 @@ def run_loop(cfg: RunConfig) -> Path:
         )
         # Bidirectional gain: the recommender retrains on the new policy's knowledge, one text per train and valid
         # user (sample 0: no label read), like the base recommender on the base policy's.
-        upstream = read_marker(pairs_dir)["fingerprint"]
+        upstream = read_marker(update["upstream"])["fingerprint"]
         gen_knowledge, knowledge_dir = write_policy_knowledge(cfg, new_policy, next_version, upstream)
         new_recommender = run_recommender(cfg, next_version, data_dir, layout.user_knowledge(knowledge_dir.name))
+        stages = {"generate_valid": gen_valid, **update["stages"]}
+        stages.update(generate_valid_tuned=gen_tuned, generate_knowledge=gen_knowledge)
         manifest["rounds"].append(
             {
                 "round": t,
+                "algorithm": cfg.loop.algorithm,
                 "policy_in": policy,
                 "policy_out": new_policy,
                 "recommender_in": str(recommender_dir),
                 "reward_models": [str(d) for d in scorer],  # the reward ensemble (one without reward.ensemble)
                 "reward_folds": [[str(d) for d in dirs] for dirs, _ in folds],
                 "recommender_out": str(new_recommender),
-                "stages": {
-                    name: str(d)
-                    for name, d in [
-                        ("generate_train", gen_train),
-                        ("generate_valid", gen_valid),
-                        ("pairs", pairs_dir),
-                        ("dpo", dpo_dir),
-                        ("generate_valid_tuned", gen_tuned),
-                        ("generate_knowledge", gen_knowledge),
-                    ]
-                },
-                "pairs": read_marker(pairs_dir)["stats"],
-                "dpo": read_marker(dpo_dir)["stats"],
-                "shift": read_marker(shift_dir)["stats"],
+                "stages": {name: str(d) for name, d in stages.items()},
+                **record,
                 "valid_reward": comparison,
                 "recommender_metrics": read_marker(new_recommender)["stats"],
             }
@@ -138,3 +116,48 @@ def run_loop(cfg: RunConfig) -> Path:
         write_json(manifest, layout.manifest)
         policy, recommender_dir = new_policy, new_recommender
     return layout.rounds
+
+
+def _dpo_update(
+    cfg: RunConfig, t: int, version: str, policy_path: str, valid: tuple[Path, Path], scorer: list, folds: list
+) -> dict:
+    """The method's update: N texts per train user, rewarded (cross-fitted), best vs worst pairs, DPO."""
+    from rlrf4rec.stages.dpo import run_dpo
+    from rlrf4rec.stages.generate import policy_generations
+
+    layout = cfg.layout
+    gen_train = policy_generations(cfg, "train", cfg.loop.train_users, policy_path, version)
+    rew_train = run_reward(cfg, gen_train, scorer, layout.round_step(t, "reward-train"), folds)
+    pairs_dir = run_pairs(cfg, [(gen_train, rew_train), valid], layout.round_step(t, "pairs"), version, t)
+    if not read_marker(pairs_dir)["stats"].get("train/pairs"):
+        raise ValueError(
+            f"round {t}: no train pair survived ({pairs_dir}); raise loop.train_users or generate.num_samples, "
+            "lower reward.min_margin, or raise generate.temperature so the N texts differ"
+        )
+    train_pairs = pairs_dir / pairs_file("train")
+    dpo_dir = run_dpo(cfg, train_pairs, Path(policy_path), f"round{t}", eval_pairs_path=pairs_dir / pairs_file("valid"))
+    return {
+        "fit_dir": dpo_dir,
+        "policy": str(layout.policy(dpo_dir.name)),
+        "pairs": train_pairs,
+        "upstream": pairs_dir,
+        "stages": {"generate_train": gen_train, "pairs": pairs_dir, "dpo": dpo_dir},
+        "record": {"pairs": read_marker(pairs_dir)["stats"], "dpo": read_marker(dpo_dir)["stats"]},
+    }
+
+
+def _grpo_update(cfg: RunConfig, t: int, policy_path: str, scorer: list, folds: list) -> dict:
+    """On-policy update (loop.algorithm: grpo): GRPO on the rewarded train users' prompts, each completion scored by
+    the round's reward model (a cross-fitted user's by its fold's)."""
+    from rlrf4rec.core.layout import POLICY_MODEL
+    from rlrf4rec.stages.grpo import run_grpo
+    from rlrf4rec.stages.reward import rewarded_train_users
+
+    grpo_dir = run_grpo(cfg, rewarded_train_users(cfg), Path(policy_path), f"round{t}", scorer, folds)
+    return {
+        "fit_dir": grpo_dir,
+        "policy": str(grpo_dir / POLICY_MODEL),
+        "upstream": grpo_dir,
+        "stages": {"grpo": grpo_dir},
+        "record": {"grpo": read_marker(grpo_dir)["stats"]},
+    }

@@ -217,8 +217,12 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
     sentences = []
     if manifest is not None:
         rounds = manifest["rounds"]
-        pairs = ", ".join(str(r["pairs"].get("train/pairs", 0)) for r in rounds)
-        sentences.append(f"{len(rounds)} round(s) of reward-guided DPO (train pairs per round: {pairs}).")
+        if all(r.get("algorithm", "dpo") == "dpo" for r in rounds):
+            pairs = ", ".join(str(r["pairs"].get("train/pairs", 0)) for r in rounds)
+            sentences.append(f"{len(rounds)} round(s) of reward-guided DPO (train pairs per round: {pairs}).")
+        else:
+            prompts = ", ".join(str(r.get("grpo", {}).get("prompts", "-")) for r in rounds)
+            sentences.append(f"{len(rounds)} round(s) of on-policy GRPO (train prompts per round: {prompts}).")
     if table:
         users = (read_marker(RunLayout(run).evaluate) or {}).get("stats", {}).get("test_users")
         on = f" on {users} test users" if users else " on test users"
@@ -264,8 +268,15 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
         t = r["round"]
         step = partial(RunLayout(run).round_step, t)
         v = r["valid_reward"]
+        if "pairs" in r:
+            update = f"{r['pairs'].get('train/pairs', 0)} train pairs"
+        else:
+            g = r["grpo"]
+            update = (
+                f"GRPO on {g.get('prompts', 0)} prompts, tied groups {g.get('train/frac_reward_zero_std_mean', 0):.0%}"
+            )
         line = (
-            f"Round {t}: {r['pairs'].get('train/pairs', 0)} train pairs; valid reward "
+            f"Round {t}: {update}; valid reward "
             f"{v['before/mean']:.4f} → {v['after/mean']:.4f}, gain {v['gain/mean']:+.4f} "
             f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
         )

@@ -189,6 +189,93 @@ class RewardEnsemble:
         return np.mean([m.score(user_ids, vectors) for m in self.members], axis=0)
 
 
+class TextRewarder:
+    """A preference text's reward for its user: the reward stage's computation, callable per batch of texts (the
+    reward stage calls it on a generations table; GRPO on each step's completions).
+
+    With a recommender metric: the user's knowledge text (the preference text, then the history text with
+    knowledge.history_text) encoded by the frozen encoder and scored by the reward ensemble `scorer`, or, for a user
+    of a cross-fitting fold, by that fold's ensemble (`folds`: (recommender dirs, users)). With synthetic-genres: the
+    text against the user's list genres (the contrast: less its mean over the other users of its split). Models,
+    encoder and tables load on first use, once."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        scorer: Sequence[Path] = (),
+        folds: Sequence[tuple[Sequence[Path], Sequence[str]]] = (),
+    ):
+        self.cfg = cfg
+        self.main = tuple(scorer)
+        self.scorer_of = {u: tuple(dirs) for dirs, fold in folds for u in fold}
+        self.groups = list(dict.fromkeys([self.main, *(tuple(dirs) for dirs, _ in folds)]))
+        self._models: dict[tuple, RewardEnsemble] = {}
+        self._encoder = None
+        self._histories: dict[str, str] | None = None
+        self._genres: dict[str, tuple[set[str], set[str]]] | None = None
+        self._peers: dict[str, list[tuple[set[str], set[str]]]] | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.cfg.reward.metric in SYNTHETIC_METRICS
+
+    def model(self, group: tuple) -> RewardEnsemble:
+        if group not in self._models:
+            self._models[group] = RewardEnsemble.load(group, self.cfg.layout.data, metric=self.cfg.reward.metric)
+        return self._models[group]
+
+    def rewardable(self) -> set[str]:
+        """Users with re-rank lists: the only ones a text can be rewarded for."""
+        if self.synthetic:
+            return set(self._list_genres())
+        return set(self.model(self.main).by_user)
+
+    def knowledge_texts(self, users: Sequence[str], preferences: Sequence[str]) -> list[str]:
+        if self._histories is None:
+            self._histories = user_history_texts(self.cfg)
+        with_history = self.cfg.knowledge.history_text
+        return [user_knowledge_text(self._histories[u], t, with_history) for u, t in zip(users, preferences)]
+
+    def rows_of(self, users: Sequence[str], group: tuple) -> list[int]:
+        """Rows whose user `group` rewards (its fold's ensemble, or the main one for users of no fold)."""
+        return [i for i, u in enumerate(users) if self.scorer_of.get(u, self.main) == group]
+
+    def __call__(self, users: Sequence[str], preferences: Sequence[str]) -> np.ndarray:
+        """Reward [R] of row r: preferences[r] as users[r]'s text."""
+        if self.synthetic:
+            return self._synthetic(users, preferences)
+        texts = self.knowledge_texts(users, preferences)
+        rewards = np.zeros(len(users))
+        for group in self.groups:
+            rows = self.rows_of(users, group)
+            if rows:
+                model = self.model(group)
+                self._encoder = self._encoder or make_encoder(self.cfg)
+                vectors = model.encode(self._encoder, [texts[i] for i in rows], embedding_cache(self.cfg))
+                rewards[rows] = model.score([users[i] for i in rows], vectors)
+        return rewards
+
+    def _list_genres(self) -> dict[str, tuple[set[str], set[str]]]:
+        if self._genres is None:
+            self._genres = list_genres(read_tables(self.cfg.layout.data, ("items", "rerank_lists")))
+        return self._genres
+
+    def _synthetic(self, users: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        by_user = self._list_genres()
+        if self.cfg.reward.metric != SYNTHETIC_CONTRAST:
+            return np.array([synthetic_genre_reward(t, *by_user[u]) for u, t in zip(users, texts)], dtype=np.float64)
+        if self._peers is None:
+            seqs = read_table(self.cfg.layout.data, "sequences")
+            split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
+            members: dict[str, list[str]] = {}
+            for u in sorted(by_user):
+                members.setdefault(split[u], []).append(u)
+            self._peers = {u: [by_user[v] for v in members[split[u]] if v != u] for u in by_user}
+        return np.array(
+            [contrast_genre_reward(t, by_user[u], self._peers[u]) for u, t in zip(users, texts)], dtype=np.float64
+        )
+
+
 def rewards_table(generations: pa.Table, rewards: np.ndarray) -> pa.Table:
     return pa.table(
         {
@@ -286,24 +373,22 @@ def run_reward(
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
-    reward_model = RewardEnsemble.load(main, cfg.layout.data, metric=cfg.reward.metric)
-    has_lists = pc.is_in(gens.column(S.USER_ID), pa.array(sorted(reward_model.by_user)))
+    rewarder = TextRewarder(cfg, main, folds)
+    has_lists = pc.is_in(gens.column(S.USER_ID), pa.array(sorted(rewarder.rewardable())))
     unscorable = gens.num_rows - pc.sum(has_lists).as_py()
     if unscorable:  # a user whose sequence left no complete re-rank list cannot be rewarded
         log.warning("%s: %d texts of users without re-rank lists are not rewarded", stage, unscorable)
         gens = gens.filter(has_lists)
-    histories = user_history_texts(cfg)
     users = gens.column(S.USER_ID).to_pylist()
     preferences = gens.column(S.PREFERENCE_TEXT).to_pylist()
-    texts = [user_knowledge_text(histories[u], t, cfg.knowledge.history_text) for u, t in zip(users, preferences)]
-    scorer_of = {u: tuple(dirs) for dirs, fold in folds for u in fold}
-    rewards = np.zeros(len(users))
-    encoder = None
-    for group in groups:
-        rows = [i for i, u in enumerate(users) if scorer_of.get(u, main) == group]
-        if not rows:
-            continue
-        if cfg.reward.engine == "ray":
+    scorer_of = rewarder.scorer_of
+    if cfg.reward.engine == "ray":
+        texts = rewarder.knowledge_texts(users, preferences)
+        rewards = np.zeros(len(users))
+        for group in rewarder.groups:
+            rows = rewarder.rows_of(users, group)
+            if not rows:
+                continue
             table = pa.table({S.USER_ID: [users[i] for i in rows], S.KNOWLEDGE_TEXT: [texts[i] for i in rows]})
             rewards[rows] = score_on_ray(
                 table,
@@ -314,11 +399,8 @@ def run_reward(
                 batch_size=cfg.reward.batch_size,
                 concurrency=cfg.reward.concurrency,
             )
-            continue
-        model = reward_model if group == main else RewardEnsemble.load(group, cfg.layout.data, cfg.reward.metric)
-        encoder = encoder or make_encoder(cfg)
-        vectors = model.encode(encoder, [texts[i] for i in rows], embedding_cache(cfg))
-        rewards[rows] = model.score([users[i] for i in rows], vectors)
+    else:
+        rewards = rewarder(users, preferences)
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / REWARDS, S.REWARDS)
@@ -360,23 +442,9 @@ def run_synthetic_reward(cfg: RunConfig, generations_dir: Path, stage_dir: Path)
     if is_complete(stage_dir, fingerprint):
         return stage_dir
     gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
-    by_user = list_genres(read_tables(cfg.layout.data, ("items", "rerank_lists")))
-    gens = gens.filter(pc.is_in(gens.column(S.USER_ID), pa.array(sorted(by_user))))
-    users, texts = gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()
-    if cfg.reward.metric == SYNTHETIC_CONTRAST:
-        seqs = read_table(cfg.layout.data, "sequences")
-        split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
-        peers: dict[str, list[str]] = {}
-        for u in sorted(by_user):
-            peers.setdefault(split[u], []).append(u)
-        rewards = np.array(
-            [
-                contrast_genre_reward(t, by_user[u], [by_user[v] for v in peers[split[u]] if v != u])
-                for u, t in zip(users, texts)
-            ]
-        )
-    else:
-        rewards = np.array([synthetic_genre_reward(t, *by_user[u]) for u, t in zip(users, texts)])
+    rewarder = TextRewarder(cfg)
+    gens = gens.filter(pc.is_in(gens.column(S.USER_ID), pa.array(sorted(rewarder.rewardable()))))
+    rewards = rewarder(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist())
     table = rewards_table(gens, rewards)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(table, tmp / REWARDS, S.REWARDS)
@@ -458,9 +526,8 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
     if not k or cfg.reward.metric in SYNTHETIC_METRICS:  # the synthetic reward reads no recommender
         return []
     data_dir = cfg.layout.data
-    sequences = read_table(data_dir, "sequences")
-    train = select_users(sequences, ("train",), None).column(S.USER_ID).to_pylist()
-    rewarded = train[: cfg.loop.train_users]  # the users the round's train generation picks (sorted by id)
+    train = select_users(read_table(data_dir, "sequences"), ("train",), None).column(S.USER_ID).to_pylist()
+    rewarded = rewarded_train_users(cfg)
     knowledge = cfg.layout.user_knowledge(recommender_dir.name)
     out = []
     for f in range(k):
@@ -470,6 +537,15 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
             first = run_recommender(cfg, f"{recommender_dir.name}-fold{f}", data_dir, knowledge, held_out=fold)
             out.append((_seed_members(cfg, first, knowledge, fold), fold))
     return out
+
+
+def rewarded_train_users(cfg: RunConfig) -> list[str]:
+    """The train users a round rewards and updates the policy on: the first loop.train_users by id, as the round's
+    train generation picks them."""
+    from rlrf4rec.stages.generate import select_users
+
+    sequences = read_table(cfg.layout.data, "sequences")
+    return select_users(sequences, ("train",), cfg.loop.train_users).column(S.USER_ID).to_pylist()
 
 
 def check_fold(folds: int, f: int, held_out: int, train_users: int, fix: str) -> None:
