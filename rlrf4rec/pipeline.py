@@ -93,7 +93,8 @@ def run_evaluate(cfg: RunConfig) -> Path:
 
     policies = [(START_ROWS[cfg.loop.init], start_policy(cfg), layout.recommender("base"))]
     policies += [
-        (f"DPO round {r['round'] + 1}", r["policy_out"], Path(r["recommender_out"])) for r in manifest["rounds"]
+        (f"{r.get('algorithm', 'dpo').upper()} round {r['round'] + 1}", r["policy_out"], Path(r["recommender_out"]))
+        for r in manifest["rounds"]
     ]
     return stage(cfg, policies)
 

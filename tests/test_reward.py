@@ -280,3 +280,12 @@ def test_cross_fitting_scores_every_train_text_by_the_model_that_held_its_user_o
     for r in read_parquet(out / REWARDS, S.REWARDS).to_pylist():
         assert r[S.REWARD] == (fold_of[r[S.USER_ID]] if split[r[S.USER_ID]] == "train" else -1), r
     assert read_marker(out)["stats"]["cross_fitted_rows"] == 60
+    # GRPO's reward function routes the same way: each completion scored by the model its user's fold was held from.
+    from rlrf4rec.stages.grpo import RecsysReward
+
+    reward = RecsysReward(cfg.to_dict(), [str(main)], [([str(d) for d in dirs], users) for dirs, users in folds])
+    table = read_parquet(out / REWARDS, S.REWARDS).to_pylist()
+    got = reward(
+        ["p"] * len(table), [[{"role": "assistant", "content": "text"}]] * len(table), [r[S.USER_ID] for r in table]
+    )
+    assert got == [r[S.REWARD] for r in table]

@@ -227,7 +227,7 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
         users = (read_marker(RunLayout(run).evaluate) or {}).get("stats", {}).get("test_users")
         on = f" on {users} test users" if users else " on test users"
         sentences.append(f"Evaluated {len(table)} variants{on}: {', '.join(_ordered(table))}.")
-    last = ([n for n in _ordered(paired) if n.startswith("DPO") and not n.endswith(FIXED)] or [None])[-1]
+    last = ([n for n in _ordered(paired) if n.startswith(("DPO", "GRPO")) and not n.endswith(FIXED)] or [None])[-1]
     start = "SFT warm start" if "SFT warm start" in paired else "base LLM"  # the policy the rounds started from
     if start != "base LLM":
         sentences.append("The rounds started from the SFT warm start (loop.init: sft), not from models.llm.")
