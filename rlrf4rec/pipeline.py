@@ -237,7 +237,7 @@ def _arms_command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
     from rlrf4rec.stages.arms import parse_arms, run_arms
 
     try:
-        arms = parse_arms(args.pairs, args.flips, args.flip_pairs, args.sft_best)
+        arms = parse_arms(args.pairs, args.flips, args.flip_pairs, args.sft_best, args.grpo)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return [run_arms(cfg, arms, name=args.name)]
@@ -539,6 +539,14 @@ STAGES: Sequence[Stage] = (
                     "default": "",
                     "help": "train pair counts whose users' best of N texts an SFT arm distils (the update's "
                     "supervised baseline), e.g. 250",
+                },
+            ),
+            Option(
+                ("--grpo",),
+                {
+                    "default": "",
+                    "help": "train pair counts whose users' prompts a GRPO arm trains on (on-policy, every completion "
+                    "rewarded by the same reward model; grpo section), e.g. 250",
                 },
             ),
             Option(("--name",), {"default": "main", "help": "output directory <run>/arms/<name>/"}),

@@ -185,3 +185,13 @@ def test_each_arm_is_compared_with_random_label_dpo_of_its_own_pair_count(monkey
     A._against_random_labels(cfg, rows, arms, judged)
     assert calls == [("judge/n400-flip50", "judge/n400-flip00"), ("judge/n400-flip50", "judge/n400-sft-best")]
     assert [r.get("judge_vs_random/gain/mean") for r in rows] == [None, None, 0.5, None, 0.5]
+
+
+def test_grpo_arms_train_on_the_users_of_the_same_pairs():
+    arms = parse_arms("50,250", "0.5", None, "250", "250")
+    assert [a.name for a in arms][-3:] == ["n250-flip50", "n250-sft-best", "n250-grpo"]
+    assert arms[-1].kind == "grpo" and arms[-1].flipped == 0
+    with pytest.raises(ValueError, match="grpo without flips"):
+        Arm(250, 0.5, kind="grpo")
+    with pytest.raises(ValueError, match="--grpo 'x'"):
+        parse_arms("50", "", None, "", "x")

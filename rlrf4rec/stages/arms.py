@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 START = "start"  # the start policy's generations are `<run>/generations/start-{train,valid}/`
 
 
-DPO, SFT_BEST = "dpo", "sft-best"
+DPO, SFT_BEST, GRPO = "dpo", "sft-best", "grpo"
 
 
 @dataclass(frozen=True)
 class Arm:
     pairs: int  # train pairs: the first `pairs` of one seeded order of the train pairs
     flip: float = 0.0  # share of them with chosen and rejected swapped (exactly round(flip * pairs), seeded)
-    # dpo: DPO on those pairs; sft-best: SFT on the best of N texts of the same pairs' users (best-of-N distillation)
+    # dpo: DPO on those pairs; sft-best: SFT on the best of N texts of the same pairs' users (best-of-N distillation);
+    # grpo: on-policy GRPO on the same pairs' users' prompts, every completion rewarded by the same reward model
     kind: str = DPO
 
     def __post_init__(self) -> None:
@@ -57,8 +58,8 @@ class Arm:
             raise ValueError(f"arm pairs={self.pairs}: use a positive number of train pairs")
         if not 0 <= self.flip <= 1:
             raise ValueError(f"arm flip={self.flip}: use a share of flipped pairs in [0, 1]")
-        if self.kind not in (DPO, SFT_BEST) or (self.kind == SFT_BEST and self.flip):
-            raise ValueError(f"arm kind={self.kind!r}, flip={self.flip}: use dpo, or sft-best without flips")
+        if self.kind not in (DPO, SFT_BEST, GRPO) or (self.kind != DPO and self.flip):
+            raise ValueError(f"arm kind={self.kind!r}, flip={self.flip}: use dpo, or sft-best / grpo without flips")
 
     @property
     def flipped(self) -> int:
@@ -66,26 +67,30 @@ class Arm:
 
     @property
     def name(self) -> str:
-        if self.kind == SFT_BEST:
-            return f"n{self.pairs}-sft-best"
+        if self.kind != DPO:
+            return f"n{self.pairs}-{self.kind}"
         return f"n{self.pairs}-flip{round(self.flip * 100):02d}"
 
 
-def parse_arms(pair_counts: str, flips: str, flip_pairs: int | None, sft_best: str = "") -> list[Arm]:
-    """`--pairs 50,250,700 --flips 0.28,0.5 --flip-pairs 250 --sft-best 250` -> clean DPO arms at every count, the
-    flip arms at `flip_pairs` (default: the middle count), then SFT-on-best arms on the users of those counts."""
+def parse_arms(pair_counts: str, flips: str, flip_pairs: int | None, sft_best: str = "", grpo: str = "") -> list[Arm]:
+    """`--pairs 50,250,700 --flips 0.28,0.5 --flip-pairs 250 --sft-best 250 --grpo 250` -> clean DPO arms at every
+    count, the flip arms at `flip_pairs` (default: the middle count), then SFT-on-best and GRPO arms on the users of
+    those counts."""
     try:
         counts = [int(c) for c in pair_counts.split(",") if c.strip()]
         shares = [float(f) for f in flips.split(",") if f.strip()]
         sft = [int(c) for c in sft_best.split(",") if c.strip()]
+        on_policy = [int(c) for c in grpo.split(",") if c.strip()]
     except ValueError as e:
         raise ValueError(
-            f"--pairs {pair_counts!r} / --flips {flips!r} / --sft-best {sft_best!r}: use comma-separated numbers ({e})"
+            f"--pairs {pair_counts!r} / --flips {flips!r} / --sft-best {sft_best!r} / --grpo {grpo!r}: use "
+            f"comma-separated numbers ({e})"
         ) from None
     if not counts:
         raise ValueError("--pairs: name at least one train pair count, e.g. 50,250,700")
     at = flip_pairs if flip_pairs is not None else sorted(counts)[len(counts) // 2]
-    return [Arm(n) for n in counts] + [Arm(at, f) for f in shares if f > 0] + [Arm(n, kind=SFT_BEST) for n in sft]
+    extra = [Arm(n, kind=SFT_BEST) for n in sft] + [Arm(n, kind=GRPO) for n in on_policy]
+    return [Arm(n) for n in counts] + [Arm(at, f) for f in shares if f > 0] + extra
 
 
 def noise_for_spearman(rho_s: float) -> float:
@@ -277,6 +282,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     re-ranker (test NDCG@5, paired with the start policy's)."""
     from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
+    from rlrf4rec.stages.grpo import run_grpo
     from rlrf4rec.stages.pairs import run_pairs
     from rlrf4rec.stages.reward import (
         compare_policies,
@@ -324,6 +330,10 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
         write_parquet(arm_pairs(train_pairs, arm, cfg.seed), pairs_path, S.PAIRS)  # deterministic: same bytes
         if arm.kind == SFT_BEST:
             fit_dir = _sft_best(cfg, pairs_path, (gen_train, rew_train), (gen_valid, rew_valid), policy, arm_dir)
+            tuned = fit_dir / POLICY_MODEL
+        elif arm.kind == GRPO:  # the same users' prompts, on-policy, every completion rewarded like the pairs' texts
+            users = sorted(set(read_parquet(pairs_path, S.PAIRS).column(S.USER_ID).to_pylist()))
+            fit_dir = run_grpo(cfg, users, Path(policy), version, scorer, folds)
             tuned = fit_dir / POLICY_MODEL
         else:
             # One held-out evaluation, after the last step: an arm is a point of the curve, not a trajectory.
