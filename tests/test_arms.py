@@ -122,7 +122,7 @@ def test_table_reports_each_arm_against_the_start_policy():
 def test_sft_best_arms_distil_each_users_best_text():
     arms = parse_arms("50,250", "0.5", None, "250")
     assert [a.name for a in arms][-2:] == ["n250-flip50", "n250-sft-best"]
-    with pytest.raises(ValueError, match="sft-best without flips"):
+    with pytest.raises(ValueError, match="sft-best / grpo without flips"):
         Arm(10, 0.5, kind="sft-best")
     with pytest.raises(ValueError, match="kind='ppo'"):
         Arm(10, kind="ppo")
