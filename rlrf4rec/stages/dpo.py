@@ -287,6 +287,24 @@ def fit_local(loop_config: dict) -> Path:
     return launcher.hf_fit_local(trainer_from, loop_config)
 
 
+def fit_policy(
+    make_trainer: launcher.TrainerFactory, loop_config: dict, fit: launcher.Fit, on_ray: bool, renames: dict
+) -> tuple[Path, list[dict], list[int]]:
+    """A policy fine-tune (SFT, GRPO) on `fit`'s Ray Train workers or in this process: its last checkpoint, its log as
+    history rows (history_from_log with `renames`), and the steps a restarted worker group resumed after."""
+    if on_ray:
+        checkpoint = launcher.hf_fit_on_ray(make_trainer, loop_config, fit)
+    else:
+        checkpoint = launcher.hf_fit_local(make_trainer, loop_config)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    resumes = fit.storage / RESUMES
+    return (
+        checkpoint,
+        history_from_log(state["log_history"], renames),
+        json.loads(resumes.read_text()) if resumes.is_file() else [],
+    )
+
+
 # --------------------------------------------------------------------------------------------------- export
 
 

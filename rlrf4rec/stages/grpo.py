@@ -43,7 +43,7 @@ from rlrf4rec.core.artifacts import (
     write_parquet,
 )
 from rlrf4rec.core.config import GenerateConfig, GRPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
-from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, RESUMES, SFT_HF
+from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, SFT_HF
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.prompts import history_texts, mentions_topic, preference_messages
 from rlrf4rec.stages import launcher
@@ -174,7 +174,7 @@ def run_grpo(
         chat_tokenizer,
         drop_long_prompts,
         export_model,
-        history_from_log,
+        fit_policy,
         policy_fingerprint,
         prompt_lengths,
     )
@@ -225,13 +225,8 @@ def run_grpo(
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
         "fault_at": cfg.fault.dpo_step,
     }
-    if on_ray:
-        checkpoint = launcher.hf_fit_on_ray(build_trainer, loop_config, launcher.Fit.of(f"grpo-{name}", storage, gc))
-    else:
-        checkpoint = launcher.hf_fit_local(build_trainer, loop_config)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    history = history_from_log(state["log_history"], renames={})
-    resumes = storage / RESUMES
+    fit = launcher.Fit.of(f"grpo-{name}", storage, gc)
+    checkpoint, history, resumed_after = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(prompts, tmp / GRPO_PROMPTS, S.GRPO_PROMPTS)
         export_model(checkpoint, Path(policy_dir), tmp / POLICY_MODEL)
@@ -242,7 +237,7 @@ def run_grpo(
             policy=str(policy_dir),
             reward=cfg.reward.metric,
             on_ray=on_ray,
-            resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+            resumed_after=resumed_after,
         )
         write_json(stats, tmp / METRICS)
     shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume

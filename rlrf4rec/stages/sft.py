@@ -32,7 +32,6 @@ from rlrf4rec.core.layout import (
     HISTORY,
     METRICS,
     POLICY_MODEL,
-    RESUMES,
     SFT_EVAL_EXAMPLES,
     SFT_EXAMPLES,
     SFT_HF,
@@ -200,7 +199,7 @@ def fit_sft(
         chat_tokenizer,
         drop_long_prompts,
         export_model,
-        history_from_log,
+        fit_policy,
         prompt_lengths,
         write_split,
     )
@@ -235,14 +234,8 @@ def fit_sft(
         "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
         "fault_at": cfg.fault.dpo_step,
     }
-    if on_ray:
-        fit = launcher.Fit.of(stage_dir.name, storage, sc)
-        checkpoint = launcher.hf_fit_on_ray(build_trainer, loop_config, fit)
-    else:
-        checkpoint = launcher.hf_fit_local(build_trainer, loop_config)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    history = history_from_log(state["log_history"], renames={})
-    resumes = storage / RESUMES
+    fit = launcher.Fit.of(stage_dir.name, storage, sc)
+    checkpoint, history, resumed_after = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(examples, tmp / SFT_EXAMPLES, S.SFT_EXAMPLES)
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
@@ -253,7 +246,7 @@ def fit_sft(
             policy=str(policy_dir),
             target=target,
             on_ray=on_ray,
-            resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+            resumed_after=resumed_after,
         )
         write_json(stats, tmp / METRICS)
     shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume
