@@ -20,11 +20,11 @@ demo: setup
 	$(VENV)/bin/rlrf4rec run --config $(CONFIG) $(RUN_ARGS)
 
 # The decisive experiment (configs/ml100k-cpu-science.yaml; under 2 hours on a 2-core box): DPO, random-label DPO
-# and SFT-on-best from the same 400 pairs, judged by reward-model seeds that built no pair and by test NDCG@5.
+# and SFT-on-best from the same pairs (every best-vs-worst pair of the 500 users), judged by reward-model seeds that built no pair and by test NDCG@5.
 SCIENCE := configs/ml100k-cpu-science.yaml
 science: setup
 	$(VENV)/bin/rlrf4rec data --config $(SCIENCE)
-	$(VENV)/bin/rlrf4rec arms --config $(SCIENCE) --pairs 400 --flips 0.5 --sft-best 400 --name science
+	$(VENV)/bin/rlrf4rec arms --config $(SCIENCE) --pairs all --flips 0.5 --sft-best all --name science
 
 test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests

@@ -195,3 +195,13 @@ def test_grpo_arms_train_on_the_users_of_the_same_pairs():
         Arm(250, 0.5, kind="grpo")
     with pytest.raises(ValueError, match="--grpo 'x'"):
         parse_arms("50", "", None, "", "x")
+
+
+def test_all_pairs_resolve_to_the_count_the_pairs_stage_kept():
+    from rlrf4rec.stages.arms import resolve_all
+
+    arms = resolve_all(parse_arms("all", "0.5", None, "all", "all"), 276)
+    assert [a.name for a in arms] == ["n276-flip00", "n276-flip50", "n276-sft-best", "n276-grpo"]
+    assert arms[1].flipped == 138
+    with pytest.raises(ValueError, match="positive numbers, or all"):
+        parse_arms("0", "", None)

@@ -45,17 +45,20 @@ START = "start"  # the start policy's generations are `<run>/generations/start-{
 DPO, SFT_BEST, GRPO = "dpo", "sft-best", "grpo"
 
 
+ALL = 0  # an arm's pair count "all": every train pair the pairs stage kept (resolved once they exist)
+
+
 @dataclass(frozen=True)
 class Arm:
-    pairs: int  # train pairs: the first `pairs` of one seeded order of the train pairs
+    pairs: int  # train pairs: the first `pairs` of one seeded order of the train pairs (ALL: every one)
     flip: float = 0.0  # share of them with chosen and rejected swapped (exactly round(flip * pairs), seeded)
     # dpo: DPO on those pairs; sft-best: SFT on the best of N texts of the same pairs' users (best-of-N distillation);
     # grpo: on-policy GRPO on the same pairs' users' prompts, every completion rewarded by the same reward model
     kind: str = DPO
 
     def __post_init__(self) -> None:
-        if self.pairs < 1:
-            raise ValueError(f"arm pairs={self.pairs}: use a positive number of train pairs")
+        if self.pairs < 0:
+            raise ValueError(f"arm pairs={self.pairs}: use a positive number of train pairs, or all")
         if not 0 <= self.flip <= 1:
             raise ValueError(f"arm flip={self.flip}: use a share of flipped pairs in [0, 1]")
         if self.kind not in (DPO, SFT_BEST, GRPO) or (self.kind != DPO and self.flip):
@@ -76,21 +79,32 @@ def parse_arms(pair_counts: str, flips: str, flip_pairs: int | None, sft_best: s
     """`--pairs 50,250,700 --flips 0.28,0.5 --flip-pairs 250 --sft-best 250 --grpo 250` -> clean DPO arms at every
     count, the flip arms at `flip_pairs` (default: the middle count), then SFT-on-best and GRPO arms on the users of
     those counts."""
+    def count(c: str) -> int:
+        n = ALL if c.strip() == "all" else int(c)
+        if n == ALL and c.strip() != "all":
+            raise ValueError("0 pairs")
+        return n
+
     try:
-        counts = [int(c) for c in pair_counts.split(",") if c.strip()]
+        counts = [count(c) for c in pair_counts.split(",") if c.strip()]
         shares = [float(f) for f in flips.split(",") if f.strip()]
-        sft = [int(c) for c in sft_best.split(",") if c.strip()]
-        on_policy = [int(c) for c in grpo.split(",") if c.strip()]
+        sft = [count(c) for c in sft_best.split(",") if c.strip()]
+        on_policy = [count(c) for c in grpo.split(",") if c.strip()]
     except ValueError as e:
         raise ValueError(
             f"--pairs {pair_counts!r} / --flips {flips!r} / --sft-best {sft_best!r} / --grpo {grpo!r}: use "
-            f"comma-separated numbers ({e})"
+            f"comma-separated positive numbers, or all ({e})"
         ) from None
     if not counts:
         raise ValueError("--pairs: name at least one train pair count, e.g. 50,250,700")
     at = flip_pairs if flip_pairs is not None else sorted(counts)[len(counts) // 2]
     extra = [Arm(n, kind=SFT_BEST) for n in sft] + [Arm(n, kind=GRPO) for n in on_policy]
     return [Arm(n) for n in counts] + [Arm(at, f) for f in shares if f > 0] + extra
+
+
+def resolve_all(arms: Sequence[Arm], pairs: int) -> list[Arm]:
+    """Arms asking for all train pairs get the count the pairs stage kept (a flip arm its exact share of them)."""
+    return [dataclasses.replace(a, pairs=pairs) if a.pairs == ALL else a for a in arms]
 
 
 def noise_for_spearman(rho_s: float) -> float:
@@ -317,6 +331,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     pairs_dir = run_pairs(cfg, sources, layout.arms_step(name, "pairs"), START, 0)
     train_pairs = read_parquet(pairs_dir / pairs_file("train"), S.PAIRS)
     log.info("arms/%s: %s", name, json.dumps(read_marker(pairs_dir)["stats"]))
+    arms = resolve_all(arms, train_pairs.num_rows)
     rows = [arm_row(None, None, None, require_marker(gen_valid, "generate")["stats"])]
     rows[0]["valid/before/mean"] = float(np.mean(list(per_user_rewards(rew_valid).values())))
     rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
