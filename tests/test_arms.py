@@ -65,7 +65,7 @@ def test_parse_arms_and_names():
     assert [a.name for a in arms] == ["n50-flip00", "n250-flip00", "n700-flip00", "n250-flip28", "n250-flip50"]
     assert arms[-1].flipped == 125
     assert [a.pairs for a in parse_arms("50", "0.5", 30)] == [50, 30]
-    with pytest.raises(ValueError, match="comma-separated numbers"):
+    with pytest.raises(ValueError, match="comma-separated positive numbers, or all"):
         parse_arms("50,many", "", None)
     with pytest.raises(ValueError, match="flip=1.5"):
         parse_arms("50", "1.5", None)
