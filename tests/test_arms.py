@@ -108,14 +108,44 @@ def test_table_reports_each_arm_against_the_start_policy():
             "valid/gain/ci_low": 0.01,
             "valid/gain/ci_high": 0.09,
             "valid/other_user/mean": 0.21,
+            "train/fit_wall_s": 512.4,
+        },
+        {
+            "arm": "n50-grpo",
+            "train_pairs": 50,
+            "flipped": 0,
+            "off_topic": 0.02,
+            "truncated": 0.9,
+            "steps": 6,
+            "prompts": 24,
+            "num_generations": 4,
+            **{f"train/reward_{k}": v for k, v in (("first", 0.01), ("last", 0.08), ("mean", 0.05))},
+            **{f"train/frac_reward_zero_std_{k}": v for k, v in (("first", 0.5), ("last", 0.25), ("mean", 0.3))},
+            "train/kl_last": 0.0123,
+            "train/completions/mean_length_mean": 61.25,
+            "train/step_time_s": 24.04,
+            "train/fit_wall_s": 498.6,
+            "valid/after/mean": 0.3,
+            "valid/gain/mean": 0.1,
+            "valid/gain/ci_low": 0.02,
+            "valid/gain/ci_high": 0.18,
+            **{f"vs_dpo/gain/{k}": v for k, v in (("mean", 0.05), ("ci_low", -0.01), ("ci_high", 0.11))},
         },
     ]
     md = table_markdown(rows, "synthetic-genres").splitlines()
     assert md[0].startswith("reward: synthetic-genres")
-    assert md[4] == "| start | 0 | 0 | - | - | - | - | - | - | 0.2000 | - | - | 0.100 | 0.500 |"
+    assert md[4] == "| start | 0 | 0 | - | - | - | - | - | - | 0.2000 | - | - | 0.100 | 0.500 | - |"
     assert md[5] == (
         "| n50-flip00 | 50 | 0 | 13 | 0.6931 -> 0.6100 | 0.75 | 120 | 0.640 | +0.0500 | 0.2500 "
-        "| +0.0500 [+0.0100, +0.0900] | 0.2100 | 0.050 | 0.400 |"
+        "| +0.0500 [+0.0100, +0.0900] | 0.2100 | 0.050 | 0.400 | 512 |"
+    )
+    grpo = [line for line in md if line.startswith("| n50-grpo")]
+    assert grpo[0] == (
+        "| n50-grpo | 50 | 0 | 6 | - | - | - | - | - | 0.3000 | +0.1000 [+0.0200, +0.1800] | - | 0.020 | 0.900 | 499 |"
+    )
+    assert grpo[1] == (
+        "| n50-grpo | 24 | 6 | 4 | 0.0100 -> 0.0800 (0.0500) | 0.50 -> 0.25 (0.30) | 0.0123 | 61.2 | - | 24.0 | 499 "
+        "| +0.0500 [-0.0100, +0.1100] | - |"
     )
 
 
@@ -185,6 +215,27 @@ def test_each_arm_is_compared_with_random_label_dpo_of_its_own_pair_count(monkey
     A._against_random_labels(cfg, rows, arms, judged)
     assert calls == [("judge/n400-flip50", "judge/n400-flip00"), ("judge/n400-flip50", "judge/n400-sft-best")]
     assert [r.get("judge_vs_random/gain/mean") for r in rows] == [None, None, 0.5, None, 0.5]
+
+
+def test_each_grpo_arm_is_compared_with_clean_dpo_on_the_same_pairs_users(monkeypatch):
+    from rlrf4rec.stages import arms as A
+    from rlrf4rec.stages import reward
+
+    calls = []
+
+    def fake_compare(before, after, num_samples, seed):
+        calls.append((before, after))
+        return {"gain/mean": 0.25}
+
+    monkeypatch.setattr(reward, "compare_policies", fake_compare)
+    arms = parse_arms("100,400", "0.5", 400, "", "400,200")  # n100, n400, n400-flip50, n400-grpo, n200-grpo
+    rewarded = {a.name: f"reward/{a.name}" for a in arms}
+    judged = {a.name: f"judge/{a.name}" for a in arms if a.name != "n400-flip00"}
+    rows = [{"arm": "start"}] + [{"arm": a.name} for a in arms]
+    A._on_policy_against_offline(load_config("configs/ml100k-cpu.yaml"), rows, arms, rewarded, judged)
+    assert calls == [("reward/n400-flip00", "reward/n400-grpo")]  # no clean DPO arm at 200; no judged DPO arm
+    assert [r.get("vs_dpo/gain/mean") for r in rows] == [None, None, None, None, 0.25, None]
+    assert not any("judge_vs_dpo/gain/mean" in r for r in rows)
 
 
 def test_grpo_arms_train_on_the_users_of_the_same_pairs():

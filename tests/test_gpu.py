@@ -270,6 +270,31 @@ def test_dpo_zero3_bf16_full_fine_tune_under_ray_train(gpu_ray, asset_home, tmp_
     assert _pair_logratio(model, tokenizer, pair) > _pair_logratio(reference, tokenizer, pair)
 
 
+# --------------------------------------------------------------------------------------------------- GRPO
+
+
+def test_one_grpo_step_samples_with_colocated_vllm_under_zero3(gpu_ray, asset_home, tmp_path):
+    """The GPU config's GRPO (LoRA, ZeRO-3, bf16, vLLM colocated on the worker's GPU), one step of one group on the
+    synthetic reward (no re-ranker needed): the completions come from vLLM and the step updates and exports."""
+    pytest.importorskip("vllm", reason="TRL's colocated generation needs CUDA vLLM")
+    from rlrf4rec.stages.data import run_data
+    from rlrf4rec.stages.grpo import run_grpo
+    from rlrf4rec.stages.reward import rewarded_train_users
+
+    grpo = {"per_device_batch_size": 4, "grad_accum": 1, "max_steps": 1, "save_steps": 1, "num_workers": 1}
+    cfg = tiny_gpu_config(tmp_path, asset_home, grpo=grpo, reward={"metric": "synthetic-genres"})
+    g = cfg.grpo
+    assert (g.generation, g.deepspeed, g.bf16, g.lora, g.use_gpu) == ("vllm", "zero3", True, True, True)
+    run_data(cfg)
+    users = rewarded_train_users(cfg)[:4]
+    stage = run_grpo(cfg, users, assets.asset_dir("smollm2-135m-instruct", asset_home), "round0", [])
+    stats = read_marker(stage)["stats"]
+    assert (stats["steps"], stats["num_generations"], stats["on_ray"]) == (1, 4, True)
+    assert 0 < stats["train/completions/mean_length_first"] <= 32  # generate.max_new_tokens of the tiny config
+    assert "train/reward_first" in stats and "train/kl_first" in stats
+    assert (stage / "model" / "config.json").is_file()
+
+
 # --------------------------------------------------------------------------------------------------- the loop
 
 

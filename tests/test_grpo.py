@@ -89,11 +89,28 @@ def test_the_reward_function_returns_the_reward_stages_values(tmp_path, asset_ho
     assert logged == {"off_topic": 0.0}
 
 
+def test_ray_workers_get_the_run_and_asset_paths_absolute(tmp_path, monkeypatch):
+    """A relative run_dir names the driver's working directory; a Ray worker's is another (found by a run whose
+    reward function looked for runs/<name>/data in the worker's directory)."""
+    from rlrf4rec.stages.grpo import worker_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(RunConfig, {"name": "x", "run_dir": "runs/{name}", "assets": {"home": "assets"}})
+    out = worker_config(cfg)
+    assert (out["run_dir"], out["assets"]["home"]) == (str(tmp_path / "runs" / "x"), str(tmp_path / "assets"))
+    monkeypatch.chdir("/")
+    assert from_dict(RunConfig, out).layout.data == tmp_path / "runs" / "x" / "data"
+
+
 def test_bad_grpo_values_name_field_value_and_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"loop\.algorithm='ppo': use dpo .* or grpo"):
         from_dict(RunConfig, {"name": "x", "loop": {"algorithm": "ppo"}})
     with pytest.raises(ConfigError, match=r"grpo\.loss_type='sft': use one of"):
         from_dict(RunConfig, {"name": "x", "grpo": {"loss_type": "sft"}})
+    with pytest.raises(ConfigError, match=r"grpo\.generation='vllm': colocated vLLM needs GPUs: set grpo\.use_gpu"):
+        from_dict(RunConfig, {"name": "x", "grpo": {"generation": "vllm"}})
+    with pytest.raises(ConfigError, match=r"grpo\.generation='sglang': use one of \['transformers', 'vllm'\]"):
+        from_dict(RunConfig, {"name": "x", "grpo": {"generation": "sglang", "use_gpu": True}})
     cfg = from_dict(
         RunConfig,
         {"name": "x", "loop": {"algorithm": "grpo"}, "generate": {"num_samples": 3}, "grpo": {"grad_accum": 2}},

@@ -433,6 +433,7 @@ SFT_TARGETS = ("teacher",)
 
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GRPO_SCALING = ("group", "batch", "none")
+GRPO_GENERATION = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -453,6 +454,10 @@ class GRPOConfig(PolicyTrainingConfig):
     scale_rewards: str = "group"  # advantages divided by the group's reward std (group), the batch's, or none
     num_iterations: int = 1  # optimizer passes per generated batch (1: strictly on-policy)
     epsilon: float = 0.2  # PPO-style clipping of the probability ratio (num_iterations > 1)
+    # Who samples the completions inside the trainer: transformers' generate (CPU or GPU), or vLLM colocated on each
+    # worker's GPU (TRL's vllm_mode colocate, the trainer's weights synced into it every step; needs CUDA vLLM).
+    generation: str = "transformers"
+    vllm_gpu_memory_utilization: float = 0.3  # the share of each GPU the colocated vLLM engine may hold
     save_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -465,6 +470,13 @@ class GRPOConfig(PolicyTrainingConfig):
             _fail("grpo.scale_rewards", self.scale_rewards, f"use one of {list(GRPO_SCALING)}")
         if self.num_iterations < 1 or not 0 < self.epsilon < 1:
             _fail("grpo.num_iterations/epsilon", (self.num_iterations, self.epsilon), "use >= 1 and (0, 1)")
+        if self.generation not in GRPO_GENERATION:
+            _fail("grpo.generation", self.generation, f"use one of {list(GRPO_GENERATION)}")
+        if self.generation == "vllm" and not self.use_gpu:
+            _fail("grpo.generation", self.generation, "colocated vLLM needs GPUs: set grpo.use_gpu: true, or use "
+                  "transformers on CPUs")  # fmt: skip
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            _fail("grpo.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, "use a share in (0, 1)")
 
 
 @dataclass(frozen=True)

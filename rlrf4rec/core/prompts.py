@@ -196,6 +196,14 @@ def history_texts(
     return texts
 
 
+def prompt_messages(
+    sequences: pa.Table, items: pa.Table, users: pa.Table | None, max_items: int | None, domain: str
+) -> dict[str, list[dict[str, str]]]:
+    """user_id -> the chat messages of the user's preference prompt (history_texts' window, `domain`'s factors):
+    what the generate stage renders, and what the pairs, SFT examples and GRPO prompts carry."""
+    return {u: preference_messages(h, domain) for u, h in history_texts(sequences, items, users, max_items).items()}
+
+
 def item_metadata_texts(items: pa.Table) -> dict[str, str]:
     """item_id -> the cheap item knowledge text: `"<title>" (<year>). Genres: a, b.` (schema.ITEMS rows)."""
     texts = {}

@@ -36,6 +36,7 @@ from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.stages.dpo import FIT_WALL
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,11 @@ def parse_arms(pair_counts: str, flips: str, flip_pairs: int | None, sft_best: s
     """`--pairs 50,250,700 --flips 0.28,0.5 --flip-pairs 250 --sft-best 250 --grpo 250` -> clean DPO arms at every
     count, the flip arms at `flip_pairs` (default: the middle count), then SFT-on-best and GRPO arms on the users of
     those counts."""
+
     def count(c: str) -> int:
-        n = ALL if c.strip() == "all" else int(c)
-        if n == ALL and c.strip() != "all":
+        if c.strip() == "all":
+            return ALL
+        if (n := int(c)) == ALL:
             raise ValueError("0 pairs")
         return n
 
@@ -172,6 +175,9 @@ def _share(stats: dict, flag: str) -> float:
     return stats.get(f"flag/{flag}", 0) / max(stats.get("rows", 0), 1)
 
 
+GRPO_COUNTS = ("steps", "prompts", "num_generations")  # fit stats (besides train/ eval/ pairs/) that a row keeps
+
+
 def arm_row(arm: Arm | None, dpo: dict | None, comparison: dict | None, gen_stats: dict) -> dict:
     """One table row: the arm (None: the start policy), its DPO stats, its valid reward and texts."""
     row: dict = {
@@ -183,7 +189,7 @@ def arm_row(arm: Arm | None, dpo: dict | None, comparison: dict | None, gen_stat
         "completion_tokens_mean": gen_stats.get("completion_tokens_mean"),
     }
     if dpo is not None:
-        row.update({k: dpo[k] for k in sorted(dpo) if k.startswith(("train/", "eval/", "pairs/")) or k == "steps"})
+        row.update({k: dpo[k] for k in sorted(dpo) if k.startswith(("train/", "eval/", "pairs/")) or k in GRPO_COUNTS})
     if comparison is not None:
         row.update({f"valid/{k}": v for k, v in comparison.items()})
     return row
@@ -198,8 +204,8 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
         "",
         "| arm | train pairs | flipped | DPO steps | train loss first -> last | train pair acc. last | held-out pairs "
         "| held-out pair acc. | held-out margin | valid reward | gain over start [95% CI] | with another user's lists "
-        "| off topic | cut at cap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| off topic | cut at cap | fit wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "train_pairs" not in r:  # the popularity row of the test column only
@@ -222,21 +228,68 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
                     num(r.get("eval/rewards/accuracies"), "{:.3f}"),
                     num(r.get("eval/rewards/margins")),
                     num(r.get("valid/after/mean", r.get("valid/before/mean")), "{:.4f}"),
-                    (
-                        f"{r['valid/gain/mean']:+.4f} [{r['valid/gain/ci_low']:+.4f}, {r['valid/gain/ci_high']:+.4f}]"
-                        if "valid/gain/mean" in r
-                        else "-"
-                    ),
+                    _ci(r, "valid/gain"),
                     num(r.get("valid/other_user/mean"), "{:.4f}"),
                     f"{r['off_topic']:.3f}",
                     f"{r['truncated']:.3f}",
+                    num(r.get(FIT_WALL), "{:.0f}"),
                 ]
             )
             + " |"
         )
+    if any("train/reward_first" in r for r in rows):
+        lines += ["", *grpo_markdown(rows)]
     if any("judge/before/mean" in r for r in rows):
         lines += ["", *judged_markdown(rows)]
     return "\n".join(lines) + "\n"
+
+
+def grpo_markdown(rows: Sequence[dict]) -> list[str]:
+    """The on-policy arms' own log: the reward of the completions they trained on, first and last step, and how many
+    groups carried no gradient (every completion of a prompt rewarded the same)."""
+    lines = [
+        "GRPO arms: each step samples generate.num_samples completions per prompt from the current policy and rewards "
+        "every one; tied groups (all rewards equal) carry no gradient",
+        "",
+        "| arm | users' prompts | steps | completions per prompt | train reward first -> last (mean) "
+        "| tied groups first -> last (mean) | KL last | completion tokens (mean) | off topic first -> last | s / step "
+        "| fit wall s | valid reward vs DPO, same pairs' users [95% CI] | judge vs DPO [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def trio(r: dict, key: str, fmt: str) -> str:
+        if f"train/{key}_first" not in r:
+            return "-"
+        first, last, mean = (fmt.format(r[f"train/{key}_{x}"]) for x in ("first", "last", "mean"))
+        return f"{first} -> {last} ({mean})"
+
+    for r in rows:
+        if "train/reward_first" not in r:
+            continue
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["arm"],
+                    str(r.get("prompts", "-")),
+                    str(r.get("steps", "-")),
+                    str(r.get("num_generations", "-")),
+                    trio(r, "reward", "{:.4f}"),
+                    trio(r, "frac_reward_zero_std", "{:.2f}"),
+                    "-" if "train/kl_last" not in r else f"{r['train/kl_last']:.4f}",
+                    "-"
+                    if "train/completions/mean_length_mean" not in r
+                    else f"{r['train/completions/mean_length_mean']:.1f}",
+                    trio(r, "off_topic", "{:.2f}"),
+                    "-" if "train/step_time_s" not in r else f"{r['train/step_time_s']:.1f}",
+                    "-" if FIT_WALL not in r else f"{r[FIT_WALL]:.0f}",
+                    _ci(r, "vs_dpo/gain"),
+                    _ci(r, "judge_vs_dpo/gain"),
+                ]
+            )
+            + " |"
+        )
+    return lines
 
 
 def _ci(r: dict, key: str) -> str:
@@ -337,7 +390,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     rows[0]["valid/other_user/mean"] = other_user_reward(cfg, gen_valid)
     if judge:
         rows[0]["judge/before/mean"] = float(np.mean(list(per_user_rewards(judged[START]).values())))
-    policies = {START: policy}
+    policies, rewarded = {START: policy}, {START: rew_valid}
     for arm in arms:
         arm_dir, version = layout.arms_step(name, arm.name), f"arms-{name}-{arm.name}"
         pairs_path = arm_dir / ARM_PAIRS
@@ -359,7 +412,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
             tuned = layout.policy(fit_dir.name)
         policies[arm.name] = str(tuned)
         gen = policy_generations(cfg, "valid", cfg.loop.eval_users, str(tuned), version)
-        rew = run_reward(cfg, gen, scorer, arm_dir / "reward-valid")
+        rew = rewarded[arm.name] = run_reward(cfg, gen, scorer, arm_dir / "reward-valid")
         comparison = compare_policies(rew_valid, rew, cfg.loop.bootstrap_samples, cfg.seed)
         rows.append(arm_row(arm, read_marker(fit_dir)["stats"], comparison, read_marker(gen)["stats"]))
         rows[-1]["valid/other_user/mean"] = other_user_reward(cfg, gen)
@@ -375,6 +428,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
             rows[-1].update({f"shift/{k}": v for k, v in read_marker(shift)["stats"].items()})
         _write_table(rows, out, cfg.reward.metric)
         log.info("arms/%s/%s: %s", name, arm.name, json.dumps(rows[-1]))
+    _on_policy_against_offline(cfg, rows, arms, rewarded, judged)
     if judge:
         _against_random_labels(cfg, rows, arms, judged)
         test = fixed_test_rows(cfg, name, policies)
@@ -408,6 +462,24 @@ def _against_random_labels(cfg: RunConfig, rows: list[dict], arms: Sequence[Arm]
         if other is not None and other != arm.name:
             vs = compare_policies(judged[other], judged[arm.name], cfg.loop.bootstrap_samples, cfg.seed)
             row.update({f"judge_vs_random/{k}": v for k, v in vs.items()})
+
+
+def _on_policy_against_offline(
+    cfg: RunConfig, rows: list[dict], arms: Sequence[Arm], rewarded: dict[str, Path], judged: dict[str, Path]
+) -> None:
+    """Each GRPO arm's valid reward paired against the clean DPO arm's of the same pair count (the offline update on
+    the same users' texts), under the pair-building reward and, when there is one, the judge."""
+    from rlrf4rec.stages.reward import compare_policies
+
+    offline = {a.pairs: a.name for a in arms if a.kind == DPO and not a.flipped}
+    for row, arm in zip(rows[1:], arms):
+        other = offline.get(arm.pairs)
+        if arm.kind != GRPO or other is None:
+            continue
+        for key, dirs in (("vs_dpo", rewarded), ("judge_vs_dpo", judged)):
+            if other in dirs and arm.name in dirs:
+                vs = compare_policies(dirs[other], dirs[arm.name], cfg.loop.bootstrap_samples, cfg.seed)
+                row.update({f"{key}/{k}": v for k, v in vs.items()})
 
 
 def fixed_test_rows(cfg: RunConfig, name: str, policies: dict[str, str]) -> dict[str, dict]:

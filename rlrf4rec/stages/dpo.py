@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,11 +288,18 @@ def fit_local(loop_config: dict) -> Path:
     return launcher.hf_fit_local(trainer_from, loop_config)
 
 
+# The wall time of a fit in the invocation that finished it (workers' start, reference pass, steps, checkpoints):
+# what the arms compare updates at. A resumed fit counts only its last invocation.
+FIT_WALL = "train/fit_wall_s"
+
+
 def fit_policy(
     make_trainer: launcher.TrainerFactory, loop_config: dict, fit: launcher.Fit, on_ray: bool, renames: dict
-) -> tuple[Path, list[dict], list[int]]:
+) -> tuple[Path, list[dict], list[int], dict]:
     """A policy fine-tune (SFT, GRPO) on `fit`'s Ray Train workers or in this process: its last checkpoint, its log as
-    history rows (history_from_log with `renames`), and the steps a restarted worker group resumed after."""
+    history rows (history_from_log with `renames`), the steps a restarted worker group resumed after, and
+    {FIT_WALL: seconds}."""
+    start = time.monotonic()
     if on_ray:
         checkpoint = launcher.hf_fit_on_ray(make_trainer, loop_config, fit)
     else:
@@ -302,6 +310,7 @@ def fit_policy(
         checkpoint,
         history_from_log(state["log_history"], renames),
         json.loads(resumes.read_text()) if resumes.is_file() else [],
+        {FIT_WALL: time.monotonic() - start},
     )
 
 
@@ -459,10 +468,12 @@ def run_dpo(
         "fault_at": cfg.fault.dpo_step,
     }
     log.info("dpo/%s: %s", out_name, json.dumps(counts))
+    start = time.monotonic()
     if on_ray:
         checkpoint = fit_on_ray(cfg, loop_config, storage, f"dpo-{out_name}")
     else:
         checkpoint = fit_local(loop_config)
+    wall = {FIT_WALL: time.monotonic() - start}
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     resumes = storage / RESUMES
     history = history_from_log(state["log_history"])
@@ -472,6 +483,7 @@ def run_dpo(
         stats.update(
             counts,
             **summarize(history),
+            **wall,
             policy=str(policy_dir),
             pairs=str(pairs_path),
             on_ray=on_ray,

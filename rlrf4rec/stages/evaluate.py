@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
     is_complete,
@@ -37,7 +36,7 @@ from rlrf4rec.core.layout import EVAL_ROWS, FIXED, GENERATIONS, PAIRED, PER_USER
 from rlrf4rec.core.metrics import bootstrap_ci, rank_metrics
 from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import RERANK_KS, RerankTask
-from rlrf4rec.stages.encode import TextEncoder, embedding_cache
+from rlrf4rec.stages.encode import TextEncoder, embedding_cache, make_encoder
 from rlrf4rec.stages.reward import RewardModel
 
 log = logging.getLogger(__name__)
@@ -116,13 +115,47 @@ def policy_test_texts(cfg: RunConfig, name: str, policy: str | Path) -> tuple[di
     return text_of, float(np.mean(["off_topic" in f for f in flags])) if flags else 0.0
 
 
+@dataclasses.dataclass
+class TestScoring:
+    """What scoring policies' texts on the test users needs, read once: the base re-ranker (whose lists every model
+    shares), the test users, their history texts, the encoder and the embedding cache."""
+
+    cfg: RunConfig
+    base: RewardModel
+    users: list[str]
+    histories: dict[str, str]
+    encoder: TextEncoder
+    cache: object
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> TestScoring:
+        from rlrf4rec.stages.data import user_history_texts
+
+        base = RewardModel.load(cfg.layout.recommender("base"), cfg.layout.data, require_knowledge=False)
+        users = sorted(set(base.task.list_users["test"]))
+        return cls(cfg, base, users, user_history_texts(cfg), make_encoder(cfg), embedding_cache(cfg))
+
+    def model(self, recommender: Path) -> RewardModel:
+        """A recommender stage's model over the base model's lists (the data tables are read once)."""
+        if Path(recommender) == self.cfg.layout.recommender("base"):
+            return self.base
+        return RewardModel.load(recommender, self.cfg.layout.data, require_knowledge=False, task=self.base.task)
+
+    def knowledge_texts(self, text_of: dict[str, str] | None) -> list[str]:
+        """Each test user's knowledge text: the history text, with the user's policy text (text_of) where given."""
+        with_history = self.cfg.knowledge.history_text
+        return [user_knowledge_text(self.histories[u], (text_of or {}).get(u), with_history) for u in self.users]
+
+    def score(self, model: RewardModel, texts: list[str] | None) -> dict[str, np.ndarray]:
+        """Per test user metrics of `model` with those knowledge texts (None: no user knowledge)."""
+        vectors = None if texts is None else model.encode(self.encoder, texts, self.cache)
+        return per_user_metrics(model, self.users, vectors)
+
+
 def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force: bool = False) -> Path:
     """policies: [(row name, policy model path, recommender stage dir)], each evaluated with its test texts under
     its own recommender and, where that is not the base one, under the base re-ranker too."""
-    from rlrf4rec.stages.data import user_history_texts
-
     layout = cfg.layout
-    data_dir = layout.data
     baselines = [v for v in ("id-kar", "id", "base") if v != "id-kar" or layout.recommender(v).is_dir()]
     upstream = [require_marker(layout.recommender(v), "train-recommender")["fingerprint"] for v in baselines]
     upstream += [require_marker(r, "loop")["fingerprint"] + model_identity(str(p)) for _, p, r in policies]
@@ -130,41 +163,31 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     stage_dir = layout.evaluate
     if not force and is_complete(stage_dir, fingerprint):
         return stage_dir
-    base = RewardModel.load(layout.recommender("base"), data_dir, require_knowledge=False)
-
-    def load(recommender: Path) -> RewardModel:  # the data tables are read once: every model shares base's lists
-        return RewardModel.load(recommender, data_dir, require_knowledge=False, task=base.task)
-
-    test_users = sorted(set(base.task.list_users["test"]))
-    histories = user_history_texts(cfg)
-    home = assets.asset_home(cfg.assets.home)
-    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
-    cache = embedding_cache(cfg)
+    test = TestScoring.load(cfg)
+    test_users, base = test.users, test.base
     rows: dict[str, dict[str, np.ndarray]] = {}
-    id_model = load(layout.recommender("id"))
+    id_model = test.model(layout.recommender("id"))
     rows["popularity"] = popularity_metrics(id_model.task, test_users)
     if layout.recommender_model("id-kar").is_file():
-        rows["KAR ID-only"] = per_user_metrics(load(layout.recommender("id-kar")), test_users, None)
-    rows["ID only"] = per_user_metrics(id_model, test_users, None)
+        rows["KAR ID-only"] = test.score(test.model(layout.recommender("id-kar")), None)
+    rows["ID only"] = test.score(id_model, None)
     if cfg.knowledge.user == "history":  # else the base recommender never saw a history text alone
-        history_vectors = base.encode(encoder, [user_knowledge_text(histories[u]) for u in test_users], cache)
-        rows["history knowledge (no LLM)"] = per_user_metrics(base, test_users, history_vectors)
+        rows["history knowledge (no LLM)"] = test.score(base, test.knowledge_texts(None))
     texts: dict[str, list[str]] = {}
     scored_by = {"popularity": "none (train-user count)", "KAR ID-only": "id-kar", "ID only": "id"}
     info: dict[str, dict] = {name: {"texts": None, "re-ranker": scored_by.get(name, "base")} for name in rows}
     if "history knowledge (no LLM)" in info:
         info["history knowledge (no LLM)"]["texts"] = "history text"
-    base_dir, with_history = layout.recommender("base"), cfg.knowledge.history_text
     for name, policy, recommender in policies:
         text_of, off_topic = policy_test_texts(cfg, name, policy)
         texts[name] = [text_of.get(u, "") for u in test_users]
-        knowledge_texts = [user_knowledge_text(histories[u], text_of.get(u), with_history) for u in test_users]
+        knowledge_texts = test.knowledge_texts(text_of)
         shown = {"texts": f"{cfg.loop.test_texts} ({name})", "off_topic_share": off_topic}
-        model = base if Path(recommender) == base_dir else load(recommender)
-        rows[name] = per_user_metrics(model, test_users, model.encode(encoder, knowledge_texts, cache))
+        model = test.model(recommender)
+        rows[name] = test.score(model, knowledge_texts)
         info[name] = {**shown, "re-ranker": Path(recommender).name}
         if model is not base:
-            rows[name + FIXED] = per_user_metrics(base, test_users, base.encode(encoder, knowledge_texts, cache))
+            rows[name + FIXED] = test.score(base, knowledge_texts)
             info[name + FIXED] = {**shown, "re-ranker": "base (fixed)"}
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     paired = paired_differences(rows, cfg.loop.bootstrap_samples, cfg.seed)
@@ -190,21 +213,13 @@ def fixed_reranker_test(cfg: RunConfig, policies: list[tuple[str, str | Path]]) 
     frozen base re-ranker, the texts the only difference between rows: name -> {"ndcg@5": [mean, low, high],
     "vs_first": the paired difference to the first policy's row [mean, low, high], "off_topic_share"}; and a
     "popularity" row. Computed in process from the stage directories; writes nothing but the texts."""
-    from rlrf4rec.stages.data import user_history_texts
-
-    layout = cfg.layout
-    base = RewardModel.load(layout.recommender("base"), layout.data, require_knowledge=False)
-    test_users = sorted(set(base.task.list_users["test"]))
-    histories = user_history_texts(cfg)
-    home = assets.asset_home(cfg.assets.home)
-    encoder = TextEncoder(assets.resolve(cfg.models.encoder, home), cfg.encode.max_length, cfg.encode.batch_size)
-    cache, n, seed = embedding_cache(cfg), cfg.loop.bootstrap_samples, cfg.seed
-    ndcg = {"popularity": popularity_metrics(base.task, test_users)["ndcg@5"]}
+    test = TestScoring.load(cfg)
+    n, seed = cfg.loop.bootstrap_samples, cfg.seed
+    ndcg = {"popularity": popularity_metrics(test.base.task, test.users)["ndcg@5"]}
     out: dict[str, dict] = {}
     for name, policy in policies:
         text_of, off_topic = policy_test_texts(cfg, name, policy)
-        texts = [user_knowledge_text(histories[u], text_of.get(u), cfg.knowledge.history_text) for u in test_users]
-        ndcg[name] = per_user_metrics(base, test_users, base.encode(encoder, texts, cache))["ndcg@5"]
+        ndcg[name] = test.score(test.base, test.knowledge_texts(text_of))["ndcg@5"]
         out[name] = {"off_topic_share": off_topic}
     first = policies[0][0]
     for name, values in ndcg.items():

@@ -61,7 +61,7 @@ from rlrf4rec.core.layout import (
     shard,
     shard_glob,
 )
-from rlrf4rec.core.prompts import history_texts, preference_messages
+from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
 
 if TYPE_CHECKING:
@@ -100,10 +100,10 @@ def build_requests(
     prompt land in the same engine batch (prefix caching shares the prompt's KV cache).
     """
     chosen = select_users(sequences, cfg.splits, cfg.max_users)
-    histories = history_texts(chosen, items, users, cfg.prompt_history)
+    messages = prompt_messages(chosen, items, users, cfg.prompt_history, cfg.domain)
     rows = []
     for user_id, split in zip(chosen.column(S.USER_ID).to_pylist(), chosen.column(S.SPLIT).to_pylist()):
-        prompt = render(preference_messages(histories[user_id], cfg.domain))
+        prompt = render(messages[user_id])
         for k in range(cfg.num_samples):
             rows.append(dict(zip(REQUEST_COLUMNS, [user_id, k, split, prompt, request_seed(run_seed, user_id, k)])))
     return pa.Table.from_pylist(rows, schema=REQUESTS)

@@ -45,7 +45,7 @@ from rlrf4rec.core.artifacts import (
 from rlrf4rec.core.config import GenerateConfig, GRPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, SFT_HF
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
-from rlrf4rec.core.prompts import history_texts, mentions_topic, preference_messages
+from rlrf4rec.core.prompts import mentions_topic, prompt_messages
 from rlrf4rec.stages import launcher
 from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
@@ -62,12 +62,23 @@ def grpo_prompts(cfg: RunConfig, users: Sequence[str]) -> pa.Table:
     seqs = tables["sequences"]
     wanted = set(users)
     seqs = seqs.filter(pa.array([u in wanted for u in seqs.column(S.USER_ID).to_pylist()], pa.bool_()))
-    histories = history_texts(seqs, tables["items"], tables.get("users"), cfg.generate.prompt_history)
-    missing = [u for u in users if u not in histories]
+    g = cfg.generate
+    messages = prompt_messages(seqs, tables["items"], tables.get("users"), g.prompt_history, g.domain)
+    missing = [u for u in users if u not in messages]
     if missing:
         raise ValueError(f"grpo: users {missing[:5]} are not in the data stage's sequences ({cfg.layout.data})")
-    rows = [{S.USER_ID: u, S.PROMPT: preference_messages(histories[u], cfg.generate.domain)} for u in users]
+    rows = [{S.USER_ID: u, S.PROMPT: messages[u]} for u in users]
     return pa.Table.from_pylist(rows, S.GRPO_PROMPTS)
+
+
+def worker_config(cfg: RunConfig) -> dict:
+    """The run config as plain values for the reward function in Ray workers, whose working directory is not the
+    driver's: the run directory and the asset home as absolute paths."""
+    out = cfg.to_dict()
+    out["run_dir"] = str(cfg.run_path.resolve())
+    if out["assets"].get("home"):
+        out["assets"]["home"] = str(Path(out["assets"]["home"]).expanduser().resolve())
+    return out
 
 
 class RecsysReward:
@@ -125,7 +136,9 @@ def build_trainer(config: dict, callbacks: list) -> Trainer:
         scale_rewards=gc.scale_rewards,
         num_iterations=gc.num_iterations,
         epsilon=gc.epsilon,
-        use_vllm=False,
+        use_vllm=gc.generation == "vllm",
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=gc.vllm_gpu_memory_utilization,
         **shared,
     )
     reward = RecsysReward(config["config"], config["scorer"], config["folds"])
@@ -214,7 +227,7 @@ def run_grpo(
     loop_config = {
         "section": "grpo",
         "grpo": cfg.to_dict()["grpo"],
-        "config": cfg.to_dict(),
+        "config": worker_config(cfg),
         "policy_dir": str(Path(policy_dir).resolve()),
         "prompts_path": str(prompts_path.resolve()),
         "scorer": [str(Path(d).resolve()) for d in scorer],
@@ -226,7 +239,7 @@ def run_grpo(
         "fault_at": cfg.fault.dpo_step,
     }
     fit = launcher.Fit.of(f"grpo-{name}", storage, gc)
-    checkpoint, history, resumed_after = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
+    checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(prompts, tmp / GRPO_PROMPTS, S.GRPO_PROMPTS)
         export_model(checkpoint, Path(policy_dir), tmp / POLICY_MODEL)
@@ -234,6 +247,7 @@ def run_grpo(
         stats.update(
             counts,
             **summarize(history),
+            **wall,
             policy=str(policy_dir),
             reward=cfg.reward.metric,
             on_ray=on_ray,

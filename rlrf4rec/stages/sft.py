@@ -38,7 +38,7 @@ from rlrf4rec.core.layout import (
     SFT_TRAIN_EXAMPLES,
     SFT_WORK,
 )
-from rlrf4rec.core.prompts import history_texts, preference_messages
+from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.stages import launcher
 from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
@@ -71,7 +71,7 @@ def sft_examples(
     seqs = tables["sequences"]
     keep = pa.array([s in ("train", "valid") for s in seqs.column(S.SPLIT).to_pylist()], pa.bool_())
     seqs = seqs.filter(keep)
-    histories = history_texts(seqs, tables["items"], tables.get("users"), prompt_history)
+    messages = prompt_messages(seqs, tables["items"], tables.get("users"), prompt_history, domain)
     split = dict(zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()))
     split = {u: s for u, s in split.items() if u in targets}
     train = sorted((u for u, s in split.items() if s == "train"), key=lambda u: stable_seed(seed, "sft-users", u))
@@ -80,7 +80,7 @@ def sft_examples(
         {
             S.USER_ID: u,
             S.SPLIT: split[u],
-            S.PROMPT: preference_messages(histories[u], domain),
+            S.PROMPT: messages[u],
             S.COMPLETION: [{"role": "assistant", "content": targets[u]}],
         }
         for u in users
@@ -235,7 +235,7 @@ def fit_sft(
         "fault_at": cfg.fault.dpo_step,
     }
     fit = launcher.Fit.of(stage_dir.name, storage, sc)
-    checkpoint, history, resumed_after = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
+    checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         write_parquet(examples, tmp / SFT_EXAMPLES, S.SFT_EXAMPLES)
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
@@ -243,6 +243,7 @@ def fit_sft(
         stats.update(
             counts,
             **summarize(history),
+            **wall,
             policy=str(policy_dir),
             target=target,
             on_ray=on_ray,
