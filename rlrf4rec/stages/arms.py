@@ -195,10 +195,11 @@ def arm_row(arm: Arm | None, dpo: dict | None, comparison: dict | None, gen_stat
     return row
 
 
-def table_markdown(rows: Sequence[dict], metric: str) -> str:
-    def num(x, fmt: str = "{:+.4f}") -> str:
-        return "-" if x is None else fmt.format(x)
+def _num(x, fmt: str = "{:+.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
 
+
+def table_markdown(rows: Sequence[dict], metric: str) -> str:
     lines = [
         f"reward: {metric}; held-out pairs: the valid users' (true labels, never trained on)",
         "",
@@ -223,16 +224,16 @@ def table_markdown(rows: Sequence[dict], metric: str) -> str:
                         if "train/dpo_loss_first" in r
                         else "-"
                     ),
-                    num(r.get("train/rewards/accuracies_last"), "{:.2f}"),
+                    _num(r.get("train/rewards/accuracies_last"), "{:.2f}"),
                     str(r.get("pairs/eval", "-")),
-                    num(r.get("eval/rewards/accuracies"), "{:.3f}"),
-                    num(r.get("eval/rewards/margins")),
-                    num(r.get("valid/after/mean", r.get("valid/before/mean")), "{:.4f}"),
+                    _num(r.get("eval/rewards/accuracies"), "{:.3f}"),
+                    _num(r.get("eval/rewards/margins")),
+                    _num(r.get("valid/after/mean", r.get("valid/before/mean")), "{:.4f}"),
                     _ci(r, "valid/gain"),
-                    num(r.get("valid/other_user/mean"), "{:.4f}"),
+                    _num(r.get("valid/other_user/mean"), "{:.4f}"),
                     f"{r['off_topic']:.3f}",
                     f"{r['truncated']:.3f}",
-                    num(r.get(FIT_WALL), "{:.0f}"),
+                    _num(r.get(FIT_WALL), "{:.0f}"),
                 ]
             )
             + " |"
@@ -276,13 +277,11 @@ def grpo_markdown(rows: Sequence[dict]) -> list[str]:
                     str(r.get("num_generations", "-")),
                     trio(r, "reward", "{:.4f}"),
                     trio(r, "frac_reward_zero_std", "{:.2f}"),
-                    "-" if "train/kl_last" not in r else f"{r['train/kl_last']:.4f}",
-                    "-"
-                    if "train/completions/mean_length_mean" not in r
-                    else f"{r['train/completions/mean_length_mean']:.1f}",
+                    _num(r.get("train/kl_last"), "{:.4f}"),
+                    _num(r.get("train/completions/mean_length_mean"), "{:.1f}"),
                     trio(r, "off_topic", "{:.2f}"),
-                    "-" if "train/step_time_s" not in r else f"{r['train/step_time_s']:.1f}",
-                    "-" if FIT_WALL not in r else f"{r[FIT_WALL]:.0f}",
+                    _num(r.get("train/step_time_s"), "{:.1f}"),
+                    _num(r.get(FIT_WALL), "{:.0f}"),
                     _ci(r, "vs_dpo/gain"),
                     _ci(r, "judge_vs_dpo/gain"),
                 ]
@@ -321,12 +320,12 @@ def judged_markdown(rows: Sequence[dict]) -> list[str]:
             + " | ".join(
                 [
                     r["arm"],
-                    "-" if judge is None else f"{judge:.4f}",
+                    _num(judge, "{:.4f}"),
                     _ci(r, "judge/gain"),
                     _ci(r, "judge_vs_random/gain"),
-                    "-" if "shift/valid/kl_per_token" not in r else f"{r['shift/valid/kl_per_token']:.4f}",
-                    "-" if "shift/train/pair_accuracy" not in r else f"{r['shift/train/pair_accuracy']:.3f}",
-                    "-" if "off_topic" not in r else f"{r['off_topic']:.3f}",
+                    _num(r.get("shift/valid/kl_per_token"), "{:.4f}"),
+                    _num(r.get("shift/train/pair_accuracy"), "{:.3f}"),
+                    _num(r.get("off_topic"), "{:.3f}"),
                     _interval(r.get("test/ndcg@5"), "{:.4f}"),
                     "-" if r["arm"] in (START, "popularity") else _interval(r.get("test/vs_first")),
                 ]

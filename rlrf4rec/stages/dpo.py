@@ -278,16 +278,6 @@ def trainer_from(config: dict, callbacks: list | None = None) -> Trainer:
     )
 
 
-def fit_on_ray(cfg: RunConfig, loop_config: dict, storage: Path, name: str) -> Path:
-    """The DPO trainer over `dpo.num_workers` Ray Train workers; returns the last HF checkpoint directory in storage."""
-    return launcher.hf_fit_on_ray(trainer_from, loop_config, launcher.Fit.of(name, storage, cfg.dpo))
-
-
-def fit_local(loop_config: dict) -> Path:
-    """The same trainer in this process (plain TRL, no Ray); returns its last checkpoint directory."""
-    return launcher.hf_fit_local(trainer_from, loop_config)
-
-
 # The wall time of a fit in the invocation that finished it (workers' start, reference pass, steps, checkpoints):
 # what the arms compare updates at. A resumed fit counts only its last invocation.
 FIT_WALL = "train/fit_wall_s"
@@ -296,8 +286,8 @@ FIT_WALL = "train/fit_wall_s"
 def fit_policy(
     make_trainer: launcher.TrainerFactory, loop_config: dict, fit: launcher.Fit, on_ray: bool, renames: dict
 ) -> tuple[Path, list[dict], list[int], dict]:
-    """A policy fine-tune (SFT, GRPO) on `fit`'s Ray Train workers or in this process: its last checkpoint, its log as
-    history rows (history_from_log with `renames`), the steps a restarted worker group resumed after, and
+    """A policy fine-tune (DPO, SFT, GRPO) on `fit`'s Ray Train workers or in this process: its last checkpoint, its
+    log as history rows (history_from_log with `renames`), the steps a restarted worker group resumed after, and
     {FIT_WALL: seconds}."""
     start = time.monotonic()
     if on_ray:
@@ -468,15 +458,8 @@ def run_dpo(
         "fault_at": cfg.fault.dpo_step,
     }
     log.info("dpo/%s: %s", out_name, json.dumps(counts))
-    start = time.monotonic()
-    if on_ray:
-        checkpoint = fit_on_ray(cfg, loop_config, storage, f"dpo-{out_name}")
-    else:
-        checkpoint = fit_local(loop_config)
-    wall = {FIT_WALL: time.monotonic() - start}
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    resumes = storage / RESUMES
-    history = history_from_log(state["log_history"])
+    fit = launcher.Fit.of(f"dpo-{out_name}", storage, dc)
+    checkpoint, history, resumed_after, wall = fit_policy(trainer_from, loop_config, fit, on_ray, RENAMES)
     with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
         write_json(history, tmp / HISTORY)
@@ -487,7 +470,7 @@ def run_dpo(
             policy=str(policy_dir),
             pairs=str(pairs_path),
             on_ray=on_ray,
-            resumed_after=json.loads(resumes.read_text()) if resumes.is_file() else [],
+            resumed_after=resumed_after,
             # What the last checkpoint held, recorded before the checkpoints are removed below.
             checkpoint_adapter=(checkpoint / "adapter_config.json").is_file(),
             checkpoint_deepspeed_shards=any(p.name.startswith("global_step") for p in checkpoint.iterdir()),
