@@ -248,6 +248,28 @@ def test_stage_publishes_once_and_grows_incrementally(tmp_path, monkeypatch):
     assert grown.num_rows == 4 and grown.slice(0, 2).to_pylist() == gens.to_pylist()
 
 
+def test_a_run_directory_moved_elsewhere_keeps_the_texts_of_the_models_it_trained(tmp_path):
+    """A policy this run trained is named in a generation fingerprint by its place in the run, so a copied or moved
+    run directory finds its texts complete; a model outside the run by its path, so another one is another key."""
+    a, b = stage_cfg(tmp_path / "a"), stage_cfg(tmp_path / "b")
+    for cfg in (a, b):  # a trained policy as the DPO stage leaves it: a model directory in a complete stage
+        (cfg.run_path / "dpo" / "round0" / "model").mkdir(parents=True)
+        (cfg.run_path / "dpo" / "round0" / MARKER).write_text('{"fingerprint": "dpo-fp"}')
+
+    def key(cfg: RunConfig, model: Path) -> tuple[str, str]:
+        return G.fingerprints(cfg, "data-fp", str(model), "round1")
+
+    policy = Path("dpo") / "round0" / "model"
+    assert key(a, a.run_path / policy) == key(b, b.run_path / policy)
+    assert G.run_relative_model(a, str(a.run_path / policy)) == "<run>/dpo/round0/model"
+    outside = tmp_path / "elsewhere" / "model"
+    outside.mkdir(parents=True)
+    assert G.run_relative_model(a, str(outside)) == str(outside)
+    assert key(a, outside) != key(a, tmp_path / "other")
+    (b.run_path / "dpo" / "round0" / MARKER).write_text('{"fingerprint": "retrained"}')  # retrained: stale texts
+    assert key(a, a.run_path / policy) != key(b, b.run_path / policy)
+
+
 def test_generate_config_errors_name_the_field():
     for bad, field in [
         ({"engine": "tgi"}, "generate.engine"),

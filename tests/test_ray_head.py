@@ -4,6 +4,7 @@ application deployed from serve_config.yaml, hot-swapped by a user_config change
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -114,20 +116,28 @@ def test_a_submitted_stage_refuses_a_relative_run_dir_and_lands_an_absolute_one(
     assert read_marker(run_dir / "data")["stats"]["users"] == 40
 
 
-def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
-    write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
-    run_dir = tmp_path / "run"
+def _tiny_config(raw: Path, run_dir: Path, rounds: int, ensemble: int) -> Path:
+    """The CPU config shrunk to seconds a stage: 2 texts of 8 tokens per user, one DPO step, 2-epoch re-rankers.
+    Written beside `run_dir` as `<run_dir>.yaml`."""
     config = yaml.safe_load((ROOT / "configs" / "ml100k-cpu.yaml").read_text())
     config.update(name="tiny", run_dir=str(run_dir))
-    config["data"].update(format="parquet", path=str(tmp_path / "raw"))
+    config["data"].update(format="parquet", path=str(raw))
     config["generate"].update(engine="transformers", num_samples=2, max_new_tokens=8, batch_size=16)
     config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
     config["encode"].update(max_length=64)
     config["recommender"].update(max_epochs=2, warmup_epochs=1, num_workers=1)
-    config["reward"].update(min_margin=0.0, ensemble=2)  # every reward the mean of two seeds' recommenders
-    config["loop"].update(rounds=1, train_users=12, eval_users=4, bootstrap_samples=100)
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config["reward"].update(min_margin=0.0, ensemble=ensemble)
+    config["loop"].update(rounds=rounds, train_users=12, eval_users=4, bootstrap_samples=100)
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
+    write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
+    run_dir = tmp_path / "run"
+    # reward.ensemble = 2: every reward the mean of two seeds' recommenders
+    config_path = _tiny_config(tmp_path / "raw", run_dir, rounds=1, ensemble=2)
     status, logs = _submit(
         head, f"rlrf4rec-tiny-{secrets.token_hex(4)}", "ray_jobs/run.py", "--config", str(config_path)
     )
@@ -146,8 +156,13 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     ]
     base, sibling = (yaml.safe_load((Path(d) / "config.yaml").read_text()) for d in round0["reward_models"])
     assert sibling["seed"] == base["seed"] + 1
-    for step in ("reward-train", "reward-valid"):
-        assert read_marker(run_dir / "rounds" / "round0" / step)["stats"]["ensemble"] == 2
+    rewarded = {
+        step: read_marker(run_dir / "rounds" / "round0" / step)["stats"] for step in ("reward-train", "reward-valid")
+    }
+    assert all(stats["ensemble"] == 2 for stats in rewarded.values())
+    # Cross-fitting: every rewarded train text (12 users x 2) scored by a fold model, no valid text by one.
+    assert rewarded["reward-train"]["cross_fitted_rows"] == rewarded["reward-train"]["rows"] == 12 * 2
+    assert rewarded["reward-valid"]["cross_fitted_rows"] == 0 and rewarded["reward-valid"]["rows"] == 4 * 2
     # knowledge.user = llm: the base recommender and round 1's train on one policy text per train and valid user
     sequences = pq.read_table(run_dir / "data" / "sequences.parquet").to_pylist()
     trained_on = {r["user_id"] for r in sequences if r["split"] in ("train", "valid")}
@@ -174,6 +189,93 @@ def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
     assert 0.0 <= rows["DPO round 1"]["off_topic_share"] <= 1.0
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
     assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
+
+
+def _driver(head, config: Path, log: Path) -> subprocess.Popen:
+    """`ray_jobs/run.py` as a job's driver on the head ($RAY_ADDRESS), in a process group of its own."""
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "ray_jobs/run.py", "--config", str(config)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _finished(proc: subprocess.Popen, log: Path, timeout: float = 1200) -> None:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-6000:]
+
+
+def _stage_fingerprints(run: Path) -> dict[str, str]:
+    """Each stage's fingerprint but the report's (stamped with the time it was rendered: it renders every run)."""
+    markers = (m.parent for m in run.rglob("_COMPLETE.json") if m.parent.name != "report")
+    return {str(stage.relative_to(run)): read_marker(stage)["fingerprint"] for stage in markers}
+
+
+def _tables(run: Path) -> dict[str, object]:
+    """Every Parquet artifact of a run but the embedding caches (written in the order users arrive), with the
+    run directory in a generation's `model` column written as <run>."""
+    tables = {}
+    for f in sorted(run.rglob("*.parquet")):
+        if "cache" not in f.parts:
+            table = pq.read_table(f)
+            if "model" in table.column_names:
+                i = table.column_names.index("model")
+                table = table.set_column(i, "model", pc.replace_substring(table["model"], str(run), "<run>"))
+            tables[str(f.relative_to(run))] = table
+    return tables
+
+
+def _without_run_dir(value, run: Path):
+    """A manifest with its run directory written as <run>. Left out: seconds (`*_s`, time, not results), which
+    checkpoint a fit resumed from, and the hash of the whole config (run_dir included)."""
+    if isinstance(value, dict):
+        dropped = ("_s", "resumed_after", "config_hash")
+        return {k: _without_run_dir(v, run) for k, v in value.items() if not k.endswith(dropped)}
+    if isinstance(value, list):
+        return [_without_run_dir(v, run) for v in value]
+    return value.replace(str(run), "<run>") if isinstance(value, str) else value
+
+
+def test_two_rounds_killed_mid_round_resume_to_the_uninterrupted_result(head, tmp_path):
+    """The loop's resume promise: a driver SIGKILLed in the middle of round 2 (its train texts rewarded, its
+    pairs and DPO not yet published) and started again ends with the manifest, stage fingerprints and Parquet
+    artifacts of the run that was never interrupted. Both runs are drivers on the same head, started together."""
+    raw = tmp_path / "raw"
+    write_dataset(raw, num_users=40, length=24, liked_fraction=0.5)
+    clean_run, killed_run = tmp_path / "clean", tmp_path / "killed"
+    clean_log, killed_log = tmp_path / "clean.log", tmp_path / "killed.log"
+    clean = _driver(head, _tiny_config(raw, clean_run, rounds=2, ensemble=1), clean_log)
+    killed_config = _tiny_config(raw, killed_run, rounds=2, ensemble=1)
+    drivers = [clean, _driver(head, killed_config, killed_log)]
+    try:
+        killed = drivers[1]
+        mid_round = killed_run / "rounds" / "round1" / "reward-train" / "_COMPLETE.json"
+        wait(lambda: mid_round.exists() or killed.poll() is not None, 1200, "round 2's train rewards", interval=0.1)
+        assert killed.poll() is None, killed_log.read_text()[-6000:]  # still running: killed mid-round, not after
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        manifest = json.loads((killed_run / "rounds" / "manifest.json").read_text())
+        assert [r["round"] for r in manifest["rounds"]] == [0]  # round 2 was not finished
+        assert read_marker(killed_run / "dpo" / "round1") is None  # nor its DPO fit
+        drivers.append(_driver(head, killed_config, killed_log))
+        _finished(drivers[2], killed_log)
+        _finished(clean, clean_log)
+    finally:
+        for proc in drivers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    # The two runs live in different directories: equal fingerprints also say that a run's stages name the models
+    # it trained by their place in the run (a run directory moved elsewhere keeps its stages).
+    manifests = [json.loads((run / "rounds" / "manifest.json").read_text()) for run in (clean_run, killed_run)]
+    assert [r["round"] for r in manifests[0]["rounds"]] == [0, 1]
+    assert _without_run_dir(manifests[1], killed_run) == _without_run_dir(manifests[0], clean_run)
+    assert _stage_fingerprints(killed_run) == _stage_fingerprints(clean_run)
+    clean_tables, resumed_tables = _tables(clean_run), _tables(killed_run)
+    assert set(resumed_tables) == set(clean_tables)
+    differing = [name for name, table in clean_tables.items() if not resumed_tables[name].equals(table)]
+    assert not differing, differing
+    for name in ("table.json", "paired.json"):
+        assert (killed_run / "evaluate" / name).read_text() == (clean_run / "evaluate" / name).read_text()
 
 
 def _replica_names(head, app: str) -> list[str]:

@@ -353,6 +353,13 @@ def fingerprint_dtype(g: GenerateConfig) -> str:
     return resolve_dtype(g.dtype)[0] if g.num_gpus_per_replica == 0 else g.dtype
 
 
+def run_relative_model(cfg: RunConfig, model: str) -> str:
+    """How a fingerprint names the model: one this run's stages wrote (`<run>/dpo/round0/model`) by its place in
+    the run directory, so a run directory moved or copied elsewhere keeps its texts; any other by name or path."""
+    root, path = cfg.run_path.resolve(), Path(model).resolve()
+    return f"<run>/{path.relative_to(root)}" if path.is_dir() and path.is_relative_to(root) else model
+
+
 def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_version: str) -> tuple[str, str]:
     """(work, stage): what one row's text depends on, and that plus which requests the stage holds."""
     g = cfg.generate
@@ -363,7 +370,7 @@ def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_versi
     )
     work = digest(
         {
-            "model": model,
+            "model": run_relative_model(cfg, model),
             **({"model_fingerprint": identity} if identity else {}),
             "policy_version": policy_version,
             "seed": cfg.seed,
