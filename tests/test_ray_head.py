@@ -24,6 +24,7 @@ from rlrf4rec.core.artifacts import read_marker
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+REWARD_STEPS = ("reward-train", "reward-valid")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,9 @@ def _ray_job(head, *args: str, timeout: float = 120) -> subprocess.CompletedProc
     return subprocess.run(command, env=head["env"], capture_output=True, text=True, timeout=timeout)
 
 
-def _submit(head, job_id: str, *entrypoint: str) -> tuple[str, str]:
-    """`ray job submit` the way the README does (the project as working dir), follow it to the end: (status, logs)."""
+def _submit(head, job_id: str, *entrypoint: str, follow: bool = True) -> tuple[str, str] | None:
+    """`ray job submit` the way the README does (the project as working dir), follow it to the end: (status, logs);
+    with follow=False return once it is submitted (`_follow` later)."""
     runtime_env = {"env_vars": {k: head["env"][k] for k in ("RLRF4REC_HOME", "OMP_NUM_THREADS")}}
 
     def submitted() -> bool:
@@ -88,6 +90,10 @@ def _submit(head, job_id: str, *entrypoint: str) -> tuple[str, str]:
         return out.returncode == 0
 
     wait(submitted, 120, "a job agent")
+    return _follow(head, job_id) if follow else None
+
+
+def _follow(head, job_id: str) -> tuple[str, str]:
     logs = _ray_job(head, "logs", "--address", head["url"], "--follow", job_id, timeout=1500)
     return _ray_job(head, "status", "--address", head["url"], job_id).stdout, logs.stdout
 
@@ -116,9 +122,9 @@ def test_a_submitted_stage_refuses_a_relative_run_dir_and_lands_an_absolute_one(
     assert read_marker(run_dir / "data")["stats"]["users"] == 40
 
 
-def _tiny_config(raw: Path, run_dir: Path, rounds: int, ensemble: int) -> Path:
-    """The CPU config shrunk to seconds a stage: 2 texts of 8 tokens per user, one DPO step, 2-epoch re-rankers.
-    Written beside `run_dir` as `<run_dir>.yaml`."""
+def _tiny_config(raw: Path, run_dir: Path) -> Path:
+    """The CPU config shrunk to seconds a stage: two rounds, 2 texts of 8 tokens per user, one DPO step, 2-epoch
+    re-rankers. Written beside `run_dir` as `<run_dir>.yaml`."""
     config = yaml.safe_load((ROOT / "configs" / "ml100k-cpu.yaml").read_text())
     config.update(name="tiny", run_dir=str(run_dir))
     config["data"].update(format="parquet", path=str(raw))
@@ -126,69 +132,11 @@ def _tiny_config(raw: Path, run_dir: Path, rounds: int, ensemble: int) -> Path:
     config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
     config["encode"].update(max_length=64)
     config["recommender"].update(max_epochs=2, warmup_epochs=1, num_workers=1)
-    config["reward"].update(min_margin=0.0, ensemble=ensemble)
-    config["loop"].update(rounds=rounds, train_users=12, eval_users=4, bootstrap_samples=100)
+    config["reward"].update(min_margin=0.0)
+    config["loop"].update(rounds=2, train_users=12, eval_users=4, bootstrap_samples=100)
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def test_the_whole_pipeline_runs_as_a_submitted_job(head, tmp_path):
-    write_dataset(tmp_path / "raw", num_users=40, length=24, liked_fraction=0.5)
-    run_dir = tmp_path / "run"
-    # reward.ensemble = 2: every reward the mean of two seeds' recommenders
-    config_path = _tiny_config(tmp_path / "raw", run_dir, rounds=1, ensemble=2)
-    status, logs = _submit(
-        head, f"rlrf4rec-tiny-{secrets.token_hex(4)}", "ray_jobs/run.py", "--config", str(config_path)
-    )
-    assert "succeeded" in status.lower(), status[-2000:] + logs[-6000:]
-    manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
-    assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["pairs"]["train/pairs"] >= 1
-    # reward.ensemble = 2: the base recommender and each cross-fitted fold's come with a sibling trained on seed + 1
-    round0 = manifest["rounds"][0]
-    shift = round0["shift"]  # how far DPO moved the policy, measured on the tuned model and its reference
-    assert shift["train/pairs"] == round0["pairs"]["train/pairs"] and 0.0 <= shift["train/pair_accuracy"] <= 1.0
-    assert shift["valid/texts"] == 4 * 2 and shift["valid/kl_per_token"] != 0.0  # 4 valid users x 2 samples
-    assert [Path(d).name for d in round0["reward_models"]] == ["base", "base-seed1"]
-    assert [[Path(d).name for d in fold] for fold in round0["reward_folds"]] == [
-        ["base-fold0", "base-fold0-seed1"],
-        ["base-fold1", "base-fold1-seed1"],
-    ]
-    base, sibling = (yaml.safe_load((Path(d) / "config.yaml").read_text()) for d in round0["reward_models"])
-    assert sibling["seed"] == base["seed"] + 1
-    rewarded = {
-        step: read_marker(run_dir / "rounds" / "round0" / step)["stats"] for step in ("reward-train", "reward-valid")
-    }
-    assert all(stats["ensemble"] == 2 for stats in rewarded.values())
-    # Cross-fitting: every rewarded train text (12 users x 2) scored by a fold model, no valid text by one.
-    assert rewarded["reward-train"]["cross_fitted_rows"] == rewarded["reward-train"]["rows"] == 12 * 2
-    assert rewarded["reward-valid"]["cross_fitted_rows"] == 0 and rewarded["reward-valid"]["rows"] == 4 * 2
-    # knowledge.user = llm: the base recommender and round 1's train on one policy text per train and valid user
-    sequences = pq.read_table(run_dir / "data" / "sequences.parquet").to_pylist()
-    trained_on = {r["user_id"] for r in sequences if r["split"] in ("train", "valid")}
-    for version in ("base", "round1"):
-        texts = pq.read_table(run_dir / "generations" / f"{version}-knowledge" / "generations.parquet")
-        assert set(texts.column("user_id").to_pylist()) == trained_on
-        knowledge = pq.read_table(run_dir / "knowledge" / version / "user_knowledge.parquet").to_pylist()
-        assert all(r["knowledge_text"].startswith("Preferences: ") for r in knowledge if r["user_id"] in trained_on)
-    table = json.loads((run_dir / "evaluate" / "table.json").read_text())
-    baselines = {"popularity", "KAR ID-only", "ID only"}
-    assert set(table) == baselines | {"base LLM", "DPO round 1", "DPO round 1, fixed re-ranker"}
-    mean, low, high = table["DPO round 1"]["ndcg@5"]  # mean with its bootstrap interval
-    assert 0 <= low <= mean <= high <= 1
-    paired = json.loads((run_dir / "evaluate" / "paired.json").read_text())
-    d, low, high, resolved = paired["DPO round 1"]["KAR ID-only"]["ndcg@5"]  # per-user difference, same users
-    assert low <= d <= high and resolved == (low > 0 or high < 0)
-    assert set(paired["DPO round 1"]) == {"popularity", "KAR ID-only", "ID only", "base LLM"}
-    # The round's sampled texts, scored by its own re-ranker and by the base one (the fixed re-ranker row).
-    rows = json.loads((run_dir / "evaluate" / "rows.json").read_text())
-    assert rows["DPO round 1"]["re-ranker"] == "round1" and rows["DPO round 1, fixed re-ranker"]["re-ranker"] == (
-        "base (fixed)"
-    )
-    assert rows["DPO round 1"]["texts"] == rows["DPO round 1, fixed re-ranker"]["texts"] == "sampled (DPO round 1)"
-    assert 0.0 <= rows["DPO round 1"]["off_topic_share"] <= 1.0
-    assert (run_dir / "report" / "report.html").stat().st_size > 1000
-    assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
 
 
 def _driver(head, config: Path, log: Path) -> subprocess.Popen:
@@ -236,46 +184,99 @@ def _without_run_dir(value, run: Path):
     return value.replace(str(run), "<run>") if isinstance(value, str) else value
 
 
-def test_two_rounds_killed_mid_round_resume_to_the_uninterrupted_result(head, tmp_path):
-    """The loop's resume promise: a driver SIGKILLed in the middle of round 2 (its train texts rewarded, its
-    pairs and DPO not yet published) and started again ends with the manifest, stage fingerprints and Parquet
-    artifacts of the run that was never interrupted. Both runs are drivers on the same head, started together."""
-    raw = tmp_path / "raw"
-    write_dataset(raw, num_users=40, length=24, liked_fraction=0.5)
-    clean_run, killed_run = tmp_path / "clean", tmp_path / "killed"
-    clean_log, killed_log = tmp_path / "clean.log", tmp_path / "killed.log"
-    clean = _driver(head, _tiny_config(raw, clean_run, rounds=2, ensemble=1), clean_log)
-    killed_config = _tiny_config(raw, killed_run, rounds=2, ensemble=1)
-    drivers = [clean, _driver(head, killed_config, killed_log)]
+def _kill_mid_round_2_and_resume(head, config: Path, run: Path, log: Path) -> None:
+    """A driver of `config` SIGKILLed (its whole process group) in the middle of round 2, once its train texts are
+    rewarded and before its DPO fit is published, then started again and followed to the end."""
+    drivers = [_driver(head, config, log)]
     try:
-        killed = drivers[1]
-        mid_round = killed_run / "rounds" / "round1" / "reward-train" / "_COMPLETE.json"
+        killed = drivers[0]
+        mid_round = run / "rounds" / "round1" / "reward-train" / "_COMPLETE.json"
         wait(lambda: mid_round.exists() or killed.poll() is not None, 1200, "round 2's train rewards", interval=0.1)
-        assert killed.poll() is None, killed_log.read_text()[-6000:]  # still running: killed mid-round, not after
+        assert killed.poll() is None, log.read_text()[-6000:]  # still running: killed mid-round, not after
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
-        manifest = json.loads((killed_run / "rounds" / "manifest.json").read_text())
+        manifest = json.loads((run / "rounds" / "manifest.json").read_text())
         assert [r["round"] for r in manifest["rounds"]] == [0]  # round 2 was not finished
-        assert read_marker(killed_run / "dpo" / "round1") is None  # nor its DPO fit
-        drivers.append(_driver(head, killed_config, killed_log))
-        _finished(drivers[2], killed_log)
-        _finished(clean, clean_log)
+        assert read_marker(run / "dpo" / "round1") is None  # nor its DPO fit
+        drivers.append(_driver(head, config, log))
+        _finished(drivers[1], log)
     finally:
         for proc in drivers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    # The two runs live in different directories: equal fingerprints also say that a run's stages name the models
-    # it trained by their place in the run (a run directory moved elsewhere keeps its stages).
-    manifests = [json.loads((run / "rounds" / "manifest.json").read_text()) for run in (clean_run, killed_run)]
-    assert [r["round"] for r in manifests[0]["rounds"]] == [0, 1]
-    assert _without_run_dir(manifests[1], killed_run) == _without_run_dir(manifests[0], clean_run)
-    assert _stage_fingerprints(killed_run) == _stage_fingerprints(clean_run)
-    clean_tables, resumed_tables = _tables(clean_run), _tables(killed_run)
-    assert set(resumed_tables) == set(clean_tables)
-    differing = [name for name, table in clean_tables.items() if not resumed_tables[name].equals(table)]
+
+
+def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes_to_its_result(head, tmp_path):
+    """The whole pipeline, two rounds, as a submitted job. Beside it on the same head, the same config as a driver
+    SIGKILLed in the middle of round 2 and started again: it ends with the job's manifest, stage fingerprints and
+    every Parquet table."""
+    raw = tmp_path / "raw"
+    write_dataset(raw, num_users=40, length=24, liked_fraction=0.5)
+    run_dir, killed_run = tmp_path / "run", tmp_path / "killed"
+    job_id = f"rlrf4rec-tiny-{secrets.token_hex(4)}"
+    config_path = _tiny_config(raw, run_dir)
+    _submit(head, job_id, "ray_jobs/run.py", "--config", str(config_path), follow=False)
+    _kill_mid_round_2_and_resume(head, _tiny_config(raw, killed_run), killed_run, tmp_path / "killed.log")
+    status, logs = _follow(head, job_id)
+    assert "succeeded" in status.lower(), status[-2000:] + logs[-6000:]
+    manifest = json.loads((run_dir / "rounds" / "manifest.json").read_text())
+    assert [r["round"] for r in manifest["rounds"]] == [0, 1]
+    for t, version in enumerate(("base", "round1")):
+        record = manifest["rounds"][t]
+        assert record["pairs"]["train/pairs"] >= 1
+        shift = record["shift"]  # how far DPO moved the policy, measured on the tuned model and its reference
+        assert shift["train/pairs"] == record["pairs"]["train/pairs"] and 0.0 <= shift["train/pair_accuracy"] <= 1.0
+        assert shift["valid/texts"] == 4 * 2 and shift["valid/kl_per_token"] != 0.0  # 4 valid users x 2 samples
+        # Round t's reward model is the recommender of round t-1's texts, its train texts scored by its folds.
+        assert [Path(d).name for d in record["reward_models"]] == [version]
+        assert [[Path(d).name for d in fold] for fold in record["reward_folds"]] == [
+            [f"{version}-fold0"],
+            [f"{version}-fold1"],
+        ]
+        rewarded = {step: read_marker(run_dir / "rounds" / f"round{t}" / step)["stats"] for step in REWARD_STEPS}
+        # Cross-fitting: every rewarded train text (12 users x 2) scored by a fold model, no valid text by one.
+        assert rewarded["reward-train"]["cross_fitted_rows"] == rewarded["reward-train"]["rows"] == 12 * 2
+        assert rewarded["reward-valid"]["cross_fitted_rows"] == 0 and rewarded["reward-valid"]["rows"] == 4 * 2
+    assert manifest["rounds"][1]["policy_in"] == manifest["rounds"][0]["policy_out"]
+    assert manifest["rounds"][1]["recommender_in"] == manifest["rounds"][0]["recommender_out"]
+    # knowledge.user = llm: the base recommender and round 1's train on one policy text per train and valid user
+    sequences = pq.read_table(run_dir / "data" / "sequences.parquet").to_pylist()
+    trained_on = {r["user_id"] for r in sequences if r["split"] in ("train", "valid")}
+    for version in ("base", "round1", "round2"):
+        texts = pq.read_table(run_dir / "generations" / f"{version}-knowledge" / "generations.parquet")
+        assert set(texts.column("user_id").to_pylist()) == trained_on
+        knowledge = pq.read_table(run_dir / "knowledge" / version / "user_knowledge.parquet").to_pylist()
+        assert all(r["knowledge_text"].startswith("Preferences: ") for r in knowledge if r["user_id"] in trained_on)
+    table = json.loads((run_dir / "evaluate" / "table.json").read_text())
+    baselines = {"popularity", "KAR ID-only", "ID only"}
+    policies = {"DPO round 1", "DPO round 2"}
+    assert set(table) == baselines | {"base LLM"} | policies | {f"{p}, fixed re-ranker" for p in policies}
+    paired = json.loads((run_dir / "evaluate" / "paired.json").read_text())
+    rows = json.loads((run_dir / "evaluate" / "rows.json").read_text())
+    for t, policy in enumerate(sorted(policies), start=1):
+        mean, low, high = table[policy]["ndcg@5"]  # mean with its bootstrap interval
+        assert 0 <= low <= mean <= high <= 1
+        d, low, high, resolved = paired[policy]["KAR ID-only"]["ndcg@5"]  # per-user difference, same users
+        assert low <= d <= high and resolved == (low > 0 or high < 0)
+        assert set(paired[policy]) == {"popularity", "KAR ID-only", "ID only", "base LLM"}
+        # The round's sampled texts, scored by its own re-ranker and by the base one (the fixed re-ranker row).
+        fixed = f"{policy}, fixed re-ranker"
+        assert rows[policy]["re-ranker"] == f"round{t}" and rows[fixed]["re-ranker"] == "base (fixed)"
+        assert rows[policy]["texts"] == rows[fixed]["texts"] == f"sampled ({policy})"
+        assert 0.0 <= rows[policy]["off_topic_share"] <= 1.0
+    assert (run_dir / "report" / "report.html").stat().st_size > 1000
+    assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
+    # The killed and resumed run is the job's run. The two live in different directories: equal fingerprints also
+    # say that a run's stages name the models it trained by their place in the run (a moved run keeps its stages).
+    manifests = [json.loads((run / "rounds" / "manifest.json").read_text()) for run in (run_dir, killed_run)]
+    assert _without_run_dir(manifests[1], killed_run) == _without_run_dir(manifests[0], run_dir)
+    assert _stage_fingerprints(killed_run) == _stage_fingerprints(run_dir)
+    tables, resumed_tables = _tables(run_dir), _tables(killed_run)
+    assert set(resumed_tables) == set(tables)
+    differing = [name for name, table in tables.items() if not resumed_tables[name].equals(table)]
     assert not differing, differing
     for name in ("table.json", "paired.json"):
-        assert (killed_run / "evaluate" / name).read_text() == (clean_run / "evaluate" / name).read_text()
+        assert (killed_run / "evaluate" / name).read_text() == (run_dir / "evaluate" / name).read_text()
 
 
 def _replica_names(head, app: str) -> list[str]:
