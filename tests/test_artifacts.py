@@ -4,7 +4,15 @@ import pyarrow as pa
 import pytest
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import is_complete, read_marker, read_parquet, stage_output, write_parquet
+from rlrf4rec.core.artifacts import (
+    KEY_LENGTH,
+    is_complete,
+    read_marker,
+    read_parquet,
+    stage_key,
+    stage_output,
+    write_parquet,
+)
 
 
 def _table(n: int) -> pa.Table:
@@ -175,3 +183,25 @@ def test_one_writer_per_run_directory(tmp_path):
     assert events == ["first out", "second in"]
     with writer_lock(tmp_path / "run", "data", wait=False):  # released: free again
         pass
+
+
+def test_a_fingerprint_stays_fixed_length_however_many_stages_lie_upstream(tmp_path):
+    """Each stage builds its fingerprint from its upstream stages' keys, as the loop's rounds do (a round's
+    recommender names several of the previous round's stages): the marker's key stays short over ten rounds, the
+    built string is kept as its lineage, and the stage is complete for exactly that string."""
+    upstream = ["data-fp"]
+    for t in range(10):
+        built = f"sections{t}-" + "-".join(upstream * 4)  # four references to the round before
+        stage = tmp_path / f"round{t}"
+        with stage_output(stage, built, None) as (tmp, _):
+            (tmp / "x.txt").write_text(str(t))
+        marker = read_marker(stage)
+        assert len(marker["fingerprint"]) <= KEY_LENGTH
+        assert marker["fingerprint"] == stage_key(built) and marker.get("lineage", built) == built
+        assert is_complete(stage, built) and not is_complete(stage, built + "-other")
+        upstream = [marker["fingerprint"]]
+    assert len(built) < 300  # without keys the tenth string would hold 4**9 copies of the first
+    short = tmp_path / "short"
+    with stage_output(short, "abc-def", None) as (tmp, _):
+        pass
+    assert read_marker(short)["fingerprint"] == "abc-def" and "lineage" not in read_marker(short)

@@ -19,7 +19,7 @@ import yaml
 from raytools import BIN, free_port, head_command, stop_group, wait
 from synthetic import preference, write_dataset
 
-from rlrf4rec.core.artifacts import read_marker
+from rlrf4rec.core.artifacts import KEY_LENGTH, read_marker
 
 pytestmark = pytest.mark.slow
 
@@ -270,7 +270,12 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     # say that a run's stages name the models it trained by their place in the run (a moved run keeps its stages).
     manifests = [json.loads((run / "rounds" / "manifest.json").read_text()) for run in (run_dir, killed_run)]
     assert _without_run_dir(manifests[1], killed_run) == _without_run_dir(manifests[0], run_dir)
-    assert _stage_fingerprints(killed_run) == _stage_fingerprints(run_dir)
+    fingerprints = _stage_fingerprints(run_dir)
+    assert _stage_fingerprints(killed_run) == fingerprints
+    # Keys stay short however many rounds lie upstream; the marker keeps the string they were built from.
+    assert max(len(fp) for fp in fingerprints.values()) <= KEY_LENGTH
+    lineage = read_marker(run_dir / "recommender" / "round2")["lineage"]
+    assert fingerprints["knowledge/round2"] in lineage and fingerprints["data"] in lineage
     tables, resumed_tables = _tables(run_dir), _tables(killed_run)
     assert set(resumed_tables) == set(tables)
     differing = [name for name, table in tables.items() if not resumed_tables[name].equals(table)]

@@ -42,6 +42,17 @@ def digest(payload: object, length: int | None = 16) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+KEY_LENGTH = 64  # a fingerprint longer than this is stored as its digest
+
+
+def stage_key(fingerprint: str) -> str:
+    """The fingerprint a stage's marker holds and is compared by: as built when it is at most KEY_LENGTH characters,
+    else `h` + the digest of it. Stages build fingerprints from their upstream stages' keys, so a key stays short
+    however many rounds lie upstream (the built string would grow several-fold a round); the marker keeps the
+    built string as `lineage`."""
+    return fingerprint if len(fingerprint) <= KEY_LENGTH else "h" + digest(fingerprint, 32)
+
+
 def write_parquet(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> None:
     """Write atomically (temp file + rename); cast to `schema` first so the columns are exactly the declared ones."""
     if schema is not None:
@@ -139,7 +150,7 @@ def is_complete(stage_dir: Path, fingerprint: str) -> bool:
     """The stage holds a marker with this fingerprint and every file the marker records, unchanged (the cheap check
     of `damaged_files`); a damaged stage is logged, naming its files, and reported incomplete so it is rebuilt."""
     marker = read_marker(stage_dir)
-    if marker is None or marker.get("fingerprint") != fingerprint:
+    if marker is None or marker.get("fingerprint") != stage_key(fingerprint):
         return False
     damaged = damaged_files(Path(stage_dir), marker)
     if damaged:
@@ -202,9 +213,11 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
         yield tmp, stats
         if config_yaml is not None:
             (tmp / CONFIG).write_text(config_yaml)
+        key = stage_key(fingerprint)
         write_json(
             {
-                "fingerprint": fingerprint,
+                "fingerprint": key,
+                **({"lineage": fingerprint} if key != fingerprint else {}),
                 "stage": stage_dir.name,
                 "started": started,
                 "finished": time.time(),

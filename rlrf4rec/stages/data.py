@@ -18,6 +18,7 @@ from rlrf4rec.core.artifacts import (
     is_complete,
     read_tables,
     require_marker,
+    stage_key,
     stage_output,
     write_json,
     write_parquet,
@@ -53,7 +54,7 @@ def require_data(cfg: RunConfig, command: str) -> dict:
     error saying so (a stage reading lists of other data settings would report numbers for the wrong users)."""
     stage_dir = cfg.layout.data
     marker = require_marker(stage_dir, "data")
-    expected = fingerprint(cfg, dataset_path(cfg, fetch=False))
+    expected = stage_key(fingerprint(cfg, dataset_path(cfg, fetch=False)))
     if marker["fingerprint"] != expected:
         raise ValueError(
             f"{stage_dir} was built with other data settings or files than this config (fingerprint "
