@@ -19,7 +19,7 @@ import yaml
 from raytools import BIN, free_port, head_command, stop_group, wait
 from synthetic import preference, write_dataset
 
-from rlrf4rec.core.artifacts import KEY_LENGTH, read_marker
+from rlrf4rec.core.artifacts import KEY_LENGTH, MARKER, read_marker
 
 pytestmark = pytest.mark.slow
 
@@ -149,13 +149,9 @@ def _driver(head, config: Path, log: Path) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def _finished(proc: subprocess.Popen, log: Path, timeout: float = 1200) -> None:
-    assert proc.wait(timeout=timeout) == 0, log.read_text()[-6000:]
-
-
 def _stage_fingerprints(run: Path) -> dict[str, str]:
     """Each stage's fingerprint but the report's (stamped with the time it was rendered: it renders every run)."""
-    markers = (m.parent for m in run.rglob("_COMPLETE.json") if m.parent.name != "report")
+    markers = (m.parent for m in run.rglob(MARKER) if m.parent.name != "report")
     return {str(stage.relative_to(run)): read_marker(stage)["fingerprint"] for stage in markers}
 
 
@@ -190,7 +186,7 @@ def _kill_mid_round_2_and_resume(head, config: Path, run: Path, log: Path) -> No
     drivers = [_driver(head, config, log)]
     try:
         killed = drivers[0]
-        mid_round = run / "rounds" / "round1" / "reward-train" / "_COMPLETE.json"
+        mid_round = run / "rounds" / "round1" / "reward-train" / MARKER
         wait(lambda: mid_round.exists() or killed.poll() is not None, 1200, "round 2's train rewards", interval=0.1)
         assert killed.poll() is None, log.read_text()[-6000:]  # still running: killed mid-round, not after
         os.killpg(killed.pid, signal.SIGKILL)
@@ -199,7 +195,7 @@ def _kill_mid_round_2_and_resume(head, config: Path, run: Path, log: Path) -> No
         assert [r["round"] for r in manifest["rounds"]] == [0]  # round 2 was not finished
         assert read_marker(run / "dpo" / "round1") is None  # nor its DPO fit
         drivers.append(_driver(head, config, log))
-        _finished(drivers[1], log)
+        assert drivers[1].wait(timeout=1200) == 0, log.read_text()[-6000:]
     finally:
         for proc in drivers:
             if proc.poll() is None:
@@ -268,8 +264,8 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     assert "ndcg@5" in (run_dir / "report" / "report.md").read_text().lower()
     # The killed and resumed run is the job's run. The two live in different directories: equal fingerprints also
     # say that a run's stages name the models it trained by their place in the run (a moved run keeps its stages).
-    manifests = [json.loads((run / "rounds" / "manifest.json").read_text()) for run in (run_dir, killed_run)]
-    assert _without_run_dir(manifests[1], killed_run) == _without_run_dir(manifests[0], run_dir)
+    resumed_manifest = json.loads((killed_run / "rounds" / "manifest.json").read_text())
+    assert _without_run_dir(resumed_manifest, killed_run) == _without_run_dir(manifest, run_dir)
     fingerprints = _stage_fingerprints(run_dir)
     assert _stage_fingerprints(killed_run) == fingerprints
     # Keys stay short however many rounds lie upstream; the marker keeps the string they were built from.
