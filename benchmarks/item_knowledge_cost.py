@@ -23,7 +23,7 @@ from common import RESULTS, append_section, load, machine
 from rlrf4rec.core import assets
 from rlrf4rec.core import engines as E
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet
+from rlrf4rec.core.artifacts import Fingerprint, read_marker, read_parquet
 from rlrf4rec.core.config import load_config
 from rlrf4rec.stages import generate as G
 from rlrf4rec.stages.data import run_data
@@ -54,7 +54,8 @@ def main() -> None:
         requests = all_requests.slice(0, n)
         started = time.perf_counter()
         stage = G.generate_requests(
-            greedy, requests, scratch / f"items-{n}", fingerprint=(f"bench{n}", f"bench{n}-{n}"),
+            greedy, requests, scratch / f"items-{n}",
+            fingerprint=Fingerprint("item texts", extra={"items": n}, prefix=f"bench{n}"),
             model=(cfg.models.llm, model_path), policy_version="items", config_dump="",
         )  # fmt: skip
         seconds = time.perf_counter() - started

@@ -69,9 +69,9 @@ def replica(mode: str, knowledge_dir: Path, index_dir: Path, users: int, lookups
     import pyarrow.parquet as pq
 
     from rlrf4rec.core import schema as S
+    from rlrf4rec.core.knowledge import user_vectors
     from rlrf4rec.core.layout import USER_KNOWLEDGE
     from rlrf4rec.serving import store
-    from rlrf4rec.stages.encode import user_vectors
 
     anon0, file0, pss0 = process_memory()
     started = time.perf_counter()

@@ -21,10 +21,10 @@ from common import append_section, load, machine
 
 from rlrf4rec.core import assets
 from rlrf4rec.core.config import load_config
+from rlrf4rec.core.history import user_history_texts
+from rlrf4rec.core.knowledge import TextEncoder
 from rlrf4rec.core.prompts import user_knowledge_text
-from rlrf4rec.stages.data import user_history_texts
-from rlrf4rec.stages.encode import TextEncoder
-from rlrf4rec.stages.reward import RewardModel
+from rlrf4rec.core.scoring import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

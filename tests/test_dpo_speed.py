@@ -18,7 +18,7 @@ from test_dpo import make_pairs
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import write_parquet
 from rlrf4rec.core.config import DPOConfig, from_dict
-from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, segment_attention
+from rlrf4rec.core.dpo_trainer import pack_shared_prompt, segment_attention
 
 # --------------------------------------------------------------------------------------------------- packing (pure)
 

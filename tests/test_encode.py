@@ -8,8 +8,7 @@ import pytest
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_parquet
 from rlrf4rec.core.config import RunConfig, from_dict
-from rlrf4rec.core.layout import RunLayout
-from rlrf4rec.stages.encode import (
+from rlrf4rec.core.knowledge import (
     EMBEDDING_CACHE,
     embedding_cache,
     encode_cached,
@@ -17,6 +16,7 @@ from rlrf4rec.stages.encode import (
     text_hash,
     text_segments,
 )
+from rlrf4rec.core.layout import RunLayout
 
 
 def expected(text: str) -> list[float]:

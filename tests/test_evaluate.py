@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from rlrf4rec.core import schema as S
+from rlrf4rec.core.metrics import RANKED_METRICS as METRICS
 from rlrf4rec.core.recommender import ModelSpec, RerankTask
-from rlrf4rec.stages.evaluate import METRICS, paired_differences, per_user_metrics, popularity_metrics, summarize
-from rlrf4rec.stages.reward import RewardModel
+from rlrf4rec.core.scoring import RewardModel
+from rlrf4rec.stages.evaluate import paired_differences, per_user_metrics, popularity_metrics, summarize
 
 R2 = 1 / np.log2(3)  # NDCG of a list whose one positive is ranked 2nd
 R3 = 1 / np.log2(4)  # ... 3rd (= 0.5)

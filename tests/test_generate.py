@@ -256,8 +256,8 @@ def test_a_run_directory_moved_elsewhere_keeps_the_texts_of_the_models_it_traine
         (cfg.run_path / "dpo" / "round0" / "model").mkdir(parents=True)
         (cfg.run_path / "dpo" / "round0" / MARKER).write_text('{"fingerprint": "dpo-fp"}')
 
-    def key(cfg: RunConfig, model: Path) -> tuple[str, str]:
-        return G.fingerprints(cfg, "data-fp", str(model), "round1")
+    def key(cfg: RunConfig, model: Path) -> str:
+        return G.fingerprint(cfg, cfg.generate, "data-fp", str(model), "round1").key
 
     policy = Path("dpo") / "round0" / "model"
     assert key(a, a.run_path / policy) == key(b, b.run_path / policy)
@@ -446,8 +446,8 @@ def test_every_dpo_pair_prompt_is_the_prompt_its_texts_were_generated_from(tmp_p
 
     from rlrf4rec.core.artifacts import stage_output, write_parquet
     from rlrf4rec.core.layout import REWARDS, pairs_file
+    from rlrf4rec.core.scoring import rewards_table
     from rlrf4rec.stages.pairs import run_pairs
-    from rlrf4rec.stages.reward import rewards_table
 
     monkeypatch.setattr(G, "chat_renderer", lambda model_path: render)
     monkeypatch.setattr(G.assets, "resolve", lambda ref, home, fetch=True: ref)

@@ -299,15 +299,17 @@ def test_one_grpo_step_samples_with_colocated_vllm_under_zero3(gpu_ray, asset_ho
 
 
 def test_one_round_of_the_loop_on_one_gpu(gpu_ray, asset_home, tmp_path):
-    from rlrf4rec import pipeline
+    from rlrf4rec.stages.data import run_data
+    from rlrf4rec.stages.encode import run_encode
+    from rlrf4rec.stages.loop import run_loop
     from rlrf4rec.stages.train import run_recommender
 
     # In-sample rewards: cross-fitting trains more re-rankers on the same GPU path the recommender test covers.
     cfg = tiny_gpu_config(tmp_path, asset_home, reward={"cross_fit_folds": 0})
-    data_dir = pipeline.run_data(cfg)
-    pipeline.run_encode(cfg)  # knowledge.user = llm: the base policy's text per train and valid user, on the GPU
+    data_dir = run_data(cfg)
+    run_encode(cfg)  # knowledge.user = llm: the base policy's text per train and valid user, on the GPU
     run_recommender(cfg, "base", data_dir, cfg.run_path / "knowledge" / "base" / "user_knowledge.parquet")
-    manifest = json.loads((pipeline.run_loop(cfg) / "manifest.json").read_text())
+    manifest = json.loads((run_loop(cfg) / "manifest.json").read_text())
 
     (round0,) = manifest["rounds"]
     assert round0["pairs"]["train/pairs"] >= 1

@@ -48,3 +48,28 @@ def test_entry_point_in_the_environment_runs_the_stage(script, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "history_max" in out.stdout  # the resolved config, printed by --dry-run
+
+
+def test_each_stage_reads_only_stages_before_it_and_every_stage_module_ends_with_its_record():
+    import ast
+    import importlib
+
+    from rlrf4rec.pipeline import RUN
+
+    names = [s.name for s in STAGES]
+    for i, stage in enumerate(STAGES):
+        assert set(stage.upstream) <= set(names[:i]), stage.name
+    run = [s.name for s in RUN]
+    assert run == ["assets", "data", "sft", "encode", "train-recommender", "loop", "evaluate", "report"]
+    assert all(set(s.upstream) <= set(run[:i]) for i, s in enumerate(RUN))
+    folder = Path(__file__).resolve().parents[1] / "rlrf4rec" / "stages"
+    declared = []
+    for path in sorted(folder.glob("*.py")):
+        body = ast.parse(path.read_text()).body
+        assigned = [t.id for node in body if isinstance(node, ast.Assign) for t in node.targets if hasattr(t, "id")]
+        if "STAGE" in assigned:
+            last = body[-1]
+            assert isinstance(last, ast.Assign) and last.targets[0].id == "STAGE", f"{path.name} does not end with it"
+            declared.append(importlib.import_module(f"rlrf4rec.stages.{path.stem}").STAGE)
+    assert all(any(d is s for s in STAGES) for d in declared)
+    assert len(declared) == len(STAGES) - 5  # the tools: run, verify, track, compare, serve (rlrf4rec/commands.py)

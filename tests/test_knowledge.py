@@ -14,6 +14,8 @@ from rlrf4rec.core import engines as E
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_parquet, read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
+from rlrf4rec.core.knowledge import pad_segments, text_segments
+from rlrf4rec.core.metrics import list_mean, paired_list_mean_ci
 from rlrf4rec.core.models import PRM, KnowledgeAdaptor, listnet_loss
 from rlrf4rec.core.recommender import (
     ModelSpec,
@@ -22,16 +24,9 @@ from rlrf4rec.core.recommender import (
     save_checkpoint,
 )
 from rlrf4rec.stages import generate as G
-from rlrf4rec.stages.controls import (
-    leaked_texts,
-    list_mean,
-    paired_bootstrap,
-    per_user,
-    perturb_user_knowledge,
-    train_model,
-)
+from rlrf4rec.stages.controls import leaked_texts, per_user, perturb_user_knowledge, train_model
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.encode import pad_segments, run_encode, text_segments, write_item_knowledge
+from rlrf4rec.stages.encode import run_encode, write_item_knowledge
 from rlrf4rec.stages.train import item_knowledge_matrix
 
 
@@ -185,9 +180,9 @@ def test_controls_helpers():
     assert leaked_texts({"rerank_lists": table, "items": items}) == {"a": "Liked: One; Three", "b": "Liked: "}
     # Per-user (sum, count): identical variants differ by exactly 0; a constant shift is resolved.
     a = np.array([[1.5, 2.0], [0.5, 1.0], [2.0, 4.0]])
-    assert paired_bootstrap(a, a, 200, 0) == [0.0, 0.0, 0.0]
+    assert paired_list_mean_ci(a, a, 200, 0) == [0.0, 0.0, 0.0]
     shifted = a + np.array([[0.2, 0.0], [0.1, 0.0], [0.4, 0.0]])  # +0.1 per list
-    diff, low, high = paired_bootstrap(shifted, a, 200, 0)
+    diff, low, high = paired_list_mean_ci(shifted, a, 200, 0)
     assert diff == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
 
 
@@ -214,7 +209,7 @@ def test_shuffled_knowledge_is_a_derangement_of_valid_users(synthetic_lists):
 
 
 def test_spearman_with_ties_and_constant_scores():
-    from rlrf4rec.stages.controls import spearman
+    from rlrf4rec.core.audit import spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -224,7 +219,8 @@ def test_spearman_with_ties_and_constant_scores():
 
 
 def test_paired_differences_resolve_a_shift_and_not_noise():
-    from rlrf4rec.stages.evaluate import METRICS, paired_differences
+    from rlrf4rec.core.metrics import RANKED_METRICS as METRICS
+    from rlrf4rec.stages.evaluate import paired_differences
 
     rng = np.random.default_rng(0)
     base = {m: rng.uniform(0.3, 0.9, 200) for m in METRICS}

@@ -1,16 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from reference_metrics import reference_full_sort_metrics, reference_rank_metrics
 
-from rlrf4rec.core.metrics import (
-    bootstrap_ci,
-    full_sort_metrics,
-    mean_metrics,
-    rank_metrics,
-    rank_order,
-    reference_full_sort_metrics,
-    reference_rank_metrics,
-)
+from rlrf4rec.core.metrics import bootstrap_ci, full_sort_metrics, mean_metrics, rank_metrics, rank_order
 
 LOG2_3 = np.log2(3.0)  # 1.5849625
 

@@ -21,8 +21,9 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
 
     from rlrf4rec.core import assets
     from rlrf4rec.core import schema as S
-    from rlrf4rec.stages.encode import TextEncoder
-    from rlrf4rec.stages.reward import RewardModel, score_on_ray
+    from rlrf4rec.core.knowledge import TextEncoder
+    from rlrf4rec.core.scoring import RewardModel
+    from rlrf4rec.stages.reward import score_on_ray
 
     class NodeRecordingEncoder:  # local: shipped to the actors by value
         """The real sentence encoder; each actor notes the node it runs on (a file per actor) before loading it."""
@@ -30,7 +31,7 @@ def test_a_node_removed_mid_stage_loses_no_row(serving_run, asset_home, tmp_path
         def __init__(self, encoder_dir: str, marks: str):
             import ray
 
-            from rlrf4rec.stages.encode import TextEncoder
+            from rlrf4rec.core.knowledge import TextEncoder
 
             self.node = ray.get_runtime_context().get_node_id()
             self.marks = Path(marks)

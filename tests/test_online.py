@@ -6,6 +6,7 @@ import torch
 from synthetic import NUM_ITEMS, preference
 
 from rlrf4rec.core.artifacts import MARKER, write_json
+from rlrf4rec.core.layout import RunLayout
 from rlrf4rec.serving import online
 
 GENRE_A = [str(i) for i in range(1, NUM_ITEMS // 2 + 1)]
@@ -17,20 +18,35 @@ def _complete(path):
     write_json({"fingerprint": "x", "stage": path.name, "stats": {}}, path / MARKER)
 
 
-def test_latest_version_is_the_highest_complete_round(tmp_path):
+def test_latest_version_is_the_last_round_of_the_manifest(tmp_path, monkeypatch):
+    """Versions are base and the rounds the loop recorded; a round still being written (its directories there, not
+    yet in the manifest) is not served, and a round's policy is its fit's model in this run directory."""
+    from rlrf4rec.core.lineage import Round
+
+    monkeypatch.setattr(online, "start_policy", lambda cfg: "the start policy")
+    monkeypatch.setattr(online, "run_config", lambda run_dir: None)
     for v in ("base", "round1", "round2"):
         _complete(tmp_path / "recommender" / v)
-    for v in ("base", "round1"):
         _complete(tmp_path / "knowledge" / v)
-    (tmp_path / "recommender" / "round3").mkdir()  # a round still being written
+    _complete(tmp_path / "recommender" / "round3")  # a round still being written
+    rounds = [
+        Round(0, "dpo", "p0", "/elsewhere/dpo/round0/model", "r0", "r1"),
+        Round(1, "grpo", "p1", "p2", "r1", "r2"),
+    ]
+    (tmp_path / "rounds").mkdir()
+    write_json({"rounds": [r.to_dict() for r in rounds]}, tmp_path / "rounds" / "manifest.json")
     version = online.resolve_version(tmp_path, "latest")
-    assert version.name == "round1"
-    assert version.policy == str(tmp_path / "dpo" / "round0" / "model")
-    assert version.knowledge_dir == tmp_path / "knowledge" / "round1"
-    with pytest.raises(FileNotFoundError, match="round2.*choose another version"):
-        online.resolve_version(tmp_path, "round2")
+    assert version.name == "round2" and version.policy == str(tmp_path / "grpo" / "round1" / "model")
+    assert version.knowledge == tmp_path / "knowledge" / "round2"
+    assert online.resolve_version(tmp_path, "round1").policy == str(tmp_path / "dpo" / "round0" / "model")
+    assert online.resolve_version(tmp_path, "base").policy == "the start policy"
+    with pytest.raises(FileNotFoundError, match="'round3' is not a complete round.*choose another version"):
+        online.resolve_version(tmp_path, "round3")
     with pytest.raises(ValueError, match="'latest', 'base' or 'round<t>'"):
         online.resolve_version(tmp_path, "newest")
+    (tmp_path / "knowledge" / "round2" / MARKER).unlink()
+    with pytest.raises(FileNotFoundError, match="round2.*choose another version"):
+        online.resolve_version(tmp_path, "latest")
 
 
 def test_a_damaged_version_is_refused_in_one_line_naming_the_file_and_the_repair(serving_run, tmp_path):
@@ -54,7 +70,8 @@ def test_a_damaged_version_is_refused_in_one_line_naming_the_file_and_the_repair
 def reranker(serving_run):
     run, tastes = serving_run
     version = online.resolve_version(run, "latest")
-    return online.Reranker(run, version), online.KnowledgeStore(version), tastes
+    index = RunLayout(run).serving_index(version.name)
+    return online.Reranker(run, version), online.KnowledgeStore(version, index), tastes
 
 
 def test_knowledge_decides_the_ranking_when_history_says_nothing(reranker):

@@ -4,6 +4,7 @@ application deployed from serve_config.yaml, hot-swapped by a user_config change
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from raytools import BIN, free_port, head_command, stop_group, wait
 from synthetic import preference, write_dataset
 
-from rlrf4rec.core.artifacts import KEY_LENGTH, MARKER, read_marker
+from rlrf4rec.core.artifacts import MARKER, read_marker
 
 pytestmark = pytest.mark.slow
 
@@ -180,6 +181,18 @@ def _without_run_dir(value, run: Path):
     return value.replace(str(run), "<run>") if isinstance(value, str) else value
 
 
+def _copy_complete_stages(src: Path, dst: Path) -> list[str]:
+    """Every stage of `src` complete at this moment, copied into `dst` with its files' times (what a run copied
+    elsewhere holds); stages being written (`.tmp-`, `.old-`) are left out. Returns the stages copied."""
+    copied = []
+    for marker in sorted(src.rglob(MARKER)):
+        rel = marker.parent.relative_to(src)
+        if not any(".tmp-" in part or ".old-" in part for part in rel.parts):
+            shutil.copytree(marker.parent, dst / rel, dirs_exist_ok=True)
+            copied.append(str(rel))
+    return copied
+
+
 def _kill_mid_round_2_and_resume(head, config: Path, run: Path, log: Path) -> None:
     """A driver of `config` SIGKILLed (its whole process group) in the middle of round 2, once its train texts are
     rewarded and before its DPO fit is published, then started again and followed to the end."""
@@ -212,6 +225,12 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     job_id = f"rlrf4rec-tiny-{secrets.token_hex(4)}"
     config_path = _tiny_config(raw, run_dir)
     _submit(head, job_id, "ray_jobs/run.py", "--config", str(config_path), follow=False)
+    # The killed run starts from a copy of the job's base stages (data, knowledge, the three re-rankers): the stages
+    # skip what they find complete, so only the rounds run twice.
+    base = run_dir / "recommender" / "base" / MARKER
+    wait(lambda: base.exists(), 600, "the job's base re-ranker", interval=0.2)
+    copied = _copy_complete_stages(run_dir, killed_run)
+    assert {"data", "recommender/id-kar", "recommender/id", "recommender/base"} <= set(copied), copied
     _kill_mid_round_2_and_resume(head, _tiny_config(raw, killed_run), killed_run, tmp_path / "killed.log")
     status, logs = _follow(head, job_id)
     assert "succeeded" in status.lower(), status[-2000:] + logs[-6000:]
@@ -268,10 +287,15 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     assert _without_run_dir(resumed_manifest, killed_run) == _without_run_dir(manifest, run_dir)
     fingerprints = _stage_fingerprints(run_dir)
     assert _stage_fingerprints(killed_run) == fingerprints
-    # Keys stay short however many rounds lie upstream; the marker keeps the string they were built from.
-    assert max(len(fp) for fp in fingerprints.values()) <= KEY_LENGTH
+    # Keys stay short however many rounds lie upstream (a generation's: its rows' key, then its own); the marker
+    # keeps the record they were built from, naming each upstream stage's key.
+    assert max(len(fp) for fp in fingerprints.values()) <= 16 + 1 + 32
     lineage = read_marker(run_dir / "recommender" / "round2")["lineage"]
-    assert fingerprints["knowledge/round2"] in lineage and fingerprints["data"] in lineage
+    assert lineage["upstream"] == {
+        "data": fingerprints["data"],
+        "user knowledge": fingerprints["knowledge/round2"],
+        "item knowledge": fingerprints["knowledge/items"],
+    }
     tables, resumed_tables = _tables(run_dir), _tables(killed_run)
     assert set(resumed_tables) == set(tables)
     differing = [name for name, table in tables.items() if not resumed_tables[name].equals(table)]

@@ -11,7 +11,8 @@ import pytest
 from rlrf4rec.core import charts
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, stage_output, write_json, write_parquet
-from rlrf4rec.stages.report import METRICS, build_report
+from rlrf4rec.core.metrics import RANKED_METRICS as METRICS
+from rlrf4rec.stages.report import build_report
 
 CHARTS = ["forest-metrics", "forest-paired", "rewards-round0", "rewards-train", "dpo-round0", "stage-times"]
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "embed", "source", "track", "wbr"}

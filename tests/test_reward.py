@@ -8,8 +8,8 @@ from synthetic import write_dataset, write_knowledge
 from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.recommender import ModelSpec, RerankTask, fit, save_checkpoint
+from rlrf4rec.core.scoring import RewardEnsemble, RewardModel, rewards_table
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.reward import RewardEnsemble, RewardModel, rewards_table
 from rlrf4rec.stages.train import knowledge_matrix
 
 SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
@@ -145,14 +145,24 @@ def test_rewards_table_keeps_the_generation_keys():
 
 @pytest.mark.slow
 def test_ray_data_scoring_matches_in_process(reward_model, tmp_path):
-    """The scale-out path (actors holding encoder + recommender) gives exactly the in-process rewards."""
+    """The scale-out path (actors holding encoder + recommender) gives exactly the in-process rewards. The Ray Data
+    map under it returns every row once, in order, or fails."""
     import os
 
     import pyarrow as pa
     import ray
 
     from rlrf4rec.core import schema as S
+    from rlrf4rec.core.cluster import map_rows_on_ray
     from rlrf4rec.stages.reward import score_on_ray
+
+    class Reverse:  # local: shipped by value
+        def __call__(self, batch):
+            return batch.take(list(range(batch.num_rows - 1, -1, -1)))
+
+    class RepeatFirstRow:  # a lost-or-repeated-rows bug: the batch with its first row twice
+        def __call__(self, batch):
+            return pa.concat_tables([batch.slice(0, 1), batch])
 
     class TasteEncoder:  # texts that name a genre -> the synthetic knowledge vectors (local: shipped by value)
         def encode(self, texts):
@@ -170,6 +180,11 @@ def test_ray_data_scoring_matches_in_process(reward_model, tmp_path):
     try:
         rows = pa.table({S.USER_ID: users, S.KNOWLEDGE_TEXT: texts})
         got = score_on_ray(rows, TasteEncoder, model_dir, data_dir, "ndcg@5", batch_size=7, concurrency=2)
+        numbers = pa.table({"x": list(range(23))})
+        kwargs = {"batch_size": 5, "concurrency": 2, "num_cpus": 1, "what": "test"}
+        assert map_rows_on_ray(numbers, Reverse, (), **kwargs).column("x").to_pylist() == list(range(23))
+        with pytest.raises(Exception, match="lost or repeated"):
+            map_rows_on_ray(numbers, RepeatFirstRow, (), **kwargs)
     finally:
         ray.shutdown()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
@@ -180,7 +195,7 @@ def test_synthetic_genre_reward_on_a_hand_made_user():
 
     from rlrf4rec.core import schema as S
     from rlrf4rec.core.metrics import genres_named, synthetic_genre_reward
-    from rlrf4rec.stages.reward import list_genres
+    from rlrf4rec.core.scoring import list_genres
 
     items = pa.table(
         {
@@ -223,6 +238,7 @@ def test_cross_fitting_scores_every_train_text_by_the_model_that_held_its_user_o
     from synthetic import generations_table, stage_with
 
     from rlrf4rec.core import schema as S
+    from rlrf4rec.core import scoring
     from rlrf4rec.core.artifacts import read_marker, read_parquet, read_table, stage_output
     from rlrf4rec.core.layout import GENERATIONS, REWARDS
     from rlrf4rec.stages import reward as R
@@ -259,8 +275,9 @@ def test_cross_fitting_scores_every_train_text_by_the_model_that_held_its_user_o
             return np.full(len(users), float(self.id))
 
     monkeypatch.setattr(T, "run_recommender", fake_run_recommender)
-    monkeypatch.setattr(R.RewardEnsemble, "load", classmethod(lambda cls, dirs, data, metric="ndcg@5": Stub(dirs)))
-    monkeypatch.setattr(R, "make_encoder", lambda cfg: None)
+    load = classmethod(lambda cls, dirs, data, metric="ndcg@5": Stub(dirs))
+    monkeypatch.setattr(scoring.RewardEnsemble, "load", load)
+    monkeypatch.setattr(scoring, "make_encoder", lambda cfg: None)
     main = fake_run_recommender(cfg, "base", data_dir, None)
     folds = R.reward_folds(cfg, main)
 

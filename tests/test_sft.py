@@ -38,8 +38,9 @@ def _cfg(tmp_path: Path, asset_home: Path, **sft) -> RunConfig:
 
 
 def test_examples_pair_each_train_prompt_with_its_teacher_profile(tmp_path, asset_home):
+    from rlrf4rec.core.history import teacher_texts
     from rlrf4rec.core.prompts import history_texts
-    from rlrf4rec.stages.data import run_data, teacher_texts
+    from rlrf4rec.stages.data import run_data
     from rlrf4rec.stages.sft import sft_examples
 
     cfg = _cfg(tmp_path, asset_home)
@@ -79,7 +80,7 @@ def test_bad_sft_values_name_field_value_and_fix(section, message):
 
 
 def test_start_policy_needs_a_finished_sft_stage(tmp_path):
-    from rlrf4rec.stages.sft import start_policy
+    from rlrf4rec.core.lineage import start_policy
 
     cfg = from_dict(RunConfig, {"name": "x", "run_dir": str(tmp_path), "loop": {"init": "sft"}})
     with pytest.raises(FileNotFoundError, match="sft"):
@@ -101,8 +102,9 @@ def _completion_logp(model, tokenizer, example: dict) -> float:
 def test_in_process_sft_learns_the_profiles_and_exports_a_loadable_model(tmp_path, asset_home):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlrf4rec.core.lineage import sft_policy
     from rlrf4rec.stages.data import run_data
-    from rlrf4rec.stages.sft import run_sft, sft_policy
+    from rlrf4rec.stages.sft import run_sft
 
     cfg = _cfg(tmp_path, asset_home, max_users=8)
     run_data(cfg)

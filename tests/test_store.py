@@ -9,10 +9,10 @@ import pytest
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import MARKER, read_marker, read_table, stage_output, write_parquet
+from rlrf4rec.core.knowledge import pad_segments, user_vectors
 from rlrf4rec.core.layout import USER_KNOWLEDGE, data_table
 from rlrf4rec.core.prompts import user_attributes
 from rlrf4rec.serving import store as ST
-from rlrf4rec.stages.encode import pad_segments, user_vectors
 
 
 def knowledge_table(num_users: int, *, segmented: bool, seed: int = 0, dim: int = 8) -> pa.Table:

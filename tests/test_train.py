@@ -8,8 +8,8 @@ from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.core.artifacts import read_marker
 from rlrf4rec.core.config import FaultConfig, RunConfig, from_dict
+from rlrf4rec.core.launcher import FAULT_MARKER
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.launcher import FAULT_MARKER
 from rlrf4rec.stages.train import run_recommender
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_workers_keep_rays_info_lines_off_the_console_but_not_warnings_or_their_
 
     import ray.train.v2._internal.execution.context as ray_context
 
-    from rlrf4rec.stages import launcher
+    from rlrf4rec.core import launcher
 
     def record(pathname: str, level: int) -> logging.LogRecord:
         return logging.LogRecord(pathname, level, pathname, 1, "message", None, None)
@@ -201,7 +201,7 @@ def test_printing_into_a_redirected_stdout_stays_there_in_a_quiet_worker(ray_clu
     fingerprints (TRL's DPO set-up) filled the console with bytecode that way. A quiet worker captures it only."""
     import logging
 
-    from rlrf4rec.stages import launcher
+    from rlrf4rec.core import launcher
 
     def loop(config):
         import contextlib

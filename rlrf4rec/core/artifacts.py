@@ -19,9 +19,11 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,15 +44,40 @@ def digest(payload: object, length: int | None = 16) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
-KEY_LENGTH = 64  # a fingerprint longer than this is stored as its digest
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a stage's output depends on, as a record: the stage, a hash of each config section it reads, its upstream
+    stages' keys by name, and digests or values of whatever else it reads (texts, held-out users, dataset files).
+
+    The key, a fixed-length digest of the record, is what the stage's marker holds and what a re-run compares; the
+    marker keeps the record itself as `lineage`, so a key stays 32 characters however many rounds lie upstream and
+    the lineage still names each upstream stage. `prefix` starts the key: outputs sharing it can reuse each other's
+    rows (the generate stage's key of what one text depends on, before which users it holds)."""
+
+    stage: str
+    sections: Mapping[str, str] = field(default_factory=dict)
+    upstream: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    prefix: str = ""
+
+    def record(self) -> dict:
+        return {
+            "stage": self.stage,
+            "sections": dict(self.sections),
+            "upstream": dict(self.upstream),
+            "extra": dict(self.extra),
+        }
+
+    @property
+    def key(self) -> str:
+        key = digest(self.record(), 32)
+        return f"{self.prefix}-{key}" if self.prefix else key
 
 
-def stage_key(fingerprint: str) -> str:
-    """The fingerprint a stage's marker holds and is compared by: as built when it is at most KEY_LENGTH characters,
-    else `h` + the digest of it. Stages build fingerprints from their upstream stages' keys, so a key stays short
-    however many rounds lie upstream (the built string would grow several-fold a round); the marker keeps the
-    built string as `lineage`."""
-    return fingerprint if len(fingerprint) <= KEY_LENGTH else "h" + digest(fingerprint, 32)
+def key_of(fingerprint: Fingerprint | str) -> str:
+    """A stage's key: its fingerprint's, or a string given as the key itself (a stage made by hand, in a test or a
+    benchmark, with no lineage to record)."""
+    return fingerprint if isinstance(fingerprint, str) else fingerprint.key
 
 
 def write_parquet(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> None:
@@ -146,11 +173,11 @@ def model_identity(model: str) -> str:
     return marker["fingerprint"] if marker else ""
 
 
-def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+def is_complete(stage_dir: Path, fingerprint: Fingerprint | str) -> bool:
     """The stage holds a marker with this fingerprint and every file the marker records, unchanged (the cheap check
     of `damaged_files`); a damaged stage is logged, naming its files, and reported incomplete so it is rebuilt."""
     marker = read_marker(stage_dir)
-    if marker is None or marker.get("fingerprint") != stage_key(fingerprint):
+    if marker is None or marker.get("fingerprint") != key_of(fingerprint):
         return False
     damaged = damaged_files(Path(stage_dir), marker)
     if damaged:
@@ -192,7 +219,7 @@ def damaged_files(stage_dir: Path, marker: dict | None = None, deep: bool = Fals
 
 
 @contextmanager
-def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> Iterator[tuple[Path, dict]]:
+def stage_output(stage_dir: Path, fingerprint: Fingerprint, config_yaml: str | None) -> Iterator[tuple[Path, dict]]:
     """Yield (temporary directory, stats dict); on normal exit publish it atomically with marker and config
     (`config.yaml`; None for a stage that has no config of its own).
 
@@ -213,11 +240,10 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
         yield tmp, stats
         if config_yaml is not None:
             (tmp / CONFIG).write_text(config_yaml)
-        key = stage_key(fingerprint)
         write_json(
             {
-                "fingerprint": key,
-                **({"lineage": fingerprint} if key != fingerprint else {}),
+                "fingerprint": key_of(fingerprint),
+                **({"lineage": fingerprint.record()} if isinstance(fingerprint, Fingerprint) else {}),
                 "stage": stage_dir.name,
                 "started": started,
                 "finished": time.time(),
@@ -233,6 +259,27 @@ def stage_output(stage_dir: Path, fingerprint: str, config_yaml: str | None) -> 
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(
+    stage_dir: Path,
+    fingerprint: Fingerprint,
+    build: Callable[[Path, dict], object],
+    config_yaml: str | None,
+    *,
+    force: bool = False,
+) -> Path:
+    """The stage protocol, once for every stage: skip when `stage_dir` is complete for `fingerprint` (unless
+    `force`), else `build(tmp, stats)` fills a temporary directory and the stats, published atomically with the
+    marker (stage_output). Returns the stage directory."""
+    stage_dir = Path(stage_dir)
+    if not force and is_complete(stage_dir, fingerprint):
+        log.info("%s: complete output matches its inputs; nothing to do", stage_dir)
+        return stage_dir
+    with stage_output(stage_dir, fingerprint, config_yaml) as (tmp, stats):
+        build(tmp, stats)
+    log.info("%s: published", stage_dir)
+    return stage_dir
 
 
 def damaged_stages(root: Path) -> dict[str, list[str]]:

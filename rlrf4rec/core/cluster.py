@@ -24,6 +24,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+import pyarrow as pa
 import yaml
 
 # GPUs per instance of the AWS types cluster.yaml names. Ray's AWS provider asks the EC2 API; offline, this table
@@ -175,3 +177,52 @@ def quiet_ray() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------------- Ray Data
+
+ROW = "_row"  # the row index map_rows_on_ray adds to check what comes back
+
+
+def map_batches_on_ray(
+    rows: pa.Table,
+    udf: type,
+    constructor_args: tuple,
+    *,
+    batch_size: int,
+    concurrency: int,
+    num_cpus: float,
+    num_gpus: float = 0.0,
+    what: str,
+) -> Iterator[pa.Table]:
+    """`rows` through `concurrency` Ray Data actors of `udf` (its model loads once per actor, in `__init__`), a batch
+    of rows in, the same rows out; yields output batches as they finish, in any order. One block per batch, so every
+    actor gets work and results stream back batch by batch. `what` names the setting that asked for Ray."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{what} runs on Ray Data: call ray.init() first (the CLI does)")
+    blocks = [rows.slice(lo, batch_size) for lo in range(0, rows.num_rows, batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        udf,
+        fn_constructor_args=constructor_args,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        udf_modifying_row_count=False,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def map_rows_on_ray(rows: pa.Table, udf: type, constructor_args: tuple, **kwargs) -> pa.Table:
+    """map_batches_on_ray, collected: every row back exactly once (else an error: Ray Data lost or repeated some),
+    in the order of `rows`."""
+    indexed = rows.append_column(ROW, pa.array(np.arange(rows.num_rows), pa.int64()))
+    out = pa.concat_tables(list(map_batches_on_ray(indexed, udf, constructor_args, **kwargs)))
+    returned = out.column(ROW).to_numpy()
+    if len(returned) != rows.num_rows or len(np.unique(returned)) != rows.num_rows:
+        raise RuntimeError(f"Ray Data returned {len(returned)} rows for {rows.num_rows} (lost or repeated)")
+    return out.take(np.argsort(returned)).drop_columns([ROW])

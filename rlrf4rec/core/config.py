@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from rlrf4rec.core.layout import RunLayout
+from rlrf4rec.core.metrics import RANKED_METRICS
 
 RUNS_ROOT_ENV = "RLRF4REC_RUNS"  # a root for relative run dirs (e.g. /mnt/cluster_storage/runs on a cluster)
 
@@ -376,7 +377,13 @@ class PolicyTrainingConfig:
         if not self.lr > 0:
             _fail(f"{sec}.lr", self.lr, "use a positive learning rate")
         for name in (
-            "per_device_batch_size", "grad_accum", "epochs", "lora_r", "num_workers", "cpus_per_worker", "save_steps"
+            "per_device_batch_size",
+            "grad_accum",
+            "epochs",
+            "lora_r",
+            "num_workers",
+            "cpus_per_worker",
+            "save_steps",
         ):
             if getattr(self, name) < 1:
                 _fail(f"{sec}.{name}", getattr(self, name), "use a positive integer")
@@ -529,7 +536,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         metric, _, k = self.metric.partition("@")
-        ranked = metric in ("ndcg", "map") and k.isdigit() and int(k) in (1, 3, 5, 7)
+        ranked = f"{metric}@{k}" in RANKED_METRICS
         if self.metric not in ("pairwise", "synthetic-genres", "synthetic-genres-contrast") and not ranked:
             _fail(
                 "reward.metric",
@@ -723,6 +730,11 @@ class RunConfig:
             section, _, field = name.partition(".")
             values[section] = {k: v for k, v in values[section].items() if k != field}
         return digest(values)
+
+    def section_hashes(self, *names: str, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+        """A hash of each named section (or top-level field), for a stage's fingerprint record (artifacts.Fingerprint):
+        the lineage then says which section changed. `ignore` as in section_hash."""
+        return {n: self.section_hash(n, ignore=tuple(i for i in ignore if i.startswith(f"{n}."))) for n in names}
 
 
 def _plain(value: Any) -> Any:

@@ -98,8 +98,7 @@ class KnowledgeAdaptor(nn.Module):
         dtype = self.gate[self.types[0]].weight.dtype
         # The encoder may emit fp16 while the recommender trains in fp32; the cast is exact in that direction.
         return {
-            t: (knowledge[t].to(dtype) - getattr(self, f"center_{t}")) / getattr(self, f"scale_{t}")
-            for t in self.types
+            t: (knowledge[t].to(dtype) - getattr(self, f"center_{t}")) / getattr(self, f"scale_{t}") for t in self.types
         }
 
     def gates(self, knowledge: Knowledge) -> dict[str, torch.Tensor]:

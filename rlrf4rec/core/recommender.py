@@ -29,12 +29,11 @@ import torch
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.layout import RECOMMENDER_MODEL
-from rlrf4rec.core.metrics import full_sort_metrics, mean_metrics, rank_metrics
+from rlrf4rec.core.metrics import RERANK_KS, full_sort_metrics, mean_metrics, rank_metrics
 from rlrf4rec.core.models import DLCM, LOSSES, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank
 
 log = logging.getLogger(__name__)
 
-RERANK_KS = (1, 3, 5, 7)
 RERANKERS = {"prm": PRM, "setrank": SetRank, "dlcm": DLCM}  # list-wise; "sasrec" builds a SASRecRanker
 
 # Knowledge as the tasks take it: None (ID-only), a user matrix [U, D] / [U, S, D] (rows in the task's user order),

@@ -24,7 +24,9 @@ import torch
 
 from rlrf4rec.core.artifacts import damaged_files, read_marker, read_tables
 from rlrf4rec.core.config import RunConfig, load_config
+from rlrf4rec.core.knowledge import pad_segments
 from rlrf4rec.core.layout import CONFIG, RunLayout
+from rlrf4rec.core.lineage import Version, read_rounds, round_policy, start_policy
 from rlrf4rec.core.prompts import item_meta
 from rlrf4rec.core.recommender import (
     Checkpoint,
@@ -35,16 +37,6 @@ from rlrf4rec.core.recommender import (
     load_checkpoint,
 )
 from rlrf4rec.serving.store import KnowledgeIndex, UserIndex, open_index
-from rlrf4rec.stages.encode import pad_segments
-
-
-@dataclass(frozen=True)
-class Version:
-    name: str
-    recommender_dir: Path
-    knowledge_dir: Path
-    index_dir: Path  # where serving keeps the knowledge memory-mapped (store.py)
-    policy: str  # the LLM that wrote this version's preference texts: models.llm or dpo/round<t-1>/model
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -56,40 +48,35 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 def resolve_version(run_dir: Path, name: str) -> Version:
-    """A knowledge version of the run by name; 'latest' is the highest complete round, else base."""
+    """A knowledge version of the run by name: base, or round<t> for each round of the rounds manifest (lineage);
+    'latest' is the last round's, else base. Refused unless its re-ranker and knowledge are whole."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-
-    def complete(v: str) -> bool:
-        return read_marker(layout.recommender(v)) is not None and read_marker(layout.knowledge(v)) is not None
-
+    rounds = {r.version: r for r in read_rounds(layout)}
     if name == "latest":
-        rounds = sorted(
-            (int(m.group(1)) for p in layout.recommender_versions() if (m := re.fullmatch(r"round(\d+)", p.name))),
-            reverse=True,
-        )
-        name = next((f"round{t}" for t in rounds if complete(f"round{t}")), "base")
-    if not re.fullmatch(r"base|round\d+", name):
+        name = list(rounds)[-1] if rounds else "base"
+    if name != "base" and name not in rounds:
+        if re.fullmatch(r"round\d+", name):
+            raise FileNotFoundError(
+                f"version {name!r} is not a complete round of {run_dir} (its rounds manifest holds "
+                f"{list(rounds) or 'none'}); finish the run (rlrf4rec run) or choose another version"
+            )
         raise ValueError(f"version {name!r} is not known; use 'latest', 'base' or 'round<t>' (e.g. round1)")
-    if not complete(name):
-        raise FileNotFoundError(
-            f"version {name!r}: {layout.recommender(name)} or {layout.knowledge(name)} is missing or incomplete; "
-            f"finish the run (rlrf4rec run) or choose another version"
-        )
-    if name == "base":
-        from rlrf4rec.stages.sft import start_policy
-
-        policy = start_policy(run_config(run_dir))
-    else:
-        policy = str(layout.policy(f"round{int(name[5:]) - 1}"))
-    for stage_dir in (layout.recommender(name), layout.knowledge(name)):
+    recommender, knowledge = layout.recommender(name), layout.knowledge(name)
+    for stage_dir in (recommender, knowledge):
+        if read_marker(stage_dir) is None:
+            raise FileNotFoundError(
+                f"version {name!r}: {stage_dir} is missing or incomplete; finish the run (rlrf4rec run) or choose "
+                "another version"
+            )
         damaged = damaged_files(stage_dir)
         if damaged:
             raise ValueError(
                 f"version {name!r} is damaged: {damaged[0]}; rebuild it with `rlrf4rec run --config "
                 f"{layout.data / CONFIG}` (`rlrf4rec verify` lists every damaged file)"
             )
-    return Version(name, layout.recommender(name), layout.knowledge(name), layout.serving_index(name), policy)
+    policy = start_policy(run_config(run_dir)) if name == "base" else str(round_policy(layout, rounds[name]))
+    return Version(name, policy, knowledge, recommender)
 
 
 @dataclass(frozen=True)
@@ -104,9 +91,9 @@ class KnowledgeStore:
     """user_id -> the user's knowledge text and vector of one version, read from the version's memory-mapped index
     (store.py): every replica on a machine shares one copy in the page cache."""
 
-    def __init__(self, version: Version):
+    def __init__(self, version: Version, index_dir: Path):
         self.version = version.name
-        self._index = KnowledgeIndex(open_index(version.knowledge_dir, version.index_dir))
+        self._index = KnowledgeIndex(open_index(version.knowledge, index_dir))
 
     def get(self, user_id: str | None) -> Knowledge | None:
         found = self._index.get(user_id) if user_id is not None else None
@@ -163,7 +150,7 @@ class ItemCatalog:
 
 def user_segments_of(version: Version) -> int:
     """How the version's knowledge model reads a user text: 0 = one vector, k = up to k segment vectors."""
-    return checkpoint_header(version.recommender_dir)["user_segments"]
+    return checkpoint_header(version.recommender)["user_segments"]
 
 
 def _checkpoint(recommender_dir: Path, task: RerankTask, *, knowledge: bool) -> Checkpoint:
@@ -196,19 +183,21 @@ class Reranker:
         self, run_dir: Path, version: Version, catalog: ItemCatalog | None = None, device: str | torch.device = "cpu"
     ):
         self.device = torch.device(device)  # where the models run; the lookups and the windows stay on the CPU
+        self.layout = RunLayout(run_dir)
         self.catalog = catalog or ItemCatalog(run_dir)
         # Items and genres only; each model brings its spec.
         self.task = RerankTask.of_items(self.catalog.tables, ModelSpec(), self.catalog.list_len)
         self.list_len = self.catalog.list_len
-        id_ckpt = _checkpoint(RunLayout(run_dir).recommender("id"), self.task, knowledge=False)
+        id_ckpt = _checkpoint(self.layout.recommender("id"), self.task, knowledge=False)
         id_ckpt.model.to(self.device)
         self.id_model = _Loaded(id_ckpt, "id")
         self.load_version(version)
 
     def load_version(self, version: Version) -> None:
-        ckpt = _checkpoint(version.recommender_dir, self.task, knowledge=True)
+        ckpt = _checkpoint(version.recommender, self.task, knowledge=True)
         ckpt.model.to(self.device)  # before the swap below: a batch never sees a half-moved model
-        self.knowledge_model = _Loaded(ckpt, version.name, KnowledgeStore(version))
+        store = KnowledgeStore(version, self.layout.serving_index(version.name))
+        self.knowledge_model = _Loaded(ckpt, version.name, store)
 
     @property
     def version(self) -> str:

@@ -248,7 +248,7 @@ class OnlineKnowledge:
 
     def __init__(self, run_dir: str, version: str, generator: DeploymentHandle, deadline_ms: float = 2000.0):
         from rlrf4rec.core import assets
-        from rlrf4rec.stages.encode import TextEncoder
+        from rlrf4rec.core.knowledge import TextEncoder
 
         self.run_dir = Path(run_dir)
         resolved = online.resolve_version(self.run_dir, version)
@@ -292,8 +292,8 @@ class OnlineKnowledge:
 
     async def _generate(self, key: str, history: list[tuple[str, float | None]], attributes: dict | None) -> Generated:
         """Generate, encode and cache one user's knowledge; never raises (a failure is a fallback reason)."""
+        from rlrf4rec.core.knowledge import encode_user_texts
         from rlrf4rec.core.prompts import HistoryItem, history_text
-        from rlrf4rec.stages.encode import encode_user_texts
 
         try:
             items = [HistoryItem(*self.catalog.meta[i], r) for i, r in history]

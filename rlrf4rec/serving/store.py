@@ -45,9 +45,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import is_complete, read_marker, stage_output
+from rlrf4rec.core.artifacts import Fingerprint, is_complete, publish, read_marker
+from rlrf4rec.core.knowledge import segments_of, vectors_of
 from rlrf4rec.core.layout import USER_KNOWLEDGE, data_table
-from rlrf4rec.stages.encode import segments_of, vectors_of
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def open_index(source_dir: Path, index_dir: Path, batch_rows: int = BATCH_ROWS, 
         raise FileNotFoundError(
             f"{source_dir} holds no complete {'data' if kind == 'users' else kind} stage; finish the run first"
         )
-    fingerprint = f"{marker['fingerprint']}-{FORMATS[kind]}"
+    fingerprint = Fingerprint(f"{kind} index", {}, {"source": marker["fingerprint"]}, {"format": FORMATS[kind]})
     if is_complete(index_dir, fingerprint):
         return index_dir
     try:
@@ -219,10 +219,13 @@ def open_index(source_dir: Path, index_dir: Path, batch_rows: int = BATCH_ROWS, 
         lock = open(index_dir.parent / ".lock", "w")
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_complete(index_dir, fingerprint):  # another replica may have built it while this one waited
-            log.info("building the memory-mapped %s index %s", kind, index_dir)
-            with stage_output(index_dir, fingerprint, None) as (tmp, stats):
-                stats.update(_build_in_child(kind, source_dir, tmp, batch_rows))
+        # Another replica may have built it while this one waited: then there is nothing to do.
+        publish(
+            index_dir,
+            fingerprint,
+            lambda tmp, stats: stats.update(_build_in_child(kind, source_dir, tmp, batch_rows)),
+            None,
+        )
     return index_dir
 
 

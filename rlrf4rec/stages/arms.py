@@ -18,12 +18,14 @@ incomplete arm; `<run>/arms/<name>/table.json` and `table.md` hold the table. Se
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,11 @@ import pyarrow.compute as pc
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, write_json, write_parquet
-from rlrf4rec.core.config import RunConfig
+from rlrf4rec.core.config import ConfigError, RunConfig
 from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.core.stage import Option, Stage, on_ray
 from rlrf4rec.stages.dpo import FIT_WALL
 
 log = logging.getLogger(__name__)
@@ -346,6 +349,7 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
     the independent judge, compared with the start policy's and with random-label DPO's (the flip-0.5 arm of the
     same pair count), and after the last arm every policy writes one text per test user, scored by the fixed base
     re-ranker (test NDCG@5, paired with the start policy's)."""
+    from rlrf4rec.core.lineage import start_policy
     from rlrf4rec.stages.dpo import run_dpo
     from rlrf4rec.stages.generate import policy_generations
     from rlrf4rec.stages.grpo import run_grpo
@@ -358,7 +362,6 @@ def run_arms(cfg: RunConfig, arms: Sequence[Arm], name: str = "main") -> Path:
         reward_scorer,
         run_reward,
     )
-    from rlrf4rec.stages.sft import start_policy
     from rlrf4rec.stages.shift import run_shift
 
     if cfg.generate.num_samples < 2:
@@ -498,7 +501,7 @@ def _sft_best(
     arm_dir: Path,
 ) -> Path:
     """SFT of the start policy on the best of N texts of the users of the arm's pairs (valid users' best held out)."""
-    from rlrf4rec.core.artifacts import digest, read_tables
+    from rlrf4rec.core.artifacts import Fingerprint, digest, read_tables
     from rlrf4rec.stages.dpo import policy_fingerprint
     from rlrf4rec.stages.pairs import rewarded_candidates
     from rlrf4rec.stages.sft import fit_sft, sft_examples
@@ -509,10 +512,12 @@ def _sft_best(
     targets.update(best_texts(valid_candidates, set(valid_candidates)))
     g = cfg.generate
     tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
-    examples = sft_examples(tables, targets, g.domain, g.prompt_history, None, cfg.seed + cfg.sft.seed_offset)
-    fingerprint = "-".join(
-        [cfg.section_hash("sft", "seed"), digest([g.domain, g.prompt_history, sorted(targets.items())])]
-        + [policy_fingerprint(Path(policy))]
+    examples = partial(sft_examples, tables, targets, g.domain, g.prompt_history, None, cfg.seed + cfg.sft.seed_offset)
+    fingerprint = Fingerprint(
+        "sft",
+        cfg.section_hashes("sft", "seed"),
+        {"policy": policy_fingerprint(Path(policy))},
+        {"domain": g.domain, "prompt_history": g.prompt_history, "targets": digest(sorted(targets.items()))},
     )
     sc = cfg.sft  # one held-out loss after the last step (and the untrained one), as the DPO arms
     steps = sc.max_steps or math.ceil(len(users) / (sc.num_workers * sc.per_device_batch_size * sc.grad_accum))
@@ -526,7 +531,7 @@ def other_user_reward(cfg: RunConfig, generations_dir: Path) -> float | None:
     A gain that is about the user shows as own reward above this one."""
     from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.core.metrics import SYNTHETIC_GENRES, synthetic_genre_reward
-    from rlrf4rec.stages.reward import list_genres
+    from rlrf4rec.core.scoring import list_genres
 
     if cfg.reward.metric != SYNTHETIC_GENRES:
         return None
@@ -547,3 +552,54 @@ def _write_table(rows: list[dict], out: Path, metric: str) -> None:
     tmp = out / f".{TABLE_MD}.tmp"
     tmp.write_text(table_markdown(rows, metric))
     tmp.replace(out / TABLE_MD)
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    try:
+        arms = parse_arms(args.pairs, args.flips, args.flip_pairs, args.sft_best, args.grpo)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return [run_arms(cfg, arms, name=args.name)]
+
+
+STAGE = Stage(
+    "arms",
+    "DPO arms on the start policy's pairs: a learning curve over train pair counts and label-noise arms (flip 0.5: "
+    "random-label DPO), each judged by held-out pair accuracy and valid reward gain; reward.metric "
+    "synthetic-genres makes it the RL loop's positive control",
+    _command,
+    (
+        Option(("--pairs",), {"default": "50,250,700", "help": "train pair counts of the clean arms (nested)"}),
+        Option(
+            ("--flips",),
+            {
+                "default": "",
+                "help": "label-flip shares of the noise arms, e.g. 0.28,0.41,0.5 (0.5: random-label DPO); "
+                "arms.noise_for_spearman maps a reward's measured agreement to one",
+            },
+        ),
+        Option(("--flip-pairs",), {"type": int, "help": "train pairs of the noise arms (default: middle count)"}),
+        Option(
+            ("--sft-best",),
+            {
+                "default": "",
+                "help": "train pair counts whose users' best of N texts an SFT arm distils (the update's "
+                "supervised baseline), e.g. 250",
+            },
+        ),
+        Option(
+            ("--grpo",),
+            {
+                "default": "",
+                "help": "train pair counts whose users' prompts a GRPO arm trains on (on-policy, every completion "
+                "rewarded by the same reward model; grpo section), e.g. 250",
+            },
+        ),
+        Option(("--name",), {"default": "main", "help": "output directory <run>/arms/<name>/"}),
+    ),
+    on_ray=on_ray,
+    upstream=("data", "sft"),
+)

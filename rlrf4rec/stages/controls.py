@@ -10,7 +10,9 @@ intervals of each variant's difference to the baselines. Training is in process 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,10 +23,18 @@ import pyarrow as pa
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_marker, read_parquet, read_tables, require_marker, stage_output, write_json
-from rlrf4rec.core.audit import derangement, spearman
-from rlrf4rec.core.config import RunConfig, dump_config
-from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, PER_USER_JSON, RELIABILITY, TABLE_JSON, TABLE_MD
+from rlrf4rec.core.artifacts import (
+    Fingerprint,
+    publish,
+    read_marker,
+    read_tables,
+    require_marker,
+    write_json,
+)
+from rlrf4rec.core.audit import derangement
+from rlrf4rec.core.config import BACKBONES, ConfigError, RunConfig, dump_config
+from rlrf4rec.core.layout import ITEM_KNOWLEDGE, PER_USER_JSON, TABLE_JSON, TABLE_MD
+from rlrf4rec.core.metrics import RANKED_METRICS, RERANK_KS, list_mean, paired_list_mean_ci
 from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import (
     KnowledgeInput,
@@ -33,6 +43,7 @@ from rlrf4rec.core.recommender import (
     knowledge_dims,
     standardize_adaptor,
 )
+from rlrf4rec.core.stage import Option, Stage
 from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_dir
 
 log = logging.getLogger(__name__)
@@ -121,21 +132,6 @@ def per_user(task: RerankTask, per_list: np.ndarray, split: str = "valid") -> tu
     return users, np.stack([sums, np.bincount(owner, minlength=len(users)).astype(float)], axis=1)
 
 
-def list_mean(per_user_sums: np.ndarray) -> float:
-    """[U, 2] (sum, count) -> the mean over lists (what the recommender stage reports as valid/ndcg@5)."""
-    return float(per_user_sums[:, 0].sum() / per_user_sums[:, 1].sum())
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int, seed: int) -> list[float]:
-    """Difference of list means a - b [U, 2] with a 95% percentile interval from resampling users (the lists of
-    a user are not independent, so the user is the unit; both sides see the same resampled users)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(num_samples, len(a)))  # [R, U]
-    diffs = a[idx, 0].sum(1) / a[idx, 1].sum(1) - b[idx, 0].sum(1) / b[idx, 1].sum(1)
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    return [list_mean(a) - list_mean(b), float(low), float(high)]
-
-
 def perturb_user_knowledge(knowledge: dict[str, torch.Tensor], task: RerankTask, how: str, seed: int):
     """The valid users' user knowledge replaced: "shuffled" (another valid user's, a derangement) or "mean" (the
     train users' mean vector, or one segment holding the mean of their real segments: no user-specific signal is
@@ -190,8 +186,8 @@ class KnowledgeSources:
 
 def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table], needed: set[str]):
     """Encode the texts the variants need with the run's frozen encoder (cached by text hash)."""
-    from rlrf4rec.stages.data import user_history_texts
-    from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
+    from rlrf4rec.core.history import user_history_texts
+    from rlrf4rec.core.knowledge import embedding_cache, encode_user_texts, make_encoder
 
     encoder = make_encoder(cfg)
     cache = embedding_cache(cfg)
@@ -221,7 +217,7 @@ def encode_sources(cfg: RunConfig, task: RerankTask, tables: dict[str, pa.Table]
 
 def teacher_knowledge_texts(cfg: RunConfig, max_items: int | None) -> dict[str, str]:
     """user -> the teacher profile of the last `max_items` window entries (+ history text, knowledge.history_text)."""
-    from rlrf4rec.stages.data import teacher_texts, user_history_texts
+    from rlrf4rec.core.history import teacher_texts, user_history_texts
 
     histories = user_history_texts(cfg)
     profiles = teacher_texts(cfg, max_items)
@@ -253,7 +249,7 @@ def base_llm_knowledge_texts(cfg: RunConfig) -> dict[str, str]:
 
 def write_llm_texts(cfg: RunConfig) -> Path:
     """The base policy's text per train and valid user, as the encode stage writes it (resumable)."""
-    from rlrf4rec.stages.sft import start_policy
+    from rlrf4rec.core.lineage import start_policy
 
     return generate_policy_texts(cfg, start_policy(cfg), "base")
 
@@ -324,9 +320,14 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     for row in rows:
         row["backbone"] = cfg.recommender.backbone
         row["metrics"] = {m: float(np.mean(x)) for m, x in all_metrics[row["variant"]].items()}
-    fingerprint = f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'seed')}-{marker['fingerprint']}"
-    stage_dir = cfg.layout.controls(name)
-    with stage_output(stage_dir, fingerprint + f"-{seeds}", dump_config(cfg)) as (tmp, stats):
+    fingerprint = Fingerprint(
+        "controls",
+        cfg.section_hashes("models", "encode", "knowledge", "recommender", "seed"),
+        {"data": marker["fingerprint"]},
+        {"seeds": seeds},
+    )
+
+    def write(tmp: Path, stats: dict) -> None:
         write_json(rows, tmp / TABLE_JSON)
         write_json({"users": users, **{k: [x.tolist() for x in vs] for k, vs in values.items()}}, tmp / PER_USER_JSON)
         (tmp / TABLE_MD).write_text(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
@@ -338,13 +339,15 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
                 "encode_seconds": round(encode_seconds, 1),
             }
         )
+
+    # A measurement: written anew on every call, the variants' models trained above.
+    stage_dir = publish(cfg.layout.controls(name), fingerprint, write, dump_config(cfg), force=True)
     print(settings_line(cfg, seed_list) + "\n\n" + markdown_table(rows))
     return stage_dir
 
 
 def _metrics(task: RerankTask, scores: np.ndarray, split: str = "valid") -> dict[str, np.ndarray]:
     from rlrf4rec.core.metrics import rank_metrics
-    from rlrf4rec.core.recommender import RERANK_KS
 
     data = task.splits[split]
     return rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
@@ -368,7 +371,7 @@ def summarize(values: dict[str, list[np.ndarray]], info: dict[str, dict], num_sa
         }
         for base in BASELINES:
             if base in values and base != name:
-                pair = paired_bootstrap(np.mean(per_seed, axis=0), np.mean(values[base], axis=0), num_samples, seed)
+                pair = paired_list_mean_ci(np.mean(per_seed, axis=0), np.mean(values[base], axis=0), num_samples, seed)
                 row[f"vs {base}"] = pair
         rows.append(row)
     return rows
@@ -404,9 +407,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-BACKBONE_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7))
-
-
 def backbone_table(tables: list[list[dict]]) -> str:
     """Controls tables of several runs of `rlrf4rec controls` (rows carrying "backbone" and "metrics"), side by side:
     one line per backbone and variant, every NDCG/MAP@k (mean of seeds), the NDCG@5 seed spread and its paired
@@ -415,13 +415,13 @@ def backbone_table(tables: list[list[dict]]) -> str:
     def ci(x):
         return "" if x is None else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
 
-    head = "| backbone | variant | " + " | ".join(BACKBONE_METRICS) + f" | {METRIC} sd | {METRIC} vs ID + history |"
-    lines = [head, "|" + "---|" * (len(BACKBONE_METRICS) + 4)]
+    head = "| backbone | variant | " + " | ".join(RANKED_METRICS) + f" | {METRIC} sd | {METRIC} vs ID + history |"
+    lines = [head, "|" + "---|" * (len(RANKED_METRICS) + 4)]
     for rows in tables:
         for r in rows:
             if "metrics" not in r:  # written before every metric was kept
                 continue
-            values = " | ".join(f"{r['metrics'][m]:.4f}" for m in BACKBONE_METRICS)
+            values = " | ".join(f"{r['metrics'][m]:.4f}" for m in RANKED_METRICS)
             lines.append(
                 f"| {r.get('backbone', 'prm')} | {r['variant']} | {values} | {r['seed_spread']:.4f} | "
                 f"{ci(r.get('vs ID + history'))} |"
@@ -429,164 +429,93 @@ def backbone_table(tables: list[list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------------------- reward reliability
+# --------------------------------------------------------------------------------------------------- the stage record
 
 
-def _order_stats(rewards: list[np.ndarray], by_user: dict[str, list[int]], first: np.ndarray) -> dict:
-    """Ties, seed agreement and how often the text the model was trained with (sample 0) wins, over users."""
-    tied = [np.ptp(rewards[0][rows]) < 1e-12 for rows in by_user.values()]
-    tops = [rewards[0][rows] for rows in by_user.values()]
-    wins = [float(np.mean(first[rows][r == r.max()])) for rows, r in zip(by_user.values(), tops) if np.ptp(r)]
-    rhos = [spearman(rewards[0][rows], rewards[1][rows]) for rows in by_user.values()] if len(rewards) > 1 else []
-    defined = [r for r in rhos if r is not None]
-    ci = None
-    if len(defined) > 1:  # users resampled: the mean's 95% percentile interval
-        idx = np.random.default_rng(0).integers(0, len(defined), size=(1000, len(defined)))
-        ci = [float(x) for x in np.quantile(np.asarray(defined)[idx].mean(1), [0.025, 0.975])]
-    return {
-        "tied_share": float(np.mean(tied)),
-        "spearman_mean": float(np.mean(defined)) if defined else None,
-        "spearman_ci": ci,
-        "spearman_per_user": [None if r is None else round(r, 4) for r in rhos],
-        "spearman_defined_users": len(defined),
-        "within_user_range_mean": float(np.mean([np.ptp(rewards[0][rows]) for rows in by_user.values()])),
-        # Sample 0 is each user's knowledge text in training (knowledge.user = llm): a fitted user's lists make it
-        # win more often than 1/N. Texts tied at the top share the win.
-        "first_sample_best_share": float(np.mean(wins)) if wins else None,
-    }
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    if args.llm_texts:
+        print(f"llm texts: {write_llm_texts(cfg)}")
+    if args.signal:
+        from rlrf4rec.stages.signal import run_signal_audit
+
+        seeds = 8 if args.seeds is None else args.seeds
+        return [run_signal_audit(cfg, policy=args.policy, samples=args.samples, seeds=seeds, name=args.name)]
+    if args.reliability is not None:
+        from rlrf4rec.stages.reliability import run_reward_reliability
+
+        seeds = max(2 if args.seeds is None else args.seeds, 2)
+        stage_dir = run_reward_reliability(cfg, args.reliability, seeds=seeds, name=args.name)
+        print(json.dumps(read_marker(stage_dir)["stats"], indent=1))
+        return []
+    only = None if args.variants is None else [v.strip() for v in args.variants.split(";")]
+    unknown = sorted(set(only or ()) - {v.name for v in VARIANTS})
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {[v.name for v in VARIANTS]}")
+    seeds = 3 if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds={seeds}: use at least 1 seed (3 for intervals worth reading)")
+    if args.backbones is None:
+        return [run_controls(cfg, seeds=seeds, only=only, name=args.name)]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    unknown = sorted(set(backbones) - set(BACKBONES))
+    if unknown or not backbones:
+        raise ConfigError(f"--backbones: unknown {unknown or args.backbones!r}; choose from {list(BACKBONES)}")
+    tables = []
+    for backbone in backbones:
+        bcfg = dataclasses.replace(cfg, recommender=dataclasses.replace(cfg.recommender, backbone=backbone))
+        stage_dir = run_controls(bcfg, seeds=seeds, only=only, name=f"{args.name}-{backbone}")
+        tables.append(json.loads((stage_dir / TABLE_JSON).read_text()))
+    print(backbone_table(tables))
+    return []
 
 
-def base_knowledge(cfg: RunConfig, task: RerankTask, encoder, cache: Path | None) -> dict[str, torch.Tensor]:
-    """The knowledge the run's base recommender (the round-0 reward model) trains with, in `task`'s user order:
-    the base policy's text (+ history text, knowledge.history_text) with knowledge.user = llm, else the history
-    text; and the run's item knowledge unless knowledge.item is none."""
-    from rlrf4rec.stages.data import user_history_texts
-    from rlrf4rec.stages.encode import encode_user_texts, write_item_knowledge
-    from rlrf4rec.stages.train import item_knowledge_matrix
-
-    trained_on = base_llm_knowledge_texts(cfg) if cfg.knowledge.user == "llm" else user_history_texts(cfg)
-    user_texts = [trained_on[u] for u in task.users]
-    knowledge = {"user": torch.from_numpy(encode_user_texts(encoder, user_texts, cfg.knowledge.user_segments, cache))}
-    if cfg.knowledge.item != "none":
-        knowledge["item"] = item_knowledge_matrix(write_item_knowledge(cfg) / ITEM_KNOWLEDGE, task)
-    return knowledge
-
-
-def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, folds: int = 2) -> dict:
-    """How trustworthy the reward is on the texts it will rank: reward models trained like the base one (the
-    pipeline's base user and item knowledge, the run's architecture), `seeds` of them, score every generated text
-    of train users.
-
-    Two ways, side by side: in-sample (models trained on every train user, as the base recommender is), and
-    cross-fitted (users split into `folds`; each user's texts scored by a model trained without that user's lists).
-    Each reports the share of users whose N rewards all tie (no pair can be formed), the mean Spearman agreement
-    between two seeds on the order of each user's texts (the order is what the pairs use), and how often sample 0
-    (the text the in-sample model was trained with) is the best."""
-    from rlrf4rec.core.protocol import stable_seed
-    from rlrf4rec.stages.data import require_data, user_history_texts
-    from rlrf4rec.stages.encode import (
-        embedding_cache,
-        encode_user_texts,
-        make_encoder,
-    )
-    from rlrf4rec.stages.reward import RewardModel, check_fold
-    from rlrf4rec.stages.train import model_spec
-
-    require_data(cfg, "controls --reliability")
-    data_dir = cfg.layout.data
-    gens = read_parquet(generations_dir / GENERATIONS, S.GENERATIONS)
-    spec = model_spec(cfg.recommender)
-    histories = user_history_texts(cfg)
-    encoder = make_encoder(cfg)
-    cache = embedding_cache(cfg)
-    task = RerankTask(read_tables(data_dir), spec)
-    users_gen = gens.column(S.USER_ID).to_pylist()
-    train_users = set(task.list_users["train"])
-    keep = [i for i, u in enumerate(users_gen) if u in train_users]
-    users = [users_gen[i] for i in keep]
-    texts = [
-        user_knowledge_text(histories[u], gens.column(S.PREFERENCE_TEXT)[i].as_py(), cfg.knowledge.history_text)
-        for i, u in zip(keep, users)
-    ]
-    first = np.array([gens.column(S.SAMPLE_IDX)[i].as_py() == 0 for i in keep])
-    knowledge = base_knowledge(cfg, task, encoder, cache)
-    vectors = encode_user_texts(encoder, texts, cfg.knowledge.user_segments, cache)
-    by_user: dict[str, list[int]] = {}
-    for row, u in enumerate(users):
-        by_user.setdefault(u, []).append(row)
-    fold_of = {u: stable_seed(cfg.seed, "reliability-fold", u) % folds for u in by_user}
-    for f in range(folds):  # the scored users are train users
-        check_fold(folds, f, sum(k == f for k in fold_of.values()), len(train_users), "use 2 or more folds")
-
-    metrics = [cfg.reward.metric, *(["pairwise"] if cfg.reward.metric != "pairwise" else [])]
-
-    def score(model: torch.nn.Module, rows: list[int]) -> dict[str, np.ndarray]:
-        """metric -> rewards of `rows`: the same model's scores read as each reward definition."""
-        out = {}
-        for metric in metrics:
-            rm = RewardModel(
-                task, model, metric, item_knowledge=knowledge.get("item"), user_segments=cfg.knowledge.user_segments
-            )
-            out[metric] = rm.score([users[r] for r in rows], vectors[rows])
-        return out
-
-    in_sample: dict[str, list[np.ndarray]] = {m: [] for m in metrics}  # metric -> per seed, rewards of every text
-    cross_fit: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    for i in range(seeds):
-        seed = cfg.seed + i
-        for m, r in score(train_model(task, knowledge, seed)[0], list(range(len(users)))).items():
-            in_sample[m].append(r)
-        out = {m: np.zeros(len(users)) for m in metrics}
-        for f in range(folds):
-            held = {u for u, k in fold_of.items() if k == f}
-            rows = [r for r, u in enumerate(users) if u in held]
-            for m, r in score(train_model(task.without_train_users(held), knowledge, seed)[0], rows).items():
-                out[m][rows] = r
-        for m in metrics:
-            cross_fit[m].append(out[m])
-
-    def ways(m: str) -> dict:
-        result = {"in_sample": _order_stats(in_sample[m], by_user, first)}
-        result["cross_fit"] = {**_order_stats(cross_fit[m], by_user, first), "folds": folds}
-        # Ensembles of k = 2 .. seeds // 2 models (seeds 0..k-1 against k..2k-1): does averaging seeds make the
-        # order reproducible, and as much as Spearman-Brown predicts from one pair of seeds (independent noise)?
-        for way, per_seed in (("in_sample", in_sample[m]), ("cross_fit", cross_fit[m])):
-            single = result[way]["spearman_mean"]
-            for k in range(2, seeds // 2 + 1):
-                pair = [np.mean(per_seed[:k], axis=0), np.mean(per_seed[k : 2 * k], axis=0)]
-                # defined for r > -1/(k-1) (at most -1 apart, k noisy copies cannot agree less than that)
-                defined = single is not None and 1 + (k - 1) * single > 0
-                predicted = k * single / (1 + (k - 1) * single) if defined else None
-                result[f"{way}_ensemble{k}"] = {**_order_stats(pair, by_user, first), "spearman_brown": predicted}
-        return result
-
-    by_metric = {m: ways(m) for m in metrics}
-    return {
-        "train_users": len(by_user),
-        "texts": len(users),
-        **by_metric[cfg.reward.metric],
-        "metrics": by_metric,
-        "settings": {
-            "trained_on": cfg.knowledge.user,
-            "interaction": spec.interaction,
-            "item": cfg.knowledge.item,
-            "user_segments": cfg.knowledge.user_segments,
-            "loss": spec.loss,
-        },
-    }
-
-
-def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int = 2, name: str = "main") -> Path:
-    """`reward_reliability` written to `<run>/controls/reliability-<name>/` (stats in the marker)."""
-    gen_marker = require_marker(generations_dir, "generate")
-    result = reward_reliability(cfg, generations_dir, seeds, folds=cfg.reward.cross_fit_folds or 2)
-    fingerprint = f"{cfg.section_hash('knowledge', 'recommender', 'reward', 'seed')}-{gen_marker['fingerprint']}"
-    stage_dir = cfg.layout.controls(f"reliability-{name}")
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        write_json(result, tmp / RELIABILITY)
-        stats.update({k: v for k, v in result.items() if not isinstance(v, dict)})
-        for metric, by_way in result["metrics"].items():
-            for way, values in by_way.items():
-                prefix = way if metric == cfg.reward.metric else f"{metric}/{way}"
-                stats.update({f"{prefix}/{k}": v for k, v in values.items() if k != "spearman_per_user"})
-    return stage_dir
+STAGE = Stage(
+    "controls",
+    "baselines, knowledge variants and positive/negative knowledge controls on valid users",
+    _command,
+    (
+        Option(
+            ("--seeds",),
+            {
+                "type": int,
+                "help": "training seeds per variant (seed, seed + 1, ...; default 3), reward models per judge "
+                "pair with --signal (default 8: 4 per judge), per reliability measurement (default 2)",
+            },
+        ),
+        Option(("--variants",), {"help": "variant names separated by ; (default: all; see rlrf4rec.stages.controls)"}),
+        Option(("--name",), {"default": "main", "help": "output directory <run>/controls/<name>/"}),
+        Option(
+            ("--backbones",),
+            {
+                "help": "re-ranker backbones separated by , (e.g. prm,setrank,dlcm,sasrec): one table per "
+                "backbone in <run>/controls/<name>-<backbone>/ and a side-by-side table (default: "
+                "recommender.backbone)"
+            },
+        ),
+        Option(
+            ("--reliability",),
+            {"type": Path, "help": "a generate stage dir: measure reward ties and seed agreement on its texts"},
+        ),
+        Option(
+            ("--signal",),
+            {
+                "action": "store_true",
+                "help": "the reward signal audit on valid users (no DPO): label validity, best-of-n ceiling, "
+                "feature associations, own vs other text, under two disjoint reward ensembles "
+                "(<run>/controls/signal-<name>/)",
+            },
+        ),
+        Option(("--samples",), {"type": int, "default": 16, "help": "texts per valid user for --signal"}),
+        Option(("--policy",), {"help": "the policy whose texts --signal audits (default: models.llm)"}),
+        Option(
+            ("--llm-texts",),
+            {
+                "action": "store_true",
+                "help": "first write one base-policy text per train and valid user, as the encode stage does "
+                "(the base LLM rows need them)",
+            },
+        ),
+    ),
+    on_ray=lambda cfg, args: (args.llm_texts or args.signal) and cfg.generate.engine == "vllm",
+    upstream=("data", "encode"),
+)

@@ -8,18 +8,17 @@ Skips itself when a complete output with the same fingerprint exists.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
+    Fingerprint,
     digest,
-    is_complete,
-    read_tables,
+    publish,
     require_marker,
-    stage_key,
-    stage_output,
     write_json,
     write_parquet,
 )
@@ -27,6 +26,7 @@ from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.formats import load_dataset
 from rlrf4rec.core.layout import LOAD_REPORT, data_table
 from rlrf4rec.core.protocol import PROTOCOL_VERSION, build_protocol
+from rlrf4rec.core.stage import FORCE, Stage
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,12 @@ def _files_identity(path: Path) -> str:
     return digest(text)
 
 
-def fingerprint(cfg: RunConfig, path: Path) -> str:
-    return f"p{PROTOCOL_VERSION}-{cfg.section_hash('data', 'seed')}-{_files_identity(path)}"
+def fingerprint(cfg: RunConfig, path: Path) -> Fingerprint:
+    return Fingerprint(
+        "data",
+        cfg.section_hashes("data", "seed"),
+        extra={"protocol": PROTOCOL_VERSION, "files": _files_identity(path)},
+    )
 
 
 def require_data(cfg: RunConfig, command: str) -> dict:
@@ -54,7 +58,7 @@ def require_data(cfg: RunConfig, command: str) -> dict:
     error saying so (a stage reading lists of other data settings would report numbers for the wrong users)."""
     stage_dir = cfg.layout.data
     marker = require_marker(stage_dir, "data")
-    expected = stage_key(fingerprint(cfg, dataset_path(cfg, fetch=False)))
+    expected = fingerprint(cfg, dataset_path(cfg, fetch=False)).key
     if marker["fingerprint"] != expected:
         raise ValueError(
             f"{stage_dir} was built with other data settings or files than this config (fingerprint "
@@ -68,18 +72,14 @@ def require_data(cfg: RunConfig, command: str) -> dict:
 def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
     """Write the data stage's artifacts (or find them complete) and return the stage directory."""
     path = dataset_path(cfg)
-    stage_dir = cfg.layout.data
-    fp = fingerprint(cfg, path)
-    if not force and is_complete(stage_dir, fp):
-        log.info("data: complete output in %s matches the config; nothing to do", stage_dir)
-        return stage_dir
-    log.info("data: loading %s (%s)", path, cfg.data.format)
-    canonical = load_dataset(cfg.data.format, path, strict=cfg.data.strict)
-    report = canonical.report
-    if report.num_rejected:
-        log.warning("data: rejected %d malformed rows: %s", report.num_rejected, dict(report.rejected))
-    tables = build_protocol(canonical.interactions, canonical.items, cfg.data, cfg.seed)
-    with stage_output(stage_dir, fp, dump_config(cfg)) as (tmp, stats):
+
+    def build(tmp: Path, stats: dict) -> None:
+        log.info("data: loading %s (%s)", path, cfg.data.format)
+        canonical = load_dataset(cfg.data.format, path, strict=cfg.data.strict)
+        report = canonical.report
+        if report.num_rejected:
+            log.warning("data: rejected %d malformed rows: %s", report.num_rejected, dict(report.rejected))
+        tables = build_protocol(canonical.interactions, canonical.items, cfg.data, cfg.seed)
         for name, table in [
             ("interactions", canonical.interactions),
             ("items", canonical.items),
@@ -100,34 +100,21 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path:
                 **tables.stats,
             }
         )
-    return stage_dir
+
+    return publish(cfg.layout.data, fingerprint(cfg, path), build, dump_config(cfg), force=force)
 
 
-def user_history_texts(cfg: RunConfig, max_items: int | None = None) -> dict[str, str]:
-    """user_id -> history text of its LLM window (its last `max_items` entries when given), from this run's data
-    stage (every user of every split)."""
-    from rlrf4rec.core.prompts import history_texts
-
-    require_marker(cfg.layout.data, "data")
-    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
-    return history_texts(tables["sequences"], tables["items"], tables["users"], max_items)
+# --------------------------------------------------------------------------------------------------- the stage record
 
 
-def prompt_history_texts(cfg: RunConfig) -> dict[str, str]:
-    """user_id -> the history text its generation prompt names (generate.prompt_history entries)."""
-    return user_history_texts(cfg, cfg.generate.prompt_history)
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    return [run_data(cfg, force=args.force)]
 
 
-def teacher_texts(cfg: RunConfig, max_items: int | None) -> dict[str, str]:
-    """user_id -> teacher profile (core/profile.py) of the last `max_items` window entries (all of the window with
-    None), naming what the train users of the split (all of them, also those data.max_train_users leaves out;
-    leave-user-out for each train user) watched after the same items."""
-    from rlrf4rec.core import schema as S
-    from rlrf4rec.core.profile import CoWatch, teacher_profiles, train_sequences
-
-    require_marker(cfg.layout.data, "data")
-    tables = read_tables(cfg.layout.data, ("interactions", "sequences", "items"))
-    seqs = tables["sequences"]
-    held = {u for u, s in zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()) if s != "train"}
-    cowatch = CoWatch.build(train_sequences(tables["interactions"], held, cfg.data.min_user_interactions))
-    return teacher_profiles(seqs, tables["items"], cfg.generate.domain, max_items, cowatch)
+STAGE = Stage(
+    "data",
+    "load the dataset and write the protocol tables (sequences, re-rank lists, splits)",
+    _command,
+    (FORCE,),
+    in_run=run_data,
+)

@@ -18,7 +18,7 @@ DDP or DeepSpeed ZeRO-2/3), checkpointing through RayTrainReportCallback into Ra
 directory; a failed worker restarts the group from the last checkpoint (`dpo.max_failures`). `on_ray=False` runs
 the same trainer in this process (the plain-TRL baseline). The caller owns the Ray connection.
 
-Two speed-ups leave the loss as it is (stages/dpo_trainer.py, tests/test_dpo_speed.py): the reference log-probs are
+Two speed-ups leave the loss as it is (core/dpo_trainer.py, tests/test_dpo_speed.py): the reference log-probs are
 computed once, before the first step, on every worker's share of the pairs (`dpo.precompute_ref_logps`), and each
 pair runs as one row in which chosen and rejected both continue a single pass over their prompt (`dpo.share_prompt`):
 the prompt is most of a pair's tokens, TRL's own layout runs it twice, for policy and reference alike.
@@ -27,6 +27,7 @@ Knows nothing about how pairs were chosen, rewards or recommenders.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
@@ -37,18 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from rlrf4rec.core import assets
+from rlrf4rec.core import assets, launcher
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import (
-    digest,
-    is_complete,
-    read_marker,
-    read_parquet,
-    stage_output,
-    write_json,
-    write_parquet,
-)
-from rlrf4rec.core.config import DPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
+from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_marker, read_parquet, write_json, write_parquet
+from rlrf4rec.core.config import ConfigError, DPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
+from rlrf4rec.core.dpo_trainer import pack_shared_prompt, trainer_class
 from rlrf4rec.core.layout import (
     DPO_EVAL_PAIRS,
     DPO_HF,
@@ -60,8 +54,7 @@ from rlrf4rec.core.layout import (
     RESUMES,
 )
 from rlrf4rec.core.protocol import stable_seed
-from rlrf4rec.stages import launcher
-from rlrf4rec.stages.dpo_trainer import pack_shared_prompt, trainer_class
+from rlrf4rec.core.stage import FORCE, Option, Stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -432,35 +425,33 @@ def run_dpo(
     eval_pairs_path = Path(eval_pairs_path).resolve() if eval_pairs_path is not None else None
     if not (policy_dir / "config.json").is_file():
         raise FileNotFoundError(f"{policy_dir} is not a Hugging Face model directory (no config.json)")
-    stage_dir = cfg.layout.dpo(out_name)
-    inputs = [pairs_path] + ([eval_pairs_path] if eval_pairs_path else [])
-    fingerprint = "-".join(
-        [cfg.section_hash("dpo", "seed"), *map(_fingerprint_file, inputs), policy_fingerprint(policy_dir)]
+    files = {"pairs": _fingerprint_file(pairs_path)}
+    if eval_pairs_path:
+        files["eval pairs"] = _fingerprint_file(eval_pairs_path)
+    fingerprint = Fingerprint(
+        "dpo", cfg.section_hashes("dpo", "seed"), {"policy": policy_fingerprint(policy_dir)}, files
     )
-    if not force and is_complete(stage_dir, fingerprint):
-        log.info("dpo/%s: complete output matches the config and inputs; nothing to do", out_name)
-        return stage_dir
-    storage = cfg.layout.ray_train(f"dpo-{out_name}-{digest(fingerprint)}")
-    if force and storage.exists():
-        shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
-    train_path, eval_path, counts = prepare_pairs(cfg, pairs_path, eval_pairs_path, policy_dir, storage / DPO_PAIRS)
-    dc = cfg.dpo
-    deepspeed = deepspeed_config(dc.deepspeed)
-    loop_config = {
-        "dpo": cfg.to_dict()["dpo"],
-        "policy_dir": str(policy_dir),
-        "train_path": str(train_path.resolve()),
-        "eval_path": str(eval_path.resolve()) if eval_path else None,
-        "output_dir": str((storage / DPO_HF).resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards there
-        "seed": cfg.seed + dc.seed_offset,
-        "deepspeed": deepspeed,
-        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
-        "fault_at": cfg.fault.dpo_step,
-    }
-    log.info("dpo/%s: %s", out_name, json.dumps(counts))
-    fit = launcher.Fit.of(f"dpo-{out_name}", storage, dc)
-    checkpoint, history, resumed_after, wall = fit_policy(trainer_from, loop_config, fit, on_ray, RENAMES)
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+    storage = cfg.layout.ray_train(f"dpo-{out_name}-{fingerprint.key[:16]}")
+
+    def build(tmp: Path, stats: dict) -> None:
+        if force and storage.exists():
+            shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
+        train_path, eval_path, counts = prepare_pairs(cfg, pairs_path, eval_pairs_path, policy_dir, storage / DPO_PAIRS)
+        dc = cfg.dpo
+        loop_config = {
+            "dpo": cfg.to_dict()["dpo"],
+            "policy_dir": str(policy_dir),
+            "train_path": str(train_path.resolve()),
+            "eval_path": str(eval_path.resolve()) if eval_path else None,
+            "output_dir": str((storage / DPO_HF).resolve()),  # shared by all ranks: DeepSpeed writes per-rank shards
+            "seed": cfg.seed + dc.seed_offset,
+            "deepspeed": deepspeed_config(dc.deepspeed),
+            "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
+            "fault_at": cfg.fault.dpo_step,
+        }
+        log.info("dpo/%s: %s", out_name, json.dumps(counts))
+        fit = launcher.Fit.of(f"dpo-{out_name}", storage, dc)
+        checkpoint, history, resumed_after, wall = fit_policy(trainer_from, loop_config, fit, on_ray, RENAMES)
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
         write_json(history, tmp / HISTORY)
         stats.update(
@@ -476,7 +467,36 @@ def run_dpo(
             checkpoint_deepspeed_shards=any(p.name.startswith("global_step") for p in checkpoint.iterdir()),
         )
         write_json(stats, tmp / METRICS)
+        log.info("dpo/%s: %s", out_name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
+
+    stage_dir = publish(cfg.layout.dpo(out_name), fingerprint, build, dump_config(cfg), force=force)
     # Published: the checkpoints (full model states, ~0.5 GB each even with LoRA) are no longer needed to resume.
     shutil.rmtree(storage, ignore_errors=True)
-    log.info("dpo/%s: %s", out_name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
     return stage_dir
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    if args.pairs is None:
+        raise ConfigError("dpo: give --pairs PATH, a pairs Parquet file (schema.PAIRS) written by the pairs stage")
+    policy = assets.resolve(args.policy or cfg.models.llm, assets.asset_home(cfg.assets.home))
+    name = args.name or args.pairs.stem
+    return [run_dpo(cfg, args.pairs, Path(policy), name, eval_pairs_path=args.eval_pairs, force=args.force)]
+
+
+STAGE = Stage(
+    "dpo",
+    "align the policy with DPO on a pairs file (TRL in Ray Train workers); writes an HF model dir",
+    _command,
+    (
+        FORCE,
+        Option(("--pairs",), {"type": Path, "help": "pairs Parquet file (schema.PAIRS) to train on"}),
+        Option(("--eval-pairs",), {"type": Path, "help": "extra held-out pairs (e.g. valid users'), never trained"}),
+        Option(("--policy",), {"help": "policy model directory (default: models.llm, the base policy)"}),
+        Option(("--name",), {"help": "output name: <run>/dpo/<name>/ (default: the pairs file's name)"}),
+    ),
+    on_ray=lambda cfg, args: args.pairs is not None,  # without --pairs: the error, no cluster start-up
+    upstream=("pairs",),
+)

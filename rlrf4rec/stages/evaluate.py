@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +24,25 @@ import torch
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
-    is_complete,
+    Fingerprint,
     model_identity,
+    publish,
     read_parquet,
     require_marker,
-    stage_output,
     write_json,
     write_parquet,
 )
 from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.knowledge import TextEncoder, embedding_cache, make_encoder
 from rlrf4rec.core.layout import EVAL_ROWS, FIXED, GENERATIONS, PAIRED, PER_USER_PARQUET, TABLE_JSON, TEST_TEXTS
-from rlrf4rec.core.metrics import bootstrap_ci, rank_metrics
+from rlrf4rec.core.lineage import GenerationRequest, read_rounds, round_policy, start_policy
+from rlrf4rec.core.metrics import RANKED_METRICS, RERANK_KS, bootstrap_ci, rank_metrics
 from rlrf4rec.core.prompts import user_knowledge_text
-from rlrf4rec.core.recommender import RERANK_KS, RerankTask
-from rlrf4rec.stages.encode import TextEncoder, embedding_cache, make_encoder
-from rlrf4rec.stages.reward import RewardModel
+from rlrf4rec.core.recommender import RerankTask
+from rlrf4rec.core.scoring import RewardModel
+from rlrf4rec.core.stage import FORCE, Stage, on_ray
 
 log = logging.getLogger(__name__)
-
-METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in RERANK_KS]
 
 
 def per_user_metrics(model: RewardModel, users: list[str], vectors: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -68,7 +69,9 @@ def _per_user(task: RerankTask, scores: np.ndarray, users: list[str]) -> dict[st
     owner = np.array([row_of[u] for u in task.list_users["test"]])
     per_list = rank_metrics(scores, data.labels.numpy(), ks=RERANK_KS, mask=(data.candidates != 0).numpy())
     counts = np.bincount(owner, minlength=len(users))
-    return {m: np.bincount(owner, weights=per_list[m], minlength=len(users)) / np.maximum(counts, 1) for m in METRICS}
+    return {
+        m: np.bincount(owner, weights=per_list[m], minlength=len(users)) / np.maximum(counts, 1) for m in RANKED_METRICS
+    }
 
 
 def summarize(per_user: dict[str, np.ndarray], num_samples: int, seed: int) -> dict[str, list[float]]:
@@ -87,7 +90,7 @@ def paired_differences(rows: dict[str, dict[str, np.ndarray]], num_samples: int,
         for base in PAIRED_BASELINES:
             if base == name or base not in rows:
                 continue
-            diffs = {m: list(bootstrap_ci(metrics[m] - rows[base][m], num_samples, seed=seed)) for m in METRICS}
+            diffs = {m: list(bootstrap_ci(metrics[m] - rows[base][m], num_samples, seed=seed)) for m in RANKED_METRICS}
             for m, (_, low, high) in diffs.items():
                 diffs[m].append(bool(low > 0 or high < 0))
             out.setdefault(name, {})[base] = diffs
@@ -100,15 +103,8 @@ def policy_test_texts(cfg: RunConfig, name: str, policy: str | Path) -> tuple[di
     greedy, by loop.test_texts. Returns user -> text and the share of those texts flagged off topic."""
     from rlrf4rec.stages.generate import run_generate
 
-    settings = dataclasses.replace(cfg.generate, splits=("test",), max_users=None, num_samples=1)
-    if cfg.loop.test_texts == "greedy":
-        settings = dataclasses.replace(settings, temperature=0.0)
-    gen_dir = run_generate(
-        dataclasses.replace(cfg, generate=settings),
-        model=str(policy),
-        policy_version=name,
-        out=cfg.layout.evaluate_texts(name),
-    )
+    request = GenerationRequest(str(policy), name, ("test",), num_samples=1, greedy=cfg.loop.test_texts == "greedy")
+    gen_dir = run_generate(cfg, request, out=cfg.layout.evaluate_texts(name))
     gens = read_parquet(gen_dir / GENERATIONS, S.GENERATIONS)
     text_of = dict(zip(gens.column(S.USER_ID).to_pylist(), gens.column(S.PREFERENCE_TEXT).to_pylist()))
     flags = gens.column(S.FLAGS).to_pylist()
@@ -129,7 +125,7 @@ class TestScoring:
 
     @classmethod
     def load(cls, cfg: RunConfig) -> TestScoring:
-        from rlrf4rec.stages.data import user_history_texts
+        from rlrf4rec.core.history import user_history_texts
 
         base = RewardModel.load(cfg.layout.recommender("base"), cfg.layout.data, require_knowledge=False)
         users = sorted(set(base.task.list_users["test"]))
@@ -157,12 +153,18 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
     its own recommender and, where that is not the base one, under the base re-ranker too."""
     layout = cfg.layout
     baselines = [v for v in ("id-kar", "id", "base") if v != "id-kar" or layout.recommender(v).is_dir()]
-    upstream = [require_marker(layout.recommender(v), "train-recommender")["fingerprint"] for v in baselines]
-    upstream += [require_marker(r, "loop")["fingerprint"] + model_identity(str(p)) for _, p, r in policies]
-    fingerprint = f"{cfg.section_hash('generate', 'encode', 'loop')}-" + "-".join(upstream)
-    stage_dir = layout.evaluate
-    if not force and is_complete(stage_dir, fingerprint):
-        return stage_dir
+    upstream = {
+        f"recommender/{v}": require_marker(layout.recommender(v), "train-recommender")["fingerprint"] for v in baselines
+    }
+    for name, policy, recommender in policies:
+        upstream[f"{name}: recommender"] = require_marker(recommender, "loop")["fingerprint"]
+        upstream[f"{name}: policy"] = model_identity(str(policy))
+    fingerprint = Fingerprint("evaluate", cfg.section_hashes("generate", "encode", "loop"), upstream)
+    return publish(layout.evaluate, fingerprint, partial(_evaluate, cfg, policies), dump_config(cfg), force=force)
+
+
+def _evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], tmp: Path, stats: dict) -> None:
+    layout = cfg.layout
     test = TestScoring.load(cfg)
     test_users, base = test.users, test.base
     rows: dict[str, dict[str, np.ndarray]] = {}
@@ -191,21 +193,19 @@ def run_evaluate(cfg: RunConfig, policies: list[tuple[str, str, Path]], *, force
             info[name + FIXED] = {**shown, "re-ranker": "base (fixed)"}
     table = {name: summarize(v, cfg.loop.bootstrap_samples, cfg.seed) for name, v in rows.items()}
     paired = paired_differences(rows, cfg.loop.bootstrap_samples, cfg.seed)
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
-        write_json(table, tmp / TABLE_JSON)
-        write_json(paired, tmp / PAIRED)
-        per_user = pa.table(
-            {
-                "variant": [n for n in rows for _ in test_users],
-                S.USER_ID: [u for _ in rows for u in test_users],
-                **{m: np.concatenate([rows[n][m] for n in rows]) for m in METRICS},
-            }
-        )
-        write_parquet(per_user, tmp / PER_USER_PARQUET)
-        write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / TEST_TEXTS)
-        write_json(info, tmp / EVAL_ROWS)
-        stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
-    return stage_dir
+    write_json(table, tmp / TABLE_JSON)
+    write_json(paired, tmp / PAIRED)
+    per_user = pa.table(
+        {
+            "variant": [n for n in rows for _ in test_users],
+            S.USER_ID: [u for _ in rows for u in test_users],
+            **{m: np.concatenate([rows[n][m] for n in rows]) for m in RANKED_METRICS},
+        }
+    )
+    write_parquet(per_user, tmp / PER_USER_PARQUET)
+    write_json({name: dict(zip(test_users, t)) for name, t in texts.items()}, tmp / TEST_TEXTS)
+    write_json(info, tmp / EVAL_ROWS)
+    stats.update({"test_users": len(test_users), **{f"{n}/ndcg@5": table[n]["ndcg@5"][0] for n in table}})
 
 
 def fixed_reranker_test(cfg: RunConfig, policies: list[tuple[str, str | Path]]) -> dict[str, dict]:
@@ -227,3 +227,32 @@ def fixed_reranker_test(cfg: RunConfig, policies: list[tuple[str, str | Path]]) 
         row["ndcg@5"] = list(bootstrap_ci(values, num_samples=n, seed=seed))
         row["vs_first"] = list(bootstrap_ci(values - ndcg[first], num_samples=n, seed=seed))
     return out
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+# The evaluation row of the policy the rounds start from (loop.init).
+START_ROWS = {"base": "base LLM", "sft": "SFT warm start"}
+
+
+def evaluate_rounds(cfg: RunConfig, *, force: bool = False) -> Path:
+    """Test users, read once: popularity and the ID-only re-rankers, the start policy and each round's (policy,
+    recommender) from the rounds manifest."""
+    layout = cfg.layout
+    policies = [(START_ROWS[cfg.loop.init], start_policy(cfg), layout.recommender("base"))]
+    policies += [
+        (r.row, str(round_policy(layout, r)), layout.recommender(r.version))
+        for r in read_rounds(layout, rounds=cfg.loop.rounds)
+    ]
+    return run_evaluate(cfg, policies, force=force)
+
+
+STAGE = Stage(
+    "evaluate",
+    "test users, once: popularity, ID-only, base LLM and every DPO round",
+    options=(FORCE,),
+    on_ray=on_ray,
+    in_run=evaluate_rounds,
+    upstream=("train-recommender", "loop"),
+)

@@ -18,6 +18,7 @@ Knows nothing about rewards or encoders, nor how Ray was started (entry points s
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -36,18 +37,19 @@ import pyarrow.compute as pc
 from rlrf4rec.core import assets
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
+    Fingerprint,
     digest,
-    is_complete,
     model_identity,
+    publish,
     read_marker,
     read_parquet,
     read_table,
     read_tables,
     require_marker,
-    stage_output,
     write_json,
     write_parquet,
 )
+from rlrf4rec.core.cluster import map_batches_on_ray
 from rlrf4rec.core.config import GenerateConfig, RunConfig, dump_config
 from rlrf4rec.core.engines import ENGINE_CLASSES, Completion, Engine, chat_renderer, resolve_dtype
 from rlrf4rec.core.layout import (
@@ -61,11 +63,13 @@ from rlrf4rec.core.layout import (
     shard,
     shard_glob,
 )
+from rlrf4rec.core.lineage import GenerationRequest
 from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
+from rlrf4rec.core.stage import FORCE, Stage
 
 if TYPE_CHECKING:
-    from ray.data import Dataset
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -204,32 +208,18 @@ def run_local(requests: pa.Table, make_engine: Callable[[], Engine], batch_size:
         yield generate(requests.slice(start, batch_size))
 
 
-def generate_dataset(ds: Dataset, make_engine: Callable[[], Engine], cfg: GenerateConfig) -> Dataset:
-    """Ray Dataset of request rows -> Dataset of GenerateBatch output rows; `concurrency` engine replicas."""
-    from ray.data import ActorPoolStrategy
-
-    return ds.map_batches(
+def run_on_ray(requests: pa.Table, make_engine: Callable[[], Engine], cfg: GenerateConfig) -> Iterator[pa.Table]:
+    """Generate on Ray Data, `concurrency` engine replicas; yields output batches as they finish (in any order)."""
+    return map_batches_on_ray(
+        requests,
         GenerateBatch,
-        fn_constructor_args=(make_engine,),
+        (make_engine,),
         batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cfg.concurrency),
+        concurrency=cfg.concurrency,
         num_cpus=replica_cpus(cfg),
         num_gpus=cfg.num_gpus_per_replica,
-        udf_modifying_row_count=False,
+        what="generate.engine=vllm",
     )
-
-
-def run_on_ray(requests: pa.Table, make_engine: Callable[[], Engine], cfg: GenerateConfig) -> Iterator[pa.Table]:
-    """Generate on Ray Data; yields output batches as they finish (in any order)."""
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("generate.engine=vllm runs on Ray Data: call ray.init() first (`rlrf4rec generate` does)")
-    # One block per batch, so every replica gets work and results stream back batch by batch.
-    blocks = [requests.slice(start, cfg.batch_size) for start in range(0, requests.num_rows, cfg.batch_size)]
-    ds = generate_dataset(ray.data.from_arrow(blocks), make_engine, cfg)
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 # --------------------------------------------------------------------------------------------------- resumable shards
@@ -360,67 +350,63 @@ def run_relative_model(cfg: RunConfig, model: str) -> str:
     return f"<run>/{path.relative_to(root)}" if path.is_dir() and path.is_relative_to(root) else model
 
 
-def fingerprints(cfg: RunConfig, data_fingerprint: str, model: str, policy_version: str) -> tuple[str, str]:
-    """(work, stage): what one row's text depends on, and that plus which requests the stage holds."""
-    g = cfg.generate
+def fingerprint(
+    cfg: RunConfig, g: GenerateConfig, data_fingerprint: str, model: str, policy_version: str
+) -> Fingerprint:
+    """What the stage's texts depend on (`g`: the generate settings it runs with): its key starts with the digest of
+    what one row's text depends on (its prefix, the key of the shards it resumes from), then the digest of that plus
+    which requests the stage holds."""
     identity = model_identity(
         assets.resolve(model, assets.asset_home(cfg.assets.home), fetch=False)
         if model.startswith(assets.EMBEDDED_PREFIX)
         else model
     )
-    work = digest(
-        {
-            "model": run_relative_model(cfg, model),
-            **({"model_fingerprint": identity} if identity else {}),
-            "policy_version": policy_version,
-            "seed": cfg.seed,
-            "data": data_fingerprint,
-            **{k: getattr(g, k) for k in ("engine", "temperature", "top_p", "max_new_tokens", "domain")},
-            "dtype": fingerprint_dtype(g),
-            **({"prompt_history": g.prompt_history} if g.prompt_history is not None else {}),
-        }
-    )
-    requested = digest({"splits": list(g.splits), "max_users": g.max_users, "num_samples": g.num_samples})
-    return work, f"{work}-{requested}"
+    text = {
+        "model": run_relative_model(cfg, model),
+        **({"model_fingerprint": identity} if identity else {}),
+        "policy_version": policy_version,
+        "seed": cfg.seed,
+        "data": data_fingerprint,
+        **{k: getattr(g, k) for k in ("engine", "temperature", "top_p", "max_new_tokens", "domain")},
+        "dtype": fingerprint_dtype(g),
+        **({"prompt_history": g.prompt_history} if g.prompt_history is not None else {}),
+    }
+    requested = {"splits": list(g.splits), "max_users": g.max_users, "num_samples": g.num_samples}
+    upstream = {"data": data_fingerprint, **({"policy": identity} if identity else {})}
+    return Fingerprint("generate", {}, upstream, {"text": text, "requests": requested}, prefix=digest(text))
 
 
 def run_generate(
     cfg: RunConfig,
+    request: GenerationRequest | None = None,
     *,
     force: bool = False,
-    model: str | None = None,
-    policy_version: str = "base",
     make_engine: Callable[[], Engine] | None = None,
     out: Path | None = None,
 ) -> Path:
-    """Write the stage directory `out` (default `<run>/generate/`) or find it complete, and return it. `model`
-    defaults to models.llm (the base policy). The loop writes one per policy and split (layout.generations)."""
+    """Write the stage directory `out` (default `<run>/generate/`) or find it complete, and return it. `request`:
+    whose texts, for which users, how many (default: models.llm's, as the generate section says). The loop writes
+    one per policy and split (layout.generations)."""
     data_dir = cfg.layout.data
     data_marker = read_marker(data_dir)
     if data_marker is None:
         raise FileNotFoundError(f"{data_dir} holds no complete data stage; run `rlrf4rec data` first")
-    model = model or cfg.models.llm
-    work_fp, stage_fp = fingerprints(cfg, data_marker["fingerprint"], model, policy_version)
-    stage_dir = out or cfg.layout.generate
-    if not force and is_complete(stage_dir, stage_fp):
-        log.info("generate: complete output in %s matches the config; nothing to do", stage_dir)
-        return stage_dir
-    g = cfg.generate
+    if request is None:
+        request = GenerationRequest(cfg.models.llm, "base", cfg.generate.splits, cfg.generate.max_users)
+    model, policy_version, g = request.model, request.version, request.settings(cfg.generate)
     model_path = assets.resolve(model, assets.asset_home(cfg.assets.home))
-    tables = read_tables(data_dir, ("sequences", "items", "users"))
-    requests = build_requests(
-        tables["sequences"],
-        tables["items"],
-        tables["users"],
-        chat_renderer(model_path),
-        g,
-        cfg.seed,
-    )
+
+    def requests() -> pa.Table:
+        tables = read_tables(data_dir, ("sequences", "items", "users"))
+        return build_requests(
+            tables["sequences"], tables["items"], tables["users"], chat_renderer(model_path), g, cfg.seed
+        )
+
     return generate_requests(
         g,
         requests,
-        stage_dir,
-        fingerprint=(work_fp, stage_fp),
+        out or cfg.layout.generate,
+        fingerprint=fingerprint(cfg, g, data_marker["fingerprint"], model, policy_version),
         model=(model, model_path),
         policy_version=policy_version,
         config_dump=dump_config(cfg),
@@ -433,63 +419,65 @@ def policy_generations(cfg: RunConfig, split: str, max_users: int | None, model:
     """N texts of `model` per user of one split (the first `max_users`), in `<run>/generations/<version>-<split>/`.
     Named by policy, not by what asks for them: a loop's round t+1 finds policy_{t+1}'s valid texts already written
     in round t, and every DPO arm of `rlrf4rec arms` shares the base policy's."""
-    g = dataclasses.replace(cfg.generate, splits=(split,), max_users=max_users)
-    return run_generate(
-        dataclasses.replace(cfg, generate=g),
-        model=model,
-        policy_version=version,
-        out=cfg.layout.generations(f"{version}-{split}"),
-    )
+    request = GenerationRequest(model, version, (split,), max_users)
+    return run_generate(cfg, request, out=cfg.layout.generations(f"{version}-{split}"))
 
 
 def generate_requests(
     g: GenerateConfig,
-    requests: pa.Table,
+    requests: pa.Table | Callable[[], pa.Table],
     stage_dir: Path,
     *,
-    fingerprint: tuple[str, str],
+    fingerprint: Fingerprint,
     model: tuple[str, str],
     policy_version: str,
     config_dump: str,
     make_engine: Callable[[], Engine] | None = None,
     force: bool = False,
 ) -> Path:
-    """The stage's engine part: `requests` (REQUESTS rows) -> `stage_dir`, resumable through `<stage>.parts/`.
-    `fingerprint`: (work, stage) as `fingerprints` makes them; `model`: (as configured, resolved path)."""
-    work_fp, stage_fp = fingerprint
+    """The stage's engine part: `requests` (REQUESTS rows, or a function making them, called only when the stage is
+    not complete) -> `stage_dir`, resumable through `<stage>.parts/`. `fingerprint`: as `fingerprint` makes it, its
+    prefix the key of what one row's text depends on; `model`: (as configured, resolved path)."""
     model, model_path = model
     parts = parts_dir(stage_dir)
-    open_parts(parts, work_fp, fresh=force)
-    previous = read_marker(stage_dir)
-    if not force and previous and previous["fingerprint"].startswith(work_fp + "-"):
-        # Same texts, other request set (e.g. more users): the published rows count as done.
-        shutil.copyfile(stage_dir / GENERATIONS, parts / PREVIOUS_SHARD)
-    make_engine = make_engine or partial(ENGINE_CLASSES[g.engine], model_path, g)
-    if g.dtype == "auto":  # each replica resolves it on its own machine; say what this one would pick
-        log.info("generate.dtype auto: %s here (%s)", *resolve_dtype(g.dtype))
-    if g.engine == "vllm":
-        run_batches = partial(run_on_ray, make_engine=make_engine, cfg=g)
-    else:
-        run_batches = partial(run_local, make_engine=make_engine, batch_size=g.batch_size)
-    meta = {
-        S.TEMPERATURE: g.temperature,
-        S.TOP_P: g.top_p,
-        S.MAX_NEW_TOKENS: g.max_new_tokens,
-        S.MODEL: model,
-        S.POLICY_VERSION: policy_version,
-    }
-    attempt = generate_missing(requests, parts, run_batches, meta, g.domain)
-    gens, errs = consolidate(parts, requests)
-    if not gens.num_rows:
-        first = errs.column(S.ERROR)[0].as_py() if errs.num_rows else "no rows"
-        raise RuntimeError(f"generate: every request failed (first error: {first}); shards kept in {parts}")
-    if errs.num_rows:
-        log.warning("generate: %d requests failed; reasons in generation_errors.parquet", errs.num_rows)
-    with stage_output(stage_dir, stage_fp, config_dump) as (tmp, stats):
+    built = []
+
+    def build(tmp: Path, stats: dict) -> None:
+        built.append(tmp)
+        rows = requests() if callable(requests) else requests
+        open_parts(parts, fingerprint.prefix, fresh=force)
+        previous = read_marker(stage_dir)
+        if not force and previous and previous["fingerprint"].startswith(fingerprint.prefix + "-"):
+            # Same texts, other request set (e.g. more users): the published rows count as done.
+            shutil.copyfile(stage_dir / GENERATIONS, parts / PREVIOUS_SHARD)
+        engine = make_engine or partial(ENGINE_CLASSES[g.engine], model_path, g)
+        if g.dtype == "auto":  # each replica resolves it on its own machine; say what this one would pick
+            log.info("generate.dtype auto: %s here (%s)", *resolve_dtype(g.dtype))
+        if g.engine == "vllm":
+            run_batches = partial(run_on_ray, make_engine=engine, cfg=g)
+        else:
+            run_batches = partial(run_local, make_engine=engine, batch_size=g.batch_size)
+        meta = {
+            S.TEMPERATURE: g.temperature,
+            S.TOP_P: g.top_p,
+            S.MAX_NEW_TOKENS: g.max_new_tokens,
+            S.MODEL: model,
+            S.POLICY_VERSION: policy_version,
+        }
+        attempt = generate_missing(rows, parts, run_batches, meta, g.domain)
+        gens, errs = consolidate(parts, rows)
+        if not gens.num_rows:
+            first = errs.column(S.ERROR)[0].as_py() if errs.num_rows else "no rows"
+            raise RuntimeError(f"generate: every request failed (first error: {first}); shards kept in {parts}")
+        if errs.num_rows:
+            log.warning("generate: %d requests failed; reasons in generation_errors.parquet", errs.num_rows)
         write_parquet(gens, tmp / GENERATIONS, S.GENERATIONS)
         write_parquet(errs, tmp / GENERATION_ERRORS, S.GENERATION_ERRORS)
         stats.update(generation_stats(gens, errs), **attempt, model=model, policy_version=policy_version)
-    shutil.rmtree(parts)
+
+    publish(stage_dir, fingerprint, build, config_dump, force=force)
+    if built:  # published: its shards are in the stage's table
+        shutil.rmtree(parts)
     return stage_dir
 
 
@@ -518,25 +506,25 @@ def run_item_generate(cfg: RunConfig, *, make_engine: Callable[[], Engine] | Non
     model_path = assets.resolve(cfg.models.llm, home)
     requests = item_requests(read_table(cfg.layout.data, "items"), chat_renderer(model_path), greedy.domain)
     prompts = digest("\x1e".join(requests.column(S.PROMPT).to_pylist()), None)
-    work_fp = digest(
-        {
-            "model": cfg.models.llm,
-            "model_fingerprint": model_identity(model_path),
-            "prompts": prompts,
-            **{k: getattr(greedy, k) for k in ("engine", "max_new_tokens")},
-            "dtype": fingerprint_dtype(greedy),
-        }
+    text = {
+        "model": cfg.models.llm,
+        "model_fingerprint": model_identity(model_path),
+        "prompts": prompts,
+        **{k: getattr(greedy, k) for k in ("engine", "max_new_tokens")},
+        "dtype": fingerprint_dtype(greedy),
+    }
+    fingerprint = Fingerprint(
+        "item texts",
+        {},
+        {"policy": text["model_fingerprint"]},
+        {"text": text, "items": requests.num_rows},
+        prefix=digest(text),
     )
-    stage_fp = f"{work_fp}-{requests.num_rows}"
-    stage_dir = assets.cache_dir("item-texts", cfg.assets.home) / work_fp
-    if is_complete(stage_dir, stage_fp):
-        log.info("item texts: reusing %s", stage_dir)
-        return stage_dir
     return generate_requests(
         greedy,
         requests,
-        stage_dir,
-        fingerprint=(work_fp, stage_fp),
+        assets.cache_dir("item-texts", cfg.assets.home) / fingerprint.prefix,
+        fingerprint=fingerprint,
         model=(cfg.models.llm, model_path),
         policy_version="items",
         config_dump=dump_config(cfg),
@@ -556,3 +544,20 @@ def generation_stats(gens: pa.Table, errs: pa.Table) -> dict:
     }
     stats.update({f"flag/{name}": flags.get(name, 0) for name in S.QUALITY_FLAGS})
     return stats
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    return [run_generate(cfg, force=args.force)]
+
+
+STAGE = Stage(
+    "generate",
+    "write N preference texts per user with the policy LLM (best-of-N), resumable",
+    _command,
+    (FORCE,),
+    on_ray=lambda cfg, args: cfg.generate.engine == "vllm",
+    upstream=("data",),
+)

@@ -2,7 +2,7 @@
 
 DPO keeps the best and the worst of a user's N texts and learns from texts of the previous policy; GRPO samples a
 group of N = generate.num_samples completions of each train user's prompt from the current policy, rewards every
-one with the round's frozen reward model (reward.TextRewarder: the reward stage's own computation, cross-fitting
+one with the round's frozen reward model (scoring.TextRewarder: the reward stage's own computation, cross-fitting
 included, so a user's completion is scored by the fold model that never trained on that user's lists), and moves the
 policy towards the completions above their group's mean reward (TRL's GRPOTrainer: advantages within the group,
 clipped ratio, KL to the reference with grpo.beta). A group whose rewards are all tied has no advantage and no
@@ -31,22 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from rlrf4rec.core import assets
+from rlrf4rec.core import assets, launcher
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import (
-    digest,
-    is_complete,
-    read_tables,
-    require_marker,
-    stage_output,
-    write_json,
-    write_parquet,
-)
+from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_tables, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import GenerateConfig, GRPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, SFT_HF
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.prompts import mentions_topic, prompt_messages
-from rlrf4rec.stages import launcher
 from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
 if TYPE_CHECKING:
@@ -94,7 +85,7 @@ class RecsysReward:
         self.rewarder = None
 
     def __call__(self, prompts, completions, user_id, log_metric=None, **kwargs) -> list[float]:
-        from rlrf4rec.stages.reward import TextRewarder
+        from rlrf4rec.core.scoring import TextRewarder
 
         if self.rewarder is None:
             cfg = from_dict(RunConfig, self.config)
@@ -193,54 +184,53 @@ def run_grpo(
     )
 
     gc, layout = cfg.grpo, cfg.layout
-    stage_dir = layout.grpo(name)
     data_marker = require_marker(layout.data, "data")
     if cfg.reward.metric in SYNTHETIC_METRICS:
         scorer, folds = [], []  # the synthetic reward reads the user's lists only
-    reward_models = [require_marker(d, "train-recommender")["fingerprint"] for d in scorer]
-    reward_models += [require_marker(d, "train-recommender")["fingerprint"] for dirs, _ in folds for d in dirs]
-    fingerprint = "-".join(
-        [
-            cfg.section_hash("grpo", "generate", "reward", "knowledge", "encode", "models", "seed"),
-            digest([list(users), [sorted(fold) for _, fold in folds]]),
-            data_marker["fingerprint"],
-            policy_fingerprint(Path(policy_dir)),
-            digest(reward_models),
-        ]
+    upstream = {"data": data_marker["fingerprint"], "policy": policy_fingerprint(Path(policy_dir))}
+    upstream.update(
+        {
+            layout.relative(d): require_marker(d, "train-recommender")["fingerprint"]
+            for d in [*scorer, *(d for dirs, _ in folds for d in dirs)]
+        }
     )
-    if not force and is_complete(stage_dir, fingerprint):
-        log.info("grpo/%s: complete output matches the config and inputs; nothing to do", name)
-        return stage_dir
-    storage = layout.ray_train(f"grpo-{name}-{digest(fingerprint)}")
-    if force and storage.exists():
-        shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
-    tokenizer = chat_tokenizer(Path(policy_dir), "GRPO on chat prompts")
-    prompts = grpo_prompts(cfg, users)
-    prompts, dropped = drop_long_prompts(prompts, prompt_lengths(prompts, tokenizer), gc.max_prompt_length)
-    if not prompts.num_rows:
-        raise ValueError(f"grpo/{name}: every prompt is longer than grpo.max_prompt_length={gc.max_prompt_length}")
-    storage.mkdir(parents=True, exist_ok=True)
-    prompts_path = storage / GRPO_PROMPTS
-    write_parquet(prompts, prompts_path, S.GRPO_PROMPTS)
-    counts = {"prompts": prompts.num_rows, "prompts/dropped": dropped, "num_generations": cfg.generate.num_samples}
-    log.info("grpo/%s: %s", name, json.dumps(counts))
-    loop_config = {
-        "section": "grpo",
-        "grpo": cfg.to_dict()["grpo"],
-        "config": worker_config(cfg),
-        "policy_dir": str(Path(policy_dir).resolve()),
-        "prompts_path": str(prompts_path.resolve()),
-        "scorer": [str(Path(d).resolve()) for d in scorer],
-        "folds": [[[str(Path(d).resolve()) for d in dirs], list(fold)] for dirs, fold in folds],
-        "output_dir": str((storage / SFT_HF).resolve()),
-        "seed": cfg.seed + gc.seed_offset,
-        "deepspeed": deepspeed_config(gc.deepspeed, "grpo.deepspeed"),
-        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
-        "fault_at": cfg.fault.dpo_step,
-    }
-    fit = launcher.Fit.of(f"grpo-{name}", storage, gc)
-    checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+    fingerprint = Fingerprint(
+        "grpo",
+        cfg.section_hashes("grpo", "generate", "reward", "knowledge", "encode", "models", "seed"),
+        upstream,
+        {"users": digest([list(users), [sorted(fold) for _, fold in folds]])},
+    )
+    storage = layout.ray_train(f"grpo-{name}-{fingerprint.key[:16]}")
+
+    def build(tmp: Path, stats: dict) -> None:
+        if force and storage.exists():
+            shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
+        tokenizer = chat_tokenizer(Path(policy_dir), "GRPO on chat prompts")
+        prompts = grpo_prompts(cfg, users)
+        prompts, dropped = drop_long_prompts(prompts, prompt_lengths(prompts, tokenizer), gc.max_prompt_length)
+        if not prompts.num_rows:
+            raise ValueError(f"grpo/{name}: every prompt is longer than grpo.max_prompt_length={gc.max_prompt_length}")
+        storage.mkdir(parents=True, exist_ok=True)
+        prompts_path = storage / GRPO_PROMPTS
+        write_parquet(prompts, prompts_path, S.GRPO_PROMPTS)
+        counts = {"prompts": prompts.num_rows, "prompts/dropped": dropped, "num_generations": cfg.generate.num_samples}
+        log.info("grpo/%s: %s", name, json.dumps(counts))
+        loop_config = {
+            "section": "grpo",
+            "grpo": cfg.to_dict()["grpo"],
+            "config": worker_config(cfg),
+            "policy_dir": str(Path(policy_dir).resolve()),
+            "prompts_path": str(prompts_path.resolve()),
+            "scorer": [str(Path(d).resolve()) for d in scorer],
+            "folds": [[[str(Path(d).resolve()) for d in dirs], list(fold)] for dirs, fold in folds],
+            "output_dir": str((storage / SFT_HF).resolve()),
+            "seed": cfg.seed + gc.seed_offset,
+            "deepspeed": deepspeed_config(gc.deepspeed, "grpo.deepspeed"),
+            "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
+            "fault_at": cfg.fault.dpo_step,
+        }
+        fit = launcher.Fit.of(f"grpo-{name}", storage, gc)
+        checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
         write_parquet(prompts, tmp / GRPO_PROMPTS, S.GRPO_PROMPTS)
         export_model(checkpoint, Path(policy_dir), tmp / POLICY_MODEL)
         write_json(history, tmp / HISTORY)
@@ -254,6 +244,8 @@ def run_grpo(
             resumed_after=resumed_after,
         )
         write_json(stats, tmp / METRICS)
+        log.info("grpo/%s: %s", name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
+
+    stage_dir = publish(layout.grpo(name), fingerprint, build, dump_config(cfg), force=force)
     shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume
-    log.info("grpo/%s: %s", name, json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
     return stage_dir

@@ -30,6 +30,8 @@ from rlrf4rec.core import assets
 from rlrf4rec.core.artifacts import read_marker, write_json
 from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import pairs_file
+from rlrf4rec.core.lineage import Round, start_policy
+from rlrf4rec.core.stage import Stage, on_ray
 from rlrf4rec.stages.encode import write_policy_knowledge
 from rlrf4rec.stages.pairs import run_pairs
 from rlrf4rec.stages.reward import compare_policies, reward_folds, reward_scorer, run_reward
@@ -48,8 +50,6 @@ def run_loop(cfg: RunConfig) -> Path:
     layout = cfg.layout
     data_dir = layout.data
     cfg.check_against_data(read_marker(data_dir)["stats"])  # more train or eval users than the splits hold
-    from rlrf4rec.stages.sft import start_policy
-
     home = assets.asset_home(cfg.assets.home)
     policy, recommender_dir = start_policy(cfg), layout.recommender("base")
     manifest: dict = {
@@ -91,27 +91,28 @@ def run_loop(cfg: RunConfig) -> Path:
         )
         # Bidirectional gain: the recommender retrains on the new policy's knowledge, one text per train and valid
         # user (sample 0: no label read), like the base recommender on the base policy's.
-        upstream = read_marker(update["upstream"])["fingerprint"]
+        upstream = {"pairs" if cfg.loop.algorithm == "dpo" else "grpo": read_marker(update["upstream"])["fingerprint"]}
         gen_knowledge, knowledge_dir = write_policy_knowledge(cfg, new_policy, next_version, upstream)
         new_recommender = run_recommender(cfg, next_version, data_dir, layout.user_knowledge(knowledge_dir.name))
         stages = {"generate_valid": gen_valid, **update["stages"]}
         stages.update(generate_valid_tuned=gen_tuned, generate_knowledge=gen_knowledge)
-        manifest["rounds"].append(
-            {
-                "round": t,
-                "algorithm": cfg.loop.algorithm,
-                "policy_in": policy,
-                "policy_out": new_policy,
-                "recommender_in": str(recommender_dir),
-                "reward_models": [str(d) for d in scorer],  # the reward ensemble (one without reward.ensemble)
-                "reward_folds": [[str(d) for d in dirs] for dirs, _ in folds],
-                "recommender_out": str(new_recommender),
-                "stages": {name: str(d) for name, d in stages.items()},
+        done = Round(
+            index=t,
+            algorithm=cfg.loop.algorithm,
+            policy_in=policy,
+            policy_out=new_policy,
+            recommender_in=str(recommender_dir),
+            recommender_out=str(new_recommender),
+            reward_models=[str(d) for d in scorer],  # the reward ensemble (one without reward.ensemble)
+            reward_folds=[[str(d) for d in dirs] for dirs, _ in folds],
+            stages={name: str(d) for name, d in stages.items()},
+            stats={
                 **record,
                 "valid_reward": comparison,
                 "recommender_metrics": read_marker(new_recommender)["stats"],
-            }
+            },
         )
+        manifest["rounds"].append(done.to_dict())
         layout.rounds.mkdir(parents=True, exist_ok=True)
         write_json(manifest, layout.manifest)
         policy, recommender_dir = new_policy, new_recommender
@@ -161,3 +162,15 @@ def _grpo_update(cfg: RunConfig, t: int, policy_path: str, scorer: list, folds: 
         "stages": {"grpo": grpo_dir},
         "record": {"grpo": read_marker(grpo_dir)["stats"]},
     }
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+STAGE = Stage(
+    "loop",
+    "the RL rounds: generate -> reward -> pairs -> DPO -> retrain the recommender",
+    on_ray=on_ray,
+    in_run=run_loop,
+    upstream=("data", "sft", "train-recommender"),
+)

@@ -13,6 +13,7 @@ Knows nothing about how rewards were computed or how DPO uses the pairs.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections import Counter
@@ -25,18 +26,18 @@ import pyarrow as pa
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import (
-    is_complete,
-    read_marker,
+    Fingerprint,
+    publish,
     read_parquet,
     read_table,
     require_marker,
-    stage_output,
     write_parquet,
 )
 from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.history import prompt_history_texts
 from rlrf4rec.core.layout import GENERATIONS, REWARDS, pairs_file
 from rlrf4rec.core.prompts import preference_messages
-from rlrf4rec.stages.data import prompt_history_texts
+from rlrf4rec.core.stage import Option, Stage
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +200,20 @@ def run_pairs(
     """The pairs stage: best/worst pairs of every user in `sources` [(generations dir, rewards dir)], one file per
     split in `stage_dir` (layout.pairs_file)."""
     stage = cfg.layout.relative(stage_dir)
-    upstream = [require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair]
+    upstream = {
+        cfg.layout.relative(d): require_marker(d, "generate / reward")["fingerprint"] for pair in sources for d in pair
+    }
     # reward.ensemble is in the rewards' own fingerprints (their recommenders'), so it is not hashed twice here
-    fingerprint = f"{cfg.section_hash('reward', 'pairs', ignore=('reward.ensemble',))}-{'-'.join(upstream)}"
-    if is_complete(stage_dir, fingerprint):
-        return stage_dir
-    candidates: dict[str, list[Candidate]] = {}
-    for gen_dir, rew_dir in sources:
-        candidates.update(rewarded_candidates(gen_dir, rew_dir))
-    seq = read_table(cfg.layout.data, "sequences")
-    splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
-    histories = prompt_history_texts(cfg)
-    prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+    fingerprint = Fingerprint("pairs", cfg.section_hashes("reward", "pairs", ignore=("reward.ensemble",)), upstream)
+
+    def build(tmp: Path, stats: dict) -> None:
+        candidates: dict[str, list[Candidate]] = {}
+        for gen_dir, rew_dir in sources:
+            candidates.update(rewarded_candidates(gen_dir, rew_dir))
+        seq = read_table(cfg.layout.data, "sequences")
+        splits = dict(zip(seq.column(S.USER_ID).to_pylist(), seq.column(S.SPLIT).to_pylist()))
+        histories = prompt_history_texts(cfg)
+        prompts = {u: preference_messages(histories[u], cfg.generate.domain) for u in candidates}
         for split in ("train", "valid"):
             users = {u: c for u, c in candidates.items() if splits[u] == split}
             pairs, split_stats = select_pairs(users, cfg.reward.min_margin, cfg.pairs.strategy)
@@ -219,5 +221,30 @@ def run_pairs(
                 pairs_table(pairs, prompts, splits, policy_version, round_idx), tmp / pairs_file(split), S.PAIRS
             )
             stats.update({f"{split}/{k}": v for k, v in split_stats.items()})
-    log.info("%s: %s", stage, read_marker(stage_dir)["stats"])
-    return stage_dir
+        log.info("%s: %s", stage, stats)
+
+    return publish(stage_dir, fingerprint, build, dump_config(cfg))
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    layout = cfg.layout
+    generations = args.generations or layout.generate
+    rewards = args.rewards or layout.rewards("reward")
+    version = require_marker(generations, "generate")["stats"].get("policy_version", "base")
+    return [run_pairs(cfg, [(generations, rewards)], layout.pairs(args.name), version, 0)]
+
+
+STAGE = Stage(
+    "pairs",
+    "best vs worst text per user -> DPO pairs in TRL's conversational format",
+    _command,
+    (
+        Option(("--generations",), {"type": Path, "help": "a generate stage dir (default: <run>/generate)"}),
+        Option(("--name",), {"default": "pairs", "help": "output directory <run>/pairs/<name>/"}),
+        Option(("--rewards",), {"type": Path, "help": "a reward stage dir (default: <run>/rewards/reward)"}),
+    ),
+    upstream=("generate", "reward"),
+)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rlrf4rec.core import charts
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_manifest, read_marker, read_parquet, stage_output
+from rlrf4rec.core.artifacts import Fingerprint, publish, read_manifest, read_marker, read_parquet
+from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.layout import (
     CONFIG,
     EVAL_ROWS,
@@ -35,8 +36,10 @@ from rlrf4rec.core.layout import (
     RunLayout,
     pairs_file,
 )
+from rlrf4rec.core.lineage import Round
+from rlrf4rec.core.metrics import RANKED_METRICS
+from rlrf4rec.core.stage import Stage
 
-METRICS = [f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7)]
 FOREST_METRICS = ("ndcg@5", "map@5")
 BASELINE_ORDER = ["popularity", "KAR ID-only", "ID only", "history knowledge (no LLM)", "base LLM", "SFT warm start"]
 # Paired differences drawn against these rows, in this order (evaluate.PAIRED_BASELINES, most telling first).
@@ -130,8 +133,8 @@ def _evaluation(table: dict, paired: dict, info: dict, md: list[str], body: list
     md += [
         "## Re-ranking on test users (mean [95% bootstrap CI over users])",
         "",
-        "| variant | texts | re-ranker | off topic | " + " | ".join(METRICS) + " | NDCG@5 vs popularity |",
-        "|---|---|---|---|" + "---|" * (len(METRICS) + 1),
+        "| variant | texts | re-ranker | off topic | " + " | ".join(RANKED_METRICS) + " | NDCG@5 vs popularity |",
+        "|---|---|---|---|" + "---|" * (len(RANKED_METRICS) + 1),
     ]
     rows_html = []
     for name in names:
@@ -140,7 +143,7 @@ def _evaluation(table: dict, paired: dict, info: dict, md: list[str], body: list
             f"| {name} | "
             + " | ".join(described(name))
             + " | "
-            + " | ".join(f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in METRICS)
+            + " | ".join(f"{metrics[m][0]:.4f} [{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]" for m in RANKED_METRICS)
             + f" | {_versus_popularity(name, paired)} |"
         )
         rows_html.append(
@@ -148,7 +151,7 @@ def _evaluation(table: dict, paired: dict, info: dict, md: list[str], body: list
             + "".join(f"<td>{html.escape(c)}</td>" for c in described(name))
             + "".join(
                 f"<td>{metrics[m][0]:.4f}<br><small>[{metrics[m][1]:.4f}, {metrics[m][2]:.4f}]</small></td>"
-                for m in METRICS
+                for m in RANKED_METRICS
             )
             + "</tr>"
         )
@@ -204,7 +207,7 @@ def _evaluation(table: dict, paired: dict, info: dict, md: list[str], body: list
         _details(
             "All metrics as a table (NDCG and MAP at 1, 3, 5, 7)",
             "<table><tr><th>variant</th><th>texts</th><th>re-ranker</th><th>off topic</th>"
-            + "".join(f"<th>{m}</th>" for m in METRICS)
+            + "".join(f"<th>{m}</th>" for m in RANKED_METRICS)
             + "</tr>"
             + "".join(rows_html)
             + "</table>",
@@ -216,12 +219,12 @@ def _summary(run: Path, table: dict, paired: dict, manifest: dict | None) -> lis
     """A few sentences: what was run, which variants, which rounds, the headline differences in words."""
     sentences = []
     if manifest is not None:
-        rounds = manifest["rounds"]
-        if all(r.get("algorithm", "dpo") == "dpo" for r in rounds):
-            pairs = ", ".join(str(r["pairs"].get("train/pairs", 0)) for r in rounds)
+        rounds = [Round.from_dict(r) for r in manifest["rounds"]]
+        if all(r.algorithm == "dpo" for r in rounds):
+            pairs = ", ".join(str(r.stats["pairs"].get("train/pairs", 0)) for r in rounds)
             sentences.append(f"{len(rounds)} round(s) of reward-guided DPO (train pairs per round: {pairs}).")
         else:
-            prompts = ", ".join(str(r.get("grpo", {}).get("prompts", "-")) for r in rounds)
+            prompts = ", ".join(str(r.stats.get("grpo", {}).get("prompts", "-")) for r in rounds)
             sentences.append(f"{len(rounds)} round(s) of on-policy GRPO (train prompts per round: {prompts}).")
     if table:
         users = (read_marker(RunLayout(run).evaluate) or {}).get("stats", {}).get("test_users")
@@ -264,14 +267,14 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
     md += ["## Rounds", ""]
     body.append("<h2>Rounds</h2>")
     train = {}
-    for r in manifest["rounds"]:
-        t = r["round"]
+    for r in (Round.from_dict(r) for r in manifest["rounds"]):
+        t = r.index
         step = partial(RunLayout(run).round_step, t)
-        v = r["valid_reward"]
-        if "pairs" in r:
-            update = f"{r['pairs'].get('train/pairs', 0)} train pairs"
+        v = r.stats["valid_reward"]
+        if "pairs" in r.stats:
+            update = f"{r.stats['pairs'].get('train/pairs', 0)} train pairs"
         else:
-            g = r["grpo"]
+            g = r.stats["grpo"]
             update = (
                 f"GRPO on {g.get('prompts', 0)} prompts, tied groups {g.get('train/frac_reward_zero_std_mean', 0):.0%}"
             )
@@ -281,7 +284,7 @@ def _rounds(run: Path, manifest: dict, md: list[str], body: list[str]) -> None:
             f"(95% CI [{v['gain/ci_low']:+.4f}, {v['gain/ci_high']:+.4f}], {v['users']} users)"
         )
         line += ": resolved" if v["gain/ci_low"] > 0 or v["gain/ci_high"] < 0 else ": within noise"
-        shift = r.get("shift")
+        shift = r.stats.get("shift")
         if shift:  # how far DPO moved the policy (stages/shift.py); 0 for each at step 0
             line += (
                 f"; the tuned policy orders {shift['train/pair_accuracy']:.0%} of its train pairs as labelled, "
@@ -384,14 +387,14 @@ def _times(run: Path, md: list[str], body: list[str]) -> None:
 def _lineage(manifest: dict, md: list[str], body: list[str]) -> None:
     """Which policy and recommender each round read and wrote, in words, with the raw manifest folded beneath."""
 
-    def seeds(r: dict) -> str:
-        k = len(r.get("reward_models", []))
+    def seeds(r: Round) -> str:
+        k = len(r.reward_models)
         return f", each reward the mean of {k} seeds." if k > 1 else "."
 
     words = [
-        f"Round {r['round']}: policy {r['policy_in']} → {r['policy_out']}; recommender {r['recommender_in']} → "
-        f"{r['recommender_out']}; rewards cross-fitted over {len(r.get('reward_folds', []))} folds{seeds(r)}"
-        for r in manifest["rounds"]
+        f"Round {r.index}: policy {r.policy_in} → {r.policy_out}; recommender {r.recommender_in} → "
+        f"{r.recommender_out}; rewards cross-fitted over {len(r.reward_folds)} folds{seeds(r)}"
+        for r in (Round.from_dict(r) for r in manifest["rounds"])
     ]
     head = {k: v for k, v in manifest.items() if k != "rounds"}
     raw = json.dumps(manifest, indent=1)
@@ -492,13 +495,15 @@ def build_report(run: Path) -> Path:
         + "".join(body)
         + "</body></html>"
     )
-    out = layout.report
-    with stage_output(out, f"report-{time.time()}", None) as (tmp, stats):  # made from the run's artifacts only
+
+    def write(tmp: Path, stats: dict) -> None:
         (tmp / REPORT_HTML).write_text(page)
         (tmp / REPORT_MD).write_text("\n".join(md) + "\n")
         stats["sections"] = len(body)
         stats["charts"] = page.count('<svg id="')
-    return out
+
+    # Made from the run's artifacts only, anew on every call (keyed by the time it was rendered).
+    return publish(layout.report, Fingerprint("report", extra={"rendered": time.time()}), write, None, force=True)
 
 
 def text_quality(run: Path) -> list[dict]:
@@ -539,3 +544,15 @@ def _examples(pairs_path: Path, md: list[str], limit: int = 2) -> str:
             f"{chosen[:200]!r} / rejected: {rejected[:200]!r}"
         )
     return _details(f"Example pairs (the {len(parts)} largest margins)", "".join(parts)) if parts else ""
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def run_report(cfg: RunConfig) -> Path:
+    return build_report(cfg.run_path)
+
+
+STAGE = Stage(
+    "report", "write report.html and report.md from the run directory", in_run=run_report, upstream=("evaluate",)
+)

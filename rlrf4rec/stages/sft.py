@@ -16,17 +16,19 @@ Published atomically with a completion marker; a re-run with the same inputs doe
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from rlrf4rec.core import assets
+from rlrf4rec.core import assets, launcher
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import digest, is_complete, require_marker, stage_output, write_json, write_parquet
+from rlrf4rec.core.artifacts import Fingerprint, publish, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig, SFTConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.core.layout import (
     HISTORY,
@@ -40,7 +42,7 @@ from rlrf4rec.core.layout import (
 )
 from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
-from rlrf4rec.stages import launcher
+from rlrf4rec.core.stage import FORCE, Stage, on_ray
 from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
 if TYPE_CHECKING:
@@ -138,24 +140,11 @@ def summarize(history: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------- stage
 
 
-def sft_policy(cfg: RunConfig) -> Path:
-    """The warm-started policy's model directory (`rlrf4rec sft`)."""
-    return cfg.layout.sft / POLICY_MODEL
-
-
-def start_policy(cfg: RunConfig) -> str:
-    """The policy round 0 starts from and the base knowledge is written with (loop.init): models.llm resolved, or
-    the sft stage's model, which must be complete."""
-    if cfg.loop.init == "sft":
-        require_marker(cfg.layout.sft, "sft (loop.init: sft)")
-        return str(sft_policy(cfg).resolve())
-    return assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))
-
-
 def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path:
     """Warm-start models.llm on teacher profiles and write `<run>/sft/` (model/ inside); skip when complete."""
     from rlrf4rec.core.artifacts import read_tables
-    from rlrf4rec.stages.data import require_data, teacher_texts
+    from rlrf4rec.core.history import teacher_texts
+    from rlrf4rec.stages.data import require_data
     from rlrf4rec.stages.dpo import policy_fingerprint
 
     data_marker = require_data(cfg, "sft")
@@ -163,38 +152,35 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     if not (policy_dir / "config.json").is_file():
         raise FileNotFoundError(f"{policy_dir} is not a Hugging Face model directory (no config.json)")
     sc, g = cfg.sft, cfg.generate
-    prompt_settings = {"domain": g.domain, "prompt_history": g.prompt_history}
-    fingerprint = "-".join(
-        [
-            cfg.section_hash("sft", "seed"),
-            digest(prompt_settings),
-            data_marker["fingerprint"],
-            policy_fingerprint(policy_dir),
-        ]
+    fingerprint = Fingerprint(
+        "sft",
+        cfg.section_hashes("sft", "seed"),
+        {"data": data_marker["fingerprint"], "policy": policy_fingerprint(policy_dir)},
+        {"domain": g.domain, "prompt_history": g.prompt_history},
     )
-    if not force and is_complete(cfg.layout.sft, fingerprint):
-        log.info("sft: complete output matches the config and inputs; nothing to do")
-        return cfg.layout.sft
-    tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
-    targets = teacher_texts(cfg, g.prompt_history)
-    examples = sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, cfg.seed + sc.seed_offset)
+
+    def examples() -> pa.Table:
+        tables = read_tables(cfg.layout.data, ("sequences", "items", "users"))
+        targets = teacher_texts(cfg, g.prompt_history)
+        return sft_examples(tables, targets, g.domain, g.prompt_history, sc.max_users, cfg.seed + sc.seed_offset)
+
     return fit_sft(cfg, examples, policy_dir, cfg.layout.sft, fingerprint, sc.target, force=force, on_ray=on_ray)
 
 
 def fit_sft(
     cfg: RunConfig,
-    examples: pa.Table,
+    make_examples: Callable[[], pa.Table],
     policy_dir: Path,
     stage_dir: Path,
-    fingerprint: str,
+    fingerprint: Fingerprint,
     target: str,
     *,
     force: bool = False,
     on_ray: bool = True,
 ) -> Path:
-    """SFT of `policy_dir` on `examples` (schema.SFT_EXAMPLES: train rows trained on, valid rows held out) with the
-    `sft` section's trainer settings, published to `stage_dir` (model/ inside); `target` names the answers in the
-    stats. Skipped when complete for `fingerprint`, which must identify the examples."""
+    """SFT of `policy_dir` on `make_examples()` (schema.SFT_EXAMPLES: train rows trained on, valid rows held out)
+    with the `sft` section's trainer settings, published to `stage_dir` (model/ inside); `target` names the answers
+    in the stats. Skipped when complete for `fingerprint`, which must identify the examples."""
     from rlrf4rec.stages.dpo import (
         chat_tokenizer,
         drop_long_prompts,
@@ -205,38 +191,36 @@ def fit_sft(
     )
 
     sc = cfg.sft
-    if not force and is_complete(stage_dir, fingerprint):
-        log.info("%s: complete output matches the config and inputs; nothing to do", cfg.layout.relative(stage_dir))
-        return stage_dir
-    storage = cfg.layout.ray_train(f"{stage_dir.name}-{digest(fingerprint)}")
-    if force and storage.exists():
-        shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
-    seed = cfg.seed + sc.seed_offset
-    tokenizer = chat_tokenizer(policy_dir, "SFT on conversational examples")
-    examples, dropped = drop_long_prompts(examples, prompt_lengths(examples, tokenizer), sc.max_prompt_length)
-    is_train = pa.array([s == "train" for s in examples.column(S.SPLIT).to_pylist()], pa.bool_())
-    train, held_out = examples.filter(is_train), examples.filter(pa.compute.invert(is_train))
-    if not train.num_rows:
-        raise ValueError(f"sft: no train user left to train on (data stage {cfg.layout.data}, sft.max_users)")
-    names = (SFT_TRAIN_EXAMPLES, SFT_EVAL_EXAMPLES)
-    train_path, eval_path = write_split(train, held_out, storage / SFT_WORK, names, S.SFT_EXAMPLES)
-    counts = {"examples/train": train.num_rows, "examples/eval": held_out.num_rows, "examples/dropped": dropped}
-    log.info("sft: %s", json.dumps(counts))
-    loop_config = {
-        "section": "sft",
-        "sft": cfg.to_dict()["sft"],
-        "policy_dir": str(policy_dir),
-        "train_path": str(train_path.resolve()),
-        "eval_path": str(eval_path.resolve()) if eval_path else None,
-        "output_dir": str((storage / SFT_HF).resolve()),
-        "seed": seed,
-        "deepspeed": deepspeed_config(sc.deepspeed, "sft.deepspeed"),
-        "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
-        "fault_at": cfg.fault.dpo_step,
-    }
-    fit = launcher.Fit.of(stage_dir.name, storage, sc)
-    checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+    storage = cfg.layout.ray_train(f"{stage_dir.name}-{fingerprint.key[:16]}")
+
+    def build(tmp: Path, stats: dict) -> None:
+        if force and storage.exists():
+            shutil.rmtree(storage)  # a stale checkpoint there would be resumed instead of training afresh
+        tokenizer = chat_tokenizer(policy_dir, "SFT on conversational examples")
+        examples = make_examples()
+        examples, dropped = drop_long_prompts(examples, prompt_lengths(examples, tokenizer), sc.max_prompt_length)
+        is_train = pa.array([s == "train" for s in examples.column(S.SPLIT).to_pylist()], pa.bool_())
+        train, held_out = examples.filter(is_train), examples.filter(pa.compute.invert(is_train))
+        if not train.num_rows:
+            raise ValueError(f"sft: no train user left to train on (data stage {cfg.layout.data}, sft.max_users)")
+        names = (SFT_TRAIN_EXAMPLES, SFT_EVAL_EXAMPLES)
+        train_path, eval_path = write_split(train, held_out, storage / SFT_WORK, names, S.SFT_EXAMPLES)
+        counts = {"examples/train": train.num_rows, "examples/eval": held_out.num_rows, "examples/dropped": dropped}
+        log.info("sft: %s", json.dumps(counts))
+        loop_config = {
+            "section": "sft",
+            "sft": cfg.to_dict()["sft"],
+            "policy_dir": str(policy_dir),
+            "train_path": str(train_path.resolve()),
+            "eval_path": str(eval_path.resolve()) if eval_path else None,
+            "output_dir": str((storage / SFT_HF).resolve()),
+            "seed": cfg.seed + sc.seed_offset,
+            "deepspeed": deepspeed_config(sc.deepspeed, "sft.deepspeed"),
+            "torch_extensions_dir": str(assets.torch_extensions_dir(cfg.assets.home)),
+            "fault_at": cfg.fault.dpo_step,
+        }
+        fit = launcher.Fit.of(stage_dir.name, storage, sc)
+        checkpoint, history, resumed_after, wall = fit_policy(build_trainer, loop_config, fit, on_ray, renames={})
         write_parquet(examples, tmp / SFT_EXAMPLES, S.SFT_EXAMPLES)
         export_model(checkpoint, policy_dir, tmp / POLICY_MODEL)
         write_json(history, tmp / HISTORY)
@@ -250,6 +234,32 @@ def fit_sft(
             resumed_after=resumed_after,
         )
         write_json(stats, tmp / METRICS)
+        log.info("sft: %s", json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
+
+    stage_dir = publish(stage_dir, fingerprint, build, dump_config(cfg), force=force)
     shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume
-    log.info("sft: %s", json.dumps({k: v for k, v in stats.items() if isinstance(v, float)}))
     return stage_dir
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def warm_start(cfg: RunConfig) -> Path | None:
+    """In `rlrf4rec run`: the warm start with loop.init = sft (the rounds and the base knowledge then start from it);
+    nothing with loop.init = base."""
+    return run_sft(cfg) if cfg.loop.init == "sft" else None
+
+
+def _command(cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
+    return [run_sft(cfg, force=args.force)]
+
+
+STAGE = Stage(
+    "sft",
+    "warm-start the policy: SFT on (prompt, teacher profile) for train users on Ray Train (loop.init: sft)",
+    _command,
+    (FORCE,),
+    on_ray=on_ray,
+    in_run=warm_start,
+    upstream=("data",),
+)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import (
-    is_complete,
-    read_parquet,
-    require_marker,
-    stage_output,
-    write_json,
-    write_parquet,
-)
+from rlrf4rec.core.artifacts import Fingerprint, publish, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, METRICS, POLICY_MODEL, SHIFT_PER_TEXT
 
@@ -51,7 +45,7 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[lis
     completion positions only. A pair's prompt, or a user's N sampled texts, costs one prompt pass instead of N."""
     import torch
 
-    from rlrf4rec.stages.dpo_trainer import segment_attention
+    from rlrf4rec.core.dpo_trainer import segment_attention
 
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -147,20 +141,31 @@ def run_shift(
     """Measure how far the DPO (or SFT) stage `dpo_dir` moved its policy from `reference`: on the train pairs of
     `pairs_path` and on the tuned policy's sampled texts of the generate stage `tuned_texts`; writes `out`.
     `max_pairs` / `texts_per_user`: the first pairs and each user's first texts only (a cheaper estimate)."""
+    upstream = {
+        "policy": require_marker(dpo_dir, "dpo")["fingerprint"],
+        "texts": require_marker(tuned_texts, "generate")["fingerprint"],
+    }
+    subset = {"pairs": max_pairs, "texts": texts_per_user} if max_pairs or texts_per_user else {}
+    fingerprint = Fingerprint("shift", {}, upstream, {"beta": cfg.dpo.beta, **subset})
+    return publish(
+        out, fingerprint, partial(_measure, cfg, dpo_dir, reference, pairs_path, tuned_texts, subset), dump_config(cfg)
+    )
+
+
+def _measure(
+    cfg: RunConfig,
+    dpo_dir: Path,
+    reference: str,
+    pairs_path: Path,
+    tuned_texts: Path,
+    subset: dict,
+    tmp: Path,
+    st: dict,
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fingerprint = "-".join(
-        [
-            require_marker(dpo_dir, "dpo")["fingerprint"],
-            require_marker(tuned_texts, "generate")["fingerprint"],
-            str(cfg.dpo.beta),
-            *([f"pairs={max_pairs}", f"texts={texts_per_user}"] if max_pairs or texts_per_user else []),
-        ]
-    )
-    if is_complete(out, fingerprint):
-        log.info("%s: complete output matches; nothing to do", out.name)
-        return out
+    max_pairs, texts_per_user = subset.get("pairs"), subset.get("texts")
     tokenizer = AutoTokenizer.from_pretrained(reference)
     pairs = read_parquet(pairs_path, S.PAIRS)
     gens = read_parquet(tuned_texts / GENERATIONS, S.GENERATIONS)
@@ -215,17 +220,15 @@ def run_shift(
             "logp_reference": pa.array(logps["reference"]["sampled"]),
         }
     )
-    with stage_output(out, fingerprint, dump_config(cfg)) as (tmp, st):
-        write_parquet(per_text, tmp / SHIFT_PER_TEXT)
-        st.update(stats)
-        write_json(stats, tmp / METRICS)
+    write_parquet(per_text, tmp / SHIFT_PER_TEXT)
+    st.update(stats)
+    write_json(stats, tmp / METRICS)
     log.info(
         "%s: train pair accuracy %.3f (margin %+.4f; chosen %+.2f, rejected %+.2f nats), valid KL %.4f nats/token",
-        out.name,
+        Path(dpo_dir).name,
         stats["train/pair_accuracy"],
         stats["train/margin_mean"],
         stats["train/chosen_logp_change"],
         stats["train/rejected_logp_change"],
         stats["valid/kl_per_token"],
     )
-    return out

@@ -15,7 +15,6 @@ their epochs are selected on all valid lists, the same for both judges.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -26,7 +25,7 @@ import torch
 
 from rlrf4rec.core import assets, audit
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import is_complete, read_parquet, read_tables, require_marker, stage_output, write_json
+from rlrf4rec.core.artifacts import Fingerprint, publish, read_parquet, read_tables, require_marker, write_json
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import AUDIT_JSON, AUDIT_MD, GENERATIONS
 from rlrf4rec.core.prompts import user_knowledge_text
@@ -57,7 +56,7 @@ class Judge:
     """The mean reward of several frozen re-rankers on one half of each valid user's lists."""
 
     def __init__(self, models: list, task: RerankTask, metric: str, knowledge: dict, segments: int, half: dict):
-        from rlrf4rec.stages.reward import RewardModel
+        from rlrf4rec.core.scoring import RewardModel
 
         self.members = []
         for model in models:
@@ -94,26 +93,23 @@ def prompt_titles(cfg: RunConfig, tables: dict, users: list[str]) -> dict[str, l
 
 def audit_texts(cfg: RunConfig, policy: str | None, samples: int) -> Path:
     """`samples` texts of the policy for every valid user (a generate stage: resumable, skipped when complete)."""
+    from rlrf4rec.core.lineage import GenerationRequest, start_policy
     from rlrf4rec.stages.generate import run_generate
-    from rlrf4rec.stages.sft import start_policy
 
     model_path = assets.resolve(policy, assets.asset_home(cfg.assets.home)) if policy else start_policy(cfg)
-    gen_cfg = dataclasses.replace(cfg.generate, splits=("valid",), max_users=None, num_samples=samples)
-    return run_generate(
-        dataclasses.replace(cfg, generate=gen_cfg),
-        model=str(model_path),
-        policy_version="audit",
-        # Keyed by policy and N, not by the audit's name: audits of other knowledge or reward settings share them.
-        out=cfg.layout.controls(f"signal-texts-{'base' if policy is None else Path(policy).name}-{samples}"),
-    )
+    request = GenerationRequest(str(model_path), "audit", ("valid",), num_samples=samples)
+    # Keyed by policy and N, not by the audit's name: audits of other knowledge or reward settings share them.
+    out = cfg.layout.controls(f"signal-texts-{'base' if policy is None else Path(policy).name}-{samples}")
+    return run_generate(cfg, request, out=out)
 
 
 def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, policy: str | None = None) -> dict:
     """The audit (see the module docstring) of the texts in `texts_dir` (audit_texts)."""
-    from rlrf4rec.stages.controls import base_knowledge, train_model
-    from rlrf4rec.stages.data import prompt_history_texts, user_history_texts
-    from rlrf4rec.stages.encode import embedding_cache, encode_user_texts, make_encoder
-    from rlrf4rec.stages.sft import start_policy
+    from rlrf4rec.core.history import prompt_history_texts, user_history_texts
+    from rlrf4rec.core.knowledge import embedding_cache, encode_user_texts, make_encoder
+    from rlrf4rec.core.lineage import start_policy
+    from rlrf4rec.stages.controls import train_model
+    from rlrf4rec.stages.reliability import base_knowledge
     from rlrf4rec.stages.train import model_spec
 
     tables = read_tables(cfg.layout.data)
@@ -231,19 +227,19 @@ def run_signal_audit(
         raise ValueError(f"--samples={samples}, --seeds={seeds}: use 2+ samples and an even number of seeds (2+)")
     data_marker = require_data(cfg, "controls --signal")
     texts_dir = audit_texts(cfg, policy, samples)
-    fingerprint = (
-        f"{cfg.section_hash('models', 'encode', 'knowledge', 'recommender', 'reward', 'seed')}-{seeds}-"
-        f"{data_marker['fingerprint']}-{require_marker(texts_dir, 'generate')['fingerprint']}"
+    fingerprint = Fingerprint(
+        "signal",
+        cfg.section_hashes("models", "encode", "knowledge", "recommender", "reward", "seed"),
+        {"data": data_marker["fingerprint"], "texts": require_marker(texts_dir, "generate")["fingerprint"]},
+        {"seeds": seeds},
     )
-    stage_dir = cfg.layout.controls(f"signal-{name}")
-    if is_complete(stage_dir, fingerprint):
-        print((stage_dir / AUDIT_MD).read_text())
-        return stage_dir
-    result = signal_audit(cfg, texts_dir, samples=samples, seeds=seeds, policy=policy)
-    table = audit_markdown(result)
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+
+    def build(tmp: Path, stats: dict) -> None:
+        result = signal_audit(cfg, texts_dir, samples=samples, seeds=seeds, policy=policy)
         write_json(result, tmp / AUDIT_JSON)
-        (tmp / AUDIT_MD).write_text(table)
+        (tmp / AUDIT_MD).write_text(audit_markdown(result))
         stats.update({"users": result["users"], "label_validity": result["label_validity"]["mean"]})
-    print(table)
+
+    stage_dir = publish(cfg.layout.controls(f"signal-{name}"), fingerprint, build, dump_config(cfg))
+    print((stage_dir / AUDIT_MD).read_text())
     return stage_dir

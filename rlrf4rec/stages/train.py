@@ -22,18 +22,12 @@ from typing import Any
 
 import torch
 
-from rlrf4rec.core import assets
+from rlrf4rec.core import assets, launcher
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import (
-    digest,
-    is_complete,
-    read_parquet,
-    read_tables,
-    require_marker,
-    stage_output,
-    write_json,
-)
+from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_parquet, read_tables, require_marker, write_json
 from rlrf4rec.core.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
+from rlrf4rec.core.knowledge import user_vectors, vectors_of
+from rlrf4rec.core.launcher import Fit
 from rlrf4rec.core.layout import HISTORY, TRAIN_STATE, worker_rng
 from rlrf4rec.core.recommender import (
     FitState,
@@ -47,9 +41,7 @@ from rlrf4rec.core.recommender import (
     standardize_adaptor,
     stops_after,
 )
-from rlrf4rec.stages import launcher
-from rlrf4rec.stages.encode import user_vectors, vectors_of
-from rlrf4rec.stages.launcher import Fit
+from rlrf4rec.core.stage import FORCE, Stage, on_ray
 
 log = logging.getLogger(__name__)
 
@@ -296,31 +288,29 @@ def run_recommender(
     if use_history is not None:
         spec = dataclasses.replace(spec, use_history=use_history)
     item_path = item_knowledge_path(cfg) if knowledge_path is not None else None
-    stage_dir = cfg.layout.recommender(variant)
-    upstream = [require_marker(data_dir, "data")["fingerprint"], f"history={spec.use_history}"]
-    if held_out:
-        upstream.append("held-out=" + digest("\x1f".join(sorted(held_out))))
-    for path in (knowledge_path, item_path):
+    upstream = {"data": require_marker(data_dir, "data")["fingerprint"]}
+    for name, path in (("user knowledge", knowledge_path), ("item knowledge", item_path)):
         if path is not None:
-            upstream.append(require_marker(path.parent, "encode")["fingerprint"])
-    sections = cfg.section_hash("recommender", "knowledge", "seed", ignore=("recommender.checkpoint_every",))
-    fingerprint = f"{sections}-{'-'.join(upstream)}"
-    if not force and is_complete(stage_dir, fingerprint):
-        log.info("recommender/%s: complete output matches the config; nothing to do", variant)
-        return stage_dir
-    # Keyed on the whole fingerprint: Ray Train resumes whatever checkpoint it finds in storage, which must never
-    # be one trained on other data or knowledge.
-    storage = cfg.layout.ray_train(f"{variant}-{digest(fingerprint)}")
-    if force:
-        shutil.rmtree(storage, ignore_errors=True)
-    state = fit_on_ray(
-        cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, held_out=held_out
-    )
-    task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path, held_out)
-    model.load_state_dict(state.best_model)
-    valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
-    segments = cfg.knowledge.user_segments if knowledge and knowledge.get("user", torch.zeros(0)).dim() == 3 else 0
-    with stage_output(stage_dir, fingerprint, dump_config(cfg)) as (tmp, stats):
+            upstream[name] = require_marker(path.parent, "encode")["fingerprint"]
+    extra = {"use_history": spec.use_history}
+    if held_out:
+        extra["held_out"] = digest("\x1f".join(sorted(held_out)))
+    sections = cfg.section_hashes("recommender", "knowledge", "seed", ignore=("recommender.checkpoint_every",))
+    fingerprint = Fingerprint("recommender", sections, upstream, extra)
+
+    def build_stage(tmp: Path, stats: dict) -> None:
+        # Keyed on the fingerprint: Ray Train resumes whatever checkpoint it finds in storage, which must never be
+        # one trained on other data or knowledge.
+        storage = cfg.layout.ray_train(f"{variant}-{fingerprint.key[:16]}")
+        if force:
+            shutil.rmtree(storage, ignore_errors=True)
+        state = fit_on_ray(
+            cfg, variant, data_dir, knowledge_path, storage, spec=spec, item_path=item_path, held_out=held_out
+        )
+        task, knowledge, model = build(data_dir, knowledge_path, spec, cfg.seed, item_path, held_out)
+        model.load_state_dict(state.best_model)
+        valid = task.evaluate(model, "valid", knowledge)  # test is read once, by the evaluate stage
+        segments = cfg.knowledge.user_segments if knowledge and knowledge.get("user", torch.zeros(0)).dim() == 3 else 0
         save_checkpoint(tmp, state.best_model, spec, knowledge, segments)
         write_json(state.history, tmp / HISTORY)
         stats.update(
@@ -336,9 +326,33 @@ def run_recommender(
                 **valid,
             }
         )
-    log.info(
-        "recommender/%s: %s",
-        variant,
-        json.dumps({k: round(v, 4) for k, v in valid.items() if isinstance(v, float)}),
-    )
-    return stage_dir
+        log.info(
+            "recommender/%s: %s",
+            variant,
+            json.dumps({k: round(v, 4) for k, v in valid.items() if isinstance(v, float)}),
+        )
+
+    return publish(cfg.layout.recommender(variant), fingerprint, build_stage, dump_config(cfg), force=force)
+
+
+# --------------------------------------------------------------------------------------------------- the stage record
+
+
+def run_recommenders(cfg: RunConfig, *, force: bool = False) -> Path:
+    """The baselines (KAR's ID-only re-ranker: candidates alone; ID + history: the user's history window too) and
+    the base-knowledge re-ranker (the first reward model), on Ray Train."""
+    layout = cfg.layout
+    run_recommender(cfg, "id-kar", layout.data, None, use_history=False, force=force)
+    run_recommender(cfg, "id", layout.data, None, use_history=True, force=force)
+    run_recommender(cfg, "base", layout.data, layout.user_knowledge("base"), force=force)
+    return layout.recommenders
+
+
+STAGE = Stage(
+    "train-recommender",
+    "train the ID-only and base-knowledge re-rankers on Ray Train",
+    options=(FORCE,),
+    on_ray=on_ray,
+    in_run=run_recommenders,
+    upstream=("data", "encode"),
+)

@@ -45,9 +45,7 @@ class Fit:
     @classmethod
     def of(cls, name: str, storage: Path, section: Any) -> Fit:
         """A fit sized by a policy-training config section (config.PolicyTrainingConfig: `dpo`, `sft`)."""
-        return cls(
-            name, storage, section.num_workers, section.use_gpu, section.max_failures, section.cpus_per_worker
-        )
+        return cls(name, storage, section.num_workers, section.use_gpu, section.max_failures, section.cpus_per_worker)
 
 
 def fit_on_ray(train_loop: Callable[[dict], None], loop_config: dict, fit: Fit) -> Any:
