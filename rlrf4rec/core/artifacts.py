@@ -219,7 +219,9 @@ def damaged_files(stage_dir: Path, marker: dict | None = None, deep: bool = Fals
 
 
 @contextmanager
-def stage_output(stage_dir: Path, fingerprint: Fingerprint, config_yaml: str | None) -> Iterator[tuple[Path, dict]]:
+def stage_output(
+    stage_dir: Path, fingerprint: Fingerprint | str, config_yaml: str | None
+) -> Iterator[tuple[Path, dict]]:
     """Yield (temporary directory, stats dict); on normal exit publish it atomically with marker and config
     (`config.yaml`; None for a stage that has no config of its own).
 

@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,9 +66,6 @@ from rlrf4rec.core.lineage import GenerationRequest
 from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.core.stage import FORCE, Stage
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
