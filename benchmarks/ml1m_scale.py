@@ -96,8 +96,7 @@ def stage_recommender(dataset: str, data_path: str, run_dir: str, backbone: str,
     import torch
 
     from rlrf4rec.core.artifacts import read_tables
-    from rlrf4rec.core.recommender import RerankTask, fit
-    from rlrf4rec.stages.train import model_spec
+    from rlrf4rec.core.recommender import RerankTask, fit, model_spec
 
     torch.set_num_threads(1)
     cfg = _config(dataset, data_path, run_dir, [f"--recommender.backbone={backbone}"])

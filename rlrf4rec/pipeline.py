@@ -65,6 +65,22 @@ STAGES: Sequence[Stage] = (
     commands.SERVE,
 )
 
+# Which stage modules call into which others; the rest of what a stage needs is in core/ (tests/test_imports.py
+# holds the code to this table). The orchestrators run the stages they sequence; sft, controls and its studies read
+# the data stage through its own check (data.require_data); controls' studies share its text sources.
+CALLS: dict[str, tuple[str, ...]] = {
+    "arms": ("dpo", "encode", "evaluate", "generate", "grpo", "pairs", "reward", "sft", "shift", "train"),
+    "controls": ("data", "encode", "reliability", "signal"),  # encode: the base policy's texts; its two studies
+    "encode": ("generate",),  # the policy texts it encodes, generated when missing
+    "evaluate": ("generate",),  # each policy's test texts
+    "loop": ("dpo", "encode", "generate", "grpo", "pairs", "reward", "shift", "train"),  # the rounds
+    "reliability": ("controls", "data", "encode"),
+    "report": ("controls",),  # the side-by-side table of controls runs
+    "reward": ("train",),  # the cross-fitting folds' re-rankers
+    "sft": ("data",),
+    "signal": ("data", "generate", "reliability"),
+}
+
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
     """Every stage of `rlrf4rec run` in order; the stage directories written (a stage the config leaves out, such as

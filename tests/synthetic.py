@@ -82,7 +82,9 @@ def write_knowledge(path: Path, tastes: dict[str, int], dim: int = 8, noise: flo
     )
 
 
-SERVING_SPEC = dict(interaction=True, max_epochs=15, patience=5, batch_size=64, lr=2e-3, history_len=4, dropout=0.0)
+SERVING_SPEC = dict(
+    interaction=True, max_epochs=15, patience=5, batch_size=64, lr=2e-3, history_len=4, dropout=0.0, warmup_epochs=0
+)
 
 
 def preference(taste: int, wording: int = 0) -> str:

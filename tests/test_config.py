@@ -105,14 +105,20 @@ def test_section_hash_tracks_only_named_sections():
 
 
 def test_model_spec_takes_every_model_setting_of_the_recommender_config():
-    """The checkpoint's ModelSpec carries each model/training field of recommender config by name; the cluster
-    settings (workers, GPUs, DeepSpeed, failures) stay out of it."""
+    """The model settings are defined once (ModelSettings) for the config section and the checkpoint's ModelSpec:
+    the same defaults; each changed setting reaches the spec by name; the cluster settings (workers, GPUs, DeepSpeed,
+    failures, checkpoints) stay out of it."""
     import dataclasses
 
-    from rlrf4rec.core.config import RecommenderConfig
-    from rlrf4rec.core.recommender import ModelSpec
-    from rlrf4rec.stages.train import model_spec
+    from rlrf4rec.core.config import ModelSettings, RecommenderConfig
+    from rlrf4rec.core.recommender import ModelSpec, model_spec
 
+    settings = {f.name for f in dataclasses.fields(ModelSettings)}
+    assert {"interaction", "warmup_epochs", "adaptor_shared_experts", "item_prior"} <= settings
+    assert {f.name for f in dataclasses.fields(ModelSpec)} == settings | {"max_seq_len"}
+    cluster = {f.name for f in dataclasses.fields(RecommenderConfig)} - settings
+    assert cluster == {"num_workers", "use_gpu", "deepspeed", "max_failures", "checkpoint_every"}
+    assert model_spec(RecommenderConfig()) == ModelSpec()  # one set of defaults
     changed = RecommenderConfig(
         backbone="dlcm", hidden_dim=48, item_dim=24, num_layers=3, num_heads=4, dropout=0.2, adaptor_hidden=96,
         adaptor_out=16, adaptor_shared_experts=3, adaptor_specific_experts=1, history_len=20, use_history=False,
@@ -120,13 +126,9 @@ def test_model_spec_takes_every_model_setting_of_the_recommender_config():
         select_metric="map@5", num_workers=4, deepspeed="zero2", item_prior=False, warmup_epochs=1,
     )  # fmt: skip
     spec = model_spec(changed)
-    for f in dataclasses.fields(ModelSpec):
-        if f.name == "adaptor_experts":
-            assert spec.adaptor_experts == (3, 1)
-        elif f.name == "max_seq_len":  # the next-item task's setting; the re-rankers read history_len
-            assert spec.max_seq_len == ModelSpec().max_seq_len
-        else:
-            assert getattr(spec, f.name) == getattr(changed, f.name) != getattr(RecommenderConfig(), f.name), f.name
+    for name in settings:
+        assert getattr(spec, name) == getattr(changed, name) != getattr(RecommenderConfig(), name), name
+    assert spec.max_seq_len == ModelSpec().max_seq_len  # the next-item task's setting; the re-rankers read history_len
 
 
 def _sections_fingerprinted() -> set[str]:

@@ -195,9 +195,9 @@ def test_vllm_replica_generates_on_its_own_gpu_in_bf16(gpu_ray, asset_home, tmp_
 def test_recommender_trains_on_the_gpu_as_on_the_cpu(gpu_ray, asset_home, tmp_path):
     import torch
 
-    from rlrf4rec.core.recommender import fit
+    from rlrf4rec.core.recommender import fit, model_spec
     from rlrf4rec.stages.data import run_data
-    from rlrf4rec.stages.train import build, model_spec, run_recommender
+    from rlrf4rec.stages.train import build, run_recommender
 
     # No dropout: CPU and GPU draw different masks; everything else is the same arithmetic up to rounding.
     cfg = tiny_gpu_config(

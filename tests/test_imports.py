@@ -1,5 +1,6 @@
 """The layering: core (the pure library) and serving (the Ray Serve application) import no stage module, at the top
-of a module or inside a function; stages build on core, and pipeline.py on the stages."""
+of a module or inside a function; stages build on core, and pipeline.py on the stages. A stage imports another only
+where pipeline.CALLS names it (an orchestrator running the stages it sequences, or a named reader)."""
 
 import ast
 from pathlib import Path
@@ -39,6 +40,19 @@ def test_core_imports_no_stage():
 
 def test_serving_imports_no_stage():
     assert _stage_imports("serving") == []
+
+
+def test_stages_call_each_other_only_as_the_table_says():
+    from rlrf4rec.pipeline import CALLS
+
+    calls = {}
+    for path in sorted((PACKAGE / "stages").glob("*.py")):
+        module = f"rlrf4rec.stages.{path.stem}"
+        names = _imported_modules(path.read_text(), module)
+        used = {n.split(".")[2] for n in names if n.startswith("rlrf4rec.stages.")} - {path.stem}
+        if used:
+            calls[path.stem] = tuple(sorted(used))
+    assert calls == CALLS
 
 
 def test_the_check_finds_top_level_lazy_and_relative_stage_imports():

@@ -22,12 +22,13 @@ from rlrf4rec.core.recommender import (
     RerankTask,
     load_checkpoint,
     save_checkpoint,
+    train_model,
 )
+from rlrf4rec.core.scoring import item_knowledge_matrix
 from rlrf4rec.stages import generate as G
-from rlrf4rec.stages.controls import leaked_texts, per_user, perturb_user_knowledge, train_model
+from rlrf4rec.stages.controls import leaked_texts, per_user, perturb_user_knowledge
 from rlrf4rec.stages.data import run_data
 from rlrf4rec.stages.encode import run_encode, write_item_knowledge
-from rlrf4rec.stages.train import item_knowledge_matrix
 
 
 def test_listnet_loss_by_hand():
@@ -137,6 +138,7 @@ def test_positive_control_wins_and_a_shuffled_one_loses(synthetic_lists):
         dropout=0.0,
         use_history=False,
         interaction=True,
+        warmup_epochs=0,
     )
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
@@ -154,7 +156,9 @@ def test_positive_control_wins_and_a_shuffled_one_loses(synthetic_lists):
 
 
 def test_item_knowledge_travels_with_the_checkpoint(synthetic_lists, tmp_path):
-    spec = ModelSpec(max_epochs=2, patience=2, batch_size=64, history_len=4, dropout=0.0, interaction=True)
+    spec = ModelSpec(
+        max_epochs=2, patience=2, batch_size=64, history_len=4, dropout=0.0, interaction=True, warmup_epochs=0
+    )
     task = RerankTask(synthetic_lists, spec)
     knowledge = _leak_knowledge(task, synthetic_lists)
     model, state = train_model(task, knowledge, seed=0)

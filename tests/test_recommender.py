@@ -9,12 +9,14 @@ from synthetic import write_dataset, write_knowledge
 
 from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
-from rlrf4rec.core.recommender import ModelSpec, NextItemTask, RerankTask, fit
+from rlrf4rec.core.recommender import ModelSpec, NextItemTask, RerankTask, checkpoint_header, fit, save_checkpoint
+from rlrf4rec.core.scoring import knowledge_matrix
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.train import knowledge_matrix
 
 # history_len=1: the ID-only model sees a single history item, so the user's taste is (almost) only in the knowledge.
-SPEC = ModelSpec(max_epochs=12, patience=12, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
+SPEC = ModelSpec(
+    max_epochs=12, patience=12, batch_size=64, lr=1e-3, history_len=1, dropout=0.0, interaction=False, warmup_epochs=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,21 @@ def test_rerank_task_tensors_match_the_tables(synthetic):
     # attributes are the genre of each candidate: items 1-40 are genre A
     a, b = task.genre_vocab["A"], task.genre_vocab["B"]
     assert torch.equal(train.attributes[..., 0], torch.where(train.candidates <= 40, a, b))
+
+
+def test_a_checkpoint_written_before_the_settings_were_shared_reads_back_as_it_was_trained(tmp_path):
+    """Older checkpoints hold the adaptor's expert counts as one pair and no item prior or warm-up: they read back as
+    the model they were (two counts, neither prior nor warm-up), and a new one reads back equal to its spec."""
+    spec = dataclasses.replace(SPEC, adaptor_shared_experts=3, adaptor_specific_experts=1)
+    path = save_checkpoint(tmp_path, {}, spec, None)
+    assert checkpoint_header(tmp_path)["spec"] == spec
+    saved = torch.load(path, weights_only=False)
+    old = {k: v for k, v in saved["spec"].items() if k not in ("item_prior", "warmup_epochs")}
+    old["adaptor_experts"] = [old.pop("adaptor_shared_experts"), old.pop("adaptor_specific_experts")]
+    torch.save({**saved, "spec": old}, path)
+    read = checkpoint_header(tmp_path)["spec"]
+    assert (read.adaptor_shared_experts, read.adaptor_specific_experts) == (3, 1)
+    assert read == dataclasses.replace(spec, item_prior=False, warmup_epochs=0)
 
 
 def test_workers_take_equal_batches_covering_every_list_once(synthetic):
@@ -97,7 +114,9 @@ def test_next_item_task_learns_and_excludes_history(tmp_path):
         {"name": "n", "run_dir": str(tmp_path / "run"), "data": {"format": "parquet", "path": str(tmp_path / "raw")}},
     )
     data_dir = run_data(cfg)
-    spec = ModelSpec(backbone="sasrec", max_epochs=20, patience=20, batch_size=32, select_metric="ndcg@10")
+    spec = ModelSpec(
+        backbone="sasrec", max_epochs=20, patience=20, batch_size=32, select_metric="ndcg@10", warmup_epochs=0
+    )
     task = NextItemTask(read_tables(data_dir), spec)
     real = task.train_targets[:, :-1] != 0
     assert (task.train_targets[:, :-1] == task.train_inputs[:, 1:])[real].all()  # targets: the inputs shifted by one

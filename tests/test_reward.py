@@ -8,11 +8,12 @@ from synthetic import write_dataset, write_knowledge
 from rlrf4rec.core.artifacts import read_tables
 from rlrf4rec.core.config import RunConfig, from_dict
 from rlrf4rec.core.recommender import ModelSpec, RerankTask, fit, save_checkpoint
-from rlrf4rec.core.scoring import RewardEnsemble, RewardModel, rewards_table
+from rlrf4rec.core.scoring import RewardEnsemble, RewardModel, knowledge_matrix, rewards_table
 from rlrf4rec.stages.data import run_data
-from rlrf4rec.stages.train import knowledge_matrix
 
-SPEC = ModelSpec(max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0)
+SPEC = ModelSpec(
+    max_epochs=10, patience=10, batch_size=64, lr=1e-3, history_len=1, dropout=0.0, interaction=False, warmup_epochs=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_an_ensemble_is_built_only_around_a_full_knowledge_recommender_of_the_ru
 
 
 def test_a_fold_must_leave_two_train_users_to_train_on():
-    from rlrf4rec.stages.reward import check_fold
+    from rlrf4rec.core.scoring import check_fold
 
     check_fold(2, 0, 8, 10, "fix")  # 2 left: a model can train
     with pytest.raises(ValueError, match=r"cross_fit_folds=1: fold 0 holds out 9 of 10 train users, .*; use 2 folds"):

@@ -194,8 +194,9 @@ BACKBONES = ("prm", "setrank", "dlcm", "sasrec")  # the re-rankers that can be t
 
 
 @dataclass(frozen=True)
-class RecommenderConfig:
-    """The knowledge-augmented re-ranker (the reward model) and its ID-only twin, trained under Ray Train."""
+class ModelSettings:
+    """A recommender's model and training settings, defined once: the config section (`RecommenderConfig`) adds where
+    it trains, the checkpoint's record (`recommender.ModelSpec`) adds the next-item task's sequence length."""
 
     backbone: str = "prm"  # prm | setrank | dlcm (list-wise re-rankers) | sasrec (the history as a sequence)
     hidden_dim: int = 64
@@ -221,6 +222,13 @@ class RecommenderConfig:
     # is not chosen on its first, barely trained epochs (a seed once stopped on its epoch-0 score).
     warmup_epochs: int = 2
     select_metric: str = "ndcg@5"
+
+
+@dataclass(frozen=True)
+class RecommenderConfig(ModelSettings):
+    """The knowledge-augmented re-ranker (the reward model) and its ID-only twin, trained under Ray Train: the model
+    settings (`ModelSettings`) and where they train."""
+
     num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
     use_gpu: bool = False
     deepspeed: str | None = None  # null (DDP) | zero2: optimizer state and gradients partitioned over the workers

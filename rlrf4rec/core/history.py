@@ -4,6 +4,11 @@ about a user's window (the rendering itself is core/prompts.py and core/profile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_tables, require_marker
 from rlrf4rec.core.config import RunConfig
 
@@ -36,3 +41,9 @@ def teacher_texts(cfg: RunConfig, max_items: int | None) -> dict[str, str]:
     held = {u for u, s in zip(seqs.column(S.USER_ID).to_pylist(), seqs.column(S.SPLIT).to_pylist()) if s != "train"}
     cowatch = CoWatch.build(train_sequences(tables["interactions"], held, cfg.data.min_user_interactions))
     return teacher_profiles(seqs, tables["items"], cfg.generate.domain, max_items, cowatch)
+
+
+def select_users(sequences: pa.Table, splits: Sequence[str], max_users: int | None) -> pa.Table:
+    """The sequences of users in `splits`, sorted by user id, the first `max_users` of them (all when None)."""
+    rows = sorted((r for r in sequences.to_pylist() if r[S.SPLIT] in splits), key=lambda r: r[S.USER_ID])
+    return pa.Table.from_pylist(rows[:max_users], schema=sequences.schema)

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from rlrf4rec.core import schema as S
+from rlrf4rec.core.config import ModelSettings, RecommenderConfig
 from rlrf4rec.core.layout import RECOMMENDER_MODEL
 from rlrf4rec.core.metrics import RERANK_KS, full_sort_metrics, mean_metrics, rank_metrics
 from rlrf4rec.core.models import DLCM, LOSSES, PRM, KnowledgeAdaptor, SASRec, SASRecRanker, SetRank
@@ -42,31 +43,11 @@ KnowledgeInput = torch.Tensor | dict[str, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Sizes and training settings; built from RecommenderConfig by the stage, plain values here."""
+class ModelSpec(ModelSettings):
+    """The model and training settings a checkpoint records: the config's (`ModelSettings`, built from the run's
+    RecommenderConfig by the stage) and the next-item task's sequence length. Plain values: checked by the config."""
 
-    backbone: str = "prm"  # "prm" | "setrank" | "dlcm" | "sasrec" (re-ranking); "sasrec" for NextItemTask
-    hidden_dim: int = 64
-    item_dim: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1
-    adaptor_hidden: int = 128
-    adaptor_out: int = 32
-    adaptor_experts: tuple[int, int] = (2, 2)  # shared, specific
-    history_len: int = 30
-    use_history: bool = True  # the re-ranker sees the ids of the user's history window (KAR's re-rankers do not)
-    interaction: bool = False  # user x candidate matching (models.PRM); needs user knowledge
-    loss: str = "bce"  # "bce" (pointwise, KAR) | "listnet" (softmax over each list)
-    item_prior: bool = True  # re-rankers: each candidate's train-user count as a feature and logit term (ItemPrior)
-    max_seq_len: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    max_epochs: int = 30
-    patience: int = 5
-    warmup_epochs: int = 0  # the lr ramps up linearly over these epochs, which are never selected nor count to patience
-    select_metric: str = "ndcg@5"
+    max_seq_len: int = 50  # NextItemTask: the history positions SASRec reads (the re-rankers read history_len)
 
 
 def item_lookup(item_index: pa.Table) -> dict[str, int]:
@@ -78,7 +59,7 @@ def _adaptor(spec: ModelSpec, dims: dict[str, int | None]) -> KnowledgeAdaptor |
     dims = {t: d for t, d in dims.items() if d is not None}
     if not dims:
         return None
-    shared, specific = spec.adaptor_experts
+    shared, specific = spec.adaptor_shared_experts, spec.adaptor_specific_experts
     return KnowledgeAdaptor(dims, shared, specific, spec.adaptor_hidden, spec.adaptor_out, spec.dropout)
 
 
@@ -451,7 +432,9 @@ def checkpoint_header(recommender_dir: Path) -> dict:
     saved = torch.load(path, weights_only=False, map_location="cpu")
     # Written before the item prior existed: those models have none (and trained without a warm-up).
     old_defaults = {"item_prior": False, "warmup_epochs": 0}
-    spec = {**old_defaults, **saved["spec"], "adaptor_experts": tuple(saved["spec"]["adaptor_experts"])}
+    spec = {**old_defaults, **saved["spec"]}
+    if "adaptor_experts" in spec:  # written when the two expert counts were one pair
+        spec["adaptor_shared_experts"], spec["adaptor_specific_experts"] = spec.pop("adaptor_experts")
     saved["spec"] = ModelSpec(**spec)
     if saved.get("knowledge_dims") is None:  # written before item knowledge existed: user knowledge only
         saved["knowledge_dims"] = {"user": saved["knowledge_dim"]} if saved["knowledge_dim"] is not None else {}
@@ -627,6 +610,7 @@ def train_sasrec_loo(
         select_metric="ndcg@10",
         dropout=0.2,
         batch_size=128,
+        warmup_epochs=0,
         **spec_overrides,
     )
     torch.manual_seed(seed)
@@ -647,3 +631,20 @@ def train_sasrec_loo(
         "test/hr@10": test["test/hr@10"],
         "settings": {k: v for k, v in spec.__dict__.items()},
     }
+
+
+def model_spec(rc: RecommenderConfig) -> ModelSpec:
+    """The config's model and training settings as the checkpoint records them (where it trains stays in the
+    config; the next-item sequence length keeps ModelSpec's)."""
+    return ModelSpec(**{f.name: getattr(rc, f.name) for f in dataclasses.fields(ModelSettings)})
+
+
+def train_model(task: RerankTask, knowledge: KnowledgeInput, seed: int):
+    """One in-process fit with early stopping on valid; returns the model holding its best weights and its state."""
+    torch.manual_seed(seed)
+    model = task.build_model(knowledge_dims(knowledge))
+    if knowledge is not None:
+        standardize_adaptor(model, knowledge, task)
+    state = fit(task, model, knowledge, seed=seed)
+    model.load_state_dict(state.best_model)
+    return model, state

@@ -19,10 +19,10 @@ import pyarrow as pa
 import torch
 
 from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import read_table, read_tables
+from rlrf4rec.core.artifacts import read_parquet, read_table, read_tables
 from rlrf4rec.core.config import RunConfig
 from rlrf4rec.core.history import user_history_texts
-from rlrf4rec.core.knowledge import embedding_cache, encode_user_texts, make_encoder
+from rlrf4rec.core.knowledge import embedding_cache, encode_user_texts, make_encoder, user_vectors, vectors_of
 from rlrf4rec.core.metrics import (
     SYNTHETIC_CONTRAST,
     SYNTHETIC_METRICS,
@@ -283,3 +283,44 @@ def list_genres(tables: dict[str, pa.Table]) -> dict[str, tuple[set[str], set[st
         for item, label in zip(r[S.CANDIDATE_ITEMS], r[S.LABELS]):
             (liked if label > 0 else other).update(g.lower() for g in genres[item] if g.lower() != "unknown")
     return out
+
+
+def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None:
+    """User knowledge Parquet (schema.USER_KNOWLEDGE) -> [U, D] or [U, S, D] rows in `users` order; every user
+    must have one."""
+    if path is None:
+        return None
+    table = read_parquet(path, S.USER_KNOWLEDGE)
+    row = {u: i for i, u in enumerate(table.column(S.USER_ID).to_pylist())}
+    missing = [u for u in users if u not in row]
+    if missing:
+        raise ValueError(f"{path} has no knowledge for {len(missing)} users (e.g. {missing[:3]}); re-run its stage")
+    vectors = user_vectors(table)
+    return torch.from_numpy(vectors[[row[u] for u in users]])
+
+
+def item_knowledge_matrix(path: Path | None, task: RerankTask) -> torch.Tensor | None:
+    """Item knowledge Parquet (schema.ITEM_KNOWLEDGE) -> [num_items + 1, D] by item idx, row 0 (padding) zero;
+    every item of the task must have one."""
+    if path is None:
+        return None
+    table = read_parquet(path, S.ITEM_KNOWLEDGE)
+    to_idx = task.item_index
+    ids = table.column(S.ITEM_ID).to_pylist()
+    missing = set(to_idx) - set(ids)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} items (e.g. {sorted(missing)[:3]}); re-run `rlrf4rec encode`")
+    vectors = vectors_of(table)
+    out = torch.zeros(task.num_items + 1, vectors.shape[1])
+    keep = [i for i, item in enumerate(ids) if item in to_idx]
+    out[[to_idx[ids[i]] for i in keep]] = torch.from_numpy(vectors[keep])
+    return out
+
+
+def check_fold(folds: int, f: int, held_out: int, train_users: int, fix: str) -> None:
+    """A cross-fitted model trains on the train users its fold does not hold out: at least 2 must be left."""
+    if train_users - held_out < 2:
+        raise ValueError(
+            f"reward.cross_fit_folds={folds}: fold {f} holds out {held_out} of {train_users} train users, leaving "
+            f"too few to train on; {fix}"
+        )

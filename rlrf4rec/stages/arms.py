@@ -37,9 +37,9 @@ from rlrf4rec.core.artifacts import read_marker, read_parquet, require_marker, w
 from rlrf4rec.core.config import ConfigError, RunConfig
 from rlrf4rec.core.layout import ARM_PAIRS, GENERATIONS, POLICY_MODEL, TABLE_JSON, TABLE_MD, pairs_file
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
+from rlrf4rec.core.policy_fit import FIT_WALL
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.core.stage import Option, Stage, on_ray
-from rlrf4rec.stages.dpo import FIT_WALL
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def _sft_best(
 ) -> Path:
     """SFT of the start policy on the best of N texts of the users of the arm's pairs (valid users' best held out)."""
     from rlrf4rec.core.artifacts import Fingerprint, digest, read_tables
-    from rlrf4rec.stages.dpo import policy_fingerprint
+    from rlrf4rec.core.policy_fit import policy_fingerprint
     from rlrf4rec.stages.pairs import rewarded_candidates
     from rlrf4rec.stages.sft import fit_sft, sft_examples
 

@@ -39,9 +39,7 @@ from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import (
     KnowledgeInput,
     RerankTask,
-    fit,
-    knowledge_dims,
-    standardize_adaptor,
+    train_model,
 )
 from rlrf4rec.core.stage import Option, Stage
 from rlrf4rec.stages.encode import generate_policy_texts, policy_knowledge_texts, policy_texts_dir
@@ -156,17 +154,6 @@ def perturb_user_knowledge(knowledge: dict[str, torch.Tensor], task: RerankTask,
     return {**knowledge, "user": user}
 
 
-def train_model(task: RerankTask, knowledge: KnowledgeInput, seed: int):
-    """One in-process fit with early stopping on valid; returns the model holding its best weights and its state."""
-    torch.manual_seed(seed)
-    model = task.build_model(knowledge_dims(knowledge))
-    if knowledge is not None:
-        standardize_adaptor(model, knowledge, task)
-    state = fit(task, model, knowledge, seed=seed)
-    model.load_state_dict(state.best_model)
-    return model, state
-
-
 @dataclass
 class KnowledgeSources:
     """Encoded knowledge for the controls: user text kind -> [U, D] or [U, S, D] (task user order), item kind ->
@@ -227,8 +214,8 @@ def teacher_knowledge_texts(cfg: RunConfig, max_items: int | None) -> dict[str, 
 def metadata_item_knowledge(cfg: RunConfig, task: RerankTask) -> torch.Tensor:
     """[num_items + 1, D] metadata item knowledge, written as the encode stage writes it (to its own directory when
     the run's knowledge.item is another kind, whose artifact the pipeline's re-rankers read)."""
+    from rlrf4rec.core.scoring import item_knowledge_matrix
     from rlrf4rec.stages.encode import write_item_knowledge
-    from rlrf4rec.stages.train import item_knowledge_matrix
 
     meta_cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, item="metadata"))
     stage = "items" if cfg.knowledge.item == "metadata" else "items-metadata"
@@ -275,7 +262,7 @@ def run_controls(cfg: RunConfig, *, seeds: int = 3, only: list[str] | None = Non
     needed = {v.trained_as for v in variants} - {v.name for v in variants} - {None}
     variants = [v for v in VARIANTS if v in variants or v.name in needed]  # a perturbed row needs its models
     tables = read_tables(data_dir)
-    from rlrf4rec.stages.train import model_spec
+    from rlrf4rec.core.recommender import model_spec
 
     base_spec = model_spec(cfg.recommender)
     task = RerankTask(tables, base_spec)

@@ -26,7 +26,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from rlrf4rec.core.artifacts import (
 from rlrf4rec.core.cluster import map_batches_on_ray
 from rlrf4rec.core.config import GenerateConfig, RunConfig, dump_config
 from rlrf4rec.core.engines import ENGINE_CLASSES, Completion, Engine, chat_renderer, resolve_dtype
+from rlrf4rec.core.history import select_users
 from rlrf4rec.core.layout import (
     ERROR_SHARD,
     GENERATION_ERRORS,
@@ -78,12 +79,6 @@ REQUEST_COLUMNS = REQUESTS.names
 def request_seed(run_seed: int, user_id: str, sample_idx: int) -> int:
     # 31 bits: every engine's seed type (torch, vLLM, numpy) takes it, and any row can be regenerated from it.
     return stable_seed(run_seed, "generate", user_id, sample_idx) & 0x7FFFFFFF
-
-
-def select_users(sequences: pa.Table, splits: Sequence[str], max_users: int | None) -> pa.Table:
-    """The sequences of users in `splits`, sorted by user id, the first `max_users` of them (all when None)."""
-    rows = sorted((r for r in sequences.to_pylist() if r[S.SPLIT] in splits), key=lambda r: r[S.USER_ID])
-    return pa.Table.from_pylist(rows[:max_users], schema=sequences.schema)
 
 
 def build_requests(

@@ -7,8 +7,8 @@ included, so a user's completion is scored by the fold model that never trained 
 policy towards the completions above their group's mean reward (TRL's GRPOTrainer: advantages within the group,
 clipped ratio, KL to the reference with grpo.beta). A group whose rewards are all tied has no advantage and no
 gradient: TRL logs its share (`frac_reward_zero_std`) every step. TRL generates with transformers inside the
-trainer here (CPU; its vLLM integration needs CUDA vLLM), inside Ray Train TorchTrainer workers with the DPO stage's
-launcher (DDP or DeepSpeed ZeRO, LoRA, checkpoints, resume after a worker failure).
+trainer here (CPU; its vLLM integration needs CUDA vLLM), inside Ray Train TorchTrainer workers as every policy fit
+runs (core/policy_fit.py: DDP or DeepSpeed ZeRO, LoRA, checkpoints, resume after a worker failure).
 
 Consumes the data stage (the prompts: the generate stage's chat prompt per train user), the policy and the reward
 model's recommender stages (or none with a synthetic reward). Produces `<run>/grpo/<name>/`:
@@ -37,8 +37,8 @@ from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_tables, r
 from rlrf4rec.core.config import GenerateConfig, GRPOConfig, RunConfig, deepspeed_config, dump_config, from_dict
 from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, SFT_HF
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
+from rlrf4rec.core.policy_fit import file_dataset, lora_config, mean_step_time, training_args
 from rlrf4rec.core.prompts import mentions_topic, prompt_messages
-from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -174,7 +174,7 @@ def run_grpo(
 ) -> Path:
     """GRPO of `policy_dir` on `users`' prompts, rewarded by `scorer` (recommender stage dirs; a cross-fitting fold's
     users by theirs), published to `<run>/grpo/<name>/`; skipped when complete for the same inputs."""
-    from rlrf4rec.stages.dpo import (
+    from rlrf4rec.core.policy_fit import (
         chat_tokenizer,
         drop_long_prompts,
         export_model,

@@ -19,8 +19,9 @@ from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, ITEM_KNOWLEDGE, RELIABILITY
 from rlrf4rec.core.metrics import bootstrap_ci
 from rlrf4rec.core.prompts import user_knowledge_text
-from rlrf4rec.core.recommender import RerankTask
-from rlrf4rec.stages.controls import base_llm_knowledge_texts, train_model
+from rlrf4rec.core.recommender import RerankTask, model_spec, train_model
+from rlrf4rec.core.scoring import check_fold, item_knowledge_matrix
+from rlrf4rec.stages.controls import base_llm_knowledge_texts
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ def base_knowledge(cfg: RunConfig, task: RerankTask, encoder, cache: Path | None
     from rlrf4rec.core.history import user_history_texts
     from rlrf4rec.core.knowledge import encode_user_texts
     from rlrf4rec.stages.encode import write_item_knowledge
-    from rlrf4rec.stages.train import item_knowledge_matrix
 
     trained_on = base_llm_knowledge_texts(cfg) if cfg.knowledge.user == "llm" else user_history_texts(cfg)
     user_texts = [trained_on[u] for u in task.users]
@@ -80,8 +80,6 @@ def reward_reliability(cfg: RunConfig, generations_dir: Path, seeds: int = 2, fo
     from rlrf4rec.core.protocol import stable_seed
     from rlrf4rec.core.scoring import RewardModel
     from rlrf4rec.stages.data import require_data
-    from rlrf4rec.stages.reward import check_fold
-    from rlrf4rec.stages.train import model_spec
 
     require_data(cfg, "controls --reliability")
     data_dir = cfg.layout.data

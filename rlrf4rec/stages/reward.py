@@ -27,13 +27,14 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import Fingerprint, publish, read_parquet, read_table, require_marker, write_parquet
 from rlrf4rec.core.cluster import map_rows_on_ray
 from rlrf4rec.core.config import RunConfig, dump_config
+from rlrf4rec.core.history import select_users
 from rlrf4rec.core.knowledge import make_encoder
 from rlrf4rec.core.layout import GENERATIONS, REWARDS
 from rlrf4rec.core.metrics import (
     SYNTHETIC_METRICS,
     bootstrap_ci,
 )
-from rlrf4rec.core.scoring import RewardEnsemble, TextRewarder, rewards_table
+from rlrf4rec.core.scoring import RewardEnsemble, TextRewarder, check_fold, rewards_table
 from rlrf4rec.core.stage import Option, Stage
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,6 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
     knowledge, `<run>/knowledge/<name>/`) trained without that fold's lists, with its reward.ensemble seeds.
     [] when cross_fit_folds = 0."""
     from rlrf4rec.core.protocol import stable_seed
-    from rlrf4rec.stages.generate import select_users
     from rlrf4rec.stages.train import run_recommender
 
     k = cfg.reward.cross_fit_folds
@@ -271,19 +271,9 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
 def rewarded_train_users(cfg: RunConfig) -> list[str]:
     """The train users a round rewards and updates the policy on: the first loop.train_users by id, as the round's
     train generation picks them."""
-    from rlrf4rec.stages.generate import select_users
 
     sequences = read_table(cfg.layout.data, "sequences")
     return select_users(sequences, ("train",), cfg.loop.train_users).column(S.USER_ID).to_pylist()
-
-
-def check_fold(folds: int, f: int, held_out: int, train_users: int, fix: str) -> None:
-    """A cross-fitted model trains on the train users its fold does not hold out: at least 2 must be left."""
-    if train_users - held_out < 2:
-        raise ValueError(
-            f"reward.cross_fit_folds={folds}: fold {f} holds out {held_out} of {train_users} train users, leaving "
-            f"too few to train on; {fix}"
-        )
 
 
 def rewards_by_user(rewards: pa.Table) -> dict[str, list[float]]:

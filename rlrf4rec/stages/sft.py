@@ -4,8 +4,8 @@ Consumes the data stage's tables and the policy (models.llm). Each train user (u
 example: the factorization prompt the generate stage sends (generate.prompt_history entries of the history window)
 and, as the assistant's answer, the teacher profile of the same window (core/profile.py): nothing the prompt does not
 show. The valid users' examples are held out for the loss before, during and after training. TRL's SFTTrainer trains
-on the completion only, inside Ray Train TorchTrainer workers (DPO's launcher: gloo on CPU, NCCL on GPU, DDP or
-DeepSpeed ZeRO, LoRA as DPO), checkpointing into Ray Train storage; a failed worker group resumes from the last
+on the completion only, inside Ray Train TorchTrainer workers (core/policy_fit.py, as DPO: gloo on CPU, NCCL on GPU,
+DDP or DeepSpeed ZeRO, LoRA), checkpointing into Ray Train storage; a failed worker group resumes from the last
 checkpoint (`sft.max_failures`). Produces `<run>/sft/`:
 - `examples.parquet`: the examples (schema.SFT_EXAMPLES), train and held out,
 - `model/`: a plain Hugging Face directory (LoRA merged) that transformers and vLLM load: `loop.init: sft` starts
@@ -40,10 +40,10 @@ from rlrf4rec.core.layout import (
     SFT_TRAIN_EXAMPLES,
     SFT_WORK,
 )
+from rlrf4rec.core.policy_fit import file_dataset, lora_config, mean_step_time, training_args
 from rlrf4rec.core.prompts import prompt_messages
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.core.stage import FORCE, Stage, on_ray
-from rlrf4rec.stages.dpo import file_dataset, lora_config, mean_step_time, training_args
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -144,8 +144,8 @@ def run_sft(cfg: RunConfig, *, force: bool = False, on_ray: bool = True) -> Path
     """Warm-start models.llm on teacher profiles and write `<run>/sft/` (model/ inside); skip when complete."""
     from rlrf4rec.core.artifacts import read_tables
     from rlrf4rec.core.history import teacher_texts
+    from rlrf4rec.core.policy_fit import policy_fingerprint
     from rlrf4rec.stages.data import require_data
-    from rlrf4rec.stages.dpo import policy_fingerprint
 
     data_marker = require_data(cfg, "sft")
     policy_dir = Path(assets.resolve(cfg.models.llm, assets.asset_home(cfg.assets.home))).resolve()
@@ -181,7 +181,7 @@ def fit_sft(
     """SFT of `policy_dir` on `make_examples()` (schema.SFT_EXAMPLES: train rows trained on, valid rows held out)
     with the `sft` section's trainer settings, published to `stage_dir` (model/ inside); `target` names the answers
     in the stats. Skipped when complete for `fingerprint`, which must identify the examples."""
-    from rlrf4rec.stages.dpo import (
+    from rlrf4rec.core.policy_fit import (
         chat_tokenizer,
         drop_long_prompts,
         export_model,

@@ -108,9 +108,8 @@ def signal_audit(cfg: RunConfig, texts_dir: Path, *, samples: int, seeds: int, p
     from rlrf4rec.core.history import prompt_history_texts, user_history_texts
     from rlrf4rec.core.knowledge import embedding_cache, encode_user_texts, make_encoder
     from rlrf4rec.core.lineage import start_policy
-    from rlrf4rec.stages.controls import train_model
+    from rlrf4rec.core.recommender import model_spec, train_model
     from rlrf4rec.stages.reliability import base_knowledge
-    from rlrf4rec.stages.train import model_spec
 
     tables = read_tables(cfg.layout.data)
     task = RerankTask(tables, model_spec(cfg.recommender))

@@ -23,10 +23,8 @@ from typing import Any
 import torch
 
 from rlrf4rec.core import assets, launcher
-from rlrf4rec.core import schema as S
-from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_parquet, read_tables, require_marker, write_json
-from rlrf4rec.core.config import RecommenderConfig, RunConfig, deepspeed_config, dump_config
-from rlrf4rec.core.knowledge import user_vectors, vectors_of
+from rlrf4rec.core.artifacts import Fingerprint, digest, publish, read_tables, require_marker, write_json
+from rlrf4rec.core.config import RunConfig, deepspeed_config, dump_config
 from rlrf4rec.core.launcher import Fit
 from rlrf4rec.core.layout import HISTORY, TRAIN_STATE, worker_rng
 from rlrf4rec.core.recommender import (
@@ -36,55 +34,18 @@ from rlrf4rec.core.recommender import (
     fit,
     knowledge_dims,
     make_optimizer,
+    model_spec,
     rng_states,
     save_checkpoint,
     standardize_adaptor,
     stops_after,
 )
+from rlrf4rec.core.scoring import item_knowledge_matrix, knowledge_matrix
 from rlrf4rec.core.stage import FORCE, Stage, on_ray
 
 log = logging.getLogger(__name__)
 
 ID_ONLY = "id"
-
-
-def model_spec(rc: RecommenderConfig) -> ModelSpec:
-    """The config's model and training settings as the checkpoint records them: every ModelSpec field the config
-    names, by name, and the adaptor's expert counts as one pair (the cluster settings stay in the config)."""
-    named = {f.name: getattr(rc, f.name) for f in dataclasses.fields(ModelSpec) if hasattr(rc, f.name)}
-    return ModelSpec(**named, adaptor_experts=(rc.adaptor_shared_experts, rc.adaptor_specific_experts))
-
-
-def knowledge_matrix(path: Path | None, users: list[str]) -> torch.Tensor | None:
-    """User knowledge Parquet (schema.USER_KNOWLEDGE) -> [U, D] or [U, S, D] rows in `users` order; every user
-    must have one."""
-    if path is None:
-        return None
-    table = read_parquet(path, S.USER_KNOWLEDGE)
-    row = {u: i for i, u in enumerate(table.column(S.USER_ID).to_pylist())}
-    missing = [u for u in users if u not in row]
-    if missing:
-        raise ValueError(f"{path} has no knowledge for {len(missing)} users (e.g. {missing[:3]}); re-run its stage")
-    vectors = user_vectors(table)
-    return torch.from_numpy(vectors[[row[u] for u in users]])
-
-
-def item_knowledge_matrix(path: Path | None, task: RerankTask) -> torch.Tensor | None:
-    """Item knowledge Parquet (schema.ITEM_KNOWLEDGE) -> [num_items + 1, D] by item idx, row 0 (padding) zero;
-    every item of the task must have one."""
-    if path is None:
-        return None
-    table = read_parquet(path, S.ITEM_KNOWLEDGE)
-    to_idx = task.item_index
-    ids = table.column(S.ITEM_ID).to_pylist()
-    missing = set(to_idx) - set(ids)
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} items (e.g. {sorted(missing)[:3]}); re-run `rlrf4rec encode`")
-    vectors = vectors_of(table)
-    out = torch.zeros(task.num_items + 1, vectors.shape[1])
-    keep = [i for i, item in enumerate(ids) if item in to_idx]
-    out[[to_idx[ids[i]] for i in keep]] = torch.from_numpy(vectors[keep])
-    return out
 
 
 def build(
