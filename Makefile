@@ -26,8 +26,10 @@ science: setup
 	$(VENV)/bin/rlrf4rec data --config $(SCIENCE)
 	$(VENV)/bin/rlrf4rec arms --config $(SCIENCE) --pairs all --flips 0.5 --sft-best all --name science
 
+# Two pytest workers (pytest-xdist), each taking whole test files (a module's Ray head or cluster stays in one
+# worker): most tests wait on Ray's start-up and controllers, or train on one thread, so two share a 2-core box well.
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check rlrf4rec ray_jobs tests benchmarks

@@ -70,3 +70,31 @@ def serving_run(asset_home, tmp_path_factory):
         llm=str(assets.asset_dir("smollm2-135m-instruct", asset_home)),
         encoder=str(assets.asset_dir("all-minilm-l6-v2", asset_home)),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(asset_home, tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers of width 64) with SmolLM2's tokenizer and chat template: the policy trainers'
+    machinery (Ray Train, DeepSpeed, checkpoints, resumes) at a fraction of the real model's cost."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rlrf4rec.core import assets
+
+    source = assets.asset_dir("smollm2-135m-instruct", asset_home)
+    config = AutoConfig.from_pretrained(source)
+    config.update(
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        }
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-policy")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out

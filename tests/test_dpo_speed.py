@@ -25,10 +25,20 @@ from rlrf4rec.core.dpo_trainer import pack_shared_prompt, segment_attention
 
 def test_pack_shared_prompt_runs_the_prompt_once_and_each_completion_from_its_last_token():
     examples = [
-        {"prompt_ids": [11, 12, 13], "chosen_ids": [21, 22], "rejected_ids": [31], "ref_chosen_logps": -1.5,
-         "ref_rejected_logps": -2.5},
-        {"prompt_ids": [14, 15], "chosen_ids": [23, 24, 25], "rejected_ids": [32, 33, 34, 35], "ref_chosen_logps": -3.0,
-         "ref_rejected_logps": -4.0},
+        {
+            "prompt_ids": [11, 12, 13],
+            "chosen_ids": [21, 22],
+            "rejected_ids": [31],
+            "ref_chosen_logps": -1.5,
+            "ref_rejected_logps": -2.5,
+        },
+        {
+            "prompt_ids": [14, 15],
+            "chosen_ids": [23, 24, 25],
+            "rejected_ids": [32, 33, 34, 35],
+            "ref_chosen_logps": -3.0,
+            "ref_rejected_logps": -4.0,
+        },
     ]
     batch = pack_shared_prompt(examples, pad_token_id=0, max_length=5)  # the second pair keeps 3 completion tokens
     assert batch["input_ids"].tolist() == [
@@ -49,8 +59,14 @@ def test_pack_shared_prompt_runs_the_prompt_once_and_each_completion_from_its_la
         [-100, 23, 24, 25, -100, 32, 33, 34, -100],
     ]
     assert batch["ref_chosen_logps"].tolist() == [-1.5, -3.0] and batch["ref_rejected_logps"].tolist() == [-2.5, -4.0]
-    assert set(pack_shared_prompt(examples[:1], 0, None)) == {"input_ids", "position_ids", "segment_ids",
-                                                              "shift_labels", "ref_chosen_logps", "ref_rejected_logps"}
+    assert set(pack_shared_prompt(examples[:1], 0, None)) == {
+        "input_ids",
+        "position_ids",
+        "segment_ids",
+        "shift_labels",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+    }
 
 
 def test_segment_attention_hides_chosen_and_rejected_from_each_other():
@@ -72,34 +88,27 @@ def test_segment_attention_hides_chosen_and_rejected_from_each_other():
 # --------------------------------------------------------------------------------------------------- same loss
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(asset_home, tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from rlrf4rec.core import assets
-
-    source = assets.asset_dir("smollm2-135m-instruct", asset_home)
-    config = AutoConfig.from_pretrained(source)
-    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16})
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    return out
-
-
 def _loss(policy: Path, pairs: Path, out: Path, max_length: int, **dpo):
     """Loss, gradients and logged reward margin of one batch of all pairs, the policy moved the same way each time."""
     import torch
 
     from rlrf4rec.stages.dpo import build_trainer
 
-    dc = from_dict(DPOConfig, {
-        "beta": 0.5, "per_device_batch_size": 8, "grad_accum": 1, "max_length": max_length,
-        "max_prompt_length": max_length - 1, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **dpo,
-    }, "dpo.")
+    dc = from_dict(
+        DPOConfig,
+        {
+            "beta": 0.5,
+            "per_device_batch_size": 8,
+            "grad_accum": 1,
+            "max_length": max_length,
+            "max_prompt_length": max_length - 1,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            **dpo,
+        },
+        "dpo.",
+    )
     trainer = build_trainer(dc, policy, pairs, None, out, seed=0)
     torch.manual_seed(1)
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -125,16 +134,21 @@ def test_precomputed_reference_and_shared_prompt_keep_trls_loss(tiny_policy, tmp
     table = make_pairs(4)
     write_parquet(table, pairs, S.PAIRS)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    prompts = [len(tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False))
-               for m in table.column(S.PROMPT).to_pylist()]
+    prompts = [
+        len(tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False))
+        for m in table.column(S.PROMPT).to_pylist()
+    ]
     max_length = max(prompts) + 12  # cuts the chosen text (~17 tokens), and the rejected (~9) after longer prompts
 
-    stock = _loss(tiny_policy, pairs, tmp_path / "stock", max_length, lora=lora, precompute_ref_logps=False,
-                  share_prompt=False)
+    stock = _loss(
+        tiny_policy, pairs, tmp_path / "stock", max_length, lora=lora, precompute_ref_logps=False, share_prompt=False
+    )
     assert abs(stock[0] - math.log(2)) > 1e-3  # policy and reference differ: the reference matters
-    for switches in ({"precompute_ref_logps": True, "share_prompt": False},
-                     {"precompute_ref_logps": False, "share_prompt": True},
-                     {"precompute_ref_logps": True, "share_prompt": True}):
+    for switches in (
+        {"precompute_ref_logps": True, "share_prompt": False},
+        {"precompute_ref_logps": False, "share_prompt": True},
+        {"precompute_ref_logps": True, "share_prompt": True},
+    ):
         name = "-".join(k for k, v in switches.items() if v)
         loss, grads, margin = _loss(tiny_policy, pairs, tmp_path / name, max_length, lora=lora, **switches)
         assert loss == pytest.approx(stock[0], rel=1e-5), switches

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import generations_table, stage_with, write_dataset
-from test_dpo_speed import tiny_policy  # noqa: F401 (fixture)
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, read_parquet, read_table
@@ -39,7 +38,7 @@ def _cfg(tmp_path: Path, asset_home: Path, metric: str = "synthetic-genres", **g
     )  # fmt: skip
 
 
-def test_prompts_are_the_generate_stages_prompts(tmp_path, asset_home, tiny_policy):  # noqa: F811
+def test_prompts_are_the_generate_stages_prompts(tmp_path, asset_home, tiny_policy):
     from transformers import AutoTokenizer
 
     from rlrf4rec.core.config import GenerateConfig
@@ -119,7 +118,7 @@ def test_bad_grpo_values_name_field_value_and_fix(tmp_path):
         cfg.check_combinations("loop")
 
 
-def test_in_process_grpo_counts_tied_groups_logs_kl_and_exports_a_loadable_model(tmp_path, asset_home, tiny_policy):  # noqa: F811
+def test_in_process_grpo_counts_tied_groups_logs_kl_and_exports_a_loadable_model(tmp_path, asset_home, tiny_policy):
     """A random tiny policy names no genre: every completion of a group earns the same synthetic reward, so every
     group is tied, has no advantage, and the policy loss is 0 with only the KL term left."""
     from transformers import AutoModelForCausalLM
@@ -147,7 +146,7 @@ def test_in_process_grpo_counts_tied_groups_logs_kl_and_exports_a_loadable_model
 
 
 @pytest.mark.slow
-def test_grpo_on_two_ray_workers_resumes_after_a_killed_worker(tmp_path, asset_home, tiny_policy):  # noqa: F811
+def test_grpo_on_two_ray_workers_resumes_after_a_killed_worker(tmp_path, asset_home, tiny_policy):
     import ray
 
     from rlrf4rec.stages.data import run_data

@@ -125,14 +125,14 @@ def test_a_submitted_stage_refuses_a_relative_run_dir_and_lands_an_absolute_one(
 
 def _tiny_config(raw: Path, run_dir: Path) -> Path:
     """The CPU config shrunk to seconds a stage: two rounds, 2 texts of 8 tokens per user, one DPO step, 2-epoch
-    re-rankers. Written beside `run_dir` as `<run_dir>.yaml`."""
+    re-rankers reporting once. Written beside `run_dir` as `<run_dir>.yaml`."""
     config = yaml.safe_load((ROOT / "configs" / "ml100k-cpu.yaml").read_text())
     config.update(name="tiny", run_dir=str(run_dir))
     config["data"].update(format="parquet", path=str(raw))
     config["generate"].update(engine="transformers", num_samples=2, max_new_tokens=8, batch_size=16)
     config["dpo"].update(max_steps=1, num_workers=1, grad_accum=1, save_steps=1, max_length=768, max_prompt_length=640)
     config["encode"].update(max_length=64)
-    config["recommender"].update(max_epochs=2, warmup_epochs=1, num_workers=1)
+    config["recommender"].update(max_epochs=2, warmup_epochs=1, num_workers=1, checkpoint_every=2)
     config["reward"].update(min_margin=0.0)
     config["loop"].update(rounds=2, train_users=12, eval_users=4, bootstrap_samples=100)
     path = run_dir.with_suffix(".yaml")
@@ -156,29 +156,36 @@ def _stage_fingerprints(run: Path) -> dict[str, str]:
     return {str(stage.relative_to(run)): read_marker(stage)["fingerprint"] for stage in markers}
 
 
-def _tables(run: Path) -> dict[str, object]:
+def _tables(run: Path, copied_from: Path | None = None) -> dict[str, object]:
     """Every Parquet artifact of a run but the embedding caches (written in the order users arrive), with the
-    run directory in a generation's `model` column written as <run>."""
+    run directory in a generation's `model` column written as <run> (and the directory its stages were copied from,
+    which the copied generations name)."""
     tables = {}
     for f in sorted(run.rglob("*.parquet")):
         if "cache" not in f.parts:
             table = pq.read_table(f)
             if "model" in table.column_names:
-                i = table.column_names.index("model")
-                table = table.set_column(i, "model", pc.replace_substring(table["model"], str(run), "<run>"))
+                model = table["model"]
+                for d in (run, copied_from) if copied_from else (run,):
+                    model = pc.replace_substring(model, str(d), "<run>")
+                table = table.set_column(table.column_names.index("model"), "model", model)
             tables[str(f.relative_to(run))] = table
     return tables
 
 
-def _without_run_dir(value, run: Path):
-    """A manifest with its run directory written as <run>. Left out: seconds (`*_s`, time, not results), which
-    checkpoint a fit resumed from, and the hash of the whole config (run_dir included)."""
+def _without_run_dir(value, *runs: Path):
+    """A manifest with its run directory (and the one its stages were copied from: a copied stage's stats name its
+    files there) written as <run>. Left out: seconds (`*_s`, time, not results), which checkpoint a fit resumed from,
+    and the hash of the whole config (run_dir included)."""
     if isinstance(value, dict):
         dropped = ("_s", "resumed_after", "config_hash")
-        return {k: _without_run_dir(v, run) for k, v in value.items() if not k.endswith(dropped)}
+        return {k: _without_run_dir(v, *runs) for k, v in value.items() if not k.endswith(dropped)}
     if isinstance(value, list):
-        return [_without_run_dir(v, run) for v in value]
-    return value.replace(str(run), "<run>") if isinstance(value, str) else value
+        return [_without_run_dir(v, *runs) for v in value]
+    if isinstance(value, str):
+        for run in runs:
+            value = value.replace(str(run), "<run>")
+    return value
 
 
 def _copy_complete_stages(src: Path, dst: Path) -> list[str]:
@@ -225,12 +232,20 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     job_id = f"rlrf4rec-tiny-{secrets.token_hex(4)}"
     config_path = _tiny_config(raw, run_dir)
     _submit(head, job_id, "ray_jobs/run.py", "--config", str(config_path), follow=False)
-    # The killed run starts from a copy of the job's base stages (data, knowledge, the three re-rankers): the stages
-    # skip what they find complete, so only the rounds run twice.
-    base = run_dir / "recommender" / "base" / MARKER
-    wait(lambda: base.exists(), 600, "the job's base re-ranker", interval=0.2)
+    # The killed run starts from a copy of the job's stages once its first round is in the manifest (no manifest is
+    # copied): its driver finds round 1's stages complete, records the round again, and only round 2 runs twice.
+    manifest_path = run_dir / "rounds" / "manifest.json"
+
+    def round_1_done() -> bool:
+        if manifest_path.exists() and json.loads(manifest_path.read_text())["rounds"]:
+            return True
+        status = httpx.get(f"{head['url']}/api/jobs/{job_id}", timeout=30).json()["status"]
+        assert status in ("PENDING", "RUNNING"), _follow(head, job_id)  # ended without round 1: its logs
+        return False
+
+    wait(round_1_done, 900, "the job's round 1", interval=2)
     copied = _copy_complete_stages(run_dir, killed_run)
-    assert {"data", "recommender/id-kar", "recommender/id", "recommender/base"} <= set(copied), copied
+    assert {"data", "recommender/base", "dpo/round0", "recommender/round1"} <= set(copied), copied
     _kill_mid_round_2_and_resume(head, _tiny_config(raw, killed_run), killed_run, tmp_path / "killed.log")
     status, logs = _follow(head, job_id)
     assert "succeeded" in status.lower(), status[-2000:] + logs[-6000:]
@@ -284,7 +299,7 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
     # The killed and resumed run is the job's run. The two live in different directories: equal fingerprints also
     # say that a run's stages name the models it trained by their place in the run (a moved run keeps its stages).
     resumed_manifest = json.loads((killed_run / "rounds" / "manifest.json").read_text())
-    assert _without_run_dir(resumed_manifest, killed_run) == _without_run_dir(manifest, run_dir)
+    assert _without_run_dir(resumed_manifest, killed_run, run_dir) == _without_run_dir(manifest, run_dir)
     fingerprints = _stage_fingerprints(run_dir)
     assert _stage_fingerprints(killed_run) == fingerprints
     # Keys stay short however many rounds lie upstream (a generation's: its rows' key, then its own); the marker
@@ -296,7 +311,7 @@ def test_the_whole_pipeline_runs_two_rounds_as_a_job_and_a_killed_driver_resumes
         "user knowledge": fingerprints["knowledge/round2"],
         "item knowledge": fingerprints["knowledge/items"],
     }
-    tables, resumed_tables = _tables(run_dir), _tables(killed_run)
+    tables, resumed_tables = _tables(run_dir), _tables(killed_run, copied_from=run_dir)
     assert set(resumed_tables) == set(tables)
     differing = [name for name, table in tables.items() if not resumed_tables[name].equals(table)]
     assert not differing, differing

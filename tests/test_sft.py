@@ -17,7 +17,7 @@ from rlrf4rec.core.config import ConfigError, FaultConfig, RunConfig, from_dict
 from rlrf4rec.core.prompts import preference_messages
 
 
-def _cfg(tmp_path: Path, asset_home: Path, **sft) -> RunConfig:
+def _cfg(tmp_path: Path, asset_home: Path, llm: str = "embedded:smollm2-135m-instruct", **sft) -> RunConfig:
     write_dataset(tmp_path / "raw", num_users=24, length=24)
     return from_dict(
         RunConfig,
@@ -25,13 +25,22 @@ def _cfg(tmp_path: Path, asset_home: Path, **sft) -> RunConfig:
             "name": "sft",
             "run_dir": str(tmp_path / "run"),
             "assets": {"home": str(asset_home)},
-            "models": {"llm": "embedded:smollm2-135m-instruct"},
+            "models": {"llm": llm},
             "data": {"format": "parquet", "path": str(tmp_path / "raw"), "history_max": 12},
             "generate": {"prompt_history": 6},
             "sft": {
-                "lr": 1e-3, "per_device_batch_size": 4, "grad_accum": 1, "max_steps": 3, "max_length": 400,
-                "max_prompt_length": 360, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 3,
-                "num_workers": 1, **sft,
+                "lr": 1e-3,
+                "per_device_batch_size": 4,
+                "grad_accum": 1,
+                "max_steps": 3,
+                "max_length": 400,
+                "max_prompt_length": 360,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "save_steps": 3,
+                "num_workers": 1,
+                **sft,
             },
         },
     )
@@ -127,14 +136,17 @@ def test_in_process_sft_learns_the_profiles_and_exports_a_loadable_model(tmp_pat
 
 
 @pytest.mark.slow
-def test_sft_on_two_ray_workers_resumes_after_a_killed_worker(tmp_path, asset_home):
+def test_sft_on_two_ray_workers_resumes_after_a_killed_worker(tmp_path, asset_home, tiny_policy):
+    """The tiny random policy: what is checked is the Ray Train machinery (the learning is the in-process test's)."""
     import ray
 
     from rlrf4rec.stages.data import run_data
     from rlrf4rec.stages.sft import run_sft
 
     # Two restarts allowed: on a loaded 2-core box a worker health check can time out once besides the kill.
-    cfg = _cfg(tmp_path, asset_home, num_workers=2, per_device_batch_size=2, save_steps=1, max_failures=2)
+    cfg = _cfg(
+        tmp_path, asset_home, str(tiny_policy), num_workers=2, per_device_batch_size=2, save_steps=1, max_failures=2
+    )
     cfg = dataclasses.replace(cfg, fault=FaultConfig(dpo_step=2))
     run_data(cfg)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

