@@ -25,11 +25,15 @@ from rlrf4rec.stages import (
     encode,
     evaluate,
     generate,
+    grpo,
     loop,
     pairs,
+    reliability,
     report,
     reward,
     sft,
+    shift,
+    signal,
     train,
 )
 
@@ -64,6 +68,9 @@ STAGES: Sequence[Stage] = (
     commands.COMPARE,
     commands.SERVE,
 )
+# The stages another stage runs, which are not subcommands: the loop's (GRPO fits, the policy shift of a round's fit)
+# and controls' studies (signal audit, reward reliability).
+STEPS: Sequence[Stage] = (grpo.STAGE, shift.STAGE, signal.STAGE, reliability.STAGE)
 
 # Which stage modules call into which others; the rest of what a stage needs is in core/ (tests/test_imports.py
 # holds the code to this table). The orchestrators run the stages they sequence; sft, controls and its studies read

@@ -54,9 +54,13 @@ def test_each_stage_reads_only_stages_before_it_and_every_stage_module_ends_with
     import ast
     import importlib
 
-    from rlrf4rec.pipeline import RUN
+    from rlrf4rec.pipeline import RUN, STEPS
 
     names = [s.name for s in STAGES]
+    for step in STEPS:  # run inside a stage of the table, never as a subcommand
+        assert step.inside in names and set(step.upstream) <= set(names) and step.name not in names, step.name
+        with pytest.raises(TypeError, match=f"`rlrf4rec {step.inside}` runs it"):
+            step.run(None, None)
     for i, stage in enumerate(STAGES):
         assert set(stage.upstream) <= set(names[:i]), stage.name
     run = [s.name for s in RUN]
@@ -64,12 +68,9 @@ def test_each_stage_reads_only_stages_before_it_and_every_stage_module_ends_with
     assert all(set(s.upstream) <= set(run[:i]) for i, s in enumerate(RUN))
     folder = Path(__file__).resolve().parents[1] / "rlrf4rec" / "stages"
     declared = []
-    for path in sorted(folder.glob("*.py")):
-        body = ast.parse(path.read_text()).body
-        assigned = [t.id for node in body if isinstance(node, ast.Assign) for t in node.targets if hasattr(t, "id")]
-        if "STAGE" in assigned:
-            last = body[-1]
-            assert isinstance(last, ast.Assign) and last.targets[0].id == "STAGE", f"{path.name} does not end with it"
-            declared.append(importlib.import_module(f"rlrf4rec.stages.{path.stem}").STAGE)
-    assert all(any(d is s for s in STAGES) for d in declared)
-    assert len(declared) == len(STAGES) - 5  # the tools: run, verify, track, compare, serve (rlrf4rec/commands.py)
+    for path in sorted(p for p in folder.glob("*.py") if p.stem != "__init__"):
+        last = ast.parse(path.read_text()).body[-1]
+        assert isinstance(last, ast.Assign) and last.targets[0].id == "STAGE", f"{path.name} does not end with it"
+        declared.append(importlib.import_module(f"rlrf4rec.stages.{path.stem}").STAGE)
+    assert all(any(d is s for s in (*STAGES, *STEPS)) for d in declared)
+    assert len(declared) == len(STAGES) - 5 + len(STEPS)  # the tools: run, verify, track, compare, serve (commands.py)

@@ -35,7 +35,8 @@ class Stage:
     returns None when the config leaves the stage out (`run` never forces). `command`: what the subcommand runs from
     its parsed options, returning the stage directories whose stats it prints (None: `in_run`, given `force=` when
     the stage takes FORCE: then it rebuilds its own output, never its upstream stages'). `upstream`: the stages
-    whose outputs it reads (they come before it in the table)."""
+    whose outputs it reads (they come before it in the table). `inside`: for a step that another stage runs and that
+    is not a subcommand (the loop's GRPO fit and policy shift, controls' studies), that stage's name."""
 
     name: str
     help: str
@@ -45,9 +46,12 @@ class Stage:
     in_run: Callable[..., Path | None] | None = None
     upstream: tuple[str, ...] = ()
     needs_config: bool = True
+    inside: str | None = None
 
     def run(self, cfg: RunConfig, args: argparse.Namespace) -> list[Path]:
         """The subcommand: its command, or the stage itself; returns the stage directories whose stats to print."""
+        if self.inside is not None:
+            raise TypeError(f"{self.name} is not a subcommand: `rlrf4rec {self.inside}` runs it")
         if self.command is not None:
             return self.command(cfg, args)
         out = self.in_run(cfg, force=args.force) if FORCE in self.options else self.in_run(cfg)

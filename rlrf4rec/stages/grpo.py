@@ -39,6 +39,7 @@ from rlrf4rec.core.layout import GRPO_PROMPTS, HISTORY, METRICS, POLICY_MODEL, S
 from rlrf4rec.core.metrics import SYNTHETIC_METRICS
 from rlrf4rec.core.policy_fit import file_dataset, lora_config, mean_step_time, training_args
 from rlrf4rec.core.prompts import mentions_topic, prompt_messages
+from rlrf4rec.core.stage import Stage, on_ray
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -249,3 +250,12 @@ def run_grpo(
     stage_dir = publish(layout.grpo(name), fingerprint, build, dump_config(cfg), force=force)
     shutil.rmtree(storage, ignore_errors=True)  # published: the checkpoints are no longer needed to resume
     return stage_dir
+
+
+STAGE = Stage(
+    "grpo",
+    "on-policy GRPO of the policy on the rewarded train users' prompts (loop.algorithm: grpo)",
+    on_ray=on_ray,
+    upstream=("data", "train-recommender"),
+    inside="loop",
+)

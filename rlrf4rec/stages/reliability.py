@@ -21,6 +21,7 @@ from rlrf4rec.core.metrics import bootstrap_ci
 from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.recommender import RerankTask, model_spec, train_model
 from rlrf4rec.core.scoring import check_fold, item_knowledge_matrix
+from rlrf4rec.core.stage import Stage
 from rlrf4rec.stages.controls import base_llm_knowledge_texts
 
 log = logging.getLogger(__name__)
@@ -185,3 +186,11 @@ def run_reward_reliability(cfg: RunConfig, generations_dir: Path, *, seeds: int 
 
     # A measurement: written anew on every call.
     return publish(cfg.layout.controls(f"reliability-{name}"), fingerprint, write, dump_config(cfg), force=True)
+
+
+STAGE = Stage(
+    "reliability",
+    "reward reliability (controls --reliability): ties and seed agreement of the reward on a generation",
+    upstream=("data", "encode", "generate"),
+    inside="controls",
+)

@@ -32,6 +32,7 @@ from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import Fingerprint, publish, read_parquet, require_marker, write_json, write_parquet
 from rlrf4rec.core.config import RunConfig, dump_config
 from rlrf4rec.core.layout import GENERATIONS, METRICS, POLICY_MODEL, SHIFT_PER_TEXT
+from rlrf4rec.core.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +233,11 @@ def _measure(
         stats["train/rejected_logp_change"],
         stats["valid/kl_per_token"],
     )
+
+
+STAGE = Stage(
+    "shift",
+    "how far a round's fit moved the policy: margins and log-prob changes on its pairs, KL on valid texts",
+    upstream=("generate", "pairs", "dpo"),
+    inside="loop",
+)

@@ -31,6 +31,7 @@ from rlrf4rec.core.layout import AUDIT_JSON, AUDIT_MD, GENERATIONS
 from rlrf4rec.core.prompts import user_knowledge_text
 from rlrf4rec.core.protocol import stable_seed
 from rlrf4rec.core.recommender import RerankTask
+from rlrf4rec.core.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +243,11 @@ def run_signal_audit(
     stage_dir = publish(cfg.layout.controls(f"signal-{name}"), fingerprint, build, dump_config(cfg))
     print((stage_dir / AUDIT_MD).read_text())
     return stage_dir
+
+
+STAGE = Stage(
+    "signal",
+    "the reward signal audit (controls --signal): two disjoint judges on halves of the lists",
+    upstream=("data", "encode", "generate"),
+    inside="controls",
+)
