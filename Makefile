@@ -28,9 +28,8 @@ science: setup
 
 # Two pytest workers (pytest-xdist), each taking whole test files (a module's Ray head or cluster stays in one
 # worker): most tests wait on Ray's start-up and controllers, or train on one thread, so two share a 2-core box well.
-# Files go out in collection order (tests/conftest.py puts the longest first), not xdist's most-tests-first.
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check rlrf4rec ray_jobs tests benchmarks

@@ -334,9 +334,9 @@ def test_openapi_documents_the_rank_endpoint(app):
     }
 
 
-# Each ingress once and each signal once (a minute each on a 2-core box): SIGTERM goes to the command alone, the case
-# where HAProxy, in a process group of its own, is furthest from the signal.
-@pytest.mark.parametrize("ingress, stop", [("proxy", "SIGINT"), ("haproxy", "SIGTERM")])
+@pytest.mark.parametrize(
+    "ingress, stop", [("proxy", "SIGINT"), ("haproxy", "SIGINT"), ("proxy", "SIGTERM"), ("haproxy", "SIGTERM")]
+)
 def test_rlrf4rec_serve_listens_on_its_host_only_and_stops_cleanly_on_ctrl_c_or_sigterm(
     serving_run, ingress, stop, tmp_path
 ):
