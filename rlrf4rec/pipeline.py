@@ -68,6 +68,7 @@ STAGES: Sequence[Stage] = (
     commands.COMPARE,
     commands.SERVE,
 )
+
 # The stages another stage runs, which are not subcommands: the loop's (GRPO fits, the policy shift of a round's fit)
 # and controls' studies (signal audit, reward reliability).
 STEPS: Sequence[Stage] = (grpo.STAGE, shift.STAGE, signal.STAGE, reliability.STAGE)

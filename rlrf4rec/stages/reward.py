@@ -271,7 +271,6 @@ def reward_folds(cfg: RunConfig, recommender_dir: Path) -> list[tuple[list[Path]
 def rewarded_train_users(cfg: RunConfig) -> list[str]:
     """The train users a round rewards and updates the policy on: the first loop.train_users by id, as the round's
     train generation picks them."""
-
     sequences = read_table(cfg.layout.data, "sequences")
     return select_users(sequences, ("train",), cfg.loop.train_users).column(S.USER_ID).to_pylist()
 
